@@ -1,0 +1,394 @@
+//! The subcommands: thin glue between the CLI and the engine library.
+
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail};
+use flow::exec::plan::{KeyState, resolve};
+use flow::exec::protocol::ChildSpec;
+use flow::exec::{self, RunOptions};
+use flow::key::short;
+use flow::pipeline::{Overrides, Pipeline};
+use flow::store::{Cache, KeyLock};
+use flow::ui::{Status, Ui};
+use serde_json::json;
+
+use crate::{DagFormat, PipelineArgs};
+
+/// Invalid pipeline or usage.
+const EXIT_INVALID: u8 = 2;
+
+pub struct Context {
+    pub cache: Option<PathBuf>,
+    pub verbose: bool,
+}
+
+type CmdResult = anyhow::Result<ExitCode>;
+
+/// Loads and validates a pipeline, printing every problem (as JSON lines with `json`).
+fn load(p: &PipelineArgs, json: bool) -> Result<Pipeline, ExitCode> {
+    let overrides = Overrides {
+        profiles: p.profiles.clone(),
+        sets: p.sets.clone(),
+    };
+    match Pipeline::load(&p.pipeline, &overrides) {
+        Ok(mut pipeline) => {
+            if let Some(salt) = &p.salt {
+                pipeline.salt = salt.clone();
+            }
+            Ok(pipeline)
+        }
+        Err(diags) => {
+            if json {
+                for d in &diags.0 {
+                    println!("{}", d.to_json());
+                }
+            }
+            eprintln!("{diags}");
+            Err(ExitCode::from(EXIT_INVALID))
+        }
+    }
+}
+
+macro_rules! load_or_exit {
+    ($p:expr, $json:expr) => {
+        match load($p, $json) {
+            Ok(p) => p,
+            Err(code) => return Ok(code),
+        }
+    };
+}
+
+impl Context {
+    fn open_cache(&self, pipeline: Option<&Pipeline>) -> anyhow::Result<Cache> {
+        let root = self
+            .cache
+            .clone()
+            .or_else(|| pipeline.and_then(|p| p.cache.clone()))
+            .unwrap_or_else(|| PathBuf::from("cache"));
+        Cache::open(&root).with_context(|| format!("opening the cache at {}", root.display()))
+    }
+
+    pub fn run(&self, p: &PipelineArgs, jobs: usize, threads: Option<usize>, json: bool) -> CmdResult {
+        let pipeline = load_or_exit!(p, json);
+        let cache = self.open_cache(Some(&pipeline))?;
+        let jobs = jobs.max(1);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let opts = RunOptions {
+            jobs,
+            threads: threads.unwrap_or((cores / jobs).max(1)),
+        };
+        let mut ui = Ui::new(json, self.verbose);
+        let summary = exec::run(&pipeline, &cache, &opts, &mut ui)?;
+        Ok(if summary.failed + summary.blocked > 0 {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        })
+    }
+
+    pub fn plan(&self, p: &PipelineArgs, json: bool) -> CmdResult {
+        let pipeline = load_or_exit!(p, json);
+        let cache = self.open_cache(Some(&pipeline))?;
+        let states = resolve(&pipeline, &cache)?;
+        let index = cache.read_index(&pipeline.name);
+        let (mut would, mut cached) = (0, 0);
+        for (stage, state) in pipeline.stages.iter().zip(&states) {
+            let (status, reason) = match state {
+                KeyState::Known { record: Some(_), .. } => (Status::Cached, String::new()),
+                KeyState::Known { parts, key, .. } => {
+                    let reason = if KeyLock::is_held(&cache, key) {
+                        "running in another flow process".to_string()
+                    } else {
+                        match index.get(&stage.name) {
+                            Some(old) if old == key => "missing: its record or outputs were removed".into(),
+                            Some(old) => match cache.read_record(old)? {
+                                Some(r) => format!("changed: {}", parts.differences(&r.parts).join("; ")),
+                                None => format!("changed: earlier key {} is no longer cached", short(old)),
+                            },
+                            None => "missing: never run".to_string(),
+                        }
+                    };
+                    (Status::WouldRun, reason)
+                }
+                KeyState::Waiting { on } => (
+                    Status::WouldRun,
+                    format!("upstream `{}` would run first", pipeline.stages[*on].name),
+                ),
+            };
+            match status {
+                Status::Cached => cached += 1,
+                _ => would += 1,
+            }
+            if json {
+                println!(
+                    "{}",
+                    json!({"event": "stage", "stage": stage.name, "status": status.as_str(),
+                           "key": state.key(), "reason": reason})
+                );
+            } else if status != Status::Cached || self.verbose {
+                let k = state.key().map(short).unwrap_or("?");
+                println!("{:>9}  {}  {k}  {reason}", status.as_str(), stage.name);
+            }
+        }
+        if json {
+            println!("{}", json!({"event": "summary", "would_run": would, "cached": cached}));
+        } else {
+            println!("{would} would run, {cached} cached");
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    pub fn status(&self, p: &PipelineArgs, json: bool) -> CmdResult {
+        let pipeline = load_or_exit!(p, json);
+        let cache = self.open_cache(Some(&pipeline))?;
+        let states = resolve(&pipeline, &cache)?;
+        for (stage, state) in pipeline.stages.iter().zip(&states) {
+            let (status, outputs) = match state {
+                KeyState::Known { record: Some(r), .. } => (
+                    "done",
+                    r.outputs
+                        .iter()
+                        .map(|(n, d)| (n.clone(), cache.view_path(d).display().to_string()))
+                        .collect(),
+                ),
+                KeyState::Known { key, .. } if KeyLock::is_held(&cache, key) => ("running", vec![]),
+                _ => ("missing", vec![]),
+            };
+            if json {
+                let outs: serde_json::Map<_, _> =
+                    outputs.iter().map(|(n, d)| (n.clone(), json!(d))).collect();
+                println!(
+                    "{}",
+                    json!({"stage": stage.name, "status": status, "key": state.key(), "outputs": outs})
+                );
+            } else {
+                let paths: Vec<String> = outputs.iter().map(|(n, d)| format!("{n}={d}")).collect();
+                println!("{status:>8}  {}  {}", stage.name, paths.join(" "));
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    pub fn explain(&self, p: &PipelineArgs, name: &str, json: bool) -> CmdResult {
+        let pipeline = load_or_exit!(p, json);
+        let cache = self.open_cache(Some(&pipeline))?;
+        let i = find_stage(&pipeline, name)?;
+        let states = resolve(&pipeline, &cache)?;
+        let stage = &pipeline.stages[i];
+        let inputs: Vec<serde_json::Value> = stage
+            .inputs
+            .iter()
+            .map(|b| {
+                json!({"param": b.path, "from": b.sources.iter().map(|s| {
+                    let producer = &pipeline.stages[s.stage];
+                    let digest = states[s.stage].record().map(|r| r.outputs[&s.output].clone());
+                    json!({"stage": producer.name, "output": s.output, "digest": digest})
+                }).collect::<Vec<_>>()})
+            })
+            .collect();
+        let (parts, key, done) = match &states[i] {
+            KeyState::Known { parts, key, record } => (Some(parts), Some(key), record.is_some()),
+            KeyState::Waiting { .. } => (None, None, false),
+        };
+        let params: serde_json::Map<_, _> = stage
+            .params
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(v.canonical())))
+            .collect();
+        if json {
+            println!(
+                "{}",
+                json!({"stage": stage.name, "kind": stage.kind.name, "kind_version": stage.kind.version,
+                       "format": flow::key::KEY_FORMAT, "params": params, "inputs": inputs,
+                       "salt": pipeline.salt, "key": key, "done": done, "parts": parts})
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        println!("stage        {}", stage.name);
+        println!("key format   {}", flow::key::KEY_FORMAT);
+        println!("kind         {} (version {})", stage.kind.name, stage.kind.version);
+        for (k, v) in &params {
+            println!("param        {k} = {}", v.as_str().unwrap_or_default());
+        }
+        for b in &stage.inputs {
+            for s in &b.sources {
+                let producer = &pipeline.stages[s.stage];
+                let digest = states[s.stage]
+                    .record()
+                    .map(|r| r.outputs[&s.output].clone())
+                    .unwrap_or_else(|| "(not computed yet)".into());
+                println!("input        {} <- {}.{} = {digest}", b.path, producer.name, s.output);
+            }
+        }
+        println!("salt         {:?}", pipeline.salt);
+        match key {
+            Some(k) => println!("key          {k} ({})", if done { "done" } else { "missing" }),
+            None => println!("key          unknown until its inputs are computed"),
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    pub fn dag(&self, p: &PipelineArgs, format: DagFormat) -> CmdResult {
+        let pipeline = load_or_exit!(p, false);
+        print!(
+            "{}",
+            match format {
+                DagFormat::Dot => flow::graph::to_dot(&pipeline),
+                DagFormat::Mermaid => flow::graph::to_mermaid(&pipeline),
+            }
+        );
+        Ok(ExitCode::SUCCESS)
+    }
+
+    pub fn show(&self, p: &PipelineArgs, name: &str, json: bool) -> CmdResult {
+        let pipeline = load_or_exit!(p, json);
+        let cache = self.open_cache(Some(&pipeline))?;
+        let i = find_stage(&pipeline, name)?;
+        let states = resolve(&pipeline, &cache)?;
+        let (key, record) = match &states[i] {
+            KeyState::Known { key, record: Some(r), .. } => (key.clone(), r.clone()),
+            _ => bail!("stage `{name}` is not done: run `flow run {}` first", p.pipeline.display()),
+        };
+        let mut outputs = serde_json::Map::new();
+        let mut files = Vec::new();
+        for (out, digest) in &record.outputs {
+            let bad = cache.check_artifact(digest)?;
+            if !bad.is_empty() {
+                cache.evict_artifact(digest, &bad)?;
+                cache.remove_record(&key)?;
+                bail!(
+                    "output `{out}` of `{name}` was damaged ({}); it was evicted: run the pipeline again",
+                    bad.iter().map(|b| b.path.as_str()).collect::<Vec<_>>().join(", ")
+                );
+            }
+            let dir = cache.view_path(digest);
+            if let Some(m) = cache.read_manifest(digest)? {
+                files.extend(m.files.into_iter().map(|f| json!({"output": out, "path": f.path, "size": f.size})));
+            }
+            outputs.insert(out.clone(), json!(dir.display().to_string()));
+        }
+        let default = stage_default_output(&pipeline, i);
+        let output = outputs.get(default).cloned().unwrap_or(serde_json::Value::Null);
+        if json {
+            println!(
+                "{}",
+                json!({"stage": name, "key": key, "output": output, "outputs": outputs,
+                       "files": files, "metrics": record.metrics, "duration_s": record.duration_s})
+            );
+        } else {
+            println!("stage    {name}\nkey      {key}");
+            for (n, d) in &outputs {
+                println!("output   {n} = {}", d.as_str().unwrap_or_default());
+            }
+            for f in &files {
+                println!("  {:>10}  {}", f["size"], f["path"].as_str().unwrap_or_default());
+            }
+            for (k, v) in &record.metrics {
+                println!("metric   {k} = {v}");
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    pub fn gc(&self, keep: &[PathBuf], profiles: &[String], dry_run: bool, json: bool) -> CmdResult {
+        let mut live = BTreeSet::new();
+        let mut scratch = BTreeSet::new();
+        let mut cache: Option<Cache> = None;
+        for path in keep {
+            let args = PipelineArgs {
+                pipeline: path.clone(),
+                sets: vec![],
+                profiles: profiles.to_vec(),
+                salt: None,
+            };
+            let pipeline = load_or_exit!(&args, json);
+            let c = self.open_cache(Some(&pipeline))?;
+            if let Some(prev) = &cache
+                && prev.root() != c.root()
+            {
+                bail!("kept pipelines use different caches ({} and {})", prev.root().display(), c.root().display());
+            }
+            for state in resolve(&pipeline, &c)? {
+                match state {
+                    KeyState::Known { key, record: Some(_), .. } => {
+                        live.insert(key);
+                    }
+                    KeyState::Known { key, .. } => {
+                        scratch.insert(key);
+                    }
+                    KeyState::Waiting { .. } => {}
+                }
+            }
+            cache = Some(c);
+        }
+        let cache = cache.expect("clap requires at least one --keep");
+        let report = cache.gc(&live, &scratch, dry_run)?;
+        if json {
+            println!("{}", json!({"dry_run": dry_run, "kept_keys": live.len(), "removed": report}));
+        } else {
+            println!(
+                "{} {} records, {} manifests, {} objects, {} views, {} scratch dirs, {} logs, {} temp entries ({:.1} MiB); kept {} keys",
+                if dry_run { "would remove" } else { "removed" },
+                report.records, report.manifests, report.objects, report.views,
+                report.scratch, report.logs, report.tmp,
+                report.bytes as f64 / (1024.0 * 1024.0), live.len()
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    pub fn verify(&self, json: bool) -> CmdResult {
+        let cache = self.open_cache(None)?;
+        let report = cache.verify()?;
+        if json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            println!(
+                "checked {} objects ({:.1} MiB): {} damaged objects, {} damaged artifacts, {} run records evicted",
+                report.objects_checked,
+                report.bytes_checked as f64 / (1024.0 * 1024.0),
+                report.bad_objects.len(),
+                report.bad_artifacts.len(),
+                report.evicted_records.len()
+            );
+            for o in &report.bad_objects {
+                println!("  damaged object {o}");
+            }
+            for k in &report.evicted_records {
+                println!("  evicted run {k}: it will run again");
+            }
+        }
+        Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    }
+}
+
+fn find_stage(pipeline: &Pipeline, name: &str) -> anyhow::Result<usize> {
+    pipeline.stage_index(name).ok_or_else(|| {
+        let names: Vec<&str> = pipeline.stages.iter().map(|s| s.name.as_str()).collect();
+        anyhow::anyhow!("no stage `{name}` in {} (stages: {})", pipeline.path.display(), names.join(", "))
+    })
+}
+
+fn stage_default_output(pipeline: &Pipeline, i: usize) -> &'static str {
+    pipeline.stages[i].kind.outputs[0]
+}
+
+/// The hidden `__stage` subcommand: one stage, spec on stdin.
+pub fn stage_child() -> i32 {
+    let mut input = String::new();
+    if let Err(e) = std::io::stdin().read_to_string(&mut input) {
+        eprintln!("error: reading the stage spec: {e}");
+        return 1;
+    }
+    match serde_json::from_str::<ChildSpec>(&input) {
+        Ok(spec) => exec::child::run(spec),
+        Err(e) => {
+            eprintln!("error: invalid stage spec: {e}");
+            1
+        }
+    }
+}
+

@@ -1,0 +1,345 @@
+//! The local executor: walks the DAG, skips done keys, runs the rest as child processes of
+//! this binary, up to `jobs` at a time.
+
+pub mod child;
+pub mod plan;
+pub mod protocol;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Instant;
+
+use flow_stages::ParamType;
+
+use crate::pipeline::Pipeline;
+use crate::store::Cache;
+use crate::ui::{Status, Ui};
+use plan::key_parts;
+use protocol::{ChildEvent, ChildSpec, EXIT_CORRUPT_INPUT, Outputs, SpecArtifact, SpecInput};
+
+/// Scheduling options: none of them enters a cache key.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Stages run at once.
+    pub jobs: usize,
+    /// Threads each stage may use.
+    pub threads: usize,
+}
+
+/// Counts of a finished run.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Summary {
+    pub ran: usize,
+    pub cached: usize,
+    pub failed: usize,
+    pub blocked: usize,
+}
+
+#[derive(Debug, Clone)]
+enum State {
+    Pending,
+    Running,
+    Done(Outputs),
+    Failed,
+    Blocked,
+}
+
+enum Msg {
+    Event(usize, ChildEvent),
+    Exit(usize, Result<i32, String>),
+}
+
+/// How often one artifact may be found damaged and recomputed in one run before giving up.
+const MAX_HEALS: usize = 2;
+
+/// Runs what is missing of `pipeline`. Failures do not stop independent stages.
+pub fn run(pipeline: &Pipeline, cache: &Cache, opts: &RunOptions, ui: &mut Ui) -> anyhow::Result<Summary> {
+    let clock = Instant::now();
+    let n = pipeline.stages.len();
+    let mut state = vec![State::Pending; n];
+    let mut keys: Vec<Option<String>> = vec![None; n];
+    let mut corrupt: Vec<Option<String>> = vec![None; n];
+    let mut heals = vec![0usize; n];
+    let mut started: Vec<Option<Instant>> = vec![None; n];
+    let mut outcome: Vec<Option<Status>> = vec![None; n];
+    let mut running = 0usize;
+    let (tx, rx) = mpsc::channel::<Msg>();
+
+    loop {
+        for i in 0..n {
+            if !matches!(state[i], State::Pending) {
+                continue;
+            }
+            let stage = &pipeline.stages[i];
+            let sources = stage.inputs.iter().flat_map(|b| b.sources.iter().map(|s| s.stage));
+            let mut ready = true;
+            for s in sources {
+                match state[s] {
+                    State::Done(_) => {}
+                    State::Failed | State::Blocked => {
+                        state[i] = State::Blocked;
+                        ready = false;
+                        break;
+                    }
+                    State::Pending | State::Running => ready = false,
+                }
+            }
+            if matches!(state[i], State::Blocked) {
+                outcome[i] = Some(Status::Blocked);
+                ui.stage(&stage.name, Status::Blocked, None, "(an upstream stage failed)");
+                continue;
+            }
+            if !ready {
+                continue;
+            }
+            let lookup = |j: usize| match &state[j] {
+                State::Done(o) => Some(o.clone()),
+                _ => None,
+            };
+            let parts = key_parts(pipeline, stage, &lookup).expect("all inputs are done");
+            let key = parts.key();
+            keys[i] = Some(key.clone());
+            if let Some(outputs) = cached_outputs(cache, &key)? {
+                outcome[i] = Some(Status::Cached);
+                ui.stage(&stage.name, Status::Cached, Some(&key), "");
+                state[i] = State::Done(outputs);
+                continue;
+            }
+            if running >= opts.jobs {
+                continue;
+            }
+            let spec = ChildSpec {
+                cache: cache.root().to_path_buf(),
+                key: key.clone(),
+                parts,
+                pipeline: pipeline.name.clone(),
+                stage: stage.name.clone(),
+                kind: stage.kind.name.to_string(),
+                params: params_json(stage),
+                inputs: stage
+                    .inputs
+                    .iter()
+                    .map(|b| SpecInput {
+                        path: b.path.clone(),
+                        list: b.list,
+                        artifacts: b
+                            .sources
+                            .iter()
+                            .map(|s| SpecArtifact {
+                                stage: pipeline.stages[s.stage].name.clone(),
+                                digest: match &state[s.stage] {
+                                    State::Done(o) => o[&s.output].clone(),
+                                    _ => unreachable!("inputs are done"),
+                                },
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+                workdir: pipeline.dir.canonicalize().unwrap_or_else(|_| pipeline.dir.clone()),
+                threads: opts.threads,
+            };
+            spawn_stage(i, spec, cache.log_path(&key), tx.clone());
+            state[i] = State::Running;
+            started[i] = Some(Instant::now());
+            running += 1;
+            ui.started(&stage.name);
+        }
+        if running == 0 {
+            break;
+        }
+        match rx.recv().expect("workers hold a sender while running") {
+            Msg::Event(i, event) => match event {
+                ChildEvent::Waiting { holder } => ui.waiting(&pipeline.stages[i].name, &holder),
+                ChildEvent::Progress { len, pos, msg } => {
+                    ui.progress(&pipeline.stages[i].name, len, pos, msg.as_deref())
+                }
+                ChildEvent::Corrupt { digest, files } => {
+                    ui.note(&format!(
+                        "  damaged  input {} of {} ({}): evicted, recomputing its producer",
+                        crate::key::short(&digest),
+                        pipeline.stages[i].name,
+                        files.join(", ")
+                    ));
+                    corrupt[i] = Some(digest);
+                }
+                ChildEvent::Started | ChildEvent::Done { .. } | ChildEvent::Failed { .. } => {}
+            },
+            Msg::Exit(i, code) => {
+                running -= 1;
+                let name = pipeline.stages[i].name.clone();
+                let key = keys[i].clone().expect("running stages have keys");
+                let secs = started[i].map_or(0.0, |t| t.elapsed().as_secs_f64());
+                match code {
+                    Ok(0) => match cache.read_record(&key)? {
+                        Some(record) => {
+                            outcome[i] = Some(Status::Ran);
+                            ui.stage(&name, Status::Ran, Some(&key), &format!("{secs:.1}s"));
+                            state[i] = State::Done(record.outputs);
+                        }
+                        None => {
+                            outcome[i] = Some(Status::Failed);
+                            ui.stage(&name, Status::Failed, Some(&key), "exited without committing");
+                            state[i] = State::Failed;
+                        }
+                    },
+                    Ok(EXIT_CORRUPT_INPUT) if corrupt[i].is_some() => {
+                        let digest = corrupt[i].take().expect("checked");
+                        let producers = producers_of(pipeline, i, &digest, &state);
+                        let mut healed = false;
+                        for p in producers {
+                            heals[p] += 1;
+                            if heals[p] > MAX_HEALS {
+                                continue;
+                            }
+                            if let Some(k) = &keys[p] {
+                                cache.remove_record(k)?;
+                            }
+                            state[p] = State::Pending;
+                            healed = true;
+                        }
+                        if healed {
+                            state[i] = State::Pending;
+                        } else {
+                            outcome[i] = Some(Status::Failed);
+                            ui.stage(&name, Status::Failed, Some(&key), "input damaged again after recomputing");
+                            state[i] = State::Failed;
+                        }
+                    }
+                    other => {
+                        outcome[i] = Some(Status::Failed);
+                        let why = match other {
+                            Ok(c) => format!("exit status {c}"),
+                            Err(e) => e,
+                        };
+                        ui.stage(&name, Status::Failed, Some(&key), &why);
+                        let log = cache.log_path(&key);
+                        ui.note(&format!("--- last lines of {} ---\n{}", log.display(), tail(&log, 20)));
+                        state[i] = State::Failed;
+                    }
+                }
+            }
+        }
+    }
+
+    let known: BTreeMap<String, String> = pipeline
+        .stages
+        .iter()
+        .zip(&keys)
+        .filter_map(|(s, k)| k.clone().map(|k| (s.name.clone(), k)))
+        .collect();
+    let count = |s: Status| outcome.iter().filter(|o| **o == Some(s)).count();
+    let summary = Summary {
+        ran: count(Status::Ran),
+        cached: count(Status::Cached),
+        failed: count(Status::Failed),
+        blocked: count(Status::Blocked),
+    };
+    if summary.ran > 0 {
+        cache.write_index(&pipeline.name, &known)?;
+    }
+    ui.summary(
+        summary.ran,
+        summary.cached,
+        summary.failed,
+        summary.blocked,
+        clock.elapsed().as_secs_f64(),
+    );
+    Ok(summary)
+}
+
+/// The outputs of a done key, rebuilding views that are missing; None when the key must run
+/// (no record, or its artifacts cannot be rebuilt, in which case the record is dropped).
+fn cached_outputs(cache: &Cache, key: &str) -> anyhow::Result<Option<Outputs>> {
+    if let Some(record) = cache.done(key)? {
+        return Ok(Some(record.outputs));
+    }
+    let Some(record) = cache.read_record(key)? else {
+        return Ok(None);
+    };
+    for digest in record.outputs.values() {
+        if !cache.materialize(digest)? {
+            cache.remove_record(key)?;
+            return Ok(None);
+        }
+    }
+    Ok(Some(record.outputs))
+}
+
+/// The stages whose output `digest` stage `i` consumed.
+fn producers_of(pipeline: &Pipeline, i: usize, digest: &str, state: &[State]) -> Vec<usize> {
+    let mut out: Vec<usize> = pipeline.stages[i]
+        .inputs
+        .iter()
+        .flat_map(|b| b.sources.iter())
+        .filter(|s| matches!(&state[s.stage], State::Done(o) if o.get(&s.output).is_some_and(|d| d == digest)))
+        .map(|s| s.stage)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The params a stage receives (references removed).
+pub fn params_json(stage: &crate::pipeline::Stage) -> serde_json::Value {
+    serde_json::Value::Object(
+        stage
+            .params
+            .iter()
+            .filter(|(k, _)| {
+                !matches!(
+                    stage.kind.param(k).map(|p| p.ty),
+                    Some(ParamType::Input | ParamType::Inputs | ParamType::InputMap)
+                )
+            })
+            .filter_map(|(k, v)| v.to_json().map(|j| (k.clone(), j)))
+            .collect(),
+    )
+}
+
+/// Starts `flow __stage` on a worker thread that relays its events and waits for it. The
+/// child dies with this process (kill_with_parent), and the thread lives as long as it.
+fn spawn_stage(i: usize, spec: ChildSpec, log: std::path::PathBuf, tx: mpsc::Sender<Msg>) {
+    std::thread::spawn(move || {
+        let result = (|| -> Result<i32, String> {
+            let exe = std::env::current_exe().map_err(|e| format!("cannot find flow's binary: {e}"))?;
+            let stderr = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .map_err(|e| format!("cannot open {}: {e}", log.display()))?;
+            let mut cmd = Command::new(exe);
+            cmd.arg("__stage")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(stderr);
+            flow_stages::process::kill_with_parent(&mut cmd);
+            let mut child = cmd.spawn().map_err(|e| format!("cannot start the stage process: {e}"))?;
+            {
+                let mut stdin = child.stdin.take().expect("piped");
+                serde_json::to_writer(&mut stdin, &spec).map_err(|e| e.to_string())?;
+                stdin.flush().map_err(|e| e.to_string())?;
+            }
+            let stdout = child.stdout.take().expect("piped");
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(event) = serde_json::from_str::<ChildEvent>(&line) {
+                    let _ = tx.send(Msg::Event(i, event));
+                }
+            }
+            let status = child.wait().map_err(|e| e.to_string())?;
+            Ok(status
+                .code()
+                .unwrap_or_else(|| 128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)))
+        })();
+        let _ = tx.send(Msg::Exit(i, result));
+    });
+}
+
+/// The last lines of a log file, for failure reports.
+pub fn tail(path: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

@@ -1,0 +1,169 @@
+//! The `flow` command line.
+
+mod commands;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Declarative, content-addressed pipelines for finetuning science.
+#[derive(Parser)]
+#[command(name = "flow", version, about, max_term_width = 100)]
+struct Cli {
+    /// Cache root [default: `[pipeline] cache`, else ./cache]
+    #[arg(long, global = true, env = "FLOW_CACHE")]
+    cache: Option<PathBuf>,
+    /// Also print cached stages and debug logs
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+/// Which pipeline, and what to change in it before validation.
+#[derive(Args, Clone)]
+pub struct PipelineArgs {
+    /// The pipeline file (TOML)
+    pub pipeline: PathBuf,
+    /// Override a value: `stage.NAME.PARAM=VALUE` or `pipeline.KEY=VALUE` (VALUE is TOML)
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Apply the pipeline's `[profile.NAME]` overlay (repeatable, in order)
+    #[arg(long = "profile", value_name = "NAME")]
+    pub profiles: Vec<String>,
+    /// Mix a salt into every key (overrides `[pipeline] cache_salt`)
+    #[arg(long)]
+    pub salt: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run what is missing; skip what is cached
+    Run {
+        #[command(flatten)]
+        p: PipelineArgs,
+        /// Stages to run at once
+        #[arg(short, long, default_value_t = 1)]
+        jobs: usize,
+        /// Threads per stage [default: available cores / jobs]
+        #[arg(long)]
+        threads: Option<usize>,
+        /// One JSON object per line on stdout
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what would run and why
+    Plan {
+        #[command(flatten)]
+        p: PipelineArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Per stage: done / missing / running, with output paths
+    Status {
+        #[command(flatten)]
+        p: PipelineArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every component of a stage's cache key
+    Explain {
+        #[command(flatten)]
+        p: PipelineArgs,
+        /// Stage name (e.g. `train` or `lora[rank=64]`)
+        stage: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the stage DAG
+    Dag {
+        #[command(flatten)]
+        p: PipelineArgs,
+        #[arg(long, value_enum, default_value_t = DagFormat::Dot)]
+        format: DagFormat,
+    },
+    /// Output files and metrics of a finished stage
+    Show {
+        #[command(flatten)]
+        p: PipelineArgs,
+        stage: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete cache entries that no kept pipeline references
+    Gc {
+        /// A pipeline whose current results are kept (repeatable)
+        #[arg(long, value_name = "PIPELINE", required = true)]
+        keep: Vec<PathBuf>,
+        /// Profiles applied to every kept pipeline
+        #[arg(long = "profile", value_name = "NAME")]
+        profiles: Vec<String>,
+        /// Only report what would be deleted
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cache maintenance
+    Cache {
+        #[command(subcommand)]
+        command: CacheCmd,
+    },
+    /// Runs one stage (the engine's child process; reads its spec on stdin)
+    #[command(name = "__stage", hide = true)]
+    Stage,
+}
+
+#[derive(Subcommand)]
+enum CacheCmd {
+    /// Re-hash every stored object; report and evict damaged ones
+    Verify {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum DagFormat {
+    Dot,
+    Mermaid,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if matches!(cli.command, Cmd::Stage) {
+        return ExitCode::from(commands::stage_child() as u8);
+    }
+    let filter = if cli.verbose { "info" } else { "warn" };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+    let ctx = commands::Context {
+        cache: cli.cache,
+        verbose: cli.verbose,
+    };
+    let result = match cli.command {
+        Cmd::Run { p, jobs, threads, json } => ctx.run(&p, jobs, threads, json),
+        Cmd::Plan { p, json } => ctx.plan(&p, json),
+        Cmd::Status { p, json } => ctx.status(&p, json),
+        Cmd::Explain { p, stage, json } => ctx.explain(&p, &stage, json),
+        Cmd::Dag { p, format } => ctx.dag(&p, format),
+        Cmd::Show { p, stage, json } => ctx.show(&p, &stage, json),
+        Cmd::Gc { keep, profiles, dry_run, json } => ctx.gc(&keep, &profiles, dry_run, json),
+        Cmd::Cache { command: CacheCmd::Verify { json } } => ctx.verify(json),
+        Cmd::Stage => unreachable!("handled above"),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! Pipelines: the TOML file, validated against the stage kinds, expanded into a DAG of
+//! concrete stages (sweeps and fan-outs unrolled) before anything runs.
+
+pub mod check;
+mod expand;
+pub mod load;
+pub mod value;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use flow_stages::Kind;
+
+pub use load::Overrides;
+
+use crate::diag::{Diagnostic, Diagnostics, Origin, suggest};
+use crate::key::Val;
+use value::{Node, Value, type_error};
+
+/// A validated pipeline: settings and concrete stages in a topological order that follows
+/// the file's order where the DAG allows.
+pub struct Pipeline {
+    /// The file as given on the command line.
+    pub path: PathBuf,
+    /// Directory of the file: where commands run and relative paths resolve.
+    pub dir: PathBuf,
+    pub name: String,
+    pub seed: i64,
+    /// Mixed into every key of this pipeline (`[pipeline] cache_salt`, `--salt`).
+    pub salt: String,
+    /// `[pipeline] cache`, resolved against `dir`.
+    pub cache: Option<PathBuf>,
+    pub stages: Vec<Stage>,
+}
+
+/// One concrete stage (a sweep member counts as one).
+pub struct Stage {
+    /// `name` or `name[k=v,...]` for sweep and fan-out members.
+    pub name: String,
+    /// The `[stage.NAME]` it came from; later stages may reference the whole group.
+    pub group: String,
+    pub kind: &'static Kind,
+    /// Resolved params, defaults filled in, references as [`Val::Input`].
+    pub params: BTreeMap<String, Val>,
+    /// Input artifacts by param path, sorted by path.
+    pub inputs: Vec<Binding>,
+    /// Sweep coordinates (own and inherited through fan-out), as displayed in the name.
+    pub coords: Vec<(String, String)>,
+    /// Where the stage is declared.
+    pub origin: Origin,
+}
+
+/// The artifacts bound to one reference param.
+#[derive(Debug, Clone)]
+pub struct Binding {
+    pub path: String,
+    /// True for list params: the stage gets a list even of one artifact.
+    pub list: bool,
+    pub sources: Vec<Source>,
+}
+
+/// One input artifact: an output of an earlier stage.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// Index into [`Pipeline::stages`].
+    pub stage: usize,
+    pub output: String,
+}
+
+impl Pipeline {
+    /// Loads, overlays, validates and expands a pipeline file; all problems at once.
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, Diagnostics> {
+        let doc = load::load(path, overrides)?;
+        let mut diags = Diagnostics::default();
+        let dir = path
+            .parent()
+            .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let settings = read_settings(&doc.root, path, &dir, &mut diags);
+        let stages = match doc.root.get("stage") {
+            Some((_, node)) => match &node.value {
+                Value::Table(t) => expand::expand(t, settings.seed, &mut diags),
+                _ => {
+                    diags.push(type_error(node, "a table of stages", "`stage`"));
+                    Vec::new()
+                }
+            },
+            None => Vec::new(),
+        };
+        if diags.is_empty() && stages.is_empty() {
+            let origin = Origin::File(doc.source.clone(), 0..0);
+            diags.push(Diagnostic::new(
+                &origin,
+                "the pipeline has no stages (add a [stage.NAME] table)",
+            ));
+        }
+        if !diags.is_empty() {
+            return Err(diags);
+        }
+        Ok(Pipeline {
+            path: path.to_path_buf(),
+            dir,
+            name: settings.name,
+            seed: settings.seed,
+            salt: settings.salt,
+            cache: settings.cache,
+            stages,
+        })
+    }
+
+    /// Finds a stage by exact name.
+    pub fn stage_index(&self, name: &str) -> Option<usize> {
+        self.stages.iter().position(|s| s.name == name)
+    }
+
+    /// Stages that consume the given stage's outputs.
+    pub fn dependents(&self, index: usize) -> impl Iterator<Item = usize> + '_ {
+        self.stages
+            .iter()
+            .enumerate()
+            .filter(move |(_, s)| {
+                s.inputs
+                    .iter()
+                    .any(|b| b.sources.iter().any(|src| src.stage == index))
+            })
+            .map(|(i, _)| i)
+    }
+}
+
+struct Settings {
+    name: String,
+    seed: i64,
+    salt: String,
+    cache: Option<PathBuf>,
+}
+
+const PIPELINE_KEYS: &[&str] = &["name", "seed", "cache_salt", "cache", "description"];
+
+fn read_settings(
+    root: &value::Table,
+    path: &Path,
+    dir: &Path,
+    diags: &mut Diagnostics,
+) -> Settings {
+    let mut settings = Settings {
+        name: path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "pipeline".into()),
+        seed: 0,
+        salt: String::new(),
+        cache: None,
+    };
+    let Some((_, node)) = root.get("pipeline") else {
+        return settings;
+    };
+    let Some(table) = node.as_table() else {
+        diags.push(type_error(node, "a table", "`pipeline`"));
+        return settings;
+    };
+    let string = |n: &Node, what: &str, diags: &mut Diagnostics| match n.as_str() {
+        Some(s) => Some(s.to_string()),
+        None => {
+            diags.push(type_error(n, "a string", what));
+            None
+        }
+    };
+    for (key, (key_origin, n)) in table {
+        match key.as_str() {
+            "name" => {
+                if let Some(s) = string(n, "pipeline.name", diags) {
+                    settings.name = s;
+                }
+            }
+            "seed" => match n.value {
+                Value::Int(i) => settings.seed = i,
+                _ => diags.push(type_error(n, "an integer", "pipeline.seed")),
+            },
+            "cache_salt" => {
+                if let Some(s) = string(n, "pipeline.cache_salt", diags) {
+                    settings.salt = s;
+                }
+            }
+            "cache" => {
+                if let Some(s) = string(n, "pipeline.cache", diags) {
+                    settings.cache = Some(dir.join(s));
+                }
+            }
+            "description" => {
+                string(n, "pipeline.description", diags);
+            }
+            other => {
+                let mut d = Diagnostic::new(
+                    key_origin,
+                    format!(
+                        "unknown setting `{other}` in [pipeline] (expected one of: {})",
+                        PIPELINE_KEYS.join(", ")
+                    ),
+                );
+                if let Some(h) = suggest(other, PIPELINE_KEYS.iter().copied()) {
+                    d = d.with_help(h);
+                }
+                diags.push(d);
+            }
+        }
+    }
+    settings
+}

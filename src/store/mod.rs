@@ -1,0 +1,173 @@
+//! The local cache: content-addressed blobs, artifact manifests, materialized views, run
+//! records, per-key scratch directories, logs and locks.
+//!
+//! ```text
+//! objects/blake3/ab/cdef...    file contents, named by their blake3, read-only
+//! artifacts/ab/<digest>.json   manifests: sorted (path, size, blake3); digest = blake3(manifest)
+//! views/<digest>/              the artifact as a directory of hard links to the objects
+//! runs/<key>.json              run records, written last: a key is done iff its record exists
+//! scratch/<key>/               checkpoints of unfinished runs; removed after the record
+//! logs/<key>.log               one log per key, appended by each attempt
+//! locks/<key>.lock             flock(2) per key: one writer per key across processes
+//! index/<pipeline>.json        the last key of each stage, so `plan` can say what changed
+//! tmp/                         staging; anything here is garbage once its lock is free
+//! ```
+//! Every write goes to `tmp/` or a temp name first and is renamed into place, so a process
+//! killed at any instant leaves either the old state or the new one.
+
+mod artifact;
+mod fsutil;
+pub mod hash;
+mod lock;
+mod maintenance;
+mod record;
+
+use std::path::{Path, PathBuf};
+
+pub use artifact::{Manifest, ManifestEntry};
+pub use lock::KeyLock;
+pub use maintenance::{GcReport, VerifyReport};
+pub use record::{RECORD_FORMAT, RunRecord};
+
+/// Why a cache operation failed; always names the path involved.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl StoreError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        StoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    pub(crate) fn invalid(path: &Path, message: impl Into<String>) -> Self {
+        StoreError::Invalid {
+            path: path.to_path_buf(),
+            message: message.into(),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// A cache root and the paths inside it.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    root: PathBuf,
+}
+
+impl Cache {
+    /// Opens (creating if needed) a cache at `root`.
+    pub fn open(root: &Path) -> Result<Cache> {
+        for sub in [
+            "objects/blake3",
+            "artifacts",
+            "views",
+            "runs",
+            "scratch",
+            "logs",
+            "locks",
+            "index",
+            "tmp",
+        ] {
+            let p = root.join(sub);
+            std::fs::create_dir_all(&p).map_err(|e| StoreError::io(&p, e))?;
+        }
+        let root = root.canonicalize().map_err(|e| StoreError::io(root, e))?;
+        Ok(Cache { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn object_path(&self, hash: &str) -> PathBuf {
+        self.root
+            .join("objects/blake3")
+            .join(&hash[..2])
+            .join(&hash[2..])
+    }
+
+    pub fn manifest_path(&self, digest: &str) -> PathBuf {
+        self.root
+            .join("artifacts")
+            .join(&digest[..2])
+            .join(format!("{digest}.json"))
+    }
+
+    /// The directory holding an artifact's files (exists once materialized).
+    pub fn view_path(&self, digest: &str) -> PathBuf {
+        self.root.join("views").join(digest)
+    }
+
+    pub fn record_path(&self, key: &str) -> PathBuf {
+        self.root.join("runs").join(format!("{key}.json"))
+    }
+
+    pub fn scratch_path(&self, key: &str) -> PathBuf {
+        self.root.join("scratch").join(key)
+    }
+
+    pub fn log_path(&self, key: &str) -> PathBuf {
+        self.root.join("logs").join(format!("{key}.log"))
+    }
+
+    pub fn lock_path(&self, key: &str) -> PathBuf {
+        self.root.join("locks").join(format!("{key}.lock"))
+    }
+
+    pub fn index_path(&self, pipeline: &str) -> PathBuf {
+        let safe: String = pipeline
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+            .collect();
+        self.root.join("index").join(format!("{safe}.json"))
+    }
+
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    /// Whether a key is done: its run record exists and its output views are in place.
+    /// Cheap (a few stats and one small read): this is what a fully cached run does per stage.
+    pub fn done(&self, key: &str) -> Result<Option<RunRecord>> {
+        let Some(record) = self.read_record(key)? else {
+            return Ok(None);
+        };
+        let complete = record
+            .outputs
+            .values()
+            .all(|digest| self.view_path(digest).is_dir());
+        Ok(complete.then_some(record))
+    }
+
+    /// The last key each stage of a pipeline had, as written by its last run.
+    pub fn read_index(&self, pipeline: &str) -> std::collections::BTreeMap<String, String> {
+        std::fs::read(self.index_path(pipeline))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Records the current key of each stage (best effort: only `plan`'s hints depend on it).
+    pub fn write_index(
+        &self,
+        pipeline: &str,
+        keys: &std::collections::BTreeMap<String, String>,
+    ) -> Result<()> {
+        let mut index = self.read_index(pipeline);
+        index.extend(keys.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let bytes = serde_json::to_vec_pretty(&index).expect("maps serialize");
+        fsutil::write_atomic(&self.index_path(pipeline), &bytes, false)
+    }
+}

@@ -1,0 +1,75 @@
+//! Run records: the proof that a key is done, written last.
+
+use std::collections::BTreeMap;
+use std::fs;
+
+use serde::{Deserialize, Serialize};
+
+use super::fsutil::{remove_file_if_exists, write_atomic};
+use super::{Cache, Result, StoreError};
+use crate::key::KeyParts;
+
+/// What a finished stage produced, and everything its key was made of.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub format: String,
+    pub key: String,
+    pub parts: KeyParts,
+    /// The pipeline and stage that first produced it (informational: keys are shared).
+    pub pipeline: String,
+    pub stage: String,
+    /// Input param path -> producing stage names, for `explain`.
+    pub input_stages: BTreeMap<String, Vec<String>>,
+    /// Output name -> artifact digest.
+    pub outputs: BTreeMap<String, String>,
+    pub metrics: serde_json::Map<String, serde_json::Value>,
+    /// Unix seconds when the run started, and how long it took.
+    pub started_at: u64,
+    pub duration_s: f64,
+    pub flow_version: String,
+}
+
+pub const RECORD_FORMAT: &str = "flow-run-v1";
+
+impl Cache {
+    /// The record of a key, if the key is done. A record that cannot be parsed is treated as
+    /// absent (and replaced by the next run), never trusted.
+    pub fn read_record(&self, key: &str) -> Result<Option<RunRecord>> {
+        let path = self.record_path(key);
+        match fs::read(&path) {
+            Ok(bytes) => Ok(serde_json::from_slice::<RunRecord>(&bytes)
+                .ok()
+                .filter(|r| r.key == key && r.format == RECORD_FORMAT)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::io(&path, e)),
+        }
+    }
+
+    /// Commits a key: atomically and durably. Call only after every output is ingested.
+    pub fn write_record(&self, record: &RunRecord) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(record).expect("records serialize");
+        write_atomic(&self.record_path(&record.key), &bytes, true)
+    }
+
+    /// Forgets that a key is done (its outputs were found damaged).
+    pub fn remove_record(&self, key: &str) -> Result<()> {
+        remove_file_if_exists(&self.record_path(key))
+    }
+
+    /// Every key with a record.
+    pub fn record_keys(&self) -> Result<Vec<String>> {
+        let dir = self.root().join("runs");
+        let mut keys = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(|e| StoreError::io(&dir, e))? {
+            let entry = entry.map_err(|e| StoreError::io(&dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(key) = name.strip_suffix(".json")
+                && !key.starts_with('.')
+            {
+                keys.push(key.to_string());
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+}
