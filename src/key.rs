@@ -157,7 +157,13 @@ impl KeyParts {
         }
         diff_maps("param", &old.params, &self.params, &mut out, |v| v.clone());
         diff_maps("input", &old.inputs, &self.inputs, &mut out, |d| {
-            d.iter().map(|x| short(x)).collect::<Vec<_>>().join(",")
+            d.iter()
+                .map(|x| match x.split_once('@') {
+                    Some((digest, stage)) => format!("{}@{stage}", short(digest)),
+                    None => short(x).to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(",")
         });
         if self.salt != old.salt {
             out.push(format!("salt {:?} -> {:?}", old.salt, self.salt));

@@ -56,13 +56,17 @@ impl Ui {
 
     /// A line for people, printed above the progress bars (stderr; silent with --json).
     pub fn note(&self, line: &str) {
-        if self.json {
-            return;
+        if !self.json {
+            self.warn(line);
         }
+    }
+
+    /// Problems people must see even with --json (stdout stays machine-readable).
+    pub fn warn(&self, text: &str) {
         if self.multi.is_hidden() {
-            eprintln!("{line}");
+            eprintln!("{text}");
         } else {
-            let _ = self.multi.println(line);
+            let _ = self.multi.println(text);
         }
     }
 

@@ -61,6 +61,7 @@ pub fn run(pipeline: &Pipeline, cache: &Cache, opts: &RunOptions, ui: &mut Ui) -
     let mut state = vec![State::Pending; n];
     let mut keys: Vec<Option<String>> = vec![None; n];
     let mut corrupt: Vec<Option<String>> = vec![None; n];
+    let mut reused = vec![false; n];
     let mut heals = vec![0usize; n];
     let mut started: Vec<Option<Instant>> = vec![None; n];
     let mut outcome: Vec<Option<Status>> = vec![None; n];
@@ -156,7 +157,7 @@ pub fn run(pipeline: &Pipeline, cache: &Cache, opts: &RunOptions, ui: &mut Ui) -
                     ui.progress(&pipeline.stages[i].name, len, pos, msg.as_deref())
                 }
                 ChildEvent::Corrupt { digest, files } => {
-                    ui.note(&format!(
+                    ui.warn(&format!(
                         "  damaged  input {} of {} ({}): evicted, recomputing its producer",
                         crate::key::short(&digest),
                         pipeline.stages[i].name,
@@ -164,7 +165,8 @@ pub fn run(pipeline: &Pipeline, cache: &Cache, opts: &RunOptions, ui: &mut Ui) -
                     ));
                     corrupt[i] = Some(digest);
                 }
-                ChildEvent::Started | ChildEvent::Done { .. } | ChildEvent::Failed { .. } => {}
+                ChildEvent::Done { cached } => reused[i] = cached,
+                ChildEvent::Started | ChildEvent::Failed { .. } => {}
             },
             Msg::Exit(i, code) => {
                 running -= 1;
@@ -173,6 +175,11 @@ pub fn run(pipeline: &Pipeline, cache: &Cache, opts: &RunOptions, ui: &mut Ui) -
                 let secs = started[i].map_or(0.0, |t| t.elapsed().as_secs_f64());
                 match code {
                     Ok(0) => match cache.read_record(&key)? {
+                        Some(record) if reused[i] => {
+                            outcome[i] = Some(Status::Cached);
+                            ui.stage(&name, Status::Cached, Some(&key), "(run by another flow process)");
+                            state[i] = State::Done(record.outputs);
+                        }
                         Some(record) => {
                             outcome[i] = Some(Status::Ran);
                             ui.stage(&name, Status::Ran, Some(&key), &format!("{secs:.1}s"));
@@ -215,7 +222,7 @@ pub fn run(pipeline: &Pipeline, cache: &Cache, opts: &RunOptions, ui: &mut Ui) -
                         };
                         ui.stage(&name, Status::Failed, Some(&key), &why);
                         let log = cache.log_path(&key);
-                        ui.note(&format!("--- last lines of {} ---\n{}", log.display(), tail(&log, 20)));
+                        ui.warn(&format!("--- last lines of {} ---\n{}", log.display(), tail(&log, 20)));
                         state[i] = State::Failed;
                     }
                 }

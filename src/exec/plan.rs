@@ -52,7 +52,9 @@ pub fn key_parts(
         for src in &binding.sources {
             let outs = outputs(src.stage).ok_or(src.stage)?;
             let digest = outs.get(&src.output).ok_or(src.stage)?;
-            digests.push(digest.clone());
+            // The producer's name is part of the input: stages see it (list inputs are
+            // directories named after their members; reports label curves with it).
+            digests.push(format!("{digest}@{}", pipeline.stages[src.stage].name));
         }
         inputs.insert(binding.path.clone(), digests);
     }

@@ -235,6 +235,8 @@ impl Cache {
             }
             if !ok {
                 remove_dir_all_if_exists(&view)?;
+                // Rewritten by the next ingest of the recomputed artifact.
+                remove_file_if_exists(&self.manifest_path(&digest))?;
                 bad_artifacts.insert(digest);
             }
         }

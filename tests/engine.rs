@@ -1,0 +1,315 @@
+//! The cache and executor through the real binary: skipping, invalidation, healing, resume.
+
+mod common;
+
+use common::{Workspace, parse_lines, statuses, tree, with_status};
+
+const DIAMOND: &str = r#"
+[pipeline]
+name = "diamond"
+seed = 7
+
+[stage.a]
+kind = "command"
+run = "echo A$FLOW_SEED > $FLOW_OUT/a.txt; seq 1 20000 > $FLOW_OUT/big.txt"
+
+[stage.b]
+kind = "command"
+run = "cat $FLOW_IN_A/a.txt > $FLOW_OUT/b.txt; echo $X >> $FLOW_OUT/b.txt"
+inputs = { a = "a" }
+env = { X = "1" }
+
+[stage.c]
+kind = "command"
+run = "tr a-z A-Z < $FLOW_IN_B/b.txt > $FLOW_OUT/c.txt; echo '{\"lines\": 2}' > $FLOW_OUT/m.json"
+inputs = { b = "b" }
+metrics = "m.json"
+
+[stage.d]
+kind = "command"
+run = "wc -l < $FLOW_IN_A/big.txt | tr -d ' ' > $FLOW_OUT/d.txt"
+inputs = { a = "a" }
+"#;
+
+fn names(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn cached_rerun_executes_zero_stages_and_keeps_outputs() {
+    let ws = Workspace::new();
+    let p = ws.write("p.toml", DIAMOND);
+    let first = ws.run_statuses(&p, &[]);
+    assert_eq!(with_status(&first, "ran"), names(&["a", "b", "c", "d"]));
+    let c_out = tree(&ws.output_dir(&p, "c"));
+    assert_eq!(c_out[0], ("c.txt".to_string(), b"A7\n1\n".to_vec()));
+
+    let events = ws.json(&["run", p.to_str().unwrap()], true);
+    assert_eq!(with_status(&statuses(&events), "cached"), names(&["a", "b", "c", "d"]));
+    let summary = events.last().unwrap();
+    assert_eq!(summary["event"], "summary");
+    assert_eq!((summary["ran"].as_u64(), summary["cached"].as_u64()), (Some(0), Some(4)));
+    assert_eq!(tree(&ws.output_dir(&p, "c")), c_out);
+    let d = tree(&ws.output_dir(&p, "d"));
+    assert_eq!(d[0].1, b"20000\n");
+}
+
+#[test]
+fn a_param_change_reruns_exactly_the_dependent_subgraph() {
+    let ws = Workspace::new();
+    let p = ws.write("p.toml", DIAMOND);
+    ws.run_statuses(&p, &[]);
+
+    let plan = ws.json(&["plan", p.to_str().unwrap(), "--set", "stage.b.env.X=\"2\""], true);
+    let b = plan.iter().find(|e| e["stage"] == "b").unwrap();
+    assert_eq!(b["status"], "would-run");
+    assert!(
+        b["reason"].as_str().unwrap().contains(r#"param env: {"X":"1"} -> {"X":"2"}"#),
+        "{b}"
+    );
+    let c = plan.iter().find(|e| e["stage"] == "c").unwrap();
+    assert_eq!(c["key"], serde_json::Value::Null);
+    assert!(c["reason"].as_str().unwrap().contains("upstream `b`"));
+
+    let second = ws.run_statuses(&p, &["--set", "stage.b.env.X=\"2\""]);
+    assert_eq!(with_status(&second, "ran"), names(&["b", "c"]));
+    assert_eq!(with_status(&second, "cached"), names(&["a", "d"]));
+    let c_out = tree(&ws.output_dir_with(&p, "c", &["--set", "stage.b.env.X=\"2\""]));
+    assert_eq!(c_out[0].1, b"A7\n2\n");
+    // The pipeline seed is an input of every command stage.
+    let third = ws.run_statuses(&p, &["--set", "pipeline.seed=8"]);
+    assert_eq!(with_status(&third, "ran"), names(&["a", "b", "c", "d"]));
+}
+
+#[test]
+fn a_salt_changes_every_key() {
+    let ws = Workspace::new();
+    let p = ws.write("p.toml", DIAMOND);
+    ws.run_statuses(&p, &[]);
+    let salted = ws.run_statuses(&p, &["--salt", "again"]);
+    assert_eq!(with_status(&salted, "ran").len(), 4);
+}
+
+#[test]
+fn a_flipped_byte_is_detected_and_healed_when_consumed() {
+    let ws = Workspace::new();
+    let p = ws.write("p.toml", DIAMOND);
+    ws.run_statuses(&p, &[]);
+    flip_byte(&ws.output_dir(&p, "a").join("a.txt"));
+
+    // b must run again (new env) and consumes a's damaged output: a is recomputed first.
+    let out = ws.flow(&["run", p.to_str().unwrap(), "--set", "stage.b.env.X=\"3\"", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("damaged"), "{stderr}");
+    let s = statuses(&parse_lines(&out.stdout));
+    assert!(s.contains(&("a".into(), "ran".into())), "{s:?}");
+    let b = ws.output_dir_with(&p, "b", &["--set", "stage.b.env.X=\"3\""]);
+    assert_eq!(tree(&b)[0].1, b"A7\n3\n");
+    assert_eq!(tree(&ws.output_dir(&p, "a"))[0].1, b"A7\n");
+    let verify = ws.flow(&["cache", "verify"]);
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+}
+
+#[test]
+fn cache_verify_evicts_damaged_objects_and_the_next_run_recomputes() {
+    let ws = Workspace::new();
+    let p = ws.write("p.toml", DIAMOND);
+    ws.run_statuses(&p, &[]);
+    let before = tree(&ws.output_dir(&p, "a"));
+    flip_byte(&ws.output_dir(&p, "a").join("big.txt"));
+
+    let out = ws.flow(&["cache", "verify", "--json"]);
+    assert!(!out.status.success(), "a damaged cache must not verify clean");
+    let report = &parse_lines(&out.stdout)[0];
+    assert_eq!(report["bad_objects"].as_array().unwrap().len(), 1);
+    assert_eq!(report["evicted_records"].as_array().unwrap().len(), 1);
+    assert!(ws.flow(&["cache", "verify"]).status.success());
+
+    let again = ws.run_statuses(&p, &[]);
+    assert_eq!(with_status(&again, "ran"), names(&["a"]));
+    assert_eq!(tree(&ws.output_dir(&p, "a")), before);
+}
+
+#[test]
+fn show_refuses_damaged_outputs() {
+    let ws = Workspace::new();
+    let p = ws.write("p.toml", DIAMOND);
+    ws.run_statuses(&p, &[]);
+    flip_byte(&ws.output_dir(&p, "d").join("d.txt"));
+    let out = ws.flow(&["show", p.to_str().unwrap(), "d"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("damaged"));
+    let again = ws.run_statuses(&p, &[]);
+    assert_eq!(with_status(&again, "ran"), names(&["d"]));
+}
+
+#[test]
+fn scratch_survives_a_failure_and_the_next_run_resumes_from_it() {
+    let ws = Workspace::new();
+    let p = ws.write(
+        "p.toml",
+        r#"
+[stage.train]
+kind = "command"
+run = """
+if [ -f $FLOW_SCRATCH/ckpt ]; then
+  echo resumed-from-$(cat $FLOW_SCRATCH/ckpt) > $FLOW_OUT/model.txt
+else
+  echo 5 > $FLOW_SCRATCH/ckpt; echo 'simulated crash' >&2; exit 1
+fi
+"""
+
+[stage.after]
+kind = "command"
+run = "cp $FLOW_IN_M/model.txt $FLOW_OUT/"
+inputs = { m = "train" }
+
+[stage.independent]
+kind = "command"
+run = "echo ok > $FLOW_OUT/ok"
+"#,
+    );
+    let out = ws.flow(&["run", p.to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let s = statuses(&parse_lines(&out.stdout));
+    assert_eq!(with_status(&s, "failed"), names(&["train"]));
+    assert_eq!(with_status(&s, "blocked"), names(&["after"]));
+    assert_eq!(with_status(&s, "ran"), names(&["independent"]));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("simulated crash"));
+
+    let s = ws.run_statuses(&p, &[]);
+    assert_eq!(with_status(&s, "ran"), names(&["after", "train"]));
+    assert_eq!(tree(&ws.output_dir(&p, "after"))[0].1, b"resumed-from-5\n");
+    let scratch = std::fs::read_dir(ws.cache().join("scratch")).unwrap().count();
+    assert_eq!(scratch, 0, "scratch is removed once the run is committed");
+}
+
+#[test]
+fn sweeps_expand_and_groups_collect_and_fan_out() {
+    let ws = Workspace::new();
+    let p = ws.write(
+        "p.toml",
+        r#"
+[stage.gen]
+kind = "command"
+run = "echo $FLOW_SEED > $FLOW_OUT/v"
+seed = [1, 2, 3]
+sweep = ["seed"]
+
+[stage.double]
+kind = "command"
+run = "echo $(( $(cat $FLOW_IN_X/v) * 2 )) > $FLOW_OUT/v"
+inputs = { x = "gen" }
+
+[stage.sum]
+kind = "command"
+run = "for d in $FLOW_IN_ALL/*; do echo $(basename $d)=$(cat $d/v); done > $FLOW_OUT/all"
+inputs = { all = ["double"] }
+"#,
+    );
+    let s = ws.run_statuses(&p, &[]);
+    let ran = with_status(&s, "ran");
+    assert_eq!(
+        ran,
+        names(&["double[seed=1]", "double[seed=2]", "double[seed=3]", "gen[seed=1]", "gen[seed=2]", "gen[seed=3]", "sum"])
+    );
+    let all = tree(&ws.output_dir(&p, "sum"));
+    assert_eq!(
+        String::from_utf8_lossy(&all[0].1),
+        "double[seed=1]=2\ndouble[seed=2]=4\ndouble[seed=3]=6\n"
+    );
+}
+
+#[test]
+fn explain_status_dag_and_gc() {
+    let ws = Workspace::new();
+    let p = ws.write("p.toml", DIAMOND);
+    let other = ws.write(
+        "other.toml",
+        "[stage.x]\nkind = \"command\"\nrun = \"echo x > $FLOW_OUT/x\"\n",
+    );
+    let ps = p.to_str().unwrap();
+    ws.run_statuses(&p, &[]);
+    ws.run_statuses(&other, &[]);
+
+    let e = &ws.json(&["explain", ps, "b"], true)[0];
+    assert_eq!(e["kind"], "command");
+    assert_eq!(e["params"]["env"], r#"{"X":"i:1"}"#.replace("i:1", "\"1\"").replace("\"\"", "\""));
+    assert_eq!(e["params"]["seed"], "i:7");
+    assert_eq!(e["inputs"][0]["from"][0]["stage"], "a");
+    assert_eq!(e["done"], true);
+    let status = ws.json(&["status", ps], true);
+    assert!(status.iter().all(|s| s["status"] == "done"));
+    assert!(std::path::Path::new(status[0]["outputs"]["out"].as_str().unwrap()).join("a.txt").is_file());
+
+    let dot = String::from_utf8(ws.flow(&["dag", ps]).stdout).unwrap();
+    assert!(dot.starts_with("digraph \"diamond\""), "{dot}");
+    assert_eq!(dot.matches("->").count(), 3, "{dot}");
+    let mermaid = String::from_utf8(ws.flow(&["dag", ps, "--format", "mermaid"]).stdout).unwrap();
+    assert!(mermaid.contains("s0 -->|inputs.a| s1"), "{mermaid}");
+
+    let dry = ws.json(&["gc", "--keep", ps, "--dry-run"], true);
+    assert_eq!(dry[0]["removed"]["records"], 1);
+    assert_eq!(ws.run_statuses(&other, &[])[0].1, "cached", "a dry run deletes nothing");
+    let gc = ws.json(&["gc", "--keep", ps], true);
+    assert_eq!(gc[0]["removed"]["records"], 1);
+    assert!(gc[0]["removed"]["objects"].as_u64().unwrap() >= 1);
+    assert_eq!(with_status(&ws.run_statuses(&p, &[]), "cached").len(), 4);
+    assert_eq!(ws.run_statuses(&other, &[])[0].1, "ran");
+    assert!(ws.flow(&["cache", "verify"]).status.success());
+}
+
+#[test]
+fn two_pipelines_share_a_stage_result() {
+    let ws = Workspace::new();
+    let stage = "[stage.shared]\nkind = \"command\"\nrun = \"echo s > $FLOW_OUT/s\"\n";
+    let p1 = ws.write("one.toml", &format!("[pipeline]\nname = \"one\"\n{stage}"));
+    let p2 = ws.write("two.toml", &format!("[pipeline]\nname = \"two\"\n{stage}"));
+    assert_eq!(ws.run_statuses(&p1, &[])[0].1, "ran");
+    assert_eq!(ws.run_statuses(&p2, &[])[0].1, "cached");
+}
+
+#[test]
+fn profiles_and_sets_overlay_the_file() {
+    let ws = Workspace::new();
+    let p = ws.write(
+        "p.toml",
+        r#"
+[stage.a]
+kind = "command"
+run = "echo $V > $FLOW_OUT/v"
+env = { V = "default" }
+
+[profile.big]
+"stage.a.env" = { V = "big" }
+"#,
+    );
+    let ps = p.to_str().unwrap();
+    ws.run_statuses(&p, &[]);
+    ws.run_statuses(&p, &["--profile", "big"]);
+    assert_eq!(tree(&ws.output_dir(&p, "a"))[0].1, b"default\n", "show without the profile");
+    let v = ws.json(&["show", ps, "a", "--profile", "big"], true);
+    let dir = std::path::PathBuf::from(v[0]["output"].as_str().unwrap());
+    assert_eq!(std::fs::read(dir.join("v")).unwrap(), b"big\n");
+
+    let out = ws.flow(&["plan", ps, "--profile", "huge"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no profile `huge` in the pipeline (profiles: big)"));
+    let out = ws.flow(&["plan", ps, "--set", "stage.a.nope=1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--set stage.a.nope=1: error: unknown param `nope`"));
+}
+
+/// Flips one byte of a cached file in place (the file is a hard link to its blob).
+fn flip_byte(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[0] ^= 0x20;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &bytes))
+        .unwrap();
+}
