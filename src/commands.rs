@@ -71,7 +71,13 @@ impl Context {
         Cache::open(&root).with_context(|| format!("opening the cache at {}", root.display()))
     }
 
-    pub fn run(&self, p: &PipelineArgs, jobs: usize, threads: Option<usize>, json: bool) -> CmdResult {
+    pub fn run(
+        &self,
+        p: &PipelineArgs,
+        jobs: usize,
+        threads: Option<usize>,
+        json: bool,
+    ) -> CmdResult {
         let pipeline = load_or_exit!(p, json);
         let cache = self.open_cache(Some(&pipeline))?;
         let jobs = jobs.max(1);
@@ -97,16 +103,25 @@ impl Context {
         let (mut would, mut cached) = (0, 0);
         for (stage, state) in pipeline.stages.iter().zip(&states) {
             let (status, reason) = match state {
-                KeyState::Known { record: Some(_), .. } => (Status::Cached, String::new()),
+                KeyState::Known {
+                    record: Some(_), ..
+                } => (Status::Cached, String::new()),
                 KeyState::Known { parts, key, .. } => {
                     let reason = if KeyLock::is_held(&cache, key) {
                         "running in another flow process".to_string()
                     } else {
                         match index.get(&stage.name) {
-                            Some(old) if old == key => "missing: its record or outputs were removed".into(),
+                            Some(old) if old == key => {
+                                "missing: its record or outputs were removed".into()
+                            }
                             Some(old) => match cache.read_record(old)? {
-                                Some(r) => format!("changed: {}", parts.differences(&r.parts).join("; ")),
-                                None => format!("changed: earlier key {} is no longer cached", short(old)),
+                                Some(r) => {
+                                    format!("changed: {}", parts.differences(&r.parts).join("; "))
+                                }
+                                None => format!(
+                                    "changed: earlier key {} is no longer cached",
+                                    short(old)
+                                ),
                             },
                             None => "missing: never run".to_string(),
                         }
@@ -134,7 +149,10 @@ impl Context {
             }
         }
         if json {
-            println!("{}", json!({"event": "summary", "would_run": would, "cached": cached}));
+            println!(
+                "{}",
+                json!({"event": "summary", "would_run": would, "cached": cached})
+            );
         } else {
             println!("{would} would run, {cached} cached");
         }
@@ -147,7 +165,9 @@ impl Context {
         let states = resolve(&pipeline, &cache)?;
         for (stage, state) in pipeline.stages.iter().zip(&states) {
             let (status, outputs) = match state {
-                KeyState::Known { record: Some(r), .. } => (
+                KeyState::Known {
+                    record: Some(r), ..
+                } => (
                     "done",
                     r.outputs
                         .iter()
@@ -209,7 +229,10 @@ impl Context {
         }
         println!("stage        {}", stage.name);
         println!("key format   {}", flow::key::KEY_FORMAT);
-        println!("kind         {} (version {})", stage.kind.name, stage.kind.version);
+        println!(
+            "kind         {} (version {})",
+            stage.kind.name, stage.kind.version
+        );
         for (k, v) in &params {
             println!("param        {k} = {}", v.as_str().unwrap_or_default());
         }
@@ -220,12 +243,18 @@ impl Context {
                     .record()
                     .map(|r| r.outputs[&s.output].clone())
                     .unwrap_or_else(|| "(not computed yet)".into());
-                println!("input        {} <- {}.{} = {digest}", b.path, producer.name, s.output);
+                println!(
+                    "input        {} <- {}.{} = {digest}",
+                    b.path, producer.name, s.output
+                );
             }
         }
         println!("salt         {:?}", pipeline.salt);
         match key {
-            Some(k) => println!("key          {k} ({})", if done { "done" } else { "missing" }),
+            Some(k) => println!(
+                "key          {k} ({})",
+                if done { "done" } else { "missing" }
+            ),
             None => println!("key          unknown until its inputs are computed"),
         }
         Ok(ExitCode::SUCCESS)
@@ -249,8 +278,15 @@ impl Context {
         let i = find_stage(&pipeline, name)?;
         let states = resolve(&pipeline, &cache)?;
         let (key, record) = match &states[i] {
-            KeyState::Known { key, record: Some(r), .. } => (key.clone(), r.clone()),
-            _ => bail!("stage `{name}` is not done: run `flow run {}` first", p.pipeline.display()),
+            KeyState::Known {
+                key,
+                record: Some(r),
+                ..
+            } => (key.clone(), r.clone()),
+            _ => bail!(
+                "stage `{name}` is not done: run `flow run {}` first",
+                p.pipeline.display()
+            ),
         };
         let mut outputs = serde_json::Map::new();
         let mut files = Vec::new();
@@ -261,17 +297,27 @@ impl Context {
                 cache.remove_record(&key)?;
                 bail!(
                     "output `{out}` of `{name}` was damaged ({}); it was evicted: run the pipeline again",
-                    bad.iter().map(|b| b.path.as_str()).collect::<Vec<_>>().join(", ")
+                    bad.iter()
+                        .map(|b| b.path.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
             }
             let dir = cache.view_path(digest);
             if let Some(m) = cache.read_manifest(digest)? {
-                files.extend(m.files.into_iter().map(|f| json!({"output": out, "path": f.path, "size": f.size})));
+                files.extend(
+                    m.files
+                        .into_iter()
+                        .map(|f| json!({"output": out, "path": f.path, "size": f.size})),
+                );
             }
             outputs.insert(out.clone(), json!(dir.display().to_string()));
         }
         let default = stage_default_output(&pipeline, i);
-        let output = outputs.get(default).cloned().unwrap_or(serde_json::Value::Null);
+        let output = outputs
+            .get(default)
+            .cloned()
+            .unwrap_or(serde_json::Value::Null);
         if json {
             println!(
                 "{}",
@@ -284,7 +330,11 @@ impl Context {
                 println!("output   {n} = {}", d.as_str().unwrap_or_default());
             }
             for f in &files {
-                println!("  {:>10}  {}", f["size"], f["path"].as_str().unwrap_or_default());
+                println!(
+                    "  {:>10}  {}",
+                    f["size"],
+                    f["path"].as_str().unwrap_or_default()
+                );
             }
             for (k, v) in &record.metrics {
                 println!("metric   {k} = {v}");
@@ -293,7 +343,13 @@ impl Context {
         Ok(ExitCode::SUCCESS)
     }
 
-    pub fn gc(&self, keep: &[PathBuf], profiles: &[String], dry_run: bool, json: bool) -> CmdResult {
+    pub fn gc(
+        &self,
+        keep: &[PathBuf],
+        profiles: &[String],
+        dry_run: bool,
+        json: bool,
+    ) -> CmdResult {
         let mut live = BTreeSet::new();
         let mut scratch = BTreeSet::new();
         let mut cache: Option<Cache> = None;
@@ -309,11 +365,19 @@ impl Context {
             if let Some(prev) = &cache
                 && prev.root() != c.root()
             {
-                bail!("kept pipelines use different caches ({} and {})", prev.root().display(), c.root().display());
+                bail!(
+                    "kept pipelines use different caches ({} and {})",
+                    prev.root().display(),
+                    c.root().display()
+                );
             }
             for state in resolve(&pipeline, &c)? {
                 match state {
-                    KeyState::Known { key, record: Some(_), .. } => {
+                    KeyState::Known {
+                        key,
+                        record: Some(_),
+                        ..
+                    } => {
                         live.insert(key);
                     }
                     KeyState::Known { key, .. } => {
@@ -327,14 +391,23 @@ impl Context {
         let cache = cache.expect("clap requires at least one --keep");
         let report = cache.gc(&live, &scratch, dry_run)?;
         if json {
-            println!("{}", json!({"dry_run": dry_run, "kept_keys": live.len(), "removed": report}));
+            println!(
+                "{}",
+                json!({"dry_run": dry_run, "kept_keys": live.len(), "removed": report})
+            );
         } else {
             println!(
                 "{} {} records, {} manifests, {} objects, {} views, {} scratch dirs, {} logs, {} temp entries ({:.1} MiB); kept {} keys",
                 if dry_run { "would remove" } else { "removed" },
-                report.records, report.manifests, report.objects, report.views,
-                report.scratch, report.logs, report.tmp,
-                report.bytes as f64 / (1024.0 * 1024.0), live.len()
+                report.records,
+                report.manifests,
+                report.objects,
+                report.views,
+                report.scratch,
+                report.logs,
+                report.tmp,
+                report.bytes as f64 / (1024.0 * 1024.0),
+                live.len()
             );
         }
         Ok(ExitCode::SUCCESS)
@@ -361,14 +434,22 @@ impl Context {
                 println!("  evicted run {k}: it will run again");
             }
         }
-        Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        Ok(if report.is_clean() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
     }
 }
 
 fn find_stage(pipeline: &Pipeline, name: &str) -> anyhow::Result<usize> {
     pipeline.stage_index(name).ok_or_else(|| {
         let names: Vec<&str> = pipeline.stages.iter().map(|s| s.name.as_str()).collect();
-        anyhow::anyhow!("no stage `{name}` in {} (stages: {})", pipeline.path.display(), names.join(", "))
+        anyhow::anyhow!(
+            "no stage `{name}` in {} (stages: {})",
+            pipeline.path.display(),
+            names.join(", ")
+        )
     })
 }
 
@@ -391,4 +472,3 @@ pub fn stage_child() -> i32 {
         }
     }
 }
-

@@ -40,8 +40,9 @@ pub fn to_dot(pipeline: &Pipeline) -> String {
         )
     )
     .lines()
-    .fold(format!("digraph {:?} {{\n", pipeline.name), |acc, l| acc + l + "\n")
-        + "}\n"
+    .fold(format!("digraph {:?} {{\n", pipeline.name), |acc, l| {
+        acc + l + "\n"
+    }) + "}\n"
 }
 
 /// Mermaid flowchart text (renders in GitHub markdown).

@@ -126,10 +126,18 @@ impl KeyParts {
     pub fn key(&self) -> String {
         let mut text = String::new();
         let _ = writeln!(text, "{}", self.format);
-        let _ = writeln!(text, "kind={}", serde_json::to_string(&self.kind).expect("str"));
+        let _ = writeln!(
+            text,
+            "kind={}",
+            serde_json::to_string(&self.kind).expect("str")
+        );
         let _ = writeln!(text, "version={}", self.kind_version);
         for (name, value) in &self.params {
-            let _ = writeln!(text, "param {}={value}", serde_json::to_string(name).expect("str"));
+            let _ = writeln!(
+                text,
+                "param {}={value}",
+                serde_json::to_string(name).expect("str")
+            );
         }
         for (path, digests) in &self.inputs {
             let _ = writeln!(
@@ -139,7 +147,11 @@ impl KeyParts {
                 digests.join(",")
             );
         }
-        let _ = writeln!(text, "salt={}", serde_json::to_string(&self.salt).expect("str"));
+        let _ = writeln!(
+            text,
+            "salt={}",
+            serde_json::to_string(&self.salt).expect("str")
+        );
         blake3::hash(text.as_bytes()).to_hex().to_string()
     }
 

@@ -149,14 +149,26 @@ fn main() -> ExitCode {
         verbose: cli.verbose,
     };
     let result = match cli.command {
-        Cmd::Run { p, jobs, threads, json } => ctx.run(&p, jobs, threads, json),
+        Cmd::Run {
+            p,
+            jobs,
+            threads,
+            json,
+        } => ctx.run(&p, jobs, threads, json),
         Cmd::Plan { p, json } => ctx.plan(&p, json),
         Cmd::Status { p, json } => ctx.status(&p, json),
         Cmd::Explain { p, stage, json } => ctx.explain(&p, &stage, json),
         Cmd::Dag { p, format } => ctx.dag(&p, format),
         Cmd::Show { p, stage, json } => ctx.show(&p, &stage, json),
-        Cmd::Gc { keep, profiles, dry_run, json } => ctx.gc(&keep, &profiles, dry_run, json),
-        Cmd::Cache { command: CacheCmd::Verify { json } } => ctx.verify(json),
+        Cmd::Gc {
+            keep,
+            profiles,
+            dry_run,
+            json,
+        } => ctx.gc(&keep, &profiles, dry_run, json),
+        Cmd::Cache {
+            command: CacheCmd::Verify { json },
+        } => ctx.verify(json),
         Cmd::Stage => unreachable!("handled above"),
     };
     match result {

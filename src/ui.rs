@@ -129,11 +129,12 @@ impl Ui {
     }
 
     pub fn waiting(&mut self, name: &str, holder: &str) {
-        let line = format!("  waiting  {name}: another flow process ({holder}) is running this key");
+        let line =
+            format!("  waiting  {name}: another flow process ({holder}) is running this key");
         if let Some(bar) = self.bars.get(name) {
             bar.set_message(format!("waiting for {holder}"));
         }
-        self.note(&line);
+        self.warn(&line);
     }
 
     /// Final counts.

@@ -48,7 +48,9 @@ fn outputs(ws: &Workspace, p: &std::path::Path) -> Vec<Vec<(String, Vec<u8>)>> {
 
 /// A small deterministic generator (the trials are reproducible).
 fn lcg(state: &mut u64) -> u64 {
-    *state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    *state = state
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     *state >> 33
 }
 
@@ -70,7 +72,8 @@ fn kill_at_random_moments_then_rerun_gives_the_same_outputs() {
         for _ in 0..3 {
             let delay = Duration::from_millis(lcg(&mut rng) % (full.as_millis() as u64 + 50));
             let mut cmd = ws.command(&["run", p.to_str().unwrap(), "--json", "-j", "2"]);
-            cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+            cmd.stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
             cmd.process_group(0);
             let mut child = cmd.spawn().unwrap();
             std::thread::sleep(delay);
@@ -92,9 +95,17 @@ fn kill_at_random_moments_then_rerun_gives_the_same_outputs() {
         let s = ws.run_statuses(&p, &[]);
         assert_eq!(s.len(), STAGES.len(), "trial {trial}: {s:?}");
         assert!(with_status(&s, "failed").is_empty(), "trial {trial}: {s:?}");
-        assert_eq!(outputs(&ws, &p), expected, "trial {trial} ({kills} kills) differs");
+        assert_eq!(
+            outputs(&ws, &p),
+            expected,
+            "trial {trial} ({kills} kills) differs"
+        );
         let verify = ws.flow(&["cache", "verify"]);
-        assert!(verify.status.success(), "trial {trial}: {}", String::from_utf8_lossy(&verify.stdout));
+        assert!(
+            verify.status.success(),
+            "trial {trial}: {}",
+            String::from_utf8_lossy(&verify.stdout)
+        );
     }
 }
 
@@ -132,7 +143,10 @@ run = "echo c >> {c}; echo C > $FLOW_OUT/c"
     let first = spawn();
     std::thread::sleep(Duration::from_millis(150));
     let second = spawn();
-    let (o1, o2) = (first.wait_with_output().unwrap(), second.wait_with_output().unwrap());
+    let (o1, o2) = (
+        first.wait_with_output().unwrap(),
+        second.wait_with_output().unwrap(),
+    );
     assert!(o1.status.success() && o2.status.success());
     let mut lines: Vec<String> = std::fs::read_to_string(&counter)
         .unwrap()
@@ -146,12 +160,23 @@ run = "echo c >> {c}; echo C > $FLOW_OUT/c"
     let mut ran = with_status(&s1, "ran");
     ran.extend(with_status(&s2, "ran"));
     ran.sort();
-    assert_eq!(ran, ["a", "b", "c"], "one run ran each stage: {s1:?} {s2:?}");
+    assert_eq!(
+        ran,
+        ["a", "b", "c"],
+        "one run ran each stage: {s1:?} {s2:?}"
+    );
     let mut reused = with_status(&s1, "cached");
     reused.extend(with_status(&s2, "cached"));
     reused.sort();
-    assert_eq!(reused, ["a", "b", "c"], "the other reused it: {s1:?} {s2:?}");
-    let waited = String::from_utf8_lossy(&o2.stderr);
-    assert!(waited.contains("waiting"), "the waiting run says so: {waited}");
+    assert_eq!(
+        reused,
+        ["a", "b", "c"],
+        "the other reused it: {s1:?} {s2:?}"
+    );
+    let waited = String::from_utf8_lossy(&o1.stderr) + String::from_utf8_lossy(&o2.stderr);
+    assert!(
+        waited.contains("waiting"),
+        "the waiting run says so: {waited}"
+    );
     assert_eq!(tree(&ws.output_dir(&p, "b"))[0].1, b"A\n");
 }

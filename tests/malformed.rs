@@ -28,13 +28,20 @@ fn every_malformed_pipeline_is_rejected_with_its_location() {
                 (line.parse().unwrap(), col.parse().unwrap(), msg.to_string())
             })
             .collect();
-        assert!(!expected.is_empty(), "{} has no expect line", file.display());
+        assert!(
+            !expected.is_empty(),
+            "{} has no expect line",
+            file.display()
+        );
         for cmd in ["plan", "run"] {
             let out = ws.flow(&[cmd, file.to_str().unwrap(), "--json"]);
             let stderr = String::from_utf8_lossy(&out.stderr);
             let name = file.file_name().unwrap().to_string_lossy();
             if out.status.code() != Some(2) || stderr.contains("panicked") {
-                failures.push(format!("{name} ({cmd}): exit {:?}, stderr {stderr}", out.status.code()));
+                failures.push(format!(
+                    "{name} ({cmd}): exit {:?}, stderr {stderr}",
+                    out.status.code()
+                ));
                 continue;
             }
             let errors = parse_lines(&out.stdout);
@@ -47,7 +54,9 @@ fn every_malformed_pipeline_is_rejected_with_its_location() {
                         && e["file"].as_str().unwrap().ends_with(name.as_ref())
                 });
                 if !found {
-                    failures.push(format!("{name}: expected {line}:{col} `{msg}`, got {errors:?}"));
+                    failures.push(format!(
+                        "{name}: expected {line}:{col} `{msg}`, got {errors:?}"
+                    ));
                 }
             }
             // People get the same location and the offending line on stderr.

@@ -112,7 +112,11 @@ fn run_inner(spec: &ChildSpec) -> anyhow::Result<i32> {
     let tmp = cache.tmp_dir();
     for entry in std::fs::read_dir(&tmp)? {
         let entry = entry?;
-        if entry.file_name().to_string_lossy().starts_with(&format!("{}.", spec.key)) {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(&format!("{}.", spec.key))
+        {
             std::fs::remove_dir_all(entry.path())?;
         }
     }
@@ -162,7 +166,12 @@ fn run_inner(spec: &ChildSpec) -> anyhow::Result<i32> {
         input_stages: spec
             .inputs
             .iter()
-            .map(|i| (i.path.clone(), i.artifacts.iter().map(|a| a.stage.clone()).collect()))
+            .map(|i| {
+                (
+                    i.path.clone(),
+                    i.artifacts.iter().map(|a| a.stage.clone()).collect(),
+                )
+            })
             .collect(),
         outputs: digests,
         metrics: outcome.metrics,

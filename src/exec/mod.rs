@@ -55,7 +55,12 @@ enum Msg {
 const MAX_HEALS: usize = 2;
 
 /// Runs what is missing of `pipeline`. Failures do not stop independent stages.
-pub fn run(pipeline: &Pipeline, cache: &Cache, opts: &RunOptions, ui: &mut Ui) -> anyhow::Result<Summary> {
+pub fn run(
+    pipeline: &Pipeline,
+    cache: &Cache,
+    opts: &RunOptions,
+    ui: &mut Ui,
+) -> anyhow::Result<Summary> {
     let clock = Instant::now();
     let n = pipeline.stages.len();
     let mut state = vec![State::Pending; n];
@@ -74,7 +79,10 @@ pub fn run(pipeline: &Pipeline, cache: &Cache, opts: &RunOptions, ui: &mut Ui) -
                 continue;
             }
             let stage = &pipeline.stages[i];
-            let sources = stage.inputs.iter().flat_map(|b| b.sources.iter().map(|s| s.stage));
+            let sources = stage
+                .inputs
+                .iter()
+                .flat_map(|b| b.sources.iter().map(|s| s.stage));
             let mut ready = true;
             for s in sources {
                 match state[s] {
@@ -89,7 +97,12 @@ pub fn run(pipeline: &Pipeline, cache: &Cache, opts: &RunOptions, ui: &mut Ui) -
             }
             if matches!(state[i], State::Blocked) {
                 outcome[i] = Some(Status::Blocked);
-                ui.stage(&stage.name, Status::Blocked, None, "(an upstream stage failed)");
+                ui.stage(
+                    &stage.name,
+                    Status::Blocked,
+                    None,
+                    "(an upstream stage failed)",
+                );
                 continue;
             }
             if !ready {
@@ -138,7 +151,10 @@ pub fn run(pipeline: &Pipeline, cache: &Cache, opts: &RunOptions, ui: &mut Ui) -
                             .collect(),
                     })
                     .collect(),
-                workdir: pipeline.dir.canonicalize().unwrap_or_else(|_| pipeline.dir.clone()),
+                workdir: pipeline
+                    .dir
+                    .canonicalize()
+                    .unwrap_or_else(|_| pipeline.dir.clone()),
                 threads: opts.threads,
             };
             spawn_stage(i, spec, cache.log_path(&key), tx.clone());
@@ -177,7 +193,12 @@ pub fn run(pipeline: &Pipeline, cache: &Cache, opts: &RunOptions, ui: &mut Ui) -
                     Ok(0) => match cache.read_record(&key)? {
                         Some(record) if reused[i] => {
                             outcome[i] = Some(Status::Cached);
-                            ui.stage(&name, Status::Cached, Some(&key), "(run by another flow process)");
+                            ui.stage(
+                                &name,
+                                Status::Cached,
+                                Some(&key),
+                                "(run by another flow process)",
+                            );
                             state[i] = State::Done(record.outputs);
                         }
                         Some(record) => {
@@ -187,7 +208,12 @@ pub fn run(pipeline: &Pipeline, cache: &Cache, opts: &RunOptions, ui: &mut Ui) -
                         }
                         None => {
                             outcome[i] = Some(Status::Failed);
-                            ui.stage(&name, Status::Failed, Some(&key), "exited without committing");
+                            ui.stage(
+                                &name,
+                                Status::Failed,
+                                Some(&key),
+                                "exited without committing",
+                            );
                             state[i] = State::Failed;
                         }
                     },
@@ -210,7 +236,12 @@ pub fn run(pipeline: &Pipeline, cache: &Cache, opts: &RunOptions, ui: &mut Ui) -
                             state[i] = State::Pending;
                         } else {
                             outcome[i] = Some(Status::Failed);
-                            ui.stage(&name, Status::Failed, Some(&key), "input damaged again after recomputing");
+                            ui.stage(
+                                &name,
+                                Status::Failed,
+                                Some(&key),
+                                "input damaged again after recomputing",
+                            );
                             state[i] = State::Failed;
                         }
                     }
@@ -222,7 +253,11 @@ pub fn run(pipeline: &Pipeline, cache: &Cache, opts: &RunOptions, ui: &mut Ui) -
                         };
                         ui.stage(&name, Status::Failed, Some(&key), &why);
                         let log = cache.log_path(&key);
-                        ui.warn(&format!("--- last lines of {} ---\n{}", log.display(), tail(&log, 20)));
+                        ui.warn(&format!(
+                            "--- last lines of {} ---\n{}",
+                            log.display(),
+                            tail(&log, 20)
+                        ));
                         state[i] = State::Failed;
                     }
                 }
@@ -310,7 +345,8 @@ pub fn params_json(stage: &crate::pipeline::Stage) -> serde_json::Value {
 fn spawn_stage(i: usize, spec: ChildSpec, log: std::path::PathBuf, tx: mpsc::Sender<Msg>) {
     std::thread::spawn(move || {
         let result = (|| -> Result<i32, String> {
-            let exe = std::env::current_exe().map_err(|e| format!("cannot find flow's binary: {e}"))?;
+            let exe =
+                std::env::current_exe().map_err(|e| format!("cannot find flow's binary: {e}"))?;
             let stderr = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -322,7 +358,9 @@ fn spawn_stage(i: usize, spec: ChildSpec, log: std::path::PathBuf, tx: mpsc::Sen
                 .stdout(Stdio::piped())
                 .stderr(stderr);
             flow_stages::process::kill_with_parent(&mut cmd);
-            let mut child = cmd.spawn().map_err(|e| format!("cannot start the stage process: {e}"))?;
+            let mut child = cmd
+                .spawn()
+                .map_err(|e| format!("cannot start the stage process: {e}"))?;
             {
                 let mut stdin = child.stdin.take().expect("piped");
                 serde_json::to_writer(&mut stdin, &spec).map_err(|e| e.to_string())?;
@@ -336,9 +374,9 @@ fn spawn_stage(i: usize, spec: ChildSpec, log: std::path::PathBuf, tx: mpsc::Sen
                 }
             }
             let status = child.wait().map_err(|e| e.to_string())?;
-            Ok(status
-                .code()
-                .unwrap_or_else(|| 128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)))
+            Ok(status.code().unwrap_or_else(|| {
+                128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)
+            }))
         })();
         let _ = tx.send(Msg::Exit(i, result));
     });

@@ -17,7 +17,7 @@ pub enum KeyState {
     Known {
         parts: KeyParts,
         key: String,
-        record: Option<RunRecord>,
+        record: Option<Box<RunRecord>>,
     },
     /// Waits for this upstream stage (index) to run first.
     Waiting { on: usize },
@@ -33,7 +33,7 @@ impl KeyState {
 
     pub fn record(&self) -> Option<&RunRecord> {
         match self {
-            KeyState::Known { record, .. } => record.as_ref(),
+            KeyState::Known { record, .. } => record.as_deref(),
             KeyState::Waiting { .. } => None,
         }
     }
@@ -80,7 +80,7 @@ pub fn resolve(pipeline: &Pipeline, cache: &Cache) -> Result<Vec<KeyState>> {
         let state = match key_parts(pipeline, stage, &lookup) {
             Ok(parts) => {
                 let key = parts.key();
-                let record = cache.done(&key)?;
+                let record = cache.done(&key)?.map(Box::new);
                 KeyState::Known { parts, key, record }
             }
             Err(on) => KeyState::Waiting { on },

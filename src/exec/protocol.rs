@@ -44,7 +44,9 @@ pub struct SpecArtifact {
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum ChildEvent {
     /// Another process holds the key's lock; this one waits for it.
-    Waiting { holder: String },
+    Waiting {
+        holder: String,
+    },
     /// The lock is ours and the stage function starts.
     Started,
     Progress {
@@ -53,10 +55,17 @@ pub enum ChildEvent {
         msg: Option<String>,
     },
     /// An input artifact is damaged; it was evicted and its producer must run again.
-    Corrupt { digest: String, files: Vec<String> },
+    Corrupt {
+        digest: String,
+        files: Vec<String>,
+    },
     /// The key is done: by this process (`cached: false`) or by another one meanwhile.
-    Done { cached: bool },
-    Failed { error: String },
+    Done {
+        cached: bool,
+    },
+    Failed {
+        error: String,
+    },
 }
 
 /// Exit status of a stage process whose input was damaged (distinct from plain failure).

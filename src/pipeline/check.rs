@@ -66,7 +66,13 @@ pub fn check_value(
         (ParamType::List(inner), Value::List(items)) => {
             let mut out = Vec::new();
             for (i, item) in items.iter().enumerate() {
-                out.push(check_value(*inner, item, &format!("{what}[{i}]"), refs, diags)?);
+                out.push(check_value(
+                    *inner,
+                    item,
+                    &format!("{what}[{i}]"),
+                    refs,
+                    diags,
+                )?);
             }
             Some(Val::List(out))
         }

@@ -70,7 +70,11 @@ pub fn expand(tables: &Table, seed: i64, diags: &mut Diagnostics) -> Vec<Stage> 
                 None => {
                     let mut d = Diagnostic::new(
                         &r.origin,
-                        format!("`{}` references no stage: there is no [stage.{}]", r.target, r.base()),
+                        format!(
+                            "`{}` references no stage: there is no [stage.{}]",
+                            r.target,
+                            r.base()
+                        ),
                     );
                     if let Some(h) = suggest(r.base(), index.keys().copied()) {
                         d = d.with_help(h);
@@ -99,7 +103,10 @@ pub fn expand(tables: &Table, seed: i64, diags: &mut Diagnostics) -> Vec<Stage> 
         if seen.insert(s.name.as_str(), &s.origin).is_some() {
             diags.push(Diagnostic::new(
                 &s.origin,
-                format!("the sweep produces stage `{}` twice (a repeated value?)", s.name),
+                format!(
+                    "the sweep produces stage `{}` twice (a repeated value?)",
+                    s.name
+                ),
             ));
         }
     }
@@ -126,9 +133,10 @@ fn check_stage(
         return None;
     };
     let Some((_, kind_node)) = table.get("kind") else {
-        diags.push(Diagnostic::new(origin, format!("stage `{name}` has no `kind`")).with_help(
-            format!("known kinds: {}", kind_names().join(", ")),
-        ));
+        diags.push(
+            Diagnostic::new(origin, format!("stage `{name}` has no `kind`"))
+                .with_help(format!("known kinds: {}", kind_names().join(", "))),
+        );
         return None;
     };
     let Some(kind_name) = kind_node.as_str() else {
@@ -139,7 +147,10 @@ fn check_stage(
         let names = kind_names();
         let mut d = Diagnostic::new(
             &kind_node.origin,
-            format!("unknown kind `{kind_name}` (known kinds: {})", names.join(", ")),
+            format!(
+                "unknown kind `{kind_name}` (known kinds: {})",
+                names.join(", ")
+            ),
         );
         if let Some(h) = suggest(kind_name, names.iter().copied()) {
             d = d.with_help(h);
@@ -163,7 +174,11 @@ fn check_stage(
                 format!(
                     "unknown param `{key}` for kind `{}` (expected one of: {})",
                     kind.name,
-                    kind.params.iter().map(|p| p.name).collect::<Vec<_>>().join(", ")
+                    kind.params
+                        .iter()
+                        .map(|p| p.name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             );
             if let Some(h) = suggest(key, known_keys(kind)) {
@@ -179,7 +194,9 @@ fn check_stage(
             let mut values = Vec::new();
             for (i, item) in items.iter().enumerate() {
                 let mut refs = Vec::new();
-                if let Some(v) = check_value(param.ty, item, &format!("{key}[{i}]"), &mut refs, diags) {
+                if let Some(v) =
+                    check_value(param.ty, item, &format!("{key}[{i}]"), &mut refs, diags)
+                {
                     for r in &mut refs {
                         r.path = key.clone();
                     }
@@ -214,7 +231,10 @@ fn check_stage(
             ParamDefault::Value(text) => {
                 let node = super::value::parse_arg_value(text, Origin::Default);
                 let v = check_value(param.ty, &node, param.name, &mut Vec::new(), diags);
-                fixed.insert(param.name.to_string(), v.expect("kind defaults match their types"));
+                fixed.insert(
+                    param.name.to_string(),
+                    v.expect("kind defaults match their types"),
+                );
             }
         }
     }
@@ -320,10 +340,16 @@ fn report_cycles(graph: &DiGraph<usize, Origin>, bases: &[Base], diags: &mut Dia
             }
             path.push(next);
         }
-        let names: Vec<&str> = path.iter().map(|n| bases[graph[*n]].name.as_str()).collect();
+        let names: Vec<&str> = path
+            .iter()
+            .map(|n| bases[graph[*n]].name.as_str())
+            .collect();
         diags.push(Diagnostic::new(
             &origin.expect("set on the first step"),
-            format!("dependency cycle: {} (each uses the next)", names.join(" -> ")),
+            format!(
+                "dependency cycle: {} (each uses the next)",
+                names.join(" -> ")
+            ),
         ));
     }
 }
@@ -333,7 +359,11 @@ fn report_cycles(graph: &DiGraph<usize, Origin>, bases: &[Base], diags: &mut Dia
 fn topological_order(graph: &DiGraph<usize, Origin>, nodes: &[NodeIndex]) -> Vec<usize> {
     let mut missing: Vec<usize> = nodes
         .iter()
-        .map(|n| graph.neighbors_directed(*n, petgraph::Direction::Incoming).count())
+        .map(|n| {
+            graph
+                .neighbors_directed(*n, petgraph::Direction::Incoming)
+                .count()
+        })
         .collect();
     let mut ready: BinaryHeap<Reverse<usize>> = (0..nodes.len())
         .filter(|i| missing[*i] == 0)
@@ -530,4 +560,40 @@ fn resolve(
 fn agrees(a: &[(String, String)], b: &[(String, String)]) -> bool {
     a.iter()
         .all(|(k, v)| b.iter().all(|(k2, v2)| k != k2 || v == v2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A kind default that does not match its own type would panic at validation time.
+    #[test]
+    fn every_kind_default_matches_its_type() {
+        for kind in flow_stages::registry() {
+            for param in kind.params {
+                if let ParamDefault::Value(text) = param.default {
+                    let node = crate::pipeline::value::parse_arg_value(text, Origin::Default);
+                    let mut diags = Diagnostics::default();
+                    let v = check_value(param.ty, &node, param.name, &mut Vec::new(), &mut diags);
+                    assert!(
+                        v.is_some() && diags.is_empty(),
+                        "{}.{}: {diags}",
+                        kind.name,
+                        param.name
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn coordinates_agree_only_when_shared_keys_match() {
+        let kv = |k: &str, v: &str| (k.to_string(), v.to_string());
+        assert!(agrees(
+            &[kv("rank", "16")],
+            &[kv("rank", "16"), kv("lr", "1")]
+        ));
+        assert!(agrees(&[kv("rank", "16")], &[kv("steps", "100")]));
+        assert!(!agrees(&[kv("rank", "16")], &[kv("rank", "64")]));
+    }
 }

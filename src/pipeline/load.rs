@@ -80,13 +80,20 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Document, Diagnostics>
                 &arg,
                 format!(
                     "no profile `{name}` in the pipeline (profiles: {})",
-                    if available.is_empty() { "none".to_string() } else { available.join(", ") }
+                    if available.is_empty() {
+                        "none".to_string()
+                    } else {
+                        available.join(", ")
+                    }
                 ),
             ));
             continue;
         };
         let Some(table) = overlay.as_table() else {
-            diags.push(Diagnostic::new(&overlay.origin, "a profile must be a table"));
+            diags.push(Diagnostic::new(
+                &overlay.origin,
+                "a profile must be a table",
+            ));
             continue;
         };
         let mut leaves = Vec::new();

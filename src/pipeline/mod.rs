@@ -74,7 +74,13 @@ impl Pipeline {
         let mut diags = Diagnostics::default();
         let dir = path
             .parent()
-            .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    p
+                }
+            })
             .unwrap_or(Path::new("."))
             .to_path_buf();
         let settings = read_settings(&doc.root, path, &dir, &mut diags);

@@ -170,6 +170,9 @@ fn relocate(mut node: Node, origin: &Origin) -> Node {
 pub fn type_error(node: &Node, expected: &str, what: &str) -> Diagnostic {
     Diagnostic::new(
         &node.origin,
-        format!("{what} must be {expected}, found {}", node.value.type_name()),
+        format!(
+            "{what} must be {expected}, found {}",
+            node.value.type_name()
+        ),
     )
 }

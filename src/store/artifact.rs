@@ -68,12 +68,17 @@ impl Cache {
             if !ft.is_file() {
                 return Err(StoreError::invalid(
                     entry.path(),
-                    format!("output `{rel}` is a symlink or special file; outputs must be regular files"),
+                    format!(
+                        "output `{rel}` is a symlink or special file; outputs must be regular files"
+                    ),
                 ));
             }
             let path = entry.path();
             let hash = hash_file(path)?;
-            let size = entry.metadata().map_err(|e| StoreError::io(path, e.into()))?.len();
+            let size = entry
+                .metadata()
+                .map_err(|e| StoreError::io(path, e.into()))?
+                .len();
             self.adopt_object(path, &hash)?;
             files.push(ManifestEntry {
                 path: rel,
@@ -134,7 +139,10 @@ impl Cache {
             Err(e) => return Err(StoreError::io(&path, e)),
         };
         if blake3::hash(&bytes).to_hex().as_str() != digest {
-            return Err(StoreError::invalid(&path, "manifest does not match its digest"));
+            return Err(StoreError::invalid(
+                &path,
+                "manifest does not match its digest",
+            ));
         }
         serde_json::from_slice(&bytes)
             .map(Some)
@@ -159,7 +167,11 @@ impl Cache {
         let mut bad = Vec::new();
         for f in &manifest.files {
             let path = view.join(&f.path);
-            let found = if path.is_file() { Some(hash_file(&path)?) } else { None };
+            let found = if path.is_file() {
+                Some(hash_file(&path)?)
+            } else {
+                None
+            };
             if found.as_deref() != Some(f.blake3.as_str()) {
                 bad.push(BadFile {
                     path: f.path.clone(),

@@ -38,7 +38,9 @@ pub struct VerifyReport {
 
 impl VerifyReport {
     pub fn is_clean(&self) -> bool {
-        self.bad_objects.is_empty() && self.bad_artifacts.is_empty() && self.evicted_records.is_empty()
+        self.bad_objects.is_empty()
+            && self.bad_artifacts.is_empty()
+            && self.evicted_records.is_empty()
     }
 }
 
@@ -113,11 +115,19 @@ impl Cache {
         let busy = |key: &str| KeyLock::is_held(self, key);
         let remove_file = |p: &Path, report_bytes: &mut u64| -> Result<()> {
             *report_bytes += fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-            if dry_run { Ok(()) } else { remove_file_if_exists(p) }
+            if dry_run {
+                Ok(())
+            } else {
+                remove_file_if_exists(p)
+            }
         };
         let remove_dir = |p: &Path, report_bytes: &mut u64| -> Result<()> {
             *report_bytes += tree_size(p);
-            if dry_run { Ok(()) } else { remove_dir_all_if_exists(p) }
+            if dry_run {
+                Ok(())
+            } else {
+                remove_dir_all_if_exists(p)
+            }
         };
 
         let mut live_digests = HashSet::new();

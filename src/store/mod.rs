@@ -129,7 +129,13 @@ impl Cache {
     pub fn index_path(&self, pipeline: &str) -> PathBuf {
         let safe: String = pipeline
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         self.root.join("index").join(format!("{safe}.json"))
     }

@@ -120,9 +120,7 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
     cmd.envs(&params.env);
     crate::process::kill_with_parent(&mut cmd);
 
-    let status = cmd
-        .status()
-        .map_err(|e| StageError::io("starting sh", e))?;
+    let status = cmd.status().map_err(|e| StageError::io("starting sh", e))?;
     if !status.success() {
         return Err(StageError::Failed(format!("command exited with {status}")));
     }
@@ -144,9 +142,11 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
 /// command can loop over `$FLOW_IN_NAME/*` and still know which stage each came from.
 fn link_members(dir: &Path, slot: &crate::InputSlot) -> Result<(), StageError> {
     if dir.exists() {
-        fs::remove_dir_all(dir).map_err(|e| StageError::io(format!("clearing {}", dir.display()), e))?;
+        fs::remove_dir_all(dir)
+            .map_err(|e| StageError::io(format!("clearing {}", dir.display()), e))?;
     }
-    fs::create_dir_all(dir).map_err(|e| StageError::io(format!("creating {}", dir.display()), e))?;
+    fs::create_dir_all(dir)
+        .map_err(|e| StageError::io(format!("creating {}", dir.display()), e))?;
     for member in &slot.artifacts {
         let link = dir.join(&member.stage);
         std::os::unix::fs::symlink(&member.dir, &link)

@@ -17,7 +17,9 @@ pub fn kill_with_parent(cmd: &mut Command) {
                 return Err(std::io::Error::last_os_error());
             }
             if libc::getppid() != parent {
-                return Err(std::io::Error::other("parent exited before the command started"));
+                return Err(std::io::Error::other(
+                    "parent exited before the command started",
+                ));
             }
             Ok(())
         });
