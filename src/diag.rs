@@ -81,6 +81,18 @@ impl Diagnostic {
         self
     }
 
+    /// Adds a "did you mean" hint when one of `known` is close to `wrong`.
+    pub fn with_suggestion<'a>(
+        mut self,
+        wrong: &str,
+        known: impl IntoIterator<Item = &'a str>,
+    ) -> Self {
+        if let Some(h) = suggest(wrong, known) {
+            self.help = Some(h);
+        }
+        self
+    }
+
     /// (file, line, col, offending text) for file locations.
     pub fn location(&self) -> Option<(String, usize, usize, String)> {
         match &self.origin {

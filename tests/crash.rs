@@ -100,12 +100,7 @@ fn kill_at_random_moments_then_rerun_gives_the_same_outputs() {
             expected,
             "trial {trial} ({kills} kills) differs"
         );
-        let verify = ws.flow(&["cache", "verify"]);
-        assert!(
-            verify.status.success(),
-            "trial {trial}: {}",
-            String::from_utf8_lossy(&verify.stdout)
-        );
+        common::assert_cache_verifies(&ws, &format!("trial {trial}"));
     }
 }
 

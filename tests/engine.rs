@@ -129,12 +129,7 @@ fn a_flipped_byte_is_detected_and_healed_when_consumed() {
     let b = ws.output_dir_with(&p, "b", &["--set", "stage.b.env.X=\"3\""]);
     assert_eq!(tree(&b)[0].1, b"A7\n3\n");
     assert_eq!(tree(&ws.output_dir(&p, "a"))[0].1, b"A7\n");
-    let verify = ws.flow(&["cache", "verify"]);
-    assert!(
-        verify.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verify.stdout)
-    );
+    common::assert_cache_verifies(&ws, "after healing");
 }
 
 #[test]

@@ -52,14 +52,13 @@ pub fn check_value(
             if options.contains(&s.as_str()) {
                 Some(Val::Str(s.clone()))
             } else {
-                let mut d = Diagnostic::new(
-                    &node.origin,
-                    format!("{what} must be one of {}, found `{s}`", options.join(", ")),
+                diags.push(
+                    Diagnostic::new(
+                        &node.origin,
+                        format!("{what} must be one of {}, found `{s}`", options.join(", ")),
+                    )
+                    .with_suggestion(s, options.iter().copied()),
                 );
-                if let Some(h) = crate::diag::suggest(s, options.iter().copied()) {
-                    d = d.with_help(h);
-                }
-                diags.push(d);
                 None
             }
         }

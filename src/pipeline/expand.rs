@@ -17,7 +17,7 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use super::check::{RefExpr, STAGE_KEYS, check_value, is_stage_name, known_keys};
 use super::value::{Node, Table, Value, type_error};
 use super::{Binding, Source, Stage};
-use crate::diag::{Diagnostic, Diagnostics, Origin, suggest};
+use crate::diag::{Diagnostic, Diagnostics, Origin};
 use crate::key::Val;
 
 /// A stage table after schema checks, before expansion.
@@ -68,18 +68,17 @@ pub fn expand(tables: &Table, seed: i64, diags: &mut Diagnostics) -> Vec<Stage> 
                     graph.add_edge(nodes[j], nodes[i], r.origin.clone());
                 }
                 None => {
-                    let mut d = Diagnostic::new(
-                        &r.origin,
-                        format!(
-                            "`{}` references no stage: there is no [stage.{}]",
-                            r.target,
-                            r.base()
-                        ),
+                    diags.push(
+                        Diagnostic::new(
+                            &r.origin,
+                            format!(
+                                "`{}` references no stage: there is no [stage.{}]",
+                                r.target,
+                                r.base()
+                            ),
+                        )
+                        .with_suggestion(r.base(), index.keys().copied()),
                     );
-                    if let Some(h) = suggest(r.base(), index.keys().copied()) {
-                        d = d.with_help(h);
-                    }
-                    diags.push(d);
                 }
             }
         }
@@ -145,17 +144,16 @@ fn check_stage(
     };
     let Some(kind) = flow_stages::find_kind(kind_name) else {
         let names = kind_names();
-        let mut d = Diagnostic::new(
-            &kind_node.origin,
-            format!(
-                "unknown kind `{kind_name}` (known kinds: {})",
-                names.join(", ")
-            ),
+        diags.push(
+            Diagnostic::new(
+                &kind_node.origin,
+                format!(
+                    "unknown kind `{kind_name}` (known kinds: {})",
+                    names.join(", ")
+                ),
+            )
+            .with_suggestion(kind_name, names.iter().copied()),
         );
-        if let Some(h) = suggest(kind_name, names.iter().copied()) {
-            d = d.with_help(h);
-        }
-        diags.push(d);
         return None;
     };
 
@@ -169,22 +167,21 @@ fn check_stage(
             continue;
         }
         let Some(param) = kind.param(key) else {
-            let mut d = Diagnostic::new(
-                key_origin,
-                format!(
-                    "unknown param `{key}` for kind `{}` (expected one of: {})",
-                    kind.name,
-                    kind.params
-                        .iter()
-                        .map(|p| p.name)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
+            diags.push(
+                Diagnostic::new(
+                    key_origin,
+                    format!(
+                        "unknown param `{key}` for kind `{}` (expected one of: {})",
+                        kind.name,
+                        kind.params
+                            .iter()
+                            .map(|p| p.name)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+                .with_suggestion(key, known_keys(kind)),
             );
-            if let Some(h) = suggest(key, known_keys(kind)) {
-                d = d.with_help(h);
-            }
-            diags.push(d);
             continue;
         };
         if sweep_names.contains(key) {
@@ -279,14 +276,10 @@ fn sweep_list(table: &Table, kind: &Kind, diags: &mut Diagnostics) -> Vec<String
                 format!("`sweep` names `{name}`, which the stage does not set (give it a list of values)"),
             )),
             None => {
-                let mut d = Diagnostic::new(
+                diags.push(Diagnostic::new(
                     &item.origin,
                     format!("`sweep` names `{name}`, which is not a param of kind `{}`", kind.name),
-                );
-                if let Some(h) = suggest(name, kind.params.iter().map(|p| p.name)) {
-                    d = d.with_help(h);
-                }
-                diags.push(d);
+                ).with_suggestion(name, kind.params.iter().map(|p| p.name)));
             }
             Some((_, value)) => match &value.value {
                 Value::List(values) if values.is_empty() => diags.push(Diagnostic::new(

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use toml::de::DeTable;
 
 use super::value::{Node, Table, Value, parse_arg_value, table_from_toml};
-use crate::diag::{Diagnostic, Diagnostics, Origin, SourceFile, suggest};
+use crate::diag::{Diagnostic, Diagnostics, Origin, SourceFile};
 
 /// What the command line changes in a pipeline before it is validated.
 #[derive(Debug, Clone, Default)]
@@ -52,14 +52,15 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Document, Diagnostics>
 
     for (key, (origin, _)) in &root {
         if !TOP_LEVEL.contains(&key.as_str()) {
-            let mut d = Diagnostic::new(
-                origin,
-                format!("unknown top-level table `{key}` (expected pipeline, stage or profile)"),
+            diags.push(
+                Diagnostic::new(
+                    origin,
+                    format!(
+                        "unknown top-level table `{key}` (expected pipeline, stage or profile)"
+                    ),
+                )
+                .with_suggestion(key, TOP_LEVEL.iter().copied()),
             );
-            if let Some(h) = suggest(key, TOP_LEVEL.iter().copied()) {
-                d = d.with_help(h);
-            }
-            diags.push(d);
         }
     }
 

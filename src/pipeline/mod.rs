@@ -13,7 +13,7 @@ use flow_stages::Kind;
 
 pub use load::Overrides;
 
-use crate::diag::{Diagnostic, Diagnostics, Origin, suggest};
+use crate::diag::{Diagnostic, Diagnostics, Origin};
 use crate::key::Val;
 use value::{Node, Value, type_error};
 
@@ -197,17 +197,16 @@ fn read_settings(
                 string(n, "pipeline.description", diags);
             }
             other => {
-                let mut d = Diagnostic::new(
-                    key_origin,
-                    format!(
-                        "unknown setting `{other}` in [pipeline] (expected one of: {})",
-                        PIPELINE_KEYS.join(", ")
-                    ),
+                diags.push(
+                    Diagnostic::new(
+                        key_origin,
+                        format!(
+                            "unknown setting `{other}` in [pipeline] (expected one of: {})",
+                            PIPELINE_KEYS.join(", ")
+                        ),
+                    )
+                    .with_suggestion(other, PIPELINE_KEYS.iter().copied()),
                 );
-                if let Some(h) = suggest(other, PIPELINE_KEYS.iter().copied()) {
-                    d = d.with_help(h);
-                }
-                diags.push(d);
             }
         }
     }

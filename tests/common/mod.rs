@@ -137,3 +137,13 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// Asserts that `flow cache verify` finds the workspace's cache intact.
+pub fn assert_cache_verifies(ws: &Workspace, context: &str) {
+    let verify = ws.flow(&["cache", "verify"]);
+    assert!(
+        verify.status.success(),
+        "{context}: {}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+}
