@@ -353,6 +353,22 @@ env = { V = "default" }
     );
 }
 
+#[test]
+fn a_new_key_with_identical_output_replaces_a_damaged_copy() {
+    let ws = Workspace::new();
+    let p = ws.write(
+        "p.toml",
+        "[stage.one]\nkind = \"command\"\nrun = \"echo same > $FLOW_OUT/f\"\nenv = { Z = \"1\" }\n",
+    );
+    ws.run_statuses(&p, &[]);
+    flip_byte(&ws.output_dir(&p, "one").join("f"));
+    // Another key (different env) produces the same bytes: its artifact must be intact.
+    let s = ws.run_statuses(&p, &["--set", "stage.one.env.Z=\"2\""]);
+    assert_eq!(with_status(&s, "ran"), names(&["one"]));
+    let dir = ws.output_dir_with(&p, "one", &["--set", "stage.one.env.Z=\"2\""]);
+    assert_eq!(tree(&dir)[0].1, b"same\n");
+}
+
 /// Flips one byte of a cached file in place (the file is a hard link to its blob).
 fn flip_byte(path: &std::path::Path) {
     use std::os::unix::fs::PermissionsExt;

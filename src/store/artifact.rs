@@ -98,10 +98,14 @@ impl Cache {
             write_atomic(&mpath, &bytes, true)?;
         }
         let view = self.view_path(&digest);
+        if view.is_dir() && !self.check_artifact(&digest)?.is_empty() {
+            // An earlier copy of the same artifact was damaged: these fresh files replace it.
+            remove_dir_all_if_exists(&view)?;
+        }
         if !view.is_dir() && fs::rename(dir, &view).is_ok() {
             return Ok(digest);
         }
-        // The same artifact is already in place (made by another key or process).
+        // The same artifact is already in place, intact (made by another key or process).
         remove_dir_all_if_exists(dir)?;
         Ok(digest)
     }
@@ -115,9 +119,16 @@ impl Cache {
         fs::set_permissions(path, fs::Permissions::from_mode(0o444))
             .map_err(|e| StoreError::io(path, e))?;
         if object.exists() {
-            let tmp = path.with_file_name(format!(".relink-{}", unique_suffix()));
-            fs::hard_link(&object, &tmp).map_err(|e| StoreError::io(&object, e))?;
-            fs::rename(&tmp, path).map_err(|e| StoreError::io(path, e))?;
+            // Share the stored copy only if it is still intact; a damaged one is replaced
+            // by these fresh bytes instead of spreading into a new artifact.
+            let (from, to) = if hash_file(&object)? == hash {
+                (object.as_path(), path)
+            } else {
+                (path, object.as_path())
+            };
+            let tmp = to.with_file_name(format!(".relink-{}", unique_suffix()));
+            fs::hard_link(from, &tmp).map_err(|e| StoreError::io(from, e))?;
+            fs::rename(&tmp, to).map_err(|e| StoreError::io(to, e))?;
             return Ok(());
         }
         fs::File::open(path)
