@@ -25,6 +25,19 @@ pub enum Val {
     /// Where a stage reference stood; its artifacts enter the key as digests (renaming a
     /// stage must not invalidate its dependents).
     Input(String),
+    /// Files outside the cache (globs expanded) and URLs; local contents enter the key
+    /// through [`KeyParts`] (see `exec::plan::key_parts`), not through this text.
+    Files(Vec<FileRef>),
+}
+
+/// One external file or URL named by a [`Val::Files`] param.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileRef {
+    /// As matched, relative to the pipeline file (or the URL): what the key records, so
+    /// moving a checkout does not change keys.
+    pub shown: String,
+    /// The absolute local path; None for URLs.
+    pub local: Option<std::path::PathBuf>,
 }
 
 impl Val {
@@ -73,6 +86,13 @@ impl Val {
             Val::Input(path) => {
                 let _ = write!(out, "@input({path})");
             }
+            Val::Files(files) => {
+                let shown: Vec<String> = files
+                    .iter()
+                    .map(|f| serde_json::to_string(&f.shown).expect("strings serialize"))
+                    .collect();
+                let _ = write!(out, "@files[{}]", shown.join(","));
+            }
         }
     }
 
@@ -103,6 +123,15 @@ impl Val {
                 J::Object(m)
             }
             Val::Input(_) => return None,
+            Val::Files(files) => J::Array(
+                files
+                    .iter()
+                    .map(|f| match &f.local {
+                        Some(p) => J::String(p.display().to_string()),
+                        None => J::String(f.shown.clone()),
+                    })
+                    .collect(),
+            ),
         })
     }
 }

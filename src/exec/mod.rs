@@ -14,7 +14,7 @@ use std::time::Instant;
 use flow_stages::ParamType;
 
 use crate::pipeline::Pipeline;
-use crate::store::Cache;
+use crate::store::{Cache, FileHashes};
 use crate::ui::{Status, Ui};
 use plan::key_parts;
 use protocol::{ChildEvent, ChildSpec, EXIT_CORRUPT_INPUT, Outputs, SpecArtifact, SpecInput};
@@ -72,6 +72,7 @@ pub fn run(
     let mut outcome: Vec<Option<Status>> = vec![None; n];
     let mut running = 0usize;
     let (tx, rx) = mpsc::channel::<Msg>();
+    let files = FileHashes::load(cache);
 
     loop {
         for i in 0..n {
@@ -112,7 +113,7 @@ pub fn run(
                 State::Done(o) => Some(o.clone()),
                 _ => None,
             };
-            let parts = key_parts(pipeline, stage, &lookup).expect("all inputs are done");
+            let parts = key_parts(pipeline, stage, &lookup, &files)?.expect("all inputs are done");
             let key = parts.key();
             keys[i] = Some(key.clone());
             if let Some(outputs) = cached_outputs(cache, &key)? {
@@ -271,6 +272,7 @@ pub fn run(
         .zip(&keys)
         .filter_map(|(s, k)| k.clone().map(|k| (s.name.clone(), k)))
         .collect();
+    files.save()?;
     let count = |s: Status| outcome.iter().filter(|o| **o == Some(s)).count();
     let summary = Summary {
         ran: count(Status::Ran),

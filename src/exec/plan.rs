@@ -6,9 +6,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::key::{KEY_FORMAT, KeyParts};
+use crate::key::{KEY_FORMAT, KeyParts, Val};
 use crate::pipeline::{Pipeline, Stage};
-use crate::store::{Cache, Result, RunRecord};
+use crate::store::{Cache, FileHashes, Result, RunRecord};
 
 /// What the cache knows of one stage.
 #[derive(Debug, Clone)]
@@ -39,45 +39,63 @@ impl KeyState {
     }
 }
 
-/// The key parts of a stage, given its producers' output digests; Err(i) names the first
+/// The key parts of a stage, given its producers' output digests; Ok(Err(i)) names the first
 /// producer whose outputs are not known yet.
 pub fn key_parts(
     pipeline: &Pipeline,
     stage: &Stage,
     outputs: &dyn Fn(usize) -> Option<BTreeMap<String, String>>,
-) -> std::result::Result<KeyParts, usize> {
+    files: &FileHashes,
+) -> Result<std::result::Result<KeyParts, usize>> {
     let mut inputs = BTreeMap::new();
     for binding in &stage.inputs {
         let mut digests = Vec::new();
         for src in &binding.sources {
-            let outs = outputs(src.stage).ok_or(src.stage)?;
-            let digest = outs.get(&src.output).ok_or(src.stage)?;
+            let Some(digest) = outputs(src.stage).and_then(|o| o.get(&src.output).cloned()) else {
+                return Ok(Err(src.stage));
+            };
             // The producer's name is part of the input: stages see it (list inputs are
             // directories named after their members; reports label curves with it).
             digests.push(format!("{digest}@{}", pipeline.stages[src.stage].name));
         }
         inputs.insert(binding.path.clone(), digests);
     }
-    Ok(KeyParts {
+    let mut params = BTreeMap::new();
+    for (name, value) in &stage.params {
+        let text = match value {
+            // External files enter the key by content, URLs as written.
+            Val::Files(refs) => {
+                let mut parts = Vec::new();
+                for f in refs {
+                    let shown = serde_json::to_string(&f.shown).expect("strings serialize");
+                    match &f.local {
+                        Some(path) => parts.push(format!("{shown}={}", files.hash(path)?)),
+                        None => parts.push(shown),
+                    }
+                }
+                format!("@files[{}]", parts.join(","))
+            }
+            other => other.canonical(),
+        };
+        params.insert(name.clone(), text);
+    }
+    Ok(Ok(KeyParts {
         format: KEY_FORMAT.to_string(),
         kind: stage.kind.name.to_string(),
         kind_version: stage.kind.version,
-        params: stage
-            .params
-            .iter()
-            .map(|(k, v)| (k.clone(), v.canonical()))
-            .collect(),
+        params,
         inputs,
         salt: pipeline.salt.clone(),
-    })
+    }))
 }
 
 /// Resolves every stage's key against the cache, without running or changing anything.
 pub fn resolve(pipeline: &Pipeline, cache: &Cache) -> Result<Vec<KeyState>> {
     let mut states: Vec<KeyState> = Vec::with_capacity(pipeline.stages.len());
+    let files = FileHashes::load(cache);
     for stage in &pipeline.stages {
         let lookup = |i: usize| states[i].record().map(|r| r.outputs.clone());
-        let state = match key_parts(pipeline, stage, &lookup) {
+        let state = match key_parts(pipeline, stage, &lookup, &files)? {
             Ok(parts) => {
                 let key = parts.key();
                 let record = cache.done(&key)?.map(Box::new);
@@ -87,5 +105,6 @@ pub fn resolve(pipeline: &Pipeline, cache: &Cache) -> Result<Vec<KeyState>> {
         };
         states.push(state);
     }
+    files.save()?;
     Ok(states)
 }

@@ -2,12 +2,13 @@
 //! [`Val`]s, collecting stage references for the DAG.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use flow_stages::{Kind, ParamType};
 
 use super::value::{Node, Value, type_error};
 use crate::diag::{Diagnostic, Diagnostics, Origin};
-use crate::key::Val;
+use crate::key::{FileRef, Val};
 
 /// A stage reference as written: `"stage"`, `"stage.output"`, `"lora[rank=64]"`, ...
 #[derive(Debug, Clone)]
@@ -38,6 +39,18 @@ pub fn check_value(
     refs: &mut Vec<RefExpr>,
     diags: &mut Diagnostics,
 ) -> Option<Val> {
+    check_value_in(ty, node, what, refs, diags, Path::new("."))
+}
+
+/// [`check_value`] with the pipeline file's directory, against which paths resolve.
+pub fn check_value_in(
+    ty: ParamType,
+    node: &Node,
+    what: &str,
+    refs: &mut Vec<RefExpr>,
+    diags: &mut Diagnostics,
+    dir: &Path,
+) -> Option<Val> {
     let bad = |diags: &mut Diagnostics| {
         diags.push(type_error(node, &ty.describe(), what));
         None
@@ -65,12 +78,13 @@ pub fn check_value(
         (ParamType::List(inner), Value::List(items)) => {
             let mut out = Vec::new();
             for (i, item) in items.iter().enumerate() {
-                out.push(check_value(
+                out.push(check_value_in(
                     *inner,
                     item,
                     &format!("{what}[{i}]"),
                     refs,
                     diags,
+                    dir,
                 )?);
             }
             Some(Val::List(out))
@@ -99,6 +113,26 @@ pub fn check_value(
             }
             Some(Val::Input(what.to_string()))
         }
+        (ParamType::Files, Value::Str(_) | Value::List(_)) => {
+            let items: Vec<&Node> = match &node.value {
+                Value::List(items) => items.iter().collect(),
+                _ => vec![node],
+            };
+            let mut files = Vec::new();
+            for item in items {
+                let Some(pattern) = item.as_str() else {
+                    return bad(diags);
+                };
+                match expand_files(pattern, dir) {
+                    Ok(found) => files.extend(found),
+                    Err(message) => {
+                        diags.push(Diagnostic::new(&item.origin, message));
+                        return None;
+                    }
+                }
+            }
+            Some(Val::Files(files))
+        }
         (ParamType::InputMap, Value::Table(t)) => {
             let mut out = BTreeMap::new();
             for (k, (key_origin, v)) in t {
@@ -121,6 +155,53 @@ pub fn check_value(
         }
         _ => bad(diags),
     }
+}
+
+/// URL schemes a Files param accepts.
+pub const URL_SCHEMES: &[&str] = &["s3", "gs", "az", "http", "https", "hf", "file"];
+
+/// Expands one path, glob or URL of a Files param, sorted; a pattern that matches nothing is
+/// an error (a typo must not silently mean "no data").
+fn expand_files(pattern: &str, dir: &Path) -> Result<Vec<FileRef>, String> {
+    if let Some((scheme, _)) = pattern.split_once("://") {
+        if !URL_SCHEMES.contains(&scheme) {
+            return Err(format!(
+                "unsupported URL scheme `{scheme}://` (supported: {})",
+                URL_SCHEMES.join(", ")
+            ));
+        }
+        return Ok(vec![FileRef {
+            shown: pattern.to_string(),
+            local: None,
+        }]);
+    }
+    let full = dir.join(pattern);
+    let paths = glob::glob(&full.to_string_lossy())
+        .map_err(|e| format!("invalid glob `{pattern}`: {e}"))?;
+    let mut found = Vec::new();
+    for p in paths {
+        let p = p.map_err(|e| format!("reading `{pattern}`: {e}"))?;
+        if p.is_file() {
+            let shown = p
+                .strip_prefix(dir)
+                .unwrap_or(&p)
+                .to_string_lossy()
+                .into_owned();
+            let local = p.canonicalize().unwrap_or(p);
+            found.push(FileRef {
+                shown,
+                local: Some(local),
+            });
+        }
+    }
+    if found.is_empty() {
+        return Err(format!(
+            "no file matches `{pattern}` (relative to {})",
+            dir.display()
+        ));
+    }
+    found.sort_by(|a, b| a.shown.cmp(&b.shown));
+    Ok(found)
 }
 
 /// Parses `name`, `name.output`, `name[k=v,...]` or `name[k=v].output`.

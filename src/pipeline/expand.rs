@@ -9,12 +9,13 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::path::Path;
 
 use flow_stages::{Default as ParamDefault, Kind};
 use indexmap::IndexMap;
 use petgraph::graph::{DiGraph, NodeIndex};
 
-use super::check::{RefExpr, STAGE_KEYS, check_value, is_stage_name, known_keys};
+use super::check::{RefExpr, STAGE_KEYS, check_value, check_value_in, is_stage_name, known_keys};
 use super::value::{Node, Table, Value, type_error};
 use super::{Binding, Source, Stage};
 use crate::diag::{Diagnostic, Diagnostics, Origin};
@@ -47,10 +48,10 @@ impl Base {
 }
 
 /// Checks, orders and expands the `[stage.*]` tables.
-pub fn expand(tables: &Table, seed: i64, diags: &mut Diagnostics) -> Vec<Stage> {
+pub fn expand(tables: &Table, seed: i64, dir: &Path, diags: &mut Diagnostics) -> Vec<Stage> {
     let bases: Vec<Base> = tables
         .iter()
-        .filter_map(|(name, (origin, node))| check_stage(name, origin, node, seed, diags))
+        .filter_map(|(name, (origin, node))| check_stage(name, origin, node, seed, dir, diags))
         .collect();
     let index: HashMap<&str, usize> = bases
         .iter()
@@ -118,6 +119,7 @@ fn check_stage(
     origin: &Origin,
     node: &Node,
     seed: i64,
+    dir: &Path,
     diags: &mut Diagnostics,
 ) -> Option<Base> {
     if !is_stage_name(name) {
@@ -191,9 +193,14 @@ fn check_stage(
             let mut values = Vec::new();
             for (i, item) in items.iter().enumerate() {
                 let mut refs = Vec::new();
-                if let Some(v) =
-                    check_value(param.ty, item, &format!("{key}[{i}]"), &mut refs, diags)
-                {
+                if let Some(v) = check_value_in(
+                    param.ty,
+                    item,
+                    &format!("{key}[{i}]"),
+                    &mut refs,
+                    diags,
+                    dir,
+                ) {
                     for r in &mut refs {
                         r.path = key.clone();
                     }
@@ -205,7 +212,7 @@ fn check_stage(
                 param: key.clone(),
                 values,
             });
-        } else if let Some(v) = check_value(param.ty, value, key, &mut fixed_refs, diags) {
+        } else if let Some(v) = check_value_in(param.ty, value, key, &mut fixed_refs, diags, dir) {
             fixed.insert(key.clone(), v);
         }
     }

@@ -86,7 +86,7 @@ impl Pipeline {
         let settings = read_settings(&doc.root, path, &dir, &mut diags);
         let stages = match doc.root.get("stage") {
             Some((_, node)) => match &node.value {
-                Value::Table(t) => expand::expand(t, settings.seed, &mut diags),
+                Value::Table(t) => expand::expand(t, settings.seed, &dir, &mut diags),
                 _ => {
                     diags.push(type_error(node, "a table of stages", "`stage`"));
                     Vec::new()

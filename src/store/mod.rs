@@ -16,6 +16,7 @@
 //! killed at any instant leaves either the old state or the new one.
 
 mod artifact;
+mod filehash;
 mod fsutil;
 pub mod hash;
 mod lock;
@@ -25,6 +26,7 @@ mod record;
 use std::path::{Path, PathBuf};
 
 pub use artifact::{Manifest, ManifestEntry};
+pub use filehash::FileHashes;
 pub use lock::KeyLock;
 pub use maintenance::{GcReport, VerifyReport};
 pub use record::{RECORD_FORMAT, RunRecord};

@@ -77,6 +77,11 @@ pub enum ParamType {
     Inputs,
     /// A table from names to [`ParamType::Input`] or [`ParamType::Inputs`] values.
     InputMap,
+    /// Data outside the cache: a path or glob relative to the pipeline file, or a URL, or a
+    /// list of them. Local files enter the cache key by content (blake3), so editing a file
+    /// reruns what reads it; URLs enter it as written (pin versions in them). The kind
+    /// receives absolute paths and URLs, sorted, globs expanded.
+    Files,
 }
 
 impl ParamType {
@@ -93,6 +98,7 @@ impl ParamType {
             ParamType::Input => "a stage reference (\"stage\" or \"stage.output\")".into(),
             ParamType::Inputs => "a list of stage references".into(),
             ParamType::InputMap => "a table of stage references".into(),
+            ParamType::Files => "a path, glob or URL, or a list of them".into(),
         }
     }
 

@@ -8,6 +8,7 @@
 //! The engine talks to this crate through [`registry`] and the types of [`kind`].
 
 pub mod command;
+pub mod data;
 pub mod kind;
 pub mod process;
 
@@ -21,7 +22,7 @@ pub use kind::{
 /// A function rather than a static so that kinds behind cargo features can be added without
 /// the engine knowing about features.
 pub fn registry() -> Vec<&'static Kind> {
-    vec![&command::KIND]
+    vec![&command::KIND, &data::source::KIND, &data::synth::KIND]
 }
 
 /// Looks a kind up by its name in the pipeline file (`kind = "..."`).

@@ -1,0 +1,8 @@
+//! Data stages: `source` (files in, normalized records out), `synthetic` (the embedded
+//! worlds), `tokenize` and `pack`, and the formats they exchange.
+
+pub mod formats;
+pub mod records;
+pub mod rng;
+pub mod source;
+pub mod synth;

@@ -1,0 +1,257 @@
+//! The `synthetic` kind: three small worlds generated from a seed, so that the whole study
+//! runs without internet or GPU.
+//!
+//! Every item has an identity (the story text, the problem text, the function name). One
+//! tenth of identities, chosen by blake3 of the identity, is held out: eval items and the
+//! `heldout` corpus are drawn only from it, training data (`cpt`, `ift`) never.
+
+pub mod code;
+pub mod general;
+pub mod math;
+
+use std::collections::HashSet;
+
+use serde::Deserialize;
+use serde_json::json;
+
+use super::records::{Record, RecordWriter, write_summary};
+use super::rng::{Rng, blake3_u64};
+use crate::kind::{Default, Kind, Param, ParamType, StageContext, StageError, StageOutcome};
+
+/// Registered as `kind = "synthetic"`.
+pub static KIND: Kind = Kind {
+    name: "synthetic",
+    version: 1,
+    doc: "generates the general, math or code world: CPT corpus, IFT pairs, held-out eval items",
+    params: &[
+        Param {
+            name: "domain",
+            ty: ParamType::Choice(&["general", "math", "code"]),
+            default: Default::Required,
+            doc: "general: stories + HellaSwag/ARC/WinoGrande-shaped items; math: GSM8K-shaped; code: HumanEval-shaped",
+        },
+        Param {
+            name: "docs",
+            ty: ParamType::Int,
+            default: Default::Value("2000"),
+            doc: "documents in the `cpt` output",
+        },
+        Param {
+            name: "pairs",
+            ty: ParamType::Int,
+            default: Default::Value("1000"),
+            doc: "prompt/response pairs in the `ift` output",
+        },
+        Param {
+            name: "eval",
+            ty: ParamType::Int,
+            default: Default::Value("200"),
+            doc: "held-out eval items in the `eval` output (code: at most the distinct held-out functions)",
+        },
+        Param {
+            name: "heldout",
+            ty: ParamType::Int,
+            default: Default::Value("200"),
+            doc: "held-out documents in the `heldout` output (for perplexity)",
+        },
+        Param {
+            name: "seed",
+            ty: ParamType::Int,
+            default: Default::PipelineSeed,
+            doc: "generator seed",
+        },
+    ],
+    outputs: &["cpt", "ift", "eval", "heldout"],
+    run,
+};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    domain: String,
+    docs: i64,
+    pairs: i64,
+    eval: i64,
+    heldout: i64,
+    seed: i64,
+}
+
+/// True for identities in the held-out tenth.
+pub fn is_heldout(identity: &str) -> bool {
+    blake3_u64(identity.as_bytes()) % 10 == 0
+}
+
+/// Draws `n` items from one side of the split (items without an identity, such as lists of
+/// equations, belong to the training side). Eval sides are deduplicated by identity; stops
+/// early (returning fewer) when the side runs out of new identities.
+fn draw<T>(
+    rng: &mut Rng,
+    n: usize,
+    heldout: bool,
+    unique: bool,
+    mut generate: impl FnMut(&mut Rng) -> (T, Option<String>),
+) -> Vec<T> {
+    let mut out = Vec::with_capacity(n);
+    let mut seen = HashSet::new();
+    let mut misses = 0;
+    while out.len() < n && misses < 200 * n.max(10) {
+        let (item, identity) = generate(rng);
+        let side = identity.as_deref().is_some_and(is_heldout);
+        if side != heldout || (unique && !seen.insert(identity)) {
+            misses += 1;
+            continue;
+        }
+        out.push(item);
+    }
+    out
+}
+
+/// The four outputs of one world, before writing.
+struct World {
+    cpt: Vec<Record>,
+    ift: Vec<Record>,
+    eval: Vec<Record>,
+    heldout: Vec<Record>,
+}
+
+fn text(t: String) -> Record {
+    Record::Text { text: t }
+}
+
+fn general_world(rng: &mut Rng, p: &Params) -> World {
+    let styles = ["hellaswag", "arc", "winogrande"];
+    let mut style_rng = rng.fork("styles");
+    let doc = |r: &mut Rng| {
+        let (d, id) = general::document(r);
+        (text(d), Some(id))
+    };
+    World {
+        cpt: draw(&mut rng.fork("cpt"), p.docs as usize, false, false, doc),
+        ift: draw(&mut rng.fork("ift"), p.pairs as usize, false, false, |r| {
+            let (pair, id) = general::pair(r);
+            (pair, Some(id))
+        }),
+        eval: draw(&mut rng.fork("eval"), p.eval as usize, true, true, |r| {
+            let (item, id) = general::choice_item(r, styles[style_rng.below(3)]);
+            (item, Some(id))
+        }),
+        heldout: draw(
+            &mut rng.fork("heldout"),
+            p.heldout as usize,
+            true,
+            false,
+            doc,
+        ),
+    }
+}
+
+fn math_world(rng: &mut Rng, p: &Params) -> World {
+    let worked = |r: &mut Rng| {
+        let q = math::problem(r);
+        (
+            text(format!("Question: {}\nAnswer: {}", q.question, q.answer)),
+            Some(q.question),
+        )
+    };
+    World {
+        cpt: draw(&mut rng.fork("cpt"), p.docs as usize, false, false, |r| {
+            let doc = math::document(r);
+            let identity = doc
+                .strip_prefix("Question: ")
+                .and_then(|d| d.split_once("\nAnswer:"))
+                .map(|(q, _)| q.to_string());
+            (text(doc), identity)
+        }),
+        ift: draw(&mut rng.fork("ift"), p.pairs as usize, false, false, |r| {
+            let q = math::problem(r);
+            let pair = Record::Pair {
+                prompt: q.question.clone(),
+                response: q.answer,
+            };
+            (pair, Some(q.question))
+        }),
+        eval: draw(&mut rng.fork("eval"), p.eval as usize, true, true, |r| {
+            let q = math::problem(r);
+            let item = Record::Gsm8k {
+                question: q.question.clone(),
+                answer: q.answer,
+            };
+            (item, Some(q.question))
+        }),
+        heldout: draw(
+            &mut rng.fork("heldout"),
+            p.heldout as usize,
+            true,
+            false,
+            worked,
+        ),
+    }
+}
+
+fn code_world(rng: &mut Rng, p: &Params) -> World {
+    let mut index = 0;
+    let source = |r: &mut Rng| {
+        let f = code::problem(r);
+        (text(f.source()), Some(f.name))
+    };
+    World {
+        cpt: draw(&mut rng.fork("cpt"), p.docs as usize, false, false, source),
+        ift: draw(&mut rng.fork("ift"), p.pairs as usize, false, false, |r| {
+            let f = code::problem(r);
+            (f.pair(), Some(f.name))
+        }),
+        eval: draw(&mut rng.fork("eval"), p.eval as usize, true, true, |r| {
+            let f = code::problem(r);
+            index += 1;
+            (f.item(index - 1), Some(f.name))
+        }),
+        heldout: draw(
+            &mut rng.fork("heldout"),
+            p.heldout as usize,
+            true,
+            false,
+            source,
+        ),
+    }
+}
+
+fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
+    let p: Params = ctx.typed_params()?;
+    for (name, v) in [
+        ("docs", p.docs),
+        ("pairs", p.pairs),
+        ("eval", p.eval),
+        ("heldout", p.heldout),
+    ] {
+        if v < 0 {
+            return Err(StageError::Params(format!("{name} must be >= 0, got {v}")));
+        }
+    }
+    let mut rng = Rng::new(p.seed as u64).fork(&p.domain);
+    let world = match p.domain.as_str() {
+        "general" => general_world(&mut rng, &p),
+        "math" => math_world(&mut rng, &p),
+        _ => code_world(&mut rng, &p),
+    };
+    let mut outcome = StageOutcome::default();
+    for (name, records) in [
+        ("cpt", &world.cpt),
+        ("ift", &world.ift),
+        ("eval", &world.eval),
+        ("heldout", &world.heldout),
+    ] {
+        let dir = ctx.output(name)?;
+        let mut w = RecordWriter::create(dir)?;
+        for r in records {
+            w.write(r)?;
+        }
+        let types = w.finish()?;
+        write_summary(
+            dir,
+            &json!({"domain": p.domain, "seed": p.seed, "records": records.len(), "types": types,
+                    "split": "held out: identities with blake3 % 10 == 0"}),
+        )?;
+        outcome.metrics.insert(name.into(), json!(records.len()));
+    }
+    Ok(outcome)
+}
