@@ -331,8 +331,9 @@ impl Context {
             }
             for f in &files {
                 println!(
-                    "  {:>10}  {}",
+                    "  {:>10}  {}/{}",
                     f["size"],
+                    f["output"].as_str().unwrap_or_default(),
                     f["path"].as_str().unwrap_or_default()
                 );
             }
