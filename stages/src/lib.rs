@@ -22,7 +22,13 @@ pub use kind::{
 /// A function rather than a static so that kinds behind cargo features can be added without
 /// the engine knowing about features.
 pub fn registry() -> Vec<&'static Kind> {
-    vec![&command::KIND, &data::source::KIND, &data::synth::KIND]
+    vec![
+        &command::KIND,
+        &data::source::KIND,
+        &data::synth::KIND,
+        &data::tokenize::KIND,
+        &data::pack::KIND,
+    ]
 }
 
 /// Looks a kind up by its name in the pipeline file (`kind = "..."`).

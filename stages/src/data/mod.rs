@@ -2,7 +2,10 @@
 //! worlds), `tokenize` and `pack`, and the formats they exchange.
 
 pub mod formats;
+pub mod pack;
 pub mod records;
 pub mod rng;
 pub mod source;
 pub mod synth;
+pub mod tokenize;
+pub mod tokens;

@@ -1,0 +1,476 @@
+//! The `pack` kind: token documents into fixed-length training rows.
+//!
+//! - `cpt`: documents (each `[BOS] ... [EOS]`) are concatenated and cut into `seq_len`
+//!   windows; the remainder is dropped or padded; `total_tokens` repeats the corpus (each pass
+//!   in a new order) up to a budget, as the paper repeats OpenWebMath to 20B tokens.
+//! - `ift`: examples are placed into rows by first-fit-decreasing (a max segment tree finds
+//!   the first row with room in O(log rows)); prompt tokens are masked from the loss unless
+//!   `train_on_prompt`; overlong examples are truncated or dropped.
+//!
+//! Output shards, each `rows x seq_len`, little-endian, mmap-able:
+//! `input_ids-NNNNN.bin` (u16 or u32 as the tokens), `loss_mask-NNNNN.bin` (u8: 1 where the
+//! token is a training target), `seq_ids-NNNNN.bin` (u16: 1.. per document within the row,
+//! 0 for padding; training may forbid attention across different ids), and `summary.json`.
+//! Rows are shuffled with the seed.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::rng::Rng;
+use super::tokens::TokenFile;
+use crate::kind::{Default, Kind, Param, ParamType, StageContext, StageError, StageOutcome};
+
+/// Registered as `kind = "pack"`.
+pub static KIND: Kind = Kind {
+    name: "pack",
+    version: 1,
+    doc: "packs token documents into seq_len rows (CPT windows or IFT first-fit-decreasing) with loss masks",
+    params: &[
+        Param {
+            name: "tokens",
+            ty: ParamType::Input,
+            default: Default::Required,
+            doc: "a tokenize stage's `tokens` output",
+        },
+        Param {
+            name: "seq_len",
+            ty: ParamType::Int,
+            default: Default::Required,
+            doc: "tokens per row",
+        },
+        Param {
+            name: "mode",
+            ty: ParamType::Choice(&["cpt", "ift"]),
+            default: Default::Value("\"cpt\""),
+            doc: "cpt: concatenate and cut; ift: one or more whole examples per row",
+        },
+        Param {
+            name: "remainder",
+            ty: ParamType::Choice(&["drop", "pad"]),
+            default: Default::Value("\"drop\""),
+            doc: "cpt: what to do with the last partial window",
+        },
+        Param {
+            name: "total_tokens",
+            ty: ParamType::Int,
+            default: Default::Optional,
+            doc: "cpt: repeat the corpus (reshuffled each pass) until this many tokens",
+        },
+        Param {
+            name: "train_on_prompt",
+            ty: ParamType::Bool,
+            default: Default::Value("false"),
+            doc: "ift: also train on prompt tokens",
+        },
+        Param {
+            name: "overlong",
+            ty: ParamType::Choice(&["truncate", "drop"]),
+            default: Default::Value("\"truncate\""),
+            doc: "ift: examples longer than seq_len are cut to it or left out (counted)",
+        },
+        Param {
+            name: "shuffle",
+            ty: ParamType::Bool,
+            default: Default::Value("true"),
+            doc: "shuffle rows (and cpt document order) with the seed",
+        },
+        Param {
+            name: "rows_per_shard",
+            ty: ParamType::Int,
+            default: Default::Value("8192"),
+            doc: "rows per shard file",
+        },
+        Param {
+            name: "seed",
+            ty: ParamType::Int,
+            default: Default::PipelineSeed,
+            doc: "shuffle seed",
+        },
+    ],
+    outputs: &["packed"],
+    run,
+};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    seq_len: i64,
+    mode: String,
+    remainder: String,
+    total_tokens: Option<i64>,
+    train_on_prompt: bool,
+    overlong: String,
+    shuffle: bool,
+    rows_per_shard: i64,
+    seed: i64,
+}
+
+/// `summary.json` of a packed artifact.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PackSummary {
+    pub mode: String,
+    pub seq_len: usize,
+    pub dtype: String,
+    pub rows: usize,
+    /// Shard file stems (`input_ids-00000` ...) and their row counts.
+    pub shards: Vec<(String, usize)>,
+    /// Non-pad tokens and training targets (mask = 1).
+    pub tokens: u64,
+    pub target_tokens: u64,
+    /// Non-pad fraction of all row slots.
+    pub efficiency: f64,
+    pub examples: u64,
+    pub truncated: u64,
+    pub dropped: u64,
+    /// Passes over the corpus (cpt with total_tokens).
+    pub epochs: u64,
+    pub pad_id: u32,
+}
+
+/// One packed row under construction.
+#[derive(Default, Clone)]
+struct Row {
+    ids: Vec<u32>,
+    mask: Vec<u8>,
+    seq: Vec<u16>,
+}
+
+fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
+    let p: Params = ctx.typed_params()?;
+    if p.seq_len < 2 || p.rows_per_shard < 1 {
+        return Err(StageError::Params(format!(
+            "seq_len must be >= 2 and rows_per_shard >= 1 (got {} and {})",
+            p.seq_len, p.rows_per_shard
+        )));
+    }
+    let input = &ctx
+        .inputs
+        .get("tokens")
+        .ok_or_else(|| StageError::Params("missing `tokens` input".into()))?
+        .artifacts[0];
+    let tf = TokenFile::open(&input.dir)?;
+    if tf.docs() == 0 {
+        return Err(StageError::Failed(format!(
+            "`{}` holds no documents",
+            input.stage
+        )));
+    }
+    let seq_len = p.seq_len as usize;
+    let mut rng = Rng::new(p.seed as u64).fork("pack");
+    let mut summary = PackSummary {
+        mode: p.mode.clone(),
+        seq_len,
+        dtype: tf.meta.dtype.clone(),
+        rows: 0,
+        shards: Vec::new(),
+        tokens: 0,
+        target_tokens: 0,
+        efficiency: 0.0,
+        examples: tf.docs() as u64,
+        truncated: 0,
+        dropped: 0,
+        epochs: 1,
+        pad_id: tf.meta.pad_id,
+    };
+    let mut rows = if p.mode == "cpt" {
+        pack_cpt(&tf, &p, seq_len, &mut rng, &mut summary)
+    } else {
+        pack_ift(&tf, &p, seq_len, &mut summary)
+    };
+    if rows.is_empty() {
+        return Err(StageError::Failed(format!(
+            "no rows: {} tokens do not fill one row of {seq_len} (use remainder = \"pad\")",
+            tf.meta.tokens
+        )));
+    }
+    if p.shuffle {
+        rng.fork("rows").shuffle(&mut rows);
+    }
+    let out = ctx.output("packed")?;
+    for (n, chunk) in rows.chunks(p.rows_per_shard as usize).enumerate() {
+        write_shard(out, n, chunk, seq_len, tf.meta.pad_id, &tf.meta.dtype)?;
+        summary.shards.push((format!("{n:05}"), chunk.len()));
+    }
+    summary.rows = rows.len();
+    summary.tokens = rows.iter().map(|r| r.ids.len() as u64).sum();
+    summary.target_tokens = rows
+        .iter()
+        .map(|r| r.mask.iter().map(|&m| m as u64).sum::<u64>())
+        .sum();
+    summary.efficiency = summary.tokens as f64 / (rows.len() * seq_len) as f64;
+    let text = serde_json::to_string_pretty(&summary).expect("summary serializes");
+    std::fs::write(out.join("summary.json"), text)
+        .map_err(|e| StageError::io("writing summary.json", e))?;
+    let mut outcome = StageOutcome::default();
+    outcome.metrics.insert("rows".into(), json!(summary.rows));
+    outcome
+        .metrics
+        .insert("tokens".into(), json!(summary.tokens));
+    outcome
+        .metrics
+        .insert("efficiency".into(), json!(summary.efficiency));
+    outcome
+        .metrics
+        .insert("truncated".into(), json!(summary.truncated));
+    outcome
+        .metrics
+        .insert("dropped".into(), json!(summary.dropped));
+    Ok(outcome)
+}
+
+/// Concatenate and cut. Sequence ids count documents within each row (a document cut by a
+/// row boundary continues with id 1 in the next row).
+fn pack_cpt(
+    tf: &TokenFile,
+    p: &Params,
+    seq_len: usize,
+    rng: &mut Rng,
+    s: &mut PackSummary,
+) -> Vec<Row> {
+    let budget = p.total_tokens.map(|t| t.max(0) as u64);
+    let mut rows = Vec::new();
+    let mut row = Row::default();
+    let mut produced = 0u64;
+    let mut doc = Vec::new();
+    let mut epoch = 0u64;
+    'passes: loop {
+        let mut order: Vec<usize> = (0..tf.docs()).collect();
+        if p.shuffle {
+            rng.fork(&format!("docs-{epoch}")).shuffle(&mut order);
+        }
+        epoch += 1;
+        for &d in &order {
+            doc.clear();
+            tf.extend_doc(d, &mut doc);
+            let mut id = row.seq.last().copied().unwrap_or(0) + 1;
+            for &t in &doc {
+                row.ids.push(t);
+                row.mask.push(1);
+                row.seq.push(id);
+                if row.ids.len() == seq_len {
+                    rows.push(std::mem::take(&mut row));
+                    produced += seq_len as u64;
+                    id = 1;
+                    if budget.is_some_and(|b| produced >= b) {
+                        break 'passes;
+                    }
+                }
+            }
+        }
+        if budget.is_none_or(|b| produced >= b) {
+            break;
+        }
+    }
+    s.epochs = epoch;
+    if !row.ids.is_empty() && p.remainder == "pad" {
+        rows.push(row);
+    }
+    rows
+}
+
+/// First-fit-decreasing: longest examples first, each into the first row with room.
+fn pack_ift(tf: &TokenFile, p: &Params, seq_len: usize, s: &mut PackSummary) -> Vec<Row> {
+    let mut lens: Vec<(usize, usize)> =
+        (0..tf.docs()).map(|i| (tf.doc_range(i).len(), i)).collect();
+    // Longest first; ties by document index, so the order is deterministic.
+    lens.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut tree = FirstFit::new(lens.len(), seq_len);
+    let mut rows: Vec<Row> = Vec::new();
+    let mut doc = Vec::new();
+    for &(len, i) in &lens {
+        let len = if len > seq_len {
+            if p.overlong == "drop" {
+                s.dropped += 1;
+                continue;
+            }
+            s.truncated += 1;
+            seq_len
+        } else {
+            len
+        };
+        let r = tree.place(len);
+        if r == rows.len() {
+            rows.push(Row::default());
+        }
+        doc.clear();
+        tf.extend_doc(i, &mut doc);
+        let prompt = tf.prompt_len(i) as usize;
+        let row = &mut rows[r];
+        let id = row.seq.last().copied().unwrap_or(0) + 1;
+        for (k, &t) in doc[..len].iter().enumerate() {
+            row.ids.push(t);
+            // The first token of an example is never a target: nothing of it precedes it.
+            let target = k > 0 && (p.train_on_prompt || k >= prompt);
+            row.mask.push(target as u8);
+            row.seq.push(id);
+        }
+    }
+    s.examples = lens.len() as u64 - s.dropped;
+    rows
+}
+
+/// A max segment tree over row capacities: `place(len)` returns the lowest-index row whose
+/// free space is at least `len` (opening a new row when none has room) in O(log rows).
+struct FirstFit {
+    size: usize,
+    free: Vec<usize>,
+    seq_len: usize,
+    used: usize,
+}
+
+impl FirstFit {
+    fn new(max_rows: usize, seq_len: usize) -> FirstFit {
+        let size = max_rows.max(1).next_power_of_two();
+        FirstFit {
+            size,
+            free: vec![seq_len; 2 * size],
+            seq_len,
+            used: 0,
+        }
+    }
+
+    fn place(&mut self, len: usize) -> usize {
+        debug_assert!(len <= self.seq_len);
+        let mut node = 1;
+        while node < self.size {
+            node = if self.free[2 * node] >= len {
+                2 * node
+            } else {
+                2 * node + 1
+            };
+        }
+        let row = node - self.size;
+        self.used = self.used.max(row + 1);
+        self.free[node] -= len;
+        while node > 1 {
+            node /= 2;
+            self.free[node] = self.free[2 * node].max(self.free[2 * node + 1]);
+        }
+        row
+    }
+}
+
+fn write_shard(
+    dir: &Path,
+    n: usize,
+    rows: &[Row],
+    seq_len: usize,
+    pad: u32,
+    dtype: &str,
+) -> Result<(), StageError> {
+    let open = |name: String| -> Result<(BufWriter<File>, std::path::PathBuf), StageError> {
+        let path = dir.join(name);
+        let f = File::create(&path)
+            .map_err(|e| StageError::io(format!("creating {}", path.display()), e))?;
+        Ok((BufWriter::with_capacity(1 << 20, f), path))
+    };
+    let (mut ids, ids_path) = open(format!("input_ids-{n:05}.bin"))?;
+    let (mut mask, _) = open(format!("loss_mask-{n:05}.bin"))?;
+    let (mut seq, _) = open(format!("seq_ids-{n:05}.bin"))?;
+    let err = |e| StageError::io(format!("writing {}", ids_path.display()), e);
+    for row in rows {
+        for k in 0..seq_len {
+            let t = row.ids.get(k).copied().unwrap_or(pad);
+            if dtype == "u32" {
+                ids.write_all(&t.to_le_bytes()).map_err(err)?;
+            } else {
+                ids.write_all(&(t as u16).to_le_bytes()).map_err(err)?;
+            }
+            mask.write_all(&[row.mask.get(k).copied().unwrap_or(0)])
+                .map_err(err)?;
+            seq.write_all(&row.seq.get(k).copied().unwrap_or(0).to_le_bytes())
+                .map_err(err)?;
+        }
+    }
+    for w in [&mut ids, &mut mask, &mut seq] {
+        w.flush().map_err(err)?;
+    }
+    Ok(())
+}
+
+/// A packed artifact opened for reading (training, tests).
+pub struct Packed {
+    pub summary: PackSummary,
+    dir: std::path::PathBuf,
+}
+
+/// One row as read back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedRow {
+    pub ids: Vec<u32>,
+    pub mask: Vec<u8>,
+    pub seq: Vec<u16>,
+}
+
+impl Packed {
+    pub fn open(dir: &Path) -> Result<Packed, StageError> {
+        let path = dir.join("summary.json");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| StageError::io(format!("reading {}", path.display()), e))?;
+        let summary = serde_json::from_str(&text)
+            .map_err(|e| StageError::Failed(format!("{}: {e}", path.display())))?;
+        Ok(Packed {
+            summary,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Every row, in stored order (small artifacts; training maps shards instead).
+    pub fn rows(&self) -> Result<Vec<PackedRow>, StageError> {
+        let l = self.summary.seq_len;
+        let wide = self.summary.dtype == "u32";
+        let read = |name: String| {
+            let p = self.dir.join(name);
+            std::fs::read(&p).map_err(|e| StageError::io(format!("reading {}", p.display()), e))
+        };
+        let mut out = Vec::new();
+        for (stem, n) in &self.summary.shards {
+            let ids = read(format!("input_ids-{stem}.bin"))?;
+            let mask = read(format!("loss_mask-{stem}.bin"))?;
+            let seq = read(format!("seq_ids-{stem}.bin"))?;
+            for r in 0..*n {
+                let ids_row: Vec<u32> = if wide {
+                    ids[r * l * 4..(r + 1) * l * 4]
+                        .chunks_exact(4)
+                        .map(|c| u32::from_le_bytes(c.try_into().expect("4")))
+                        .collect()
+                } else {
+                    ids[r * l * 2..(r + 1) * l * 2]
+                        .chunks_exact(2)
+                        .map(|c| u16::from_le_bytes(c.try_into().expect("2")) as u32)
+                        .collect()
+                };
+                out.push(PackedRow {
+                    ids: ids_row,
+                    mask: mask[r * l..(r + 1) * l].to_vec(),
+                    seq: seq[r * l * 2..(r + 1) * l * 2]
+                        .chunks_exact(2)
+                        .map(|c| u16::from_le_bytes(c.try_into().expect("2")))
+                        .collect(),
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FirstFit;
+
+    #[test]
+    fn first_fit_takes_the_lowest_row_with_room() {
+        let mut ff = FirstFit::new(8, 10);
+        assert_eq!(ff.place(7), 0);
+        assert_eq!(ff.place(5), 1);
+        assert_eq!(ff.place(3), 0); // row 0 has exactly 3 left
+        assert_eq!(ff.place(4), 1);
+        assert_eq!(ff.place(2), 2);
+        assert_eq!(ff.place(1), 1);
+        assert_eq!(ff.used, 3);
+    }
+}

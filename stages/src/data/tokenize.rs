@@ -1,0 +1,351 @@
+//! The `tokenize` kind: trains a byte-level BPE tokenizer (HF `tokenizers`) or loads any
+//! `tokenizer.json`, and encodes record artifacts into the token format of [`super::tokens`],
+//! in parallel batches, never holding a corpus in memory.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use serde_json::json;
+use tokenizers::models::TrainerWrapper;
+use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, Tokenizer};
+
+use super::records::{Record, read_records};
+use super::tokens::{TokenMeta, TokenWriter};
+use crate::kind::{Default, Kind, Param, ParamType, StageContext, StageError, StageOutcome};
+
+/// Registered as `kind = "tokenize"`.
+pub static KIND: Kind = Kind {
+    name: "tokenize",
+    version: 1,
+    doc: "trains a byte-level BPE (or loads a tokenizer.json) and encodes records into token files",
+    params: &[
+        Param {
+            name: "vocab_size",
+            ty: ParamType::Int,
+            default: Default::Optional,
+            doc: "train a byte-level BPE of this size on `train_data` (else load `tokenizer` or `tokenizer_file`)",
+        },
+        Param {
+            name: "min_frequency",
+            ty: ParamType::Int,
+            default: Default::Value("2"),
+            doc: "BPE training: least count of a merged pair",
+        },
+        Param {
+            name: "train_data",
+            ty: ParamType::Inputs,
+            default: Default::Value("[]"),
+            doc: "record artifacts to train the tokenizer on (default: `data`)",
+        },
+        Param {
+            name: "tokenizer",
+            ty: ParamType::Input,
+            default: Default::Optional,
+            doc: "an artifact holding tokenizer.json (another tokenize stage's `tokenizer` output, a model)",
+        },
+        Param {
+            name: "tokenizer_file",
+            ty: ParamType::Files,
+            default: Default::Optional,
+            doc: "a local tokenizer.json (Llama-2's works)",
+        },
+        Param {
+            name: "data",
+            ty: ParamType::Inputs,
+            default: Default::Value("[]"),
+            doc: "record artifacts to encode into the `tokens` output",
+        },
+        Param {
+            name: "template",
+            ty: ParamType::Choice(&["plain", "llama2", "none"]),
+            default: Default::Value("\"plain\""),
+            doc: "how prompt/response records are laid out (llama2: `[INST] prompt [/INST] response`)",
+        },
+        Param {
+            name: "bos_token",
+            ty: ParamType::Str,
+            default: Default::Value("\"<s>\""),
+            doc: "begin-of-sequence token, prepended to every document",
+        },
+        Param {
+            name: "eos_token",
+            ty: ParamType::Str,
+            default: Default::Value("\"</s>\""),
+            doc: "end-of-sequence token, appended to every document",
+        },
+        Param {
+            name: "pad_token",
+            ty: ParamType::Str,
+            default: Default::Value("\"<pad>\""),
+            doc: "padding token (falls back to the EOS id when the vocabulary has none, as for Llama-2)",
+        },
+    ],
+    outputs: &["tokens", "tokenizer"],
+    run,
+};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    vocab_size: Option<i64>,
+    min_frequency: i64,
+    tokenizer_file: Option<Vec<String>>,
+    template: String,
+    bos_token: String,
+    eos_token: String,
+    pad_token: String,
+}
+
+/// Chat markers added as special tokens when training, so IFT templates stay atomic.
+const CHAT_MARKERS: &[&str] = &["[INST]", "[/INST]"];
+
+/// Records per encode batch: enough to keep every core busy, small enough for memory.
+const BATCH: usize = 4096;
+
+fn input_dirs(ctx: &StageContext, name: &str) -> Vec<PathBuf> {
+    ctx.inputs
+        .get(name)
+        .map(|slot| slot.artifacts.iter().map(|a| a.dir.clone()).collect())
+        .unwrap_or_default()
+}
+
+/// The texts a record contributes to tokenizer training.
+fn training_texts(record: &Record) -> Vec<String> {
+    match record.as_training() {
+        Some((p, r)) if p.is_empty() => vec![r.to_string()],
+        Some((p, r)) => vec![p.to_string(), r.to_string()],
+        None => Vec::new(),
+    }
+}
+
+fn train(ctx: &StageContext, p: &Params, vocab: usize) -> Result<Tokenizer, StageError> {
+    let mut dirs = input_dirs(ctx, "train_data");
+    if dirs.is_empty() {
+        dirs = input_dirs(ctx, "data");
+    }
+    if dirs.is_empty() {
+        return Err(StageError::Params(
+            "vocab_size needs records to train on: set `train_data` or `data`".into(),
+        ));
+    }
+    let mut specials: Vec<AddedToken> = [&p.bos_token, &p.eos_token, &p.pad_token]
+        .into_iter()
+        .map(|t| AddedToken::from(t.clone(), true))
+        .collect();
+    specials.extend(CHAT_MARKERS.iter().map(|t| AddedToken::from(*t, true)));
+    let alphabet = ByteLevel::alphabet().into_iter().collect();
+    let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+        .vocab_size(vocab)
+        .min_frequency(p.min_frequency.max(0) as u64)
+        .show_progress(false)
+        .special_tokens(specials)
+        .initial_alphabet(alphabet)
+        .build()
+        .into();
+    let mut tokenizer = Tokenizer::new(BPE::default());
+    tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    tokenizer.with_decoder(Some(ByteLevel::default()));
+    // Stream the records; the trainer only keeps word counts.
+    let mut error = None;
+    let texts = dirs
+        .iter()
+        .flat_map(|d| match read_records(d) {
+            Ok(it) => Box::new(it) as Box<dyn Iterator<Item = _> + Send>,
+            Err(e) => Box::new(std::iter::once(Err(e))),
+        })
+        .map_while(|r| match r {
+            Ok((_, rec)) => Some(training_texts(&rec)),
+            Err(e) => {
+                error = Some(e);
+                None
+            }
+        })
+        .flatten();
+    tokenizer
+        .train(&mut trainer, texts)
+        .map_err(|e| StageError::Failed(format!("training the tokenizer: {e}")))?;
+    if let Some(e) = error {
+        return Err(e);
+    }
+    Ok(tokenizer)
+}
+
+fn load(ctx: &StageContext, p: &Params) -> Result<Tokenizer, StageError> {
+    let path = if let Some(files) = &p.tokenizer_file {
+        let [f] = files.as_slice() else {
+            return Err(StageError::Params(
+                "tokenizer_file must name one file".into(),
+            ));
+        };
+        PathBuf::from(f)
+    } else if let Some(slot) = ctx.inputs.get("tokenizer") {
+        slot.artifacts[0].dir.join("tokenizer.json")
+    } else {
+        return Err(StageError::Params(
+            "set one of vocab_size (train), tokenizer (an artifact) or tokenizer_file".into(),
+        ));
+    };
+    Tokenizer::from_file(&path)
+        .map_err(|e| StageError::Failed(format!("loading {}: {e}", path.display())))
+}
+
+fn special_id(tok: &Tokenizer, token: &str) -> Option<u32> {
+    tok.token_to_id(token)
+}
+
+fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
+    let p: Params = ctx.typed_params()?;
+    let sources = [
+        p.vocab_size.is_some(),
+        p.tokenizer_file.is_some(),
+        ctx.inputs.contains_key("tokenizer"),
+    ];
+    if sources.iter().filter(|s| **s).count() != 1 {
+        return Err(StageError::Params(
+            "set exactly one of vocab_size (train), tokenizer (an artifact) or tokenizer_file"
+                .into(),
+        ));
+    }
+    let tokenizer = match p.vocab_size {
+        Some(v) if v >= 256 + 5 => train(ctx, &p, v as usize)?,
+        Some(v) => {
+            return Err(StageError::Params(format!(
+                "vocab_size must be at least 261 (256 bytes + 5 special tokens), got {v}"
+            )));
+        }
+        None => load(ctx, &p)?,
+    };
+    let bos = special_id(&tokenizer, &p.bos_token).ok_or_else(|| {
+        StageError::Failed(format!("the tokenizer has no BOS token `{}`", p.bos_token))
+    })?;
+    let eos = special_id(&tokenizer, &p.eos_token).ok_or_else(|| {
+        StageError::Failed(format!("the tokenizer has no EOS token `{}`", p.eos_token))
+    })?;
+    let pad = special_id(&tokenizer, &p.pad_token).unwrap_or(eos);
+    let vocab_size = tokenizer.get_vocab_size(true) as u32;
+
+    let tok_dir = ctx.output("tokenizer")?;
+    tokenizer
+        .save(tok_dir.join("tokenizer.json"), false)
+        .map_err(|e| StageError::Failed(format!("saving tokenizer.json: {e}")))?;
+    let specials = json!({"bos_id": bos, "eos_id": eos, "pad_id": pad, "vocab_size": vocab_size,
+                          "bos_token": p.bos_token, "eos_token": p.eos_token, "template": p.template});
+    std::fs::write(tok_dir.join("special_tokens.json"), specials.to_string())
+        .map_err(|e| StageError::io("writing special_tokens.json", e))?;
+
+    let out = ctx.output("tokens")?;
+    let mut writer = TokenWriter::create(out, vocab_size)?;
+    let mut batch: Vec<Record> = Vec::with_capacity(BATCH);
+    let dirs = input_dirs(ctx, "data");
+    let mut done = 0u64;
+    for dir in &dirs {
+        for item in read_records(dir)? {
+            let (line, record) = item?;
+            if record.as_training().is_none() {
+                return Err(StageError::Failed(format!(
+                    "{}:{line}: a `{}` record cannot be tokenized for training (use text, pair, gsm8k or code records)",
+                    dir.join(super::records::RECORDS_FILE).display(),
+                    record.type_name()
+                )));
+            }
+            batch.push(record);
+            if batch.len() == BATCH {
+                encode_batch(&tokenizer, &p.template, &batch, bos, eos, &mut writer)?;
+                done += batch.len() as u64;
+                ctx.progress.set_position(done);
+                batch.clear();
+            }
+        }
+    }
+    encode_batch(&tokenizer, &p.template, &batch, bos, eos, &mut writer)?;
+    let meta = writer.finish(TokenMeta {
+        dtype: String::new(),
+        vocab_size,
+        docs: 0,
+        tokens: 0,
+        bos_id: bos,
+        eos_id: eos,
+        pad_id: pad,
+        template: p.template.clone(),
+    })?;
+    let mut outcome = StageOutcome::default();
+    outcome.metrics.insert("docs".into(), json!(meta.docs));
+    outcome.metrics.insert("tokens".into(), json!(meta.tokens));
+    outcome
+        .metrics
+        .insert("vocab_size".into(), json!(vocab_size));
+    Ok(outcome)
+}
+
+/// The prompt as laid out by the template (empty for plain text).
+pub fn format_prompt(template: &str, prompt: &str) -> String {
+    if prompt.is_empty() {
+        return String::new();
+    }
+    match template {
+        "llama2" => format!("[INST] {} [/INST]", prompt.trim()),
+        "plain" => format!("### Instruction:\n{prompt}\n\n### Response:\n"),
+        _ => prompt.to_string(),
+    }
+}
+
+/// The response as laid out by the template.
+pub fn format_response(template: &str, prompt: &str, response: &str) -> String {
+    if template == "llama2" && !prompt.is_empty() {
+        format!(" {}", response.trim())
+    } else {
+        response.to_string()
+    }
+}
+
+/// Encodes a batch on all threads: prompt and response separately, so the boundary (and so
+/// the loss mask) is exact; then `[BOS] prompt response [EOS]`.
+fn encode_batch(
+    tok: &Tokenizer,
+    template: &str,
+    batch: &[Record],
+    bos: u32,
+    eos: u32,
+    writer: &mut TokenWriter,
+) -> Result<(), StageError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let mut prompts = Vec::with_capacity(batch.len());
+    let mut responses = Vec::with_capacity(batch.len());
+    for r in batch {
+        let (prompt, response) = r.as_training().expect("checked by the caller");
+        prompts.push(format_prompt(template, prompt));
+        responses.push(format_response(template, prompt, response));
+    }
+    let enc = |texts: Vec<String>| {
+        tok.encode_batch_fast(texts, false)
+            .map_err(|e| StageError::Failed(format!("encoding: {e}")))
+    };
+    let has_prompts = prompts.iter().any(|p| !p.is_empty());
+    let prompt_ids = if has_prompts {
+        Some(enc(prompts)?)
+    } else {
+        None
+    };
+    let response_ids = enc(responses)?;
+    let mut ids = Vec::new();
+    for (i, r) in response_ids.iter().enumerate() {
+        ids.clear();
+        ids.push(bos);
+        // Plain text has no prompt: every token, BOS aside, is a target.
+        let prompt = prompt_ids.as_ref().map(|p| p[i].get_ids()).unwrap_or(&[]);
+        ids.extend_from_slice(prompt);
+        let prompt_len = if prompt.is_empty() {
+            0
+        } else {
+            ids.len() as u32
+        };
+        ids.extend_from_slice(r.get_ids());
+        ids.push(eos);
+        writer.push(&ids, prompt_len)?;
+    }
+    Ok(())
+}
