@@ -147,3 +147,40 @@ pub fn assert_cache_verifies(ws: &Workspace, context: &str) {
         String::from_utf8_lossy(&verify.stdout)
     );
 }
+
+/// A file of the shared test data (`../shared/data` beside the checkout). Missing data is a
+/// failure, not a skip: CI always has it.
+pub fn shared_data(rel: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data")
+        .join(rel);
+    assert!(p.exists(), "shared test data missing: {}", p.display());
+    p.canonicalize().unwrap()
+}
+
+/// Runs a Python program (python3) with arguments; panics with its stderr on failure.
+pub fn python(program: &str, args: &[&str]) -> String {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(program)
+        .args(args)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The records of a records artifact directory, as JSON values.
+pub fn records(dir: &Path) -> Vec<serde_json::Value> {
+    parse_lines(&std::fs::read(dir.join("records.jsonl")).unwrap())
+}
+
+/// The named output directory of a finished stage.
+pub fn output_named(ws: &Workspace, pipeline: &Path, stage: &str, output: &str) -> PathBuf {
+    let v = ws.json(&["show", pipeline.to_str().unwrap(), stage], true);
+    PathBuf::from(v[0]["outputs"][output].as_str().expect("output"))
+}

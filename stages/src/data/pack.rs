@@ -182,10 +182,17 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
         pack_ift(&tf, &p, seq_len, &mut summary)
     };
     if rows.is_empty() {
-        return Err(StageError::Failed(format!(
-            "no rows: {} tokens do not fill one row of {seq_len} (use remainder = \"pad\")",
-            tf.meta.tokens
-        )));
+        return Err(StageError::Failed(if p.mode == "cpt" {
+            format!(
+                "no rows: {} tokens do not fill one row of {seq_len} (use remainder = \"pad\")",
+                tf.meta.tokens
+            )
+        } else {
+            format!(
+                "no rows: all {} examples are longer than seq_len = {seq_len} and were dropped",
+                summary.dropped
+            )
+        }));
     }
     if p.shuffle {
         rng.fork("rows").shuffle(&mut rows);
