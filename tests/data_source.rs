@@ -272,3 +272,121 @@ fn editing_an_input_file_reruns_what_reads_it() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no file matches `nothing*.txt`"));
 }
+
+/// Parquet as pyarrow writes it (snappy and zstd), nested list columns included.
+#[test]
+fn parquet_files_written_by_pyarrow_are_read() {
+    let ws = Workspace::new();
+    python(
+        r#####"
+import sys, pyarrow as pa, pyarrow.parquet as pq
+t = pa.table({"question": [f"q{i}" for i in range(2500)], "answer": [f"#### {i}" for i in range(2500)]})
+pq.write_table(t, sys.argv[1] + "/gsm.parquet", compression="snappy", row_group_size=1000)
+t = pa.table({"query": ["Question: a?", "Question: b?"], "choices": [["x", "y"], ["z", "w", "v"]], "gold": [1, 2]})
+pq.write_table(t, sys.argv[1] + "/arc.parquet", compression="zstd")
+"#####,
+        &[ws.path().to_str().unwrap()],
+    );
+    let p = ws.write(
+        "p.toml",
+        "[stage.g]\nkind = \"source\"\nfiles = \"gsm.parquet\"\nformat = \"gsm8k\"\n\n[stage.a]\nkind = \"source\"\nfiles = \"arc.parquet\"\nformat = \"arc\"\n",
+    );
+    ws.run_statuses(&p, &[]);
+    let g = records(&output_named(&ws, &p, "g", "train"));
+    assert_eq!(g.len(), 2500);
+    assert_eq!(g[1234]["question"], "q1234");
+    assert_eq!(g[2499]["answer"], "#### 2499");
+    let a = records(&output_named(&ws, &p, "a", "train"));
+    assert_eq!(a[1]["continuations"], serde_json::json!([" z", " w", " v"]));
+    assert_eq!(a[1]["gold"], 2);
+}
+
+#[test]
+fn s3_inputs_stream_from_a_real_s3_server() {
+    let s3 = common::S3::shared();
+    let gsm = shared_data("gsm8k/test.jsonl");
+    s3.put_bytes("data/gsm8k-test.jsonl", &std::fs::read(&gsm).unwrap())
+        .unwrap();
+    let ws = Workspace::new();
+    let p = ws.write(
+        "p.toml",
+        "[stage.s]\nkind = \"source\"\nfiles = \"s3://flow-test/data/gsm8k-test.jsonl\"\nformat = \"gsm8k\"\n",
+    );
+    let mut cmd = ws.command(&["run", p.to_str().unwrap(), "--json"]);
+    cmd.envs(s3.env());
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = records(&output_named(&ws, &p, "s", "train"));
+    assert_eq!(r.len(), 1319);
+    assert!(r[0]["question"].as_str().unwrap().starts_with("Janet"));
+    for log in std::fs::read_dir(ws.cache().join("logs")).unwrap() {
+        let text = std::fs::read_to_string(log.unwrap().path()).unwrap();
+        assert!(!text.contains(&s3.secret), "credentials leaked into a log");
+    }
+    // A missing object is a located failure, not a hang or an empty artifact.
+    let p = ws.write(
+        "p.toml",
+        "[stage.s]\nkind = \"source\"\nfiles = \"s3://flow-test/data/missing.jsonl\"\nformat = \"gsm8k\"\n",
+    );
+    let mut cmd = ws.command(&["run", p.to_str().unwrap()]);
+    cmd.envs(s3.env());
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("fetching s3://flow-test/data/missing.jsonl")
+    );
+}
+
+#[test]
+fn hub_urls_resolve_with_the_token_and_http_urls_download() {
+    let root = tempfile::tempdir().unwrap();
+    let repo = root.path().join("datasets/openai/gsm8k/resolve/main/main");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::copy(shared_data("gsm8k/test.jsonl"), repo.join("test.jsonl")).unwrap();
+    std::fs::copy(
+        shared_data("arc/arc_challenge.jsonl"),
+        root.path().join("arc.jsonl"),
+    )
+    .unwrap();
+    let server = common::HttpServer::start(root.path(), "hf_secret_token");
+    let ws = Workspace::new();
+    let p = ws.write(
+        "p.toml",
+        &format!(
+            "[stage.hub]\nkind = \"source\"\nfiles = \"hf://datasets/openai/gsm8k/main/test.jsonl\"\nformat = \"gsm8k\"\n\n[stage.web]\nkind = \"source\"\nfiles = \"{}/arc.jsonl\"\nformat = \"arc\"\n",
+            server.base
+        ),
+    );
+    let run = |token: Option<&str>| {
+        let mut cmd = ws.command(&["run", p.to_str().unwrap(), "--json"]);
+        cmd.env("HF_ENDPOINT", &server.base);
+        match token {
+            Some(t) => cmd.env("HF_TOKEN", t),
+            None => cmd.env_remove("HF_TOKEN"),
+        };
+        cmd.output().unwrap()
+    };
+    let denied = run(None);
+    assert!(!denied.status.success(), "a gated file needs the token");
+    let s = statuses(&common::parse_lines(&denied.stdout));
+    assert_eq!(with_status(&s, "ran"), ["web"]);
+    let ok = run(Some("hf_secret_token"));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(records(&output_named(&ws, &p, "hub", "train")).len(), 1319);
+    assert_eq!(records(&output_named(&ws, &p, "web", "train")).len(), 1172);
+    for log in std::fs::read_dir(ws.cache().join("logs")).unwrap() {
+        let text = std::fs::read_to_string(log.unwrap().path()).unwrap();
+        assert!(
+            !text.contains("hf_secret_token"),
+            "the token leaked into a log"
+        );
+    }
+}

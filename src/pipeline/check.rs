@@ -158,7 +158,7 @@ pub fn check_value_in(
 }
 
 /// URL schemes a Files param accepts.
-pub const URL_SCHEMES: &[&str] = &["s3", "gs", "az", "http", "https", "hf", "file"];
+pub const URL_SCHEMES: &[&str] = &["s3", "http", "https", "hf"];
 
 /// Expands one path, glob or URL of a Files param, sorted; a pattern that matches nothing is
 /// an error (a typo must not silently mean "no data").

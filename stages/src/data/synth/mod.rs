@@ -78,7 +78,7 @@ struct Params {
 
 /// True for identities in the held-out tenth.
 pub fn is_heldout(identity: &str) -> bool {
-    blake3_u64(identity.as_bytes()) % 10 == 0
+    blake3_u64(identity.as_bytes()).is_multiple_of(10)
 }
 
 /// Draws `n` items from one side of the split (items without an identity, such as lists of
