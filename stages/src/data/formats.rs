@@ -287,9 +287,11 @@ mod tests {
 
     #[test]
     fn hellaswag_follows_lm_eval_preprocessing() {
+        // lm-eval strips before removing tags, so a leading tag leaves its space (checked
+        // against the Python original).
         assert_eq!(
             hellaswag_preprocess(" [header] How to dance [title] Step one.  Go [step] now "),
-            "How to dance. Step one. Go now"
+            " How to dance. Step one. Go now"
         );
         let r = convert(
             "hellaswag",
