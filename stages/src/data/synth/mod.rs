@@ -84,14 +84,15 @@ pub fn is_heldout(identity: &str) -> bool {
 /// Draws `n` items from one side of the split (items without an identity, such as lists of
 /// equations, belong to the training side). Eval sides are deduplicated by identity; stops
 /// early (returning fewer) when the side runs out of new identities.
-fn draw<T>(
+/// Items are written as they are drawn: a large corpus is never held in memory.
+fn draw(
     rng: &mut Rng,
     n: usize,
     heldout: bool,
     unique: bool,
-    mut generate: impl FnMut(&mut Rng) -> (T, Option<String>),
-) -> Vec<T> {
-    let mut out = Vec::with_capacity(n);
+    out: &mut RecordWriter,
+    mut generate: impl FnMut(&mut Rng) -> (Record, Option<String>),
+) -> Result<(), StageError> {
     let mut seen = HashSet::new();
     let mut misses = 0;
     while out.len() < n && misses < 200 * n.max(10) {
@@ -101,118 +102,176 @@ fn draw<T>(
             misses += 1;
             continue;
         }
-        out.push(item);
+        out.write(&item)?;
     }
-    out
+    Ok(())
 }
 
-/// The four outputs of one world, before writing.
+/// The four outputs of one world, written as generated.
 struct World {
-    cpt: Vec<Record>,
-    ift: Vec<Record>,
-    eval: Vec<Record>,
-    heldout: Vec<Record>,
+    cpt: RecordWriter,
+    ift: RecordWriter,
+    eval: RecordWriter,
+    heldout: RecordWriter,
 }
 
 fn text(t: String) -> Record {
     Record::Text { text: t }
 }
 
-fn general_world(rng: &mut Rng, p: &Params) -> World {
+fn general_world(rng: &mut Rng, p: &Params, w: &mut World) -> Result<(), StageError> {
     let styles = ["hellaswag", "arc", "winogrande"];
     let mut style_rng = rng.fork("styles");
     let doc = |r: &mut Rng| {
         let (d, id) = general::document(r);
         (text(d), Some(id))
     };
-    World {
-        cpt: draw(&mut rng.fork("cpt"), p.docs as usize, false, false, doc),
-        ift: draw(&mut rng.fork("ift"), p.pairs as usize, false, false, |r| {
+    draw(
+        &mut rng.fork("cpt"),
+        p.docs as usize,
+        false,
+        false,
+        &mut w.cpt,
+        doc,
+    )?;
+    draw(
+        &mut rng.fork("ift"),
+        p.pairs as usize,
+        false,
+        false,
+        &mut w.ift,
+        |r| {
             let (pair, id) = general::pair(r);
             (pair, Some(id))
-        }),
-        eval: draw(&mut rng.fork("eval"), p.eval as usize, true, true, |r| {
+        },
+    )?;
+    draw(
+        &mut rng.fork("eval"),
+        p.eval as usize,
+        true,
+        true,
+        &mut w.eval,
+        |r| {
             let (item, id) = general::choice_item(r, styles[style_rng.below(3)]);
             (item, Some(id))
-        }),
-        heldout: draw(
-            &mut rng.fork("heldout"),
-            p.heldout as usize,
-            true,
-            false,
-            doc,
-        ),
-    }
+        },
+    )?;
+    draw(
+        &mut rng.fork("heldout"),
+        p.heldout as usize,
+        true,
+        false,
+        &mut w.heldout,
+        doc,
+    )
 }
 
-fn math_world(rng: &mut Rng, p: &Params) -> World {
+fn math_world(rng: &mut Rng, p: &Params, w: &mut World) -> Result<(), StageError> {
     let worked = |r: &mut Rng| {
         let q = math::problem(r);
-        (
-            text(format!("Question: {}\nAnswer: {}", q.question, q.answer)),
-            Some(q.question),
-        )
+        let doc = format!("Question: {}\nAnswer: {}", q.question, q.answer);
+        (text(doc), Some(q.question))
     };
-    World {
-        cpt: draw(&mut rng.fork("cpt"), p.docs as usize, false, false, |r| {
+    draw(
+        &mut rng.fork("cpt"),
+        p.docs as usize,
+        false,
+        false,
+        &mut w.cpt,
+        |r| {
             let doc = math::document(r);
             let identity = doc
                 .strip_prefix("Question: ")
                 .and_then(|d| d.split_once("\nAnswer:"))
                 .map(|(q, _)| q.to_string());
             (text(doc), identity)
-        }),
-        ift: draw(&mut rng.fork("ift"), p.pairs as usize, false, false, |r| {
+        },
+    )?;
+    draw(
+        &mut rng.fork("ift"),
+        p.pairs as usize,
+        false,
+        false,
+        &mut w.ift,
+        |r| {
             let q = math::problem(r);
             let pair = Record::Pair {
                 prompt: q.question.clone(),
                 response: q.answer,
             };
             (pair, Some(q.question))
-        }),
-        eval: draw(&mut rng.fork("eval"), p.eval as usize, true, true, |r| {
+        },
+    )?;
+    draw(
+        &mut rng.fork("eval"),
+        p.eval as usize,
+        true,
+        true,
+        &mut w.eval,
+        |r| {
             let q = math::problem(r);
             let item = Record::Gsm8k {
                 question: q.question.clone(),
                 answer: q.answer,
             };
             (item, Some(q.question))
-        }),
-        heldout: draw(
-            &mut rng.fork("heldout"),
-            p.heldout as usize,
-            true,
-            false,
-            worked,
-        ),
-    }
+        },
+    )?;
+    draw(
+        &mut rng.fork("heldout"),
+        p.heldout as usize,
+        true,
+        false,
+        &mut w.heldout,
+        worked,
+    )
 }
 
-fn code_world(rng: &mut Rng, p: &Params) -> World {
+fn code_world(rng: &mut Rng, p: &Params, w: &mut World) -> Result<(), StageError> {
     let mut index = 0;
     let source = |r: &mut Rng| {
         let f = code::problem(r);
         (text(f.source()), Some(f.name))
     };
-    World {
-        cpt: draw(&mut rng.fork("cpt"), p.docs as usize, false, false, source),
-        ift: draw(&mut rng.fork("ift"), p.pairs as usize, false, false, |r| {
+    draw(
+        &mut rng.fork("cpt"),
+        p.docs as usize,
+        false,
+        false,
+        &mut w.cpt,
+        source,
+    )?;
+    draw(
+        &mut rng.fork("ift"),
+        p.pairs as usize,
+        false,
+        false,
+        &mut w.ift,
+        |r| {
             let f = code::problem(r);
             (f.pair(), Some(f.name))
-        }),
-        eval: draw(&mut rng.fork("eval"), p.eval as usize, true, true, |r| {
+        },
+    )?;
+    draw(
+        &mut rng.fork("eval"),
+        p.eval as usize,
+        true,
+        true,
+        &mut w.eval,
+        |r| {
             let f = code::problem(r);
             index += 1;
             (f.item(index - 1), Some(f.name))
-        }),
-        heldout: draw(
-            &mut rng.fork("heldout"),
-            p.heldout as usize,
-            true,
-            false,
-            source,
-        ),
-    }
+        },
+    )?;
+    draw(
+        &mut rng.fork("heldout"),
+        p.heldout as usize,
+        true,
+        false,
+        &mut w.heldout,
+        source,
+    )
 }
 
 fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
@@ -227,31 +286,33 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
             return Err(StageError::Params(format!("{name} must be >= 0, got {v}")));
         }
     }
-    let mut rng = Rng::new(p.seed as u64).fork(&p.domain);
-    let world = match p.domain.as_str() {
-        "general" => general_world(&mut rng, &p),
-        "math" => math_world(&mut rng, &p),
-        _ => code_world(&mut rng, &p),
+    let mut w = World {
+        cpt: RecordWriter::create(ctx.output("cpt")?)?,
+        ift: RecordWriter::create(ctx.output("ift")?)?,
+        eval: RecordWriter::create(ctx.output("eval")?)?,
+        heldout: RecordWriter::create(ctx.output("heldout")?)?,
     };
+    let mut rng = Rng::new(p.seed as u64).fork(&p.domain);
+    match p.domain.as_str() {
+        "general" => general_world(&mut rng, &p, &mut w)?,
+        "math" => math_world(&mut rng, &p, &mut w)?,
+        _ => code_world(&mut rng, &p, &mut w)?,
+    }
     let mut outcome = StageOutcome::default();
-    for (name, records) in [
-        ("cpt", &world.cpt),
-        ("ift", &world.ift),
-        ("eval", &world.eval),
-        ("heldout", &world.heldout),
+    for (name, writer) in [
+        ("cpt", w.cpt),
+        ("ift", w.ift),
+        ("eval", w.eval),
+        ("heldout", w.heldout),
     ] {
-        let dir = ctx.output(name)?;
-        let mut w = RecordWriter::create(dir)?;
-        for r in records {
-            w.write(r)?;
-        }
-        let types = w.finish()?;
+        let count = writer.len();
+        let types = writer.finish()?;
         write_summary(
-            dir,
-            &json!({"domain": p.domain, "seed": p.seed, "records": records.len(), "types": types,
+            ctx.output(name)?,
+            &json!({"domain": p.domain, "seed": p.seed, "records": count, "types": types,
                     "split": "held out: identities with blake3 % 10 == 0"}),
         )?;
-        outcome.metrics.insert(name.into(), json!(records.len()));
+        outcome.metrics.insert(name.into(), json!(count));
     }
     Ok(outcome)
 }
