@@ -105,6 +105,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The stage kinds this build knows, with their params and outputs
+    Kinds {
+        /// Only this kind
+        kind: Option<String>,
+        /// Markdown tables (what the README's reference is made of)
+        #[arg(long)]
+        markdown: bool,
+    },
     /// Cache maintenance
     Cache {
         #[command(subcommand)]
@@ -131,6 +139,12 @@ pub enum DagFormat {
 }
 
 fn main() -> ExitCode {
+    // Behave like other Unix tools when the reader goes away (`flow kinds | head`): die
+    // quietly on SIGPIPE instead of panicking on a failed print.
+    // SAFETY: setting a signal disposition at startup, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     if matches!(cli.command, Cmd::Stage) {
         return ExitCode::from(commands::stage_child() as u8);
@@ -169,6 +183,7 @@ fn main() -> ExitCode {
         Cmd::Cache {
             command: CacheCmd::Verify { json },
         } => ctx.verify(json),
+        Cmd::Kinds { kind, markdown } => commands::kinds(kind.as_deref(), markdown),
         Cmd::Stage => unreachable!("handled above"),
     };
     match result {

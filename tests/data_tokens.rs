@@ -252,3 +252,44 @@ fn a_saved_tokenizer_json_loads_as_a_file_and_encodes_identically() {
     let b = output_named(&ws, &p, "cpt_tokens", "tokens");
     assert_eq!(a, b, "same content, same artifact");
 }
+
+#[test]
+fn cpt_repeats_the_corpus_up_to_a_token_budget() {
+    let ws = Workspace::new();
+    let mut text = PIPELINE.to_string();
+    text.push_str("\n[stage.budget]\nkind = \"pack\"\ntokens = \"cpt_tokens.tokens\"\nseq_len = 64\ntotal_tokens = 60000\n");
+    let p = ws.write("p.toml", &text);
+    ws.run_statuses(&p, &[]);
+    let tf = TokenFile::open(&output_named(&ws, &p, "cpt_tokens", "tokens")).unwrap();
+    let corpus = tf.meta.tokens;
+    assert!(
+        corpus * 2 < 60000 && corpus * 3 >= 60000,
+        "corpus of {corpus} tokens"
+    );
+    let packed = Packed::open(&output_named(&ws, &p, "budget", "packed")).unwrap();
+    assert_eq!(
+        packed.summary.epochs, 3,
+        "two full passes and part of a third"
+    );
+    assert_eq!(packed.summary.rows, 60000_usize.div_ceil(64));
+    // Every token of the corpus is seen at least twice, in the same proportions.
+    let mut counts = std::collections::HashMap::new();
+    for row in packed.rows().unwrap() {
+        for t in row.ids {
+            *counts.entry(t).or_insert(0u64) += 1;
+        }
+    }
+    let mut once = std::collections::HashMap::new();
+    for d in 0..tf.docs() {
+        for t in tf.doc(d) {
+            *once.entry(t).or_insert(0u64) += 1;
+        }
+    }
+    for (t, n) in &once {
+        let seen = counts.get(t).copied().unwrap_or(0);
+        assert!(
+            seen >= 2 * n && seen <= 3 * n,
+            "token {t}: {seen} vs {n} per pass"
+        );
+    }
+}

@@ -16,7 +16,7 @@ use crate::kind::{Default, Kind, Param, ParamType, StageContext, StageError, Sta
 pub static KIND: Kind = Kind {
     name: "command",
     version: 1,
-    doc: "runs `sh -c RUN` with FLOW_IN_<NAME>, FLOW_OUT, FLOW_SCRATCH and FLOW_SEED set",
+    doc: "runs `sh -c RUN` with `FLOW_IN_<NAME>`, `FLOW_OUT`, `FLOW_SCRATCH` and `FLOW_SEED` set",
     params: &[
         Param {
             name: "run",

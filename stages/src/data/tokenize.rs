@@ -197,6 +197,11 @@ fn special_id(tok: &Tokenizer, token: &str) -> Option<u32> {
 
 fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
     let p: Params = ctx.typed_params()?;
+    // tokenizers batches on rayon's global pool: size it to the stage's share of the cores
+    // (the stage runs in its own process, so this is the first and only configuration).
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(ctx.threads.max(1))
+        .build_global();
     let sources = [
         p.vocab_size.is_some(),
         p.tokenizer_file.is_some(),
