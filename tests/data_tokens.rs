@@ -293,3 +293,24 @@ fn cpt_repeats_the_corpus_up_to_a_token_budget() {
         );
     }
 }
+
+#[test]
+fn cpt_remainder_is_padded_on_request() {
+    let ws = Workspace::new();
+    let mut text = PIPELINE.to_string();
+    text.push_str("\n[stage.padded]\nkind = \"pack\"\ntokens = \"cpt_tokens.tokens\"\nseq_len = 64\nremainder = \"pad\"\nshuffle = false\n");
+    let p = ws.write("p.toml", &text);
+    ws.run_statuses(&p, &[]);
+    let tf = TokenFile::open(&output_named(&ws, &p, "cpt_tokens", "tokens")).unwrap();
+    let total = tf.meta.tokens as usize;
+    assert_ne!(total % 64, 0, "the corpus leaves a remainder");
+    let packed = Packed::open(&output_named(&ws, &p, "padded", "packed")).unwrap();
+    let rows = packed.rows().unwrap();
+    assert_eq!(rows.len(), total.div_ceil(64));
+    let last = rows.last().unwrap();
+    let used = total % 64;
+    assert!(last.ids[used..].iter().all(|&t| t == tf.meta.pad_id));
+    assert!(last.mask[used..].iter().all(|&m| m == 0) && last.seq[used..].iter().all(|&s| s == 0));
+    assert!(last.mask[..used].iter().all(|&m| m == 1));
+    assert_eq!(packed.summary.tokens as usize, total);
+}

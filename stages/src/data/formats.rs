@@ -358,6 +358,55 @@ mod tests {
     }
 
     #[test]
+    fn ift_and_cpt_formats_read_their_fields() {
+        let r = convert(
+            "metamathqa",
+            &json!({"query": "q", "response": "r", "type": "x"}),
+            &fields(),
+        );
+        assert_eq!(
+            r.unwrap(),
+            Record::Pair {
+                prompt: "q".into(),
+                response: "r".into()
+            }
+        );
+        let r = convert(
+            "magicoder",
+            &json!({"instruction": "i", "response": "r"}),
+            &fields(),
+        );
+        assert_eq!(
+            r.unwrap(),
+            Record::Pair {
+                prompt: "i".into(),
+                response: "r".into()
+            }
+        );
+        let starcoder = Fields {
+            text: "content".into(),
+            ..fields()
+        };
+        let r = convert(
+            "text",
+            &json!({"content": "def f(): pass", "max_stars_repo_name": "x"}),
+            &starcoder,
+        );
+        assert_eq!(
+            r.unwrap(),
+            Record::Text {
+                text: "def f(): pass".into()
+            }
+        );
+        assert_eq!(
+            convert("text", &json!({"text": "t"}), &starcoder)
+                .unwrap_err()
+                .field,
+            "content"
+        );
+    }
+
+    #[test]
     fn missing_and_mistyped_fields_are_named() {
         let e = convert("gsm8k", &json!({"question": "q"}), &fields()).unwrap_err();
         assert_eq!(

@@ -157,32 +157,24 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
         };
         let mut sink = |line: usize, row: Row| -> Result<bool, StageError> {
             tally.rows += 1;
-            let record = match row {
-                Row::Text(text) => Record::Text { text },
-                Row::Json(value) => match convert(&p.format, &value, &fields) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        let msg = format!("{file}:{line}: field `{}`: {}", e.field, e.message);
-                        if p.on_bad_row == "skip" {
-                            tally.bad += 1;
-                            if tally.bad_examples.len() < 10 {
-                                tally.bad_examples.push(msg);
-                            }
-                            return Ok(true);
-                        }
+            let converted = match row {
+                Row::Text(text) => Ok(Record::Text { text }),
+                Row::Json(value) => convert(&p.format, &value, &fields)
+                    .map_err(|e| format!("field `{}`: {}", e.field, e.message)),
+                Row::Bad(message) => Err(message),
+            };
+            let record = match converted {
+                Ok(r) => r,
+                Err(message) => {
+                    let msg = format!("{file}:{line}: {message}");
+                    if p.on_bad_row != "skip" {
                         return Err(StageError::Failed(msg));
                     }
-                },
-                Row::Bad(message) => {
-                    let msg = format!("{file}:{line}: {message}");
-                    if p.on_bad_row == "skip" {
-                        tally.bad += 1;
-                        if tally.bad_examples.len() < 10 {
-                            tally.bad_examples.push(msg);
-                        }
-                        return Ok(true);
+                    tally.bad += 1;
+                    if tally.bad_examples.len() < 10 {
+                        tally.bad_examples.push(msg);
                     }
-                    return Err(StageError::Failed(msg));
+                    return Ok(true);
                 }
             };
             let line_text = record.to_line();

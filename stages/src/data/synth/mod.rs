@@ -166,6 +166,12 @@ fn general_world(rng: &mut Rng, p: &Params, w: &mut World) -> Result<(), StageEr
     )
 }
 
+/// A math problem as a record of the given shape, identified by its question.
+fn math_item(r: &mut Rng, shape: fn(String, String) -> Record) -> (Record, Option<String>) {
+    let q = math::problem(r);
+    (shape(q.question.clone(), q.answer), Some(q.question))
+}
+
 fn math_world(rng: &mut Rng, p: &Params, w: &mut World) -> Result<(), StageError> {
     let worked = |r: &mut Rng| {
         let q = math::problem(r);
@@ -193,14 +199,7 @@ fn math_world(rng: &mut Rng, p: &Params, w: &mut World) -> Result<(), StageError
         false,
         false,
         &mut w.ift,
-        |r| {
-            let q = math::problem(r);
-            let pair = Record::Pair {
-                prompt: q.question.clone(),
-                response: q.answer,
-            };
-            (pair, Some(q.question))
-        },
+        |r| math_item(r, |prompt, response| Record::Pair { prompt, response }),
     )?;
     draw(
         &mut rng.fork("eval"),
@@ -208,14 +207,7 @@ fn math_world(rng: &mut Rng, p: &Params, w: &mut World) -> Result<(), StageError
         true,
         true,
         &mut w.eval,
-        |r| {
-            let q = math::problem(r);
-            let item = Record::Gsm8k {
-                question: q.question.clone(),
-                answer: q.answer,
-            };
-            (item, Some(q.question))
-        },
+        |r| math_item(r, |question, answer| Record::Gsm8k { question, answer }),
     )?;
     draw(
         &mut rng.fork("heldout"),
