@@ -2,8 +2,8 @@
 //!
 //! 1. Tokenization throughput of the `tokenize` stage against the Python `tokenizers` package
 //!    (same tokenizer.json, same records, same batching) on this machine's cores.
-//! 2. Peak memory (`/usr/bin/time -v`) of `flow run` while a 2 GB corpus is read by `source`
-//!    and encoded by `tokenize` (target < 500 MB).
+//! 2. Peak memory (`/usr/bin/time -v`) of `flow run` while a 2 GB corpus is read by `source`,
+//!    encoded by `tokenize` and packed by `pack` (target < 500 MB).
 //!
 //! `FLOW_BENCH_CORPUS_MB` sets the throughput corpus size (default 200), `FLOW_BENCH_BIG_MB`
 //! the memory corpus (default 2048).
@@ -166,7 +166,7 @@ fn main() {
     let mut f = std::fs::File::create(&big).unwrap();
     write!(
         f,
-        "[stage.big]\nkind = \"source\"\nfiles = {:?}\n\n[stage.encode]\nkind = \"tokenize\"\ntokenizer_file = {:?}\ndata = [\"big\"]\n",
+        "[stage.big]\nkind = \"source\"\nfiles = {:?}\n\n[stage.encode]\nkind = \"tokenize\"\ntokenizer_file = {:?}\ndata = [\"big\"]\n\n[stage.rows]\nkind = \"pack\"\ntokens = \"encode.tokens\"\nseq_len = 1024\n",
         dir.path().join("big/corpus.jsonl").display().to_string(),
         tok_json.display().to_string()
     )
@@ -196,10 +196,15 @@ fn main() {
         .parse()
         .unwrap();
     let enc = show(&cache, &big, "encode");
+    let rows = show(&cache, &big, "rows");
     println!(
-        "2 GB run (source + tokenize, {:.0} s, {} tokens): peak RSS {:.0} MB (target < 500 MB)",
-        t.elapsed().as_secs_f64(),
+        "2 GB run (source {:.0} s + tokenize {:.0} s + pack {:.0} s, {} tokens, {} rows of 1024): peak RSS {:.0} MB (target < 500 MB)",
+        show(&cache, &big, "big")["duration_s"].as_f64().unwrap(),
+        enc["duration_s"].as_f64().unwrap(),
+        rows["duration_s"].as_f64().unwrap(),
         enc["metrics"]["tokens"],
+        rows["metrics"]["rows"],
         kb / 1024.0
     );
+    let _ = t;
 }

@@ -11,7 +11,8 @@
 //! `input_ids-NNNNN.bin` (u16 or u32 as the tokens), `loss_mask-NNNNN.bin` (u8: 1 where the
 //! token is a training target), `seq_ids-NNNNN.bin` (u16: 1.. per document within the row,
 //! 0 for padding; training may forbid attention across different ids), and `summary.json`.
-//! Rows are shuffled with the seed.
+//! Rows are shuffled with the seed. Rows are planned first and written one at a time, so the
+//! packed corpus is never held in memory.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -131,8 +132,34 @@ pub struct PackSummary {
     pub pad_id: u32,
 }
 
-/// One packed row under construction.
-#[derive(Default, Clone)]
+/// How the rows are made, decided before any is written; rows are then built one at a time
+/// in their final (shuffled) order straight into the shards, so memory holds the plan
+/// (12 bytes per document and pass for CPT, 4 per example for IFT) and one row, never the
+/// packed corpus.
+enum Plan {
+    /// Row `r` is tokens `r*seq_len..` of the concatenation of `order` (document indices,
+    /// pass after pass); `starts[k]` is where entry `k` begins in that stream.
+    Cpt {
+        order: Vec<u32>,
+        starts: Vec<u64>,
+        stream: u64,
+        rows: usize,
+    },
+    /// The examples of each row, in placement order.
+    Ift { rows: Vec<Vec<u32>> },
+}
+
+impl Plan {
+    fn rows(&self) -> usize {
+        match self {
+            Plan::Cpt { rows, .. } => *rows,
+            Plan::Ift { rows } => rows.len(),
+        }
+    }
+}
+
+/// One row being written (reused across rows).
+#[derive(Default)]
 struct Row {
     ids: Vec<u32>,
     mask: Vec<u8>,
@@ -154,13 +181,10 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
         .artifacts[0];
     let tf = TokenFile::open(&input.dir)?;
     if tf.docs() == 0 {
-        return Err(StageError::Failed(format!(
-            "`{}` holds no documents",
-            input.stage
-        )));
+        return Err(StageError::Failed(format!("`{}` holds no documents", input.stage)));
     }
     let seq_len = p.seq_len as usize;
-    let mut rng = Rng::new(p.seed as u64).fork("pack");
+    let rng = Rng::new(p.seed as u64).fork("pack");
     let mut summary = PackSummary {
         mode: p.mode.clone(),
         seq_len,
@@ -176,12 +200,13 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
         epochs: 1,
         pad_id: tf.meta.pad_id,
     };
-    let mut rows = if p.mode == "cpt" {
-        pack_cpt(&tf, &p, seq_len, &mut rng, &mut summary)
+    let plan = if p.mode == "cpt" {
+        plan_cpt(&tf, &p, seq_len, &rng, &mut summary)
     } else {
-        pack_ift(&tf, &p, seq_len, &mut summary)
+        plan_ift(&tf, &p, seq_len, &mut summary)
     };
-    if rows.is_empty() {
+    let nrows = plan.rows();
+    if nrows == 0 {
         return Err(StageError::Failed(if p.mode == "cpt" {
             format!(
                 "no rows: {} tokens do not fill one row of {seq_len} (use remainder = \"pad\")",
@@ -194,100 +219,87 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
             )
         }));
     }
+    let mut order: Vec<usize> = (0..nrows).collect();
     if p.shuffle {
-        rng.fork("rows").shuffle(&mut rows);
+        rng.fork("rows").shuffle(&mut order);
     }
     let out = ctx.output("packed")?;
-    for (n, chunk) in rows.chunks(p.rows_per_shard as usize).enumerate() {
-        write_shard(out, n, chunk, seq_len, tf.meta.pad_id, &tf.meta.dtype)?;
+    let mut row = Row::default();
+    ctx.progress.set_length(nrows as u64);
+    for (n, chunk) in order.chunks(p.rows_per_shard as usize).enumerate() {
+        let mut shard = Shard::create(out, n, &tf.meta.dtype)?;
+        for &r in chunk {
+            build_row(&tf, &plan, r, seq_len, p.train_on_prompt, &mut row)?;
+            summary.tokens += row.ids.len() as u64;
+            summary.target_tokens += row.mask.iter().map(|&m| m as u64).sum::<u64>();
+            shard.write(&row, seq_len, tf.meta.pad_id)?;
+        }
+        shard.finish()?;
         summary.shards.push((format!("{n:05}"), chunk.len()));
+        ctx.progress.set_position(((n + 1) * p.rows_per_shard as usize).min(nrows) as u64);
     }
-    summary.rows = rows.len();
-    summary.tokens = rows.iter().map(|r| r.ids.len() as u64).sum();
-    summary.target_tokens = rows
-        .iter()
-        .map(|r| r.mask.iter().map(|&m| m as u64).sum::<u64>())
-        .sum();
-    summary.efficiency = summary.tokens as f64 / (rows.len() * seq_len) as f64;
+    summary.rows = nrows;
+    summary.efficiency = summary.tokens as f64 / (nrows * seq_len) as f64;
     let text = serde_json::to_string_pretty(&summary).expect("summary serializes");
     std::fs::write(out.join("summary.json"), text)
         .map_err(|e| StageError::io("writing summary.json", e))?;
     let mut outcome = StageOutcome::default();
     outcome.metrics.insert("rows".into(), json!(summary.rows));
-    outcome
-        .metrics
-        .insert("tokens".into(), json!(summary.tokens));
-    outcome
-        .metrics
-        .insert("efficiency".into(), json!(summary.efficiency));
-    outcome
-        .metrics
-        .insert("truncated".into(), json!(summary.truncated));
-    outcome
-        .metrics
-        .insert("dropped".into(), json!(summary.dropped));
+    outcome.metrics.insert("tokens".into(), json!(summary.tokens));
+    outcome.metrics.insert("efficiency".into(), json!(summary.efficiency));
+    outcome.metrics.insert("truncated".into(), json!(summary.truncated));
+    outcome.metrics.insert("dropped".into(), json!(summary.dropped));
     Ok(outcome)
 }
 
-/// Concatenate and cut. Sequence ids count documents within each row (a document cut by a
-/// row boundary continues with id 1 in the next row).
-fn pack_cpt(
-    tf: &TokenFile,
-    p: &Params,
-    seq_len: usize,
-    rng: &mut Rng,
-    s: &mut PackSummary,
-) -> Vec<Row> {
-    let budget = p.total_tokens.map(|t| t.max(0) as u64);
-    let mut rows = Vec::new();
-    let mut row = Row::default();
-    let mut produced = 0u64;
-    let mut doc = Vec::new();
-    let mut epoch = 0u64;
-    'passes: loop {
-        let mut order: Vec<usize> = (0..tf.docs()).collect();
+/// Concatenate and cut: as many passes over the corpus (each in its own seeded order) as the
+/// token budget needs, else one.
+fn plan_cpt(tf: &TokenFile, p: &Params, seq_len: usize, rng: &Rng, s: &mut PackSummary) -> Plan {
+    let corpus = tf.meta.tokens;
+    let l = seq_len as u64;
+    let (rows, passes) = match p.total_tokens {
+        Some(budget) => {
+            let rows = (budget.max(0) as u64).div_ceil(l);
+            (rows as usize, (rows * l).div_ceil(corpus.max(1)).max(1))
+        }
+        None => {
+            let full = corpus / l;
+            let pad = p.remainder == "pad" && !corpus.is_multiple_of(l);
+            ((full + pad as u64) as usize, 1)
+        }
+    };
+    let mut order = Vec::with_capacity(tf.docs() * passes as usize);
+    for pass in 0..passes {
+        let mut docs: Vec<u32> = (0..tf.docs() as u32).collect();
         if p.shuffle {
-            rng.fork(&format!("docs-{epoch}")).shuffle(&mut order);
+            rng.fork(&format!("docs-{pass}")).shuffle(&mut docs);
         }
-        epoch += 1;
-        for &d in &order {
-            doc.clear();
-            tf.extend_doc(d, &mut doc);
-            let mut id = row.seq.last().copied().unwrap_or(0) + 1;
-            for &t in &doc {
-                row.ids.push(t);
-                row.mask.push(1);
-                row.seq.push(id);
-                if row.ids.len() == seq_len {
-                    rows.push(std::mem::take(&mut row));
-                    produced += seq_len as u64;
-                    id = 1;
-                    if budget.is_some_and(|b| produced >= b) {
-                        break 'passes;
-                    }
-                }
-            }
-        }
-        if budget.is_none_or(|b| produced >= b) {
-            break;
-        }
+        order.extend(docs);
     }
-    s.epochs = epoch;
-    if !row.ids.is_empty() && p.remainder == "pad" {
-        rows.push(row);
+    let mut starts = Vec::with_capacity(order.len());
+    let mut stream = 0u64;
+    for &d in &order {
+        starts.push(stream);
+        stream += tf.doc_range(d as usize).len() as u64;
     }
-    rows
+    s.epochs = passes;
+    Plan::Cpt {
+        order,
+        starts,
+        stream,
+        rows,
+    }
 }
 
 /// First-fit-decreasing: longest examples first, each into the first row with room.
-fn pack_ift(tf: &TokenFile, p: &Params, seq_len: usize, s: &mut PackSummary) -> Vec<Row> {
-    let mut lens: Vec<(usize, usize)> =
-        (0..tf.docs()).map(|i| (tf.doc_range(i).len(), i)).collect();
+fn plan_ift(tf: &TokenFile, p: &Params, seq_len: usize, s: &mut PackSummary) -> Plan {
+    let mut lens: Vec<(usize, usize)> = (0..tf.docs())
+        .map(|i| (tf.doc_range(i).len(), i))
+        .collect();
     // Longest first; ties by document index, so the order is deterministic.
     lens.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
     let mut tree = FirstFit::new(lens.len(), seq_len);
-    let mut rows: Vec<Row> = Vec::new();
-    let mut doc = Vec::new();
+    let mut rows: Vec<Vec<u32>> = Vec::new();
     for &(len, i) in &lens {
         let len = if len > seq_len {
             if p.overlong == "drop" {
@@ -301,23 +313,66 @@ fn pack_ift(tf: &TokenFile, p: &Params, seq_len: usize, s: &mut PackSummary) -> 
         };
         let r = tree.place(len);
         if r == rows.len() {
-            rows.push(Row::default());
+            rows.push(Vec::new());
         }
-        doc.clear();
-        tf.extend_doc(i, &mut doc);
-        let prompt = tf.prompt_len(i) as usize;
-        let row = &mut rows[r];
-        let id = row.seq.last().copied().unwrap_or(0) + 1;
-        for (k, &t) in doc[..len].iter().enumerate() {
-            row.ids.push(t);
-            // The first token of an example is never a target: nothing of it precedes it.
-            let target = k > 0 && (p.train_on_prompt || k >= prompt);
-            row.mask.push(target as u8);
-            row.seq.push(id);
-        }
+        rows[r].push(i as u32);
     }
     s.examples = lens.len() as u64 - s.dropped;
-    rows
+    Plan::Ift { rows }
+}
+
+/// Fills `row` with row `r` of the plan (unpadded).
+fn build_row(
+    tf: &TokenFile,
+    plan: &Plan,
+    r: usize,
+    seq_len: usize,
+    train_on_prompt: bool,
+    row: &mut Row,
+) -> Result<(), StageError> {
+    row.ids.clear();
+    row.mask.clear();
+    row.seq.clear();
+    match plan {
+        Plan::Cpt {
+            order,
+            starts,
+            stream,
+            ..
+        } => {
+            let start = (r * seq_len) as u64;
+            let end = (start + seq_len as u64).min(*stream);
+            let mut k = starts.partition_point(|&s| s <= start) - 1;
+            let mut pos = start;
+            let mut id = 0u16;
+            while pos < end {
+                let doc = tf.doc_range(order[k] as usize);
+                let from = (pos - starts[k]) as usize;
+                let take = (doc.len() - from).min((end - pos) as usize);
+                // A document cut by the row boundary continues with id 1 in the next row.
+                id += 1;
+                tf.extend_range(doc.start + from..doc.start + from + take, &mut row.ids)?;
+                row.mask.extend(std::iter::repeat_n(1u8, take));
+                row.seq.extend(std::iter::repeat_n(id, take));
+                pos += take as u64;
+                k += 1;
+            }
+        }
+        Plan::Ift { rows } => {
+            for (n, &d) in rows[r].iter().enumerate() {
+                let d = d as usize;
+                let doc = tf.doc_range(d);
+                let len = doc.len().min(seq_len);
+                let prompt = tf.prompt_len(d) as usize;
+                tf.extend_range(doc.start..doc.start + len, &mut row.ids)?;
+                // The first token of an example is never a target: nothing of it precedes it.
+                row.mask
+                    .extend((0..len).map(|k| (k > 0 && (train_on_prompt || k >= prompt)) as u8));
+                row.seq.extend(std::iter::repeat_n(n as u16 + 1, len));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A max segment tree over row capacities: `place(len)` returns the lowest-index row whose
@@ -361,42 +416,58 @@ impl FirstFit {
     }
 }
 
-fn write_shard(
-    dir: &Path,
-    n: usize,
-    rows: &[Row],
-    seq_len: usize,
-    pad: u32,
-    dtype: &str,
-) -> Result<(), StageError> {
-    let open = |name: String| -> Result<(BufWriter<File>, std::path::PathBuf), StageError> {
-        let path = dir.join(name);
-        let f = File::create(&path)
-            .map_err(|e| StageError::io(format!("creating {}", path.display()), e))?;
-        Ok((BufWriter::with_capacity(1 << 20, f), path))
-    };
-    let (mut ids, ids_path) = open(format!("input_ids-{n:05}.bin"))?;
-    let (mut mask, _) = open(format!("loss_mask-{n:05}.bin"))?;
-    let (mut seq, _) = open(format!("seq_ids-{n:05}.bin"))?;
-    let err = |e| StageError::io(format!("writing {}", ids_path.display()), e);
-    for row in rows {
+/// The three files of one shard, written row by row.
+struct Shard {
+    ids: BufWriter<File>,
+    mask: BufWriter<File>,
+    seq: BufWriter<File>,
+    path: std::path::PathBuf,
+    wide: bool,
+}
+
+impl Shard {
+    fn create(dir: &Path, n: usize, dtype: &str) -> Result<Shard, StageError> {
+        let open = |name: String| -> Result<BufWriter<File>, StageError> {
+            let path = dir.join(name);
+            File::create(&path)
+                .map(|f| BufWriter::with_capacity(1 << 20, f))
+                .map_err(|e| StageError::io(format!("creating {}", path.display()), e))
+        };
+        Ok(Shard {
+            ids: open(format!("input_ids-{n:05}.bin"))?,
+            mask: open(format!("loss_mask-{n:05}.bin"))?,
+            seq: open(format!("seq_ids-{n:05}.bin"))?,
+            path: dir.join(format!("input_ids-{n:05}.bin")),
+            wide: dtype == "u32",
+        })
+    }
+
+    /// Writes one row, padded to `seq_len` (pad id, mask 0, sequence id 0).
+    fn write(&mut self, row: &Row, seq_len: usize, pad: u32) -> Result<(), StageError> {
+        let path = &self.path;
+        let err = |e| StageError::io(format!("writing {}", path.display()), e);
         for k in 0..seq_len {
             let t = row.ids.get(k).copied().unwrap_or(pad);
-            if dtype == "u32" {
-                ids.write_all(&t.to_le_bytes()).map_err(err)?;
+            if self.wide {
+                self.ids.write_all(&t.to_le_bytes()).map_err(err)?;
             } else {
-                ids.write_all(&(t as u16).to_le_bytes()).map_err(err)?;
+                self.ids.write_all(&(t as u16).to_le_bytes()).map_err(err)?;
             }
-            mask.write_all(&[row.mask.get(k).copied().unwrap_or(0)])
-                .map_err(err)?;
-            seq.write_all(&row.seq.get(k).copied().unwrap_or(0).to_le_bytes())
+            self.mask.write_all(&[row.mask.get(k).copied().unwrap_or(0)]).map_err(err)?;
+            self.seq
+                .write_all(&row.seq.get(k).copied().unwrap_or(0).to_le_bytes())
                 .map_err(err)?;
         }
+        Ok(())
     }
-    for w in [&mut ids, &mut mask, &mut seq] {
-        w.flush().map_err(err)?;
+
+    fn finish(mut self) -> Result<(), StageError> {
+        let path = self.path.clone();
+        for w in [&mut self.ids, &mut self.mask, &mut self.seq] {
+            w.flush().map_err(|e| StageError::io(format!("writing {}", path.display()), e))?;
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// A packed artifact opened for reading (training, tests).

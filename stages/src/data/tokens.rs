@@ -112,28 +112,22 @@ impl TokenWriter {
     }
 }
 
-/// A token artifact opened for reading through memory maps.
+/// A token artifact opened for reading. Document offsets and prompt lengths (12 bytes per
+/// document) are loaded; tokens are read on demand with `pread`, so a reader's memory stays
+/// small however large the corpus (mapped pages would count as resident memory).
 pub struct TokenFile {
     pub meta: TokenMeta,
-    tokens: Option<memmap2::Mmap>,
-    docs: Option<memmap2::Mmap>,
-    prompt: Option<memmap2::Mmap>,
+    tokens: File,
+    offsets: Vec<u64>,
+    prompt: Vec<u32>,
 }
 
-fn map(path: &Path) -> Result<Option<memmap2::Mmap>, StageError> {
-    let f =
-        File::open(path).map_err(|e| StageError::io(format!("opening {}", path.display()), e))?;
-    if f.metadata().map(|m| m.len()).unwrap_or(0) == 0 {
-        return Ok(None); // mapping an empty file fails on Linux
-    }
-    // SAFETY: artifacts are read-only cache files, never modified while in use.
-    unsafe { memmap2::Mmap::map(&f) }
-        .map(Some)
-        .map_err(|e| StageError::io(format!("mapping {}", path.display()), e))
-}
-
-fn bytes(m: &Option<memmap2::Mmap>) -> &[u8] {
-    m.as_deref().unwrap_or(&[])
+fn read_le<const N: usize, T>(path: &Path, from: fn([u8; N]) -> T) -> Result<Vec<T>, StageError> {
+    let bytes = std::fs::read(path).map_err(|e| StageError::io(format!("reading {}", path.display()), e))?;
+    Ok(bytes
+        .chunks_exact(N)
+        .map(|c| from(c.try_into().expect("chunks_exact")))
+        .collect())
 }
 
 impl TokenFile {
@@ -144,66 +138,68 @@ impl TokenFile {
         let meta: TokenMeta = serde_json::from_str(&text).map_err(|e| {
             StageError::Failed(format!("{}: not a token artifact: {e}", mpath.display()))
         })?;
-        let tf = TokenFile {
-            tokens: map(&dir.join("tokens.bin"))?,
-            docs: map(&dir.join("docs.bin"))?,
-            prompt: map(&dir.join("prompt_len.bin"))?,
-            meta,
-        };
-        let width = if tf.meta.dtype == "u32" { 4 } else { 2 };
-        if bytes(&tf.tokens).len() as u64 != tf.meta.tokens * width
-            || bytes(&tf.docs).len() as u64 != (tf.meta.docs + 1) * 8
-            || bytes(&tf.prompt).len() as u64 != tf.meta.docs * 4
+        let tpath = dir.join("tokens.bin");
+        let tokens = File::open(&tpath).map_err(|e| StageError::io(format!("opening {}", tpath.display()), e))?;
+        let tokens_len = tokens.metadata().map(|m| m.len()).unwrap_or(0);
+        let offsets = read_le(&dir.join("docs.bin"), u64::from_le_bytes)?;
+        let prompt = read_le(&dir.join("prompt_len.bin"), u32::from_le_bytes)?;
+        let width = if meta.dtype == "u32" { 4 } else { 2 };
+        if tokens_len != meta.tokens * width
+            || offsets.len() as u64 != meta.docs + 1
+            || prompt.len() as u64 != meta.docs
+            || offsets.last() != Some(&meta.tokens)
         {
             return Err(StageError::Failed(format!(
                 "{}: file sizes disagree with meta.json",
                 dir.display()
             )));
         }
-        Ok(tf)
+        Ok(TokenFile {
+            meta,
+            tokens,
+            offsets,
+            prompt,
+        })
     }
 
     pub fn docs(&self) -> usize {
         self.meta.docs as usize
     }
 
-    fn offset(&self, i: usize) -> usize {
-        let b = &bytes(&self.docs)[i * 8..i * 8 + 8];
-        u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize
-    }
-
     /// Token range of document `i`.
     pub fn doc_range(&self, i: usize) -> std::ops::Range<usize> {
-        self.offset(i)..self.offset(i + 1)
+        self.offsets[i] as usize..self.offsets[i + 1] as usize
     }
 
     pub fn prompt_len(&self, i: usize) -> u32 {
-        let b = &bytes(&self.prompt)[i * 4..i * 4 + 4];
-        u32::from_le_bytes(b.try_into().expect("4 bytes"))
+        self.prompt[i]
+    }
+
+    /// Appends tokens `range` (positions in the whole token stream) to `out`.
+    pub fn extend_range(&self, range: std::ops::Range<usize>, out: &mut Vec<u32>) -> Result<(), StageError> {
+        use std::os::unix::fs::FileExt;
+        let wide = self.meta.dtype == "u32";
+        let width = if wide { 4 } else { 2 };
+        let mut buf = vec![0u8; range.len() * width];
+        self.tokens
+            .read_exact_at(&mut buf, (range.start * width) as u64)
+            .map_err(|e| StageError::io("reading tokens.bin", e))?;
+        if wide {
+            out.extend(buf.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4"))));
+        } else {
+            out.extend(buf.chunks_exact(2).map(|c| u16::from_le_bytes(c.try_into().expect("2")) as u32));
+        }
+        Ok(())
     }
 
     /// Appends document `i`'s tokens to `out`.
-    pub fn extend_doc(&self, i: usize, out: &mut Vec<u32>) {
-        let r = self.doc_range(i);
-        let t = bytes(&self.tokens);
-        if self.meta.dtype == "u32" {
-            out.extend(
-                t[r.start * 4..r.end * 4]
-                    .chunks_exact(4)
-                    .map(|c| u32::from_le_bytes(c.try_into().expect("4"))),
-            );
-        } else {
-            out.extend(
-                t[r.start * 2..r.end * 2]
-                    .chunks_exact(2)
-                    .map(|c| u16::from_le_bytes(c.try_into().expect("2")) as u32),
-            );
-        }
+    pub fn extend_doc(&self, i: usize, out: &mut Vec<u32>) -> Result<(), StageError> {
+        self.extend_range(self.doc_range(i), out)
     }
 
     pub fn doc(&self, i: usize) -> Vec<u32> {
         let mut v = Vec::new();
-        self.extend_doc(i, &mut v);
+        self.extend_doc(i, &mut v).expect("tokens.bin is readable");
         v
     }
 }
