@@ -172,7 +172,6 @@ fn main() {
     )
     .unwrap();
     drop(f);
-    let t = Instant::now();
     let out = Command::new("/usr/bin/time")
         .arg("-v")
         .arg(env!("CARGO_BIN_EXE_flow"))
@@ -206,5 +205,4 @@ fn main() {
         rows["metrics"]["rows"],
         kb / 1024.0
     );
-    let _ = t;
 }
