@@ -431,7 +431,8 @@ fn read_json_array(
 }
 
 /// Rewrites `records.jsonl` in a seeded random order (keeping `limit` records), reading
-/// lines through a memory map by their offsets: memory stays at 8 bytes per record.
+/// each line by its offset with pread: memory stays at 8 bytes per record (a memory map
+/// would count the whole file as resident).
 fn reorder(
     dir: &Path,
     offsets: Vec<u64>,
@@ -439,12 +440,14 @@ fn reorder(
     limit: Option<i64>,
 ) -> Result<usize, StageError> {
     use std::io::Write;
+    use std::os::unix::fs::FileExt;
     let path = dir.join(super::records::RECORDS_FILE);
     let file =
         File::open(&path).map_err(|e| StageError::io(format!("opening {}", path.display()), e))?;
-    // SAFETY: the file is ours (the stage's staging directory) and not modified while mapped.
-    let map = unsafe { memmap2::Mmap::map(&file) }
-        .map_err(|e| StageError::io(format!("mapping {}", path.display()), e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| StageError::io(format!("reading {}", path.display()), e))?
+        .len();
     let mut order: Vec<usize> = (0..offsets.len()).collect();
     Rng::new(seed).fork("source-shuffle").shuffle(&mut order);
     if let Some(l) = limit {
@@ -455,16 +458,19 @@ fn reorder(
         1 << 20,
         File::create(&tmp).map_err(|e| StageError::io(format!("creating {}", tmp.display()), e))?,
     );
+    let mut line = Vec::new();
     for &i in &order {
-        let start = offsets[i] as usize;
-        let end = offsets.get(i + 1).map_or(map.len(), |&o| o as usize);
-        out.write_all(&map[start..end])
+        let start = offsets[i];
+        let end = offsets.get(i + 1).copied().unwrap_or(len);
+        line.resize((end - start) as usize, 0);
+        file.read_exact_at(&mut line, start)
+            .map_err(|e| StageError::io(format!("reading {}", path.display()), e))?;
+        out.write_all(&line)
             .map_err(|e| StageError::io(format!("writing {}", tmp.display()), e))?;
     }
     out.flush()
         .map_err(|e| StageError::io(format!("writing {}", tmp.display()), e))?;
     drop(out);
-    drop(map);
     std::fs::rename(&tmp, &path)
         .map_err(|e| StageError::io(format!("renaming {}", tmp.display()), e))?;
     Ok(order.len())
