@@ -74,6 +74,14 @@ for line in open(sys.argv[2]):
     print(json.dumps({"ids": ids, "prompt_len": 1 + len(p) if p else 0}))
 "####;
 
+/// A workspace that has run PIPELINE plus `extra` stage tables.
+fn run_with(extra: &str) -> (Workspace, std::path::PathBuf) {
+    let ws = Workspace::new();
+    let p = ws.write("p.toml", &format!("{PIPELINE}\n{extra}"));
+    ws.run_statuses(&p, &[]);
+    (ws, p)
+}
+
 fn compare_with_python(tokens: &Path, tokenizer: &Path, data: &Path, template: &str) {
     let reference = python(
         PY_ENCODE,
@@ -203,13 +211,9 @@ fn tokens_match_python_tokenizers_and_packs_preserve_them() {
 
 #[test]
 fn overlong_examples_are_truncated_or_dropped_and_counted() {
-    let ws = Workspace::new();
-    let mut text = PIPELINE.to_string();
-    text.push_str(
+    let (ws, p) = run_with(
         "\n[stage.short]\nkind = \"pack\"\ntokens = \"ift_tokens[template=plain].tokens\"\nseq_len = 90\nmode = \"ift\"\noverlong = [\"truncate\", \"drop\"]\nsweep = [\"overlong\"]\n",
     );
-    let p = ws.write("p.toml", &text);
-    ws.run_statuses(&p, &[]);
     let tf = TokenFile::open(&output_named(
         &ws,
         &p,
@@ -255,11 +259,9 @@ fn a_saved_tokenizer_json_loads_as_a_file_and_encodes_identically() {
 
 #[test]
 fn cpt_repeats_the_corpus_up_to_a_token_budget() {
-    let ws = Workspace::new();
-    let mut text = PIPELINE.to_string();
-    text.push_str("\n[stage.budget]\nkind = \"pack\"\ntokens = \"cpt_tokens.tokens\"\nseq_len = 64\ntotal_tokens = 60000\n");
-    let p = ws.write("p.toml", &text);
-    ws.run_statuses(&p, &[]);
+    let (ws, p) = run_with(
+        "\n[stage.budget]\nkind = \"pack\"\ntokens = \"cpt_tokens.tokens\"\nseq_len = 64\ntotal_tokens = 60000\n",
+    );
     let tf = TokenFile::open(&output_named(&ws, &p, "cpt_tokens", "tokens")).unwrap();
     let corpus = tf.meta.tokens;
     assert!(
@@ -296,11 +298,9 @@ fn cpt_repeats_the_corpus_up_to_a_token_budget() {
 
 #[test]
 fn cpt_remainder_is_padded_on_request() {
-    let ws = Workspace::new();
-    let mut text = PIPELINE.to_string();
-    text.push_str("\n[stage.padded]\nkind = \"pack\"\ntokens = \"cpt_tokens.tokens\"\nseq_len = 64\nremainder = \"pad\"\nshuffle = false\n");
-    let p = ws.write("p.toml", &text);
-    ws.run_statuses(&p, &[]);
+    let (ws, p) = run_with(
+        "\n[stage.padded]\nkind = \"pack\"\ntokens = \"cpt_tokens.tokens\"\nseq_len = 64\nremainder = \"pad\"\nshuffle = false\n",
+    );
     let tf = TokenFile::open(&output_named(&ws, &p, "cpt_tokens", "tokens")).unwrap();
     let total = tf.meta.tokens as usize;
     assert_ne!(total % 64, 0, "the corpus leaves a remainder");

@@ -181,7 +181,10 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
         .artifacts[0];
     let tf = TokenFile::open(&input.dir)?;
     if tf.docs() == 0 {
-        return Err(StageError::Failed(format!("`{}` holds no documents", input.stage)));
+        return Err(StageError::Failed(format!(
+            "`{}` holds no documents",
+            input.stage
+        )));
     }
     let seq_len = p.seq_len as usize;
     let rng = Rng::new(p.seed as u64).fork("pack");
@@ -236,7 +239,8 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
         }
         shard.finish()?;
         summary.shards.push((format!("{n:05}"), chunk.len()));
-        ctx.progress.set_position(((n + 1) * p.rows_per_shard as usize).min(nrows) as u64);
+        ctx.progress
+            .set_position(((n + 1) * p.rows_per_shard as usize).min(nrows) as u64);
     }
     summary.rows = nrows;
     summary.efficiency = summary.tokens as f64 / (nrows * seq_len) as f64;
@@ -245,10 +249,18 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
         .map_err(|e| StageError::io("writing summary.json", e))?;
     let mut outcome = StageOutcome::default();
     outcome.metrics.insert("rows".into(), json!(summary.rows));
-    outcome.metrics.insert("tokens".into(), json!(summary.tokens));
-    outcome.metrics.insert("efficiency".into(), json!(summary.efficiency));
-    outcome.metrics.insert("truncated".into(), json!(summary.truncated));
-    outcome.metrics.insert("dropped".into(), json!(summary.dropped));
+    outcome
+        .metrics
+        .insert("tokens".into(), json!(summary.tokens));
+    outcome
+        .metrics
+        .insert("efficiency".into(), json!(summary.efficiency));
+    outcome
+        .metrics
+        .insert("truncated".into(), json!(summary.truncated));
+    outcome
+        .metrics
+        .insert("dropped".into(), json!(summary.dropped));
     Ok(outcome)
 }
 
@@ -293,9 +305,8 @@ fn plan_cpt(tf: &TokenFile, p: &Params, seq_len: usize, rng: &Rng, s: &mut PackS
 
 /// First-fit-decreasing: longest examples first, each into the first row with room.
 fn plan_ift(tf: &TokenFile, p: &Params, seq_len: usize, s: &mut PackSummary) -> Plan {
-    let mut lens: Vec<(usize, usize)> = (0..tf.docs())
-        .map(|i| (tf.doc_range(i).len(), i))
-        .collect();
+    let mut lens: Vec<(usize, usize)> =
+        (0..tf.docs()).map(|i| (tf.doc_range(i).len(), i)).collect();
     // Longest first; ties by document index, so the order is deterministic.
     lens.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
     let mut tree = FirstFit::new(lens.len(), seq_len);
@@ -453,7 +464,9 @@ impl Shard {
             } else {
                 self.ids.write_all(&(t as u16).to_le_bytes()).map_err(err)?;
             }
-            self.mask.write_all(&[row.mask.get(k).copied().unwrap_or(0)]).map_err(err)?;
+            self.mask
+                .write_all(&[row.mask.get(k).copied().unwrap_or(0)])
+                .map_err(err)?;
             self.seq
                 .write_all(&row.seq.get(k).copied().unwrap_or(0).to_le_bytes())
                 .map_err(err)?;
@@ -464,7 +477,8 @@ impl Shard {
     fn finish(mut self) -> Result<(), StageError> {
         let path = self.path.clone();
         for w in [&mut self.ids, &mut self.mask, &mut self.seq] {
-            w.flush().map_err(|e| StageError::io(format!("writing {}", path.display()), e))?;
+            w.flush()
+                .map_err(|e| StageError::io(format!("writing {}", path.display()), e))?;
         }
         Ok(())
     }

@@ -123,7 +123,8 @@ pub struct TokenFile {
 }
 
 fn read_le<const N: usize, T>(path: &Path, from: fn([u8; N]) -> T) -> Result<Vec<T>, StageError> {
-    let bytes = std::fs::read(path).map_err(|e| StageError::io(format!("reading {}", path.display()), e))?;
+    let bytes = std::fs::read(path)
+        .map_err(|e| StageError::io(format!("reading {}", path.display()), e))?;
     Ok(bytes
         .chunks_exact(N)
         .map(|c| from(c.try_into().expect("chunks_exact")))
@@ -139,7 +140,8 @@ impl TokenFile {
             StageError::Failed(format!("{}: not a token artifact: {e}", mpath.display()))
         })?;
         let tpath = dir.join("tokens.bin");
-        let tokens = File::open(&tpath).map_err(|e| StageError::io(format!("opening {}", tpath.display()), e))?;
+        let tokens = File::open(&tpath)
+            .map_err(|e| StageError::io(format!("opening {}", tpath.display()), e))?;
         let tokens_len = tokens.metadata().map(|m| m.len()).unwrap_or(0);
         let offsets = read_le(&dir.join("docs.bin"), u64::from_le_bytes)?;
         let prompt = read_le(&dir.join("prompt_len.bin"), u32::from_le_bytes)?;
@@ -176,7 +178,11 @@ impl TokenFile {
     }
 
     /// Appends tokens `range` (positions in the whole token stream) to `out`.
-    pub fn extend_range(&self, range: std::ops::Range<usize>, out: &mut Vec<u32>) -> Result<(), StageError> {
+    pub fn extend_range(
+        &self,
+        range: std::ops::Range<usize>,
+        out: &mut Vec<u32>,
+    ) -> Result<(), StageError> {
         use std::os::unix::fs::FileExt;
         let wide = self.meta.dtype == "u32";
         let width = if wide { 4 } else { 2 };
@@ -185,9 +191,15 @@ impl TokenFile {
             .read_exact_at(&mut buf, (range.start * width) as u64)
             .map_err(|e| StageError::io("reading tokens.bin", e))?;
         if wide {
-            out.extend(buf.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4"))));
+            out.extend(
+                buf.chunks_exact(4)
+                    .map(|c| u32::from_le_bytes(c.try_into().expect("4"))),
+            );
         } else {
-            out.extend(buf.chunks_exact(2).map(|c| u16::from_le_bytes(c.try_into().expect("2")) as u32));
+            out.extend(
+                buf.chunks_exact(2)
+                    .map(|c| u16::from_le_bytes(c.try_into().expect("2")) as u32),
+            );
         }
         Ok(())
     }

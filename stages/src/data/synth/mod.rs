@@ -91,7 +91,7 @@ fn draw(
     heldout: bool,
     unique: bool,
     out: &mut RecordWriter,
-    mut generate: impl FnMut(&mut Rng) -> (Record, Option<String>),
+    mut generate: Generate,
 ) -> Result<(), StageError> {
     let mut seen = HashSet::new();
     let mut misses = 0;
@@ -119,20 +119,24 @@ fn text(t: String) -> Record {
     Record::Text { text: t }
 }
 
-fn general_world(rng: &mut Rng, p: &Params, w: &mut World) -> Result<(), StageError> {
-    let styles = ["hellaswag", "arc", "winogrande"];
-    let mut style_rng = rng.fork("styles");
-    let doc = |r: &mut Rng| {
-        let (d, id) = general::document(r);
-        (text(d), Some(id))
-    };
+/// Generators of one world's four outputs; each returns an item and its identity.
+type Generate<'a> = Box<dyn FnMut(&mut Rng) -> (Record, Option<String>) + 'a>;
+
+/// Draws every output of a world from its own sub-stream: training outputs from the
+/// training side of the split, `eval` (deduplicated) and `heldout` from the held-out side.
+fn write_world(
+    rng: &Rng,
+    p: &Params,
+    w: &mut World,
+    [cpt, ift, eval, heldout]: [Generate; 4],
+) -> Result<(), StageError> {
     draw(
         &mut rng.fork("cpt"),
         p.docs as usize,
         false,
         false,
         &mut w.cpt,
-        doc,
+        cpt,
     )?;
     draw(
         &mut rng.fork("ift"),
@@ -140,10 +144,7 @@ fn general_world(rng: &mut Rng, p: &Params, w: &mut World) -> Result<(), StageEr
         false,
         false,
         &mut w.ift,
-        |r| {
-            let (pair, id) = general::pair(r);
-            (pair, Some(id))
-        },
+        ift,
     )?;
     draw(
         &mut rng.fork("eval"),
@@ -151,10 +152,7 @@ fn general_world(rng: &mut Rng, p: &Params, w: &mut World) -> Result<(), StageEr
         true,
         true,
         &mut w.eval,
-        |r| {
-            let (item, id) = general::choice_item(r, styles[style_rng.below(3)]);
-            (item, Some(id))
-        },
+        eval,
     )?;
     draw(
         &mut rng.fork("heldout"),
@@ -162,7 +160,33 @@ fn general_world(rng: &mut Rng, p: &Params, w: &mut World) -> Result<(), StageEr
         true,
         false,
         &mut w.heldout,
-        doc,
+        heldout,
+    )
+}
+
+fn general_world(rng: &Rng, p: &Params, w: &mut World) -> Result<(), StageError> {
+    let styles = ["hellaswag", "arc", "winogrande"];
+    let mut style_rng = rng.fork("styles");
+    let doc = |r: &mut Rng| {
+        let (d, id) = general::document(r);
+        (text(d), Some(id))
+    };
+    write_world(
+        rng,
+        p,
+        w,
+        [
+            Box::new(doc),
+            Box::new(|r| {
+                let (pair, id) = general::pair(r);
+                (pair, Some(id))
+            }),
+            Box::new(move |r| {
+                let (item, id) = general::choice_item(r, styles[style_rng.below(3)]);
+                (item, Some(id))
+            }),
+            Box::new(doc),
+        ],
     )
 }
 
@@ -172,97 +196,56 @@ fn math_item(r: &mut Rng, shape: fn(String, String) -> Record) -> (Record, Optio
     (shape(q.question.clone(), q.answer), Some(q.question))
 }
 
-fn math_world(rng: &mut Rng, p: &Params, w: &mut World) -> Result<(), StageError> {
-    let worked = |r: &mut Rng| {
-        let q = math::problem(r);
-        let doc = format!("Question: {}\nAnswer: {}", q.question, q.answer);
-        (text(doc), Some(q.question))
-    };
-    draw(
-        &mut rng.fork("cpt"),
-        p.docs as usize,
-        false,
-        false,
-        &mut w.cpt,
-        |r| {
-            let doc = math::document(r);
-            let identity = doc
-                .strip_prefix("Question: ")
-                .and_then(|d| d.split_once("\nAnswer:"))
-                .map(|(q, _)| q.to_string());
-            (text(doc), identity)
-        },
-    )?;
-    draw(
-        &mut rng.fork("ift"),
-        p.pairs as usize,
-        false,
-        false,
-        &mut w.ift,
-        |r| math_item(r, |prompt, response| Record::Pair { prompt, response }),
-    )?;
-    draw(
-        &mut rng.fork("eval"),
-        p.eval as usize,
-        true,
-        true,
-        &mut w.eval,
-        |r| math_item(r, |question, answer| Record::Gsm8k { question, answer }),
-    )?;
-    draw(
-        &mut rng.fork("heldout"),
-        p.heldout as usize,
-        true,
-        false,
-        &mut w.heldout,
-        worked,
+fn math_world(rng: &Rng, p: &Params, w: &mut World) -> Result<(), StageError> {
+    write_world(
+        rng,
+        p,
+        w,
+        [
+            Box::new(|r| {
+                let doc = math::document(r);
+                // Lists of equations and facts have no identity: they are never held out.
+                let identity = doc
+                    .strip_prefix("Question: ")
+                    .and_then(|d| d.split_once("\nAnswer:"))
+                    .map(|(q, _)| q.to_string());
+                (text(doc), identity)
+            }),
+            Box::new(|r| math_item(r, |prompt, response| Record::Pair { prompt, response })),
+            Box::new(|r| math_item(r, |question, answer| Record::Gsm8k { question, answer })),
+            Box::new(|r| {
+                let (item, id) = math_item(r, |q, a| Record::Text {
+                    text: format!("Question: {q}\nAnswer: {a}"),
+                });
+                (item, id)
+            }),
+        ],
     )
 }
 
-fn code_world(rng: &mut Rng, p: &Params, w: &mut World) -> Result<(), StageError> {
+fn code_world(rng: &Rng, p: &Params, w: &mut World) -> Result<(), StageError> {
     let mut index = 0;
     let source = |r: &mut Rng| {
         let f = code::problem(r);
         (text(f.source()), Some(f.name))
     };
-    draw(
-        &mut rng.fork("cpt"),
-        p.docs as usize,
-        false,
-        false,
-        &mut w.cpt,
-        source,
-    )?;
-    draw(
-        &mut rng.fork("ift"),
-        p.pairs as usize,
-        false,
-        false,
-        &mut w.ift,
-        |r| {
-            let f = code::problem(r);
-            (f.pair(), Some(f.name))
-        },
-    )?;
-    draw(
-        &mut rng.fork("eval"),
-        p.eval as usize,
-        true,
-        true,
-        &mut w.eval,
-        |r| {
-            let f = code::problem(r);
-            index += 1;
-            (f.item(index - 1), Some(f.name))
-        },
-    )?;
-    draw(
-        &mut rng.fork("heldout"),
-        p.heldout as usize,
-        true,
-        false,
-        &mut w.heldout,
-        source,
+    write_world(
+        rng,
+        p,
+        w,
+        [
+            Box::new(source),
+            Box::new(|r| {
+                let f = code::problem(r);
+                (f.pair(), Some(f.name))
+            }),
+            Box::new(move |r| {
+                let f = code::problem(r);
+                index += 1;
+                (f.item(index - 1), Some(f.name))
+            }),
+            Box::new(source),
+        ],
     )
 }
 
@@ -284,11 +267,11 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
         eval: RecordWriter::create(ctx.output("eval")?)?,
         heldout: RecordWriter::create(ctx.output("heldout")?)?,
     };
-    let mut rng = Rng::new(p.seed as u64).fork(&p.domain);
+    let rng = Rng::new(p.seed as u64).fork(&p.domain);
     match p.domain.as_str() {
-        "general" => general_world(&mut rng, &p, &mut w)?,
-        "math" => math_world(&mut rng, &p, &mut w)?,
-        _ => code_world(&mut rng, &p, &mut w)?,
+        "general" => general_world(&rng, &p, &mut w)?,
+        "math" => math_world(&rng, &p, &mut w)?,
+        _ => code_world(&rng, &p, &mut w)?,
     }
     let mut outcome = StageOutcome::default();
     for (name, writer) in [
