@@ -54,7 +54,7 @@ pub static KIND: Kind = Kind {
             name: "text_unit",
             ty: ParamType::Choice(&["paragraph", "line", "file"]),
             default: Default::Value("\"paragraph\""),
-            doc: ".txt files: one record per blank-line-separated paragraph, per line, or per file",
+            doc: ".txt files: one record per blank-line-separated paragraph, per line, or per file (a whole file is held in memory: for small files)",
         },
         Param {
             name: "eval_fraction",
