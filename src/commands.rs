@@ -11,6 +11,7 @@ use flow::exec::protocol::ChildSpec;
 use flow::exec::{self, RunOptions};
 use flow::key::short;
 use flow::pipeline::{Overrides, Pipeline};
+use flow::remote::{Remote, Transfer};
 use flow::store::{Cache, KeyLock};
 use flow::ui::{Status, Ui};
 use serde_json::json;
@@ -22,6 +23,7 @@ const EXIT_INVALID: u8 = 2;
 
 pub struct Context {
     pub cache: Option<PathBuf>,
+    pub remote: Option<String>,
     pub verbose: bool,
 }
 
@@ -71,6 +73,90 @@ impl Context {
         Cache::open(&root).with_context(|| format!("opening the cache at {}", root.display()))
     }
 
+    /// The remote cache named by --remote / FLOW_REMOTE, else by the pipeline, if any.
+    fn open_remote(&self, pipeline: &Pipeline) -> anyhow::Result<Option<Remote>> {
+        match self.remote.clone().or_else(|| pipeline.remote.clone()) {
+            Some(url) => Ok(Some(Remote::open(&url)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn require_remote(&self, pipeline: &Pipeline) -> anyhow::Result<Remote> {
+        self.open_remote(pipeline)?.ok_or_else(|| {
+            anyhow::anyhow!("no remote: pass --remote URL, set FLOW_REMOTE or [pipeline] remote")
+        })
+    }
+
+    pub fn push(&self, p: &PipelineArgs, json: bool) -> CmdResult {
+        let pipeline = load_or_exit!(p, json);
+        let cache = self.open_cache(Some(&pipeline))?;
+        let remote = self.require_remote(&pipeline)?;
+        let mut total = Transfer::default();
+        let mut pushed = 0;
+        for (stage, state) in pipeline.stages.iter().zip(resolve(&pipeline, &cache)?) {
+            if let Some(record) = state.record() {
+                let t = remote
+                    .push(&cache, record)
+                    .with_context(|| format!("pushing `{}`", stage.name))?;
+                total += t;
+                pushed += 1;
+                if json {
+                    println!(
+                        "{}",
+                        json!({"event": "pushed", "stage": stage.name, "key": record.key, "transfer": t})
+                    );
+                }
+            }
+        }
+        report_transfer(json, "pushed", pushed, total, remote.url());
+        Ok(ExitCode::SUCCESS)
+    }
+
+    pub fn pull(&self, p: &PipelineArgs, json: bool) -> CmdResult {
+        let pipeline = load_or_exit!(p, json);
+        let cache = self.open_cache(Some(&pipeline))?;
+        let remote = self.require_remote(&pipeline)?;
+        let files = flow::store::FileHashes::load(&cache);
+        let mut outputs: Vec<Option<std::collections::BTreeMap<String, String>>> = Vec::new();
+        let mut total = Transfer::default();
+        let (mut pulled, mut missing) = (0, 0);
+        for stage in &pipeline.stages {
+            let lookup = |i: usize| outputs[i].clone();
+            let parts = flow::exec::plan::key_parts(&pipeline, stage, &lookup, &files)?;
+            let record = match parts {
+                Err(_) => None,
+                Ok(parts) => {
+                    let key = parts.key();
+                    match cache.done(&key)? {
+                        Some(r) => Some(r),
+                        None => remote
+                            .pull(&cache, &key)
+                            .with_context(|| format!("pulling `{}`", stage.name))?
+                            .map(|(r, t)| {
+                                total += t;
+                                pulled += 1;
+                                if json {
+                                    println!(
+                                        "{}",
+                                        json!({"event": "pulled", "stage": stage.name, "key": key, "transfer": t})
+                                    );
+                                }
+                                r
+                            }),
+                    }
+                }
+            };
+            missing += record.is_none() as usize;
+            outputs.push(record.map(|r| r.outputs));
+        }
+        files.save()?;
+        report_transfer(json, "pulled", pulled, total, remote.url());
+        if !json && missing > 0 {
+            println!("{missing} stage(s) are done neither here nor on the remote");
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
     pub fn run(
         &self,
         p: &PipelineArgs,
@@ -82,17 +168,24 @@ impl Context {
         let cache = self.open_cache(Some(&pipeline))?;
         let jobs = jobs.max(1);
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let remote = self.open_remote(&pipeline)?;
         let opts = RunOptions {
             jobs,
             threads: threads.unwrap_or((cores / jobs).max(1)),
+            remote: remote.as_ref(),
         };
         let mut ui = Ui::new(json, self.verbose);
         let summary = exec::run(&pipeline, &cache, &opts, &mut ui)?;
-        Ok(if summary.failed + summary.blocked > 0 {
-            ExitCode::FAILURE
-        } else {
-            ExitCode::SUCCESS
-        })
+        if summary.push_failed {
+            eprintln!("error: some results could not be pushed to the remote (see above)");
+        }
+        Ok(
+            if summary.failed + summary.blocked > 0 || summary.push_failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            },
+        )
     }
 
     pub fn plan(&self, p: &PipelineArgs, json: bool) -> CmdResult {
@@ -440,6 +533,22 @@ impl Context {
         } else {
             ExitCode::FAILURE
         })
+    }
+}
+
+fn report_transfer(json: bool, verb: &str, stages: usize, t: Transfer, url: &str) {
+    if json {
+        println!(
+            "{}",
+            json!({"event": "summary", "stages": stages, "transfer": t, "remote": url})
+        );
+    } else {
+        println!(
+            "{verb} {stages} stage(s): {} file(s), {:.1} MiB ({} already there) with {url}",
+            t.files,
+            t.bytes as f64 / (1024.0 * 1024.0),
+            t.skipped
+        );
     }
 }
 

@@ -6,5 +6,6 @@ pub mod exec;
 pub mod graph;
 pub mod key;
 pub mod pipeline;
+pub mod remote;
 pub mod store;
 pub mod ui;

@@ -14,6 +14,9 @@ struct Cli {
     /// Cache root [default: `[pipeline] cache`, else ./cache]
     #[arg(long, global = true, env = "FLOW_CACHE")]
     cache: Option<PathBuf>,
+    /// Remote cache (s3://bucket/prefix or file:///dir) [default: `[pipeline] remote`]
+    #[arg(long, global = true, env = "FLOW_REMOTE")]
+    remote: Option<String>,
     /// Also print cached stages and debug logs
     #[arg(short, long, global = true)]
     verbose: bool,
@@ -91,6 +94,20 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Upload a pipeline's done stages to the remote cache
+    Push {
+        #[command(flatten)]
+        p: PipelineArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download a pipeline's stages that the remote cache has done
+    Pull {
+        #[command(flatten)]
+        p: PipelineArgs,
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete cache entries that no kept pipeline references
     Gc {
         /// A pipeline whose current results are kept (repeatable)
@@ -139,13 +156,24 @@ pub enum DagFormat {
 }
 
 fn main() -> ExitCode {
-    // Behave like other Unix tools when the reader goes away (`flow kinds | head`): die
-    // quietly on SIGPIPE instead of panicking on a failed print.
-    // SAFETY: setting a signal disposition at startup, before any thread exists.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Cmd::Plan { .. }
+            | Cmd::Status { .. }
+            | Cmd::Explain { .. }
+            | Cmd::Dag { .. }
+            | Cmd::Show { .. }
+            | Cmd::Kinds { .. }
+    ) {
+        // Listings behave like other Unix tools when the reader goes away (`flow kinds |
+        // head`): die quietly on SIGPIPE instead of panicking on a failed print. Commands
+        // that talk to a remote keep Rust's default (EPIPE errors), which network code needs.
+        // SAFETY: setting a signal disposition at startup, before any thread exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     if matches!(cli.command, Cmd::Stage) {
         return ExitCode::from(commands::stage_child() as u8);
     }
@@ -160,6 +188,7 @@ fn main() -> ExitCode {
         .try_init();
     let ctx = commands::Context {
         cache: cli.cache,
+        remote: cli.remote,
         verbose: cli.verbose,
     };
     let result = match cli.command {
@@ -174,6 +203,8 @@ fn main() -> ExitCode {
         Cmd::Explain { p, stage, json } => ctx.explain(&p, &stage, json),
         Cmd::Dag { p, format } => ctx.dag(&p, format),
         Cmd::Show { p, stage, json } => ctx.show(&p, &stage, json),
+        Cmd::Push { p, json } => ctx.push(&p, json),
+        Cmd::Pull { p, json } => ctx.pull(&p, json),
         Cmd::Gc {
             keep,
             profiles,

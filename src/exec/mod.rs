@@ -14,6 +14,7 @@ use std::time::Instant;
 use flow_stages::ParamType;
 
 use crate::pipeline::Pipeline;
+use crate::remote::Remote;
 use crate::store::{Cache, FileHashes};
 use crate::ui::{Status, Ui};
 use plan::key_parts;
@@ -21,11 +22,14 @@ use protocol::{ChildEvent, ChildSpec, EXIT_CORRUPT_INPUT, Outputs, SpecArtifact,
 
 /// Scheduling options: none of them enters a cache key.
 #[derive(Debug, Clone)]
-pub struct RunOptions {
+pub struct RunOptions<'a> {
     /// Stages run at once.
     pub jobs: usize,
     /// Threads each stage may use.
     pub threads: usize,
+    /// A shared remote cache: done keys are pulled from it instead of recomputed, and every
+    /// key done here is pushed to it.
+    pub remote: Option<&'a Remote>,
 }
 
 /// Counts of a finished run.
@@ -35,6 +39,8 @@ pub struct Summary {
     pub cached: usize,
     pub failed: usize,
     pub blocked: usize,
+    /// Some key could not be pushed to the remote (the run itself succeeded locally).
+    pub push_failed: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -70,6 +76,7 @@ pub fn run(
     let mut heals = vec![0usize; n];
     let mut started: Vec<Option<Instant>> = vec![None; n];
     let mut outcome: Vec<Option<Status>> = vec![None; n];
+    let mut push_failed = false;
     let mut running = 0usize;
     let (tx, rx) = mpsc::channel::<Msg>();
     let files = FileHashes::load(cache);
@@ -117,8 +124,24 @@ pub fn run(
             let key = parts.key();
             keys[i] = Some(key.clone());
             if let Some(outputs) = cached_outputs(cache, &key)? {
+                if let Some(remote) = opts.remote {
+                    push_failed |= !sync_push(remote, cache, &key, &stage.name, ui);
+                }
                 outcome[i] = Some(Status::Cached);
                 ui.stage(&stage.name, Status::Cached, Some(&key), "");
+                state[i] = State::Done(outputs);
+                continue;
+            }
+            if let Some(remote) = opts.remote
+                && let Some(outputs) = pull(remote, cache, &key, &stage.name, ui)
+            {
+                outcome[i] = Some(Status::Cached);
+                ui.stage(
+                    &stage.name,
+                    Status::Cached,
+                    Some(&key),
+                    "(pulled from the remote)",
+                );
                 state[i] = State::Done(outputs);
                 continue;
             }
@@ -203,6 +226,9 @@ pub fn run(
                             state[i] = State::Done(record.outputs);
                         }
                         Some(record) => {
+                            if let Some(remote) = opts.remote {
+                                push_failed |= !sync_push(remote, cache, &key, &name, ui);
+                            }
                             outcome[i] = Some(Status::Ran);
                             ui.stage(&name, Status::Ran, Some(&key), &format!("{secs:.1}s"));
                             state[i] = State::Done(record.outputs);
@@ -279,6 +305,7 @@ pub fn run(
         cached: count(Status::Cached),
         failed: count(Status::Failed),
         blocked: count(Status::Blocked),
+        push_failed,
     };
     if summary.ran > 0 {
         cache.write_index(&pipeline.name, &known)?;
@@ -309,6 +336,35 @@ fn cached_outputs(cache: &Cache, key: &str) -> anyhow::Result<Option<Outputs>> {
         }
     }
     Ok(Some(record.outputs))
+}
+
+/// Makes sure the remote has a done key (pushing it if not); false after a failure, which is
+/// reported: the local result stands, but the team would not see it.
+fn sync_push(remote: &Remote, cache: &Cache, key: &str, stage: &str, ui: &Ui) -> bool {
+    let result = match cache.read_record(key) {
+        Ok(Some(record)) => remote.push(cache, &record).map(|_| ()),
+        Ok(None) => return true,
+        Err(e) => Err(e.into()),
+    };
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            ui.warn(&format!("  push failed  {stage}: {e}"));
+            false
+        }
+    }
+}
+
+/// Pulls a key the remote has done; None (with a warning on errors) means it must run here.
+fn pull(remote: &Remote, cache: &Cache, key: &str, stage: &str, ui: &Ui) -> Option<Outputs> {
+    match remote.pull(cache, key) {
+        Ok(Some((record, _))) => Some(record.outputs),
+        Ok(None) => None,
+        Err(e) => {
+            ui.warn(&format!("  pull failed  {stage}: {e}; computing it here"));
+            None
+        }
+    }
 }
 
 /// The stages whose output `digest` stage `i` consumed.

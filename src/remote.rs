@@ -1,0 +1,405 @@
+//! A remote cache in object storage (`s3://bucket/prefix`, `file:///path`), mirroring the
+//! local layout so a team or a second machine reuses results:
+//!
+//! ```text
+//! PREFIX/objects/blake3/ab/cdef...   blobs, uploaded once (multipart above 8 MiB)
+//! PREFIX/artifacts/ab/<digest>.json  manifests
+//! PREFIX/runs/<key>.json             run records, put last and create-only
+//! ```
+//! Pushing a key uploads its blobs, then its manifests, then its record: a reader that finds
+//! a record finds everything it names. Every download is re-hashed before it enters the local
+//! cache. S3 settings come from the standard `AWS_*` variables; object_store retries transient
+//! errors with backoff, and credentials never appear in its errors.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload, WriteMultipart};
+
+use crate::store::{Cache, Manifest, RunRecord};
+
+/// Files above this size are uploaded in parts, never read into memory whole.
+const MULTIPART_ABOVE: u64 = 8 << 20;
+const PART: usize = 8 << 20;
+
+/// Why a remote operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("remote {url}: {message}")]
+    Store { url: String, message: String },
+    #[error("remote {url}: {what} is damaged (expected blake3 {expected}, got {found})")]
+    Corrupt {
+        url: String,
+        what: String,
+        expected: String,
+        found: String,
+    },
+    #[error("local cache: {0}")]
+    Local(#[from] crate::store::StoreError),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type Result<T> = std::result::Result<T, RemoteError>;
+
+/// What a push or pull moved.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Transfer {
+    pub files: u64,
+    pub bytes: u64,
+    /// Blobs the other side already had.
+    pub skipped: u64,
+}
+
+impl std::ops::AddAssign for Transfer {
+    fn add_assign(&mut self, o: Transfer) {
+        self.files += o.files;
+        self.bytes += o.bytes;
+        self.skipped += o.skipped;
+    }
+}
+
+/// An opened remote cache.
+pub struct Remote {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    url: String,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote").field("url", &self.url).finish()
+    }
+}
+
+impl Remote {
+    /// Opens `s3://bucket/prefix` (settings from `AWS_*`) or `file:///dir`.
+    pub fn open(url: &str) -> Result<Remote> {
+        let fail = |message: String| RemoteError::Store {
+            url: url.to_string(),
+            message,
+        };
+        let parsed = url::Url::parse(url).map_err(|e| fail(format!("not a URL: {e}")))?;
+        let (store, prefix): (Arc<dyn ObjectStore>, String) = match parsed.scheme() {
+            "s3" => {
+                let store = object_store::aws::AmazonS3Builder::from_env()
+                    .with_url(url)
+                    .build()
+                    .map_err(|e| fail(e.to_string()))?;
+                (Arc::new(store), parsed.path().trim_matches('/').to_string())
+            }
+            "file" => {
+                let dir = parsed
+                    .to_file_path()
+                    .map_err(|_| fail("not a local path".into()))?;
+                std::fs::create_dir_all(&dir).map_err(|e| fail(e.to_string()))?;
+                let store = object_store::local::LocalFileSystem::new_with_prefix(&dir)
+                    .map_err(|e| fail(e.to_string()))?;
+                (Arc::new(store), String::new())
+            }
+            other => {
+                return Err(fail(format!(
+                    "`{other}://` remotes are not built in (use s3:// or file://)"
+                )));
+            }
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| fail(format!("starting the I/O runtime: {e}")))?;
+        Ok(Remote {
+            store,
+            prefix,
+            url: url.to_string(),
+            runtime,
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn path(&self, rel: &str) -> ObjPath {
+        if self.prefix.is_empty() {
+            ObjPath::from(rel)
+        } else {
+            ObjPath::from(format!("{}/{rel}", self.prefix))
+        }
+    }
+
+    fn err(&self, e: object_store::Error) -> RemoteError {
+        RemoteError::Store {
+            url: self.url.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    fn object_rel(hash: &str) -> String {
+        format!("objects/blake3/{}/{}", &hash[..2], &hash[2..])
+    }
+
+    fn manifest_rel(digest: &str) -> String {
+        format!("artifacts/{}/{digest}.json", &digest[..2])
+    }
+
+    fn record_rel(key: &str) -> String {
+        format!("runs/{key}.json")
+    }
+
+    /// Whether an object exists.
+    fn exists(&self, rel: &str) -> Result<bool> {
+        let path = self.path(rel);
+        self.runtime.block_on(async {
+            match self.store.head(&path).await {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::NotFound { .. }) => Ok(false),
+                Err(e) => Err(self.err(e)),
+            }
+        })
+    }
+
+    /// Puts small bytes, create-only: an existing object (same content-addressed name, or a
+    /// record another machine committed) is left as it is.
+    fn put_small(&self, rel: &str, bytes: Vec<u8>) -> Result<bool> {
+        let path = self.path(rel);
+        self.runtime.block_on(async {
+            match self
+                .store
+                .put_opts(&path, PutPayload::from(bytes), PutMode::Create.into())
+                .await
+            {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+                Err(e) => Err(self.err(e)),
+            }
+        })
+    }
+
+    /// Uploads a local file; large files stream in parts, and a failed upload is aborted.
+    fn put_file(&self, rel: &str, file: &Path) -> Result<u64> {
+        let io = |e: std::io::Error| RemoteError::Io {
+            path: file.display().to_string(),
+            source: e,
+        };
+        let size = std::fs::metadata(file).map_err(io)?.len();
+        if size <= MULTIPART_ABOVE {
+            let bytes = std::fs::read(file).map_err(io)?;
+            self.put_small(rel, bytes)?;
+            return Ok(size);
+        }
+        let path = self.path(rel);
+        self.runtime.block_on(async {
+            let upload = self
+                .store
+                .put_multipart(&path)
+                .await
+                .map_err(|e| self.err(e))?;
+            let mut writer = WriteMultipart::new_with_chunk_size(upload, PART);
+            let mut f = std::fs::File::open(file).map_err(io)?;
+            let mut buf = vec![0u8; PART];
+            let result: Result<()> = async {
+                loop {
+                    let n = f.read(&mut buf).map_err(io)?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    writer.wait_for_capacity(2).await.map_err(|e| self.err(e))?;
+                    writer.write(&buf[..n]);
+                }
+            }
+            .await;
+            match result {
+                Ok(()) => writer.finish().await.map(|_| size).map_err(|e| self.err(e)),
+                Err(e) => {
+                    let _ = writer.abort().await;
+                    Err(e)
+                }
+            }
+        })
+    }
+
+    /// Streams an object into `dest` (a temp path), hashing it on the way; returns the blake3.
+    fn get_to_file(&self, rel: &str, dest: &Path) -> Result<Option<(String, u64)>> {
+        let path = self.path(rel);
+        let io = |e: std::io::Error| RemoteError::Io {
+            path: dest.display().to_string(),
+            source: e,
+        };
+        self.runtime.block_on(async {
+            let get = match self.store.get(&path).await {
+                Ok(g) => g,
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(self.err(e)),
+            };
+            let mut out = std::io::BufWriter::new(std::fs::File::create(dest).map_err(io)?);
+            let mut hasher = blake3::Hasher::new();
+            let mut size = 0u64;
+            let mut stream = get.into_stream();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| self.err(e))?;
+                hasher.update(&chunk);
+                size += chunk.len() as u64;
+                out.write_all(&chunk).map_err(io)?;
+            }
+            out.flush().map_err(io)?;
+            Ok(Some((hasher.finalize().to_hex().to_string(), size)))
+        })
+    }
+
+    fn get_bytes(&self, rel: &str) -> Result<Option<Vec<u8>>> {
+        let path = self.path(rel);
+        self.runtime.block_on(async {
+            match self.store.get(&path).await {
+                Ok(g) => g
+                    .bytes()
+                    .await
+                    .map(|b| Some(b.to_vec()))
+                    .map_err(|e| self.err(e)),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(self.err(e)),
+            }
+        })
+    }
+
+    /// Whether the remote has a run record for `key`.
+    pub fn has_record(&self, key: &str) -> Result<bool> {
+        self.exists(&Self::record_rel(key))
+    }
+
+    /// Pushes a committed key: blobs (those missing remotely), manifests, then the record.
+    pub fn push(&self, cache: &Cache, record: &RunRecord) -> Result<Transfer> {
+        let mut t = Transfer::default();
+        if self.has_record(&record.key)? {
+            return Ok(t);
+        }
+        for digest in record.outputs.values() {
+            let manifest = cache
+                .read_manifest(digest)?
+                .ok_or_else(|| RemoteError::Store {
+                    url: self.url.clone(),
+                    message: format!("the local cache lacks manifest {digest}"),
+                })?;
+            let view = cache.view_path(digest);
+            for f in &manifest.files {
+                let rel = Self::object_rel(&f.blake3);
+                if self.exists(&rel)? {
+                    t.skipped += 1;
+                    continue;
+                }
+                t.bytes += self.put_file(&rel, &view.join(&f.path))?;
+                t.files += 1;
+            }
+            let bytes =
+                std::fs::read(cache.manifest_path(digest)).map_err(|e| RemoteError::Io {
+                    path: cache.manifest_path(digest).display().to_string(),
+                    source: e,
+                })?;
+            self.put_small(&Self::manifest_rel(digest), bytes)?;
+        }
+        let bytes = serde_json::to_vec_pretty(record).expect("records serialize");
+        self.put_small(&Self::record_rel(&record.key), bytes)?;
+        Ok(t)
+    }
+
+    /// Pulls a key the remote has finished into the local cache (verifying every byte) and
+    /// commits it locally. Ok(None) when the remote has no record for the key.
+    pub fn pull(&self, cache: &Cache, key: &str) -> Result<Option<(RunRecord, Transfer)>> {
+        let Some(bytes) = self.get_bytes(&Self::record_rel(key))? else {
+            return Ok(None);
+        };
+        let record: RunRecord = serde_json::from_slice(&bytes).map_err(|e| RemoteError::Store {
+            url: self.url.clone(),
+            message: format!("unreadable run record {key}: {e}"),
+        })?;
+        let mut t = Transfer::default();
+        for digest in record.outputs.values() {
+            t += self.pull_artifact(cache, digest)?;
+        }
+        cache.write_record(&record)?;
+        Ok(Some((record, t)))
+    }
+
+    /// Fetches one artifact's manifest and missing blobs, then materializes its view.
+    fn pull_artifact(&self, cache: &Cache, digest: &str) -> Result<Transfer> {
+        let mut t = Transfer::default();
+        let rel = Self::manifest_rel(digest);
+        let bytes = self.get_bytes(&rel)?.ok_or_else(|| RemoteError::Store {
+            url: self.url.clone(),
+            message: format!("manifest {digest} is missing"),
+        })?;
+        let found = blake3::hash(&bytes).to_hex().to_string();
+        if found != digest {
+            return Err(RemoteError::Corrupt {
+                url: self.url.clone(),
+                what: rel,
+                expected: digest.into(),
+                found,
+            });
+        }
+        let manifest: Manifest =
+            serde_json::from_slice(&bytes).map_err(|e| RemoteError::Store {
+                url: self.url.clone(),
+                message: format!("unreadable manifest {digest}: {e}"),
+            })?;
+        cache.put_manifest(digest, &bytes)?;
+        for f in &manifest.files {
+            let object = cache.object_path(&f.blake3);
+            if object.is_file() {
+                t.skipped += 1;
+                continue;
+            }
+            let rel = Self::object_rel(&f.blake3);
+            // A damaged download is fetched once more before giving up.
+            let mut last = None;
+            for _ in 0..2 {
+                let tmp = cache.tmp_dir().join(format!(
+                    "pull-{}-{}",
+                    std::process::id(),
+                    &f.blake3[..16]
+                ));
+                match self.get_to_file(&rel, &tmp)? {
+                    None => {
+                        return Err(RemoteError::Store {
+                            url: self.url.clone(),
+                            message: format!("blob {} of artifact {digest} is missing", f.blake3),
+                        });
+                    }
+                    Some((hash, size)) if hash == f.blake3 => {
+                        cache.adopt_download(&tmp, &f.blake3)?;
+                        t.files += 1;
+                        t.bytes += size;
+                        last = None;
+                        break;
+                    }
+                    Some((hash, _)) => {
+                        let _ = std::fs::remove_file(&tmp);
+                        last = Some(hash);
+                    }
+                }
+            }
+            if let Some(found) = last {
+                return Err(RemoteError::Corrupt {
+                    url: self.url.clone(),
+                    what: rel,
+                    expected: f.blake3.clone(),
+                    found,
+                });
+            }
+        }
+        if !cache.materialize(digest)? {
+            return Err(RemoteError::Store {
+                url: self.url.clone(),
+                message: format!("artifact {digest} could not be materialized after the pull"),
+            });
+        }
+        Ok(t)
+    }
+}
