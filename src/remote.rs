@@ -5,6 +5,8 @@
 //! PREFIX/objects/blake3/ab/cdef...   blobs, uploaded once (multipart above 8 MiB)
 //! PREFIX/artifacts/ab/<digest>.json  manifests
 //! PREFIX/runs/<key>.json             run records, put last and create-only
+//! PREFIX/leases/<key>.json           who is computing a key, until when (create-only)
+//! PREFIX/scratch/<key>/...           checkpoints of unfinished runs, for a resume elsewhere
 //! ```
 //! Pushing a key uploads its blobs, then its manifests, then its record: a reader that finds
 //! a record finds everything it names. Every download is re-hashed before it enters the local
@@ -402,4 +404,162 @@ impl Remote {
         }
         Ok(t)
     }
+
+    fn lease_rel(key: &str) -> String {
+        format!("leases/{key}.json")
+    }
+
+    fn scratch_rel(key: &str, rel: &str) -> String {
+        format!("scratch/{key}/{rel}")
+    }
+
+    /// Tries to take the lease on a key for `ttl` seconds. Ok(None) when taken; Ok(Some(holder))
+    /// when another live holder has it. An expired lease is taken over.
+    pub fn try_lease(&self, key: &str, holder: &str, ttl: u64) -> Result<Option<String>> {
+        let rel = Self::lease_rel(key);
+        for _ in 0..3 {
+            let body = serde_json::json!({"holder": holder, "expires": now() + ttl}).to_string();
+            if self.put_small(&rel, body.into_bytes())? {
+                return Ok(None);
+            }
+            let Some(bytes) = self.get_bytes(&rel)? else {
+                continue; // released meanwhile
+            };
+            let lease: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            let expires = lease["expires"].as_u64().unwrap_or(0);
+            if expires > now() {
+                return Ok(Some(lease["holder"].as_str().unwrap_or("?").to_string()));
+            }
+            // Expired: its holder died. Delete and race for a fresh create-only put.
+            self.delete(&rel)?;
+        }
+        Ok(Some("another process (lease contended)".into()))
+    }
+
+    /// Extends a lease we hold.
+    pub fn renew_lease(&self, key: &str, holder: &str, ttl: u64) -> Result<()> {
+        let body = serde_json::json!({"holder": holder, "expires": now() + ttl}).to_string();
+        let path = self.path(&Self::lease_rel(key));
+        self.runtime.block_on(async {
+            self.store
+                .put(&path, PutPayload::from(body.into_bytes()))
+                .await
+                .map(|_| ())
+                .map_err(|e| self.err(e))
+        })
+    }
+
+    pub fn release_lease(&self, key: &str) -> Result<()> {
+        self.delete(&Self::lease_rel(key))
+    }
+
+    fn delete(&self, rel: &str) -> Result<()> {
+        let path = self.path(rel);
+        self.runtime.block_on(async {
+            match self.store.delete(&path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(self.err(e)),
+            }
+        })
+    }
+
+    fn list(&self, rel_prefix: &str) -> Result<Vec<(String, u64)>> {
+        let prefix = self.path(rel_prefix);
+        let strip = format!("{prefix}/");
+        self.runtime.block_on(async {
+            let mut out = Vec::new();
+            let mut stream = self.store.list(Some(&prefix));
+            while let Some(meta) = stream.next().await {
+                let meta = meta.map_err(|e| self.err(e))?;
+                let loc = meta.location.to_string();
+                out.push((
+                    loc.strip_prefix(&strip).unwrap_or(&loc).to_string(),
+                    meta.size,
+                ));
+            }
+            Ok(out)
+        })
+    }
+
+    /// Uploads the files of a scratch directory whose (size, mtime) changed since `seen`.
+    pub fn push_scratch(
+        &self,
+        key: &str,
+        dir: &Path,
+        seen: &mut std::collections::HashMap<String, (u64, std::time::SystemTime)>,
+    ) -> Result<Transfer> {
+        let mut t = Transfer::default();
+        for entry in walkdir::WalkDir::new(dir)
+            .min_depth(1)
+            .into_iter()
+            .filter_map(|e| e.ok())
+        {
+            if !entry.file_type().is_file() {
+                continue;
+            }
+            let rel = entry
+                .path()
+                .strip_prefix(dir)
+                .expect("child")
+                .to_string_lossy()
+                .replace('\\', "/");
+            let Ok(meta) = entry.metadata() else { continue };
+            let stamp = (meta.len(), meta.modified().unwrap_or(std::time::UNIX_EPOCH));
+            if seen.get(&rel) == Some(&stamp) {
+                continue;
+            }
+            let path = self.path(&Self::scratch_rel(key, &rel));
+            let bytes = std::fs::read(entry.path()).map_err(|e| RemoteError::Io {
+                path: entry.path().display().to_string(),
+                source: e,
+            })?;
+            t.bytes += bytes.len() as u64;
+            t.files += 1;
+            self.runtime.block_on(async {
+                self.store
+                    .put(&path, PutPayload::from(bytes))
+                    .await
+                    .map_err(|e| self.err(e))
+            })?;
+            seen.insert(rel, stamp);
+        }
+        Ok(t)
+    }
+
+    /// Downloads a key's remote scratch into `dir` (a resume on this machine).
+    pub fn pull_scratch(&self, key: &str, dir: &Path) -> Result<Transfer> {
+        let mut t = Transfer::default();
+        for (rel, _) in self.list(&format!("scratch/{key}"))? {
+            let dest = dir.join(&rel);
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| RemoteError::Io {
+                    path: parent.display().to_string(),
+                    source: e,
+                })?;
+            }
+            if let Some(bytes) = self.get_bytes(&Self::scratch_rel(key, &rel))? {
+                t.bytes += bytes.len() as u64;
+                t.files += 1;
+                std::fs::write(&dest, bytes).map_err(|e| RemoteError::Io {
+                    path: dest.display().to_string(),
+                    source: e,
+                })?;
+            }
+        }
+        Ok(t)
+    }
+
+    /// Forgets a key's remote checkpoints (after its record is pushed).
+    pub fn delete_scratch(&self, key: &str) -> Result<()> {
+        for (rel, _) in self.list(&format!("scratch/{key}"))? {
+            self.delete(&Self::scratch_rel(key, &rel))?;
+        }
+        Ok(())
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }

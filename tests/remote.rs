@@ -145,15 +145,15 @@ fn wrong_credentials_give_a_clear_error_without_the_secret() {
     assert_eq!(
         out.status.code(),
         Some(1),
-        "a result that cannot be shared fails the run"
+        "a stage that cannot share its result fails"
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("push failed  a: remote s3://flow-test/creds"),
+        stderr.contains("remote s3://flow-test/creds") && stderr.contains("failed  a"),
         "{stderr}"
     );
     assert!(
-        stderr.contains("403") || stderr.contains("SignatureDoesNotMatch"),
+        stderr.contains("403") && stderr.contains("SignatureDoesNotMatch"),
         "{stderr}"
     );
     assert!(
@@ -164,7 +164,8 @@ fn wrong_credentials_give_a_clear_error_without_the_secret() {
 
 #[test]
 fn a_server_killed_mid_push_leaves_no_record_and_the_next_run_completes() {
-    let base = 30000 + (std::process::id() % 100) * 25;
+    // Its own block, clear of the shared server (whose gRPC ports sit 10000 above it).
+    let base = 40000 + (std::process::id() % 200) * 25;
     let dir = tempfile::tempdir().unwrap();
     let s3 = S3::at(base);
     let pid = s3.start(dir.path());
@@ -231,4 +232,155 @@ fn a_server_killed_mid_push_leaves_no_record_and_the_next_run_completes() {
         .unwrap()
         .len();
     assert_eq!(size, 419430400);
+}
+
+#[test]
+fn two_machines_sharing_a_remote_run_a_key_once() {
+    let s3 = S3::shared();
+    let remote = "s3://flow-test/twice";
+    let counter = tempfile::NamedTempFile::new().unwrap();
+    let text = format!(
+        "[stage.slow]\nkind = \"command\"\nrun = \"echo run >> {}; sleep 2; echo result > $FLOW_OUT/r\"\n",
+        counter.path().display()
+    );
+    let (a, b) = (Workspace::new(), Workspace::new());
+    let (p, q) = (a.write("p.toml", &text), b.write("p.toml", &text));
+    let spawn = |ws: &Workspace, p: &Path| {
+        let mut cmd = ws.command(&["run", p.to_str().unwrap(), "--json", "--remote", remote]);
+        cmd.envs(s3.env())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        cmd.spawn().unwrap()
+    };
+    let first = spawn(&a, &p);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let second = spawn(&b, &q);
+    let (o1, o2) = (
+        first.wait_with_output().unwrap(),
+        second.wait_with_output().unwrap(),
+    );
+    assert!(
+        o1.status.success() && o2.status.success(),
+        "{}",
+        String::from_utf8_lossy(&o2.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(counter.path()).unwrap(),
+        "run\n",
+        "computed once"
+    );
+    let s1 = statuses(&parse_lines(&o1.stdout));
+    let s2 = statuses(&parse_lines(&o2.stdout));
+    assert_eq!((s1[0].1.as_str(), s2[0].1.as_str()), ("ran", "cached"));
+    assert!(
+        String::from_utf8_lossy(&o2.stderr).contains("waiting"),
+        "the second says it waits"
+    );
+    assert_eq!(
+        tree(&a.output_dir(&p, "slow")),
+        tree(&b.output_dir(&q, "slow"))
+    );
+}
+
+/// A stage that resumes from a checkpoint: the first attempt writes step 5 and dies.
+fn checkpointing(extra: &str) -> String {
+    format!(
+        r#"[stage.train]
+kind = "command"
+run = """
+if [ -f $FLOW_SCRATCH/ckpt ]; then
+  echo resumed-from-$(cat $FLOW_SCRATCH/ckpt) > $FLOW_OUT/model.txt
+else
+  echo 5 > $FLOW_SCRATCH/ckpt.tmp && mv $FLOW_SCRATCH/ckpt.tmp $FLOW_SCRATCH/ckpt
+  {extra}
+fi
+"""
+"#
+    )
+}
+
+#[test]
+fn a_failed_run_resumes_on_another_machine_from_its_pushed_checkpoint() {
+    let s3 = S3::shared();
+    let remote = "s3://flow-test/resume-failed";
+    let text = checkpointing("exit 1");
+    let (a, b) = (Workspace::new(), Workspace::new());
+    let (p, q) = (a.write("p.toml", &text), b.write("p.toml", &text));
+    let out = run(&a, &p, s3, remote);
+    assert_eq!(out.status.code(), Some(1));
+    let out = run(&b, &q, s3, remote);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(tree(&b.output_dir(&q, "train"))[0].1, b"resumed-from-5\n");
+    // Done: the remote checkpoints are gone, the record is there.
+    let key = statuses(&parse_lines(&out.stdout));
+    assert_eq!(key[0].1, "ran");
+}
+
+#[test]
+fn a_run_killed_on_one_machine_resumes_on_another_after_its_lease_expires() {
+    let s3 = S3::shared();
+    let remote = "s3://flow-test/resume-killed";
+    let text = checkpointing("sleep 60");
+    let (a, b) = (Workspace::new(), Workspace::new());
+    let (p, q) = (a.write("p.toml", &text), b.write("p.toml", &text));
+    let mut cmd = a.command(&["run", p.to_str().unwrap(), "--json", "--remote", remote]);
+    cmd.envs(s3.env())
+        .env("FLOW_CHECKPOINT_SECONDS", "1")
+        .env("FLOW_LEASE_SECONDS", "4")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = cmd.spawn().unwrap();
+    // Wait until the checkpoint reached the remote, then kill machine A outright.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut key = None;
+    while key.is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint was pushed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        if let Ok(entries) = std::fs::read_dir(a.cache().join("scratch")) {
+            for e in entries.flatten() {
+                let k = e.file_name().to_string_lossy().into_owned();
+                if s3.exists(&format!("resume-killed/scratch/{k}/ckpt")) {
+                    key = Some(k);
+                }
+            }
+        }
+    }
+    // SAFETY: kill(2) of the process group this test started.
+    unsafe {
+        libc::kill(-(child.id() as i32), libc::SIGKILL);
+    }
+    let _ = child.wait();
+
+    let mut cmd = b.command(&["run", q.to_str().unwrap(), "--json", "--remote", remote]);
+    cmd.envs(s3.env()).env("FLOW_LEASE_SECONDS", "4");
+    let started = std::time::Instant::now();
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("waiting"),
+        "B waits for A's lease"
+    );
+    assert!(
+        started.elapsed().as_secs() < 30,
+        "an expired lease is taken over"
+    );
+    assert_eq!(tree(&b.output_dir(&q, "train"))[0].1, b"resumed-from-5\n");
+    let key = key.unwrap();
+    assert!(
+        !s3.exists(&format!("resume-killed/scratch/{key}/ckpt")),
+        "checkpoints removed after the push"
+    );
+    assert!(s3.exists(&format!("resume-killed/runs/{key}.json")));
 }

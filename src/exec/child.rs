@@ -4,13 +4,149 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use flow_stages::{InputArtifact, InputSlot, Progress, StageContext};
 
 use super::protocol::{ChildEvent, ChildSpec, EXIT_CORRUPT_INPUT};
+use crate::remote::Remote;
 use crate::store::{Cache, KeyLock, RunRecord};
+
+fn env_secs(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn holder() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("pid {} on {}", std::process::id(), host.trim())
+}
+
+/// The key's lease in the remote cache, renewed in the background while held and released
+/// on drop. `FLOW_LEASE_SECONDS` (default 60) is how long a dead holder blocks others.
+struct RemoteLease {
+    remote: Arc<Remote>,
+    key: String,
+    stop: Arc<AtomicBool>,
+    renewer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RemoteLease {
+    /// Takes the lease, waiting while another live holder computes the key. Returns None
+    /// when the key got done elsewhere meanwhile (and was pulled here).
+    fn acquire(
+        remote: &Arc<Remote>,
+        cache: &Cache,
+        key: &str,
+    ) -> anyhow::Result<Option<RemoteLease>> {
+        let ttl = env_secs("FLOW_LEASE_SECONDS", 60).max(2);
+        let me = holder();
+        let mut announced = false;
+        loop {
+            match remote.pull(cache, key) {
+                Ok(Some(_)) => {
+                    tracing::info!("pulled from the remote: done elsewhere");
+                    return Ok(None);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!("pull failed, computing here: {e}"),
+            }
+            match remote.try_lease(key, &me, ttl)? {
+                None => break,
+                Some(other) => {
+                    if !announced {
+                        emit(&ChildEvent::Waiting {
+                            holder: format!("{other}, through {}", remote.url()),
+                        });
+                        announced = true;
+                    }
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+            }
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let renewer = {
+            let (remote, key, stop) = (remote.clone(), key.to_string(), stop.clone());
+            std::thread::spawn(move || {
+                let mut last = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    if last.elapsed().as_secs() >= ttl / 3 {
+                        if let Err(e) = remote.renew_lease(&key, &me, ttl) {
+                            tracing::warn!("renewing the lease: {e}");
+                        }
+                        last = Instant::now();
+                    }
+                }
+            })
+        };
+        Ok(Some(RemoteLease {
+            remote: remote.clone(),
+            key: key.to_string(),
+            stop,
+            renewer: Some(renewer),
+        }))
+    }
+}
+
+impl Drop for RemoteLease {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.renewer.take() {
+            let _ = t.join();
+        }
+        if let Err(e) = self.remote.release_lease(&self.key) {
+            tracing::warn!("releasing the lease: {e}");
+        }
+    }
+}
+
+/// Uploads new or changed checkpoint files every `FLOW_CHECKPOINT_SECONDS` (default 30)
+/// while the stage runs, and once more when it ends, so a run killed on one machine resumes
+/// on another. Stages should write checkpoints atomically (temp file, then rename).
+struct CheckpointSync {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl CheckpointSync {
+    fn start(remote: Arc<Remote>, key: String, dir: std::path::PathBuf) -> CheckpointSync {
+        let every = env_secs("FLOW_CHECKPOINT_SECONDS", 30).max(1);
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut seen = std::collections::HashMap::new();
+            let mut last = Instant::now();
+            loop {
+                let stopping = flag.load(Ordering::Relaxed);
+                if stopping || last.elapsed().as_secs() >= every {
+                    match remote.push_scratch(&key, &dir, &mut seen) {
+                        Ok(t) if t.files > 0 => {
+                            tracing::info!(files = t.files, "checkpoints pushed")
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!("pushing checkpoints: {e}"),
+                    }
+                    last = Instant::now();
+                }
+                if stopping {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        });
+        CheckpointSync { stop, thread }
+    }
+
+    fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+    }
+}
 
 /// Prints one event line for the parent; stdout is the protocol channel and nothing else
 /// writes there.
@@ -76,6 +212,20 @@ fn run_inner(spec: &ChildSpec) -> anyhow::Result<i32> {
         emit(&ChildEvent::Done { cached: true });
         return Ok(0);
     }
+    let remote = match &spec.remote {
+        Some(url) => Some(Arc::new(Remote::open(url)?)),
+        None => None,
+    };
+    let _lease = match &remote {
+        Some(r) => match RemoteLease::acquire(r, &cache, &spec.key)? {
+            Some(lease) => Some(lease),
+            None => {
+                emit(&ChildEvent::Done { cached: true });
+                return Ok(0);
+            }
+        },
+        None => None,
+    };
     let kind = flow_stages::find_kind(&spec.kind)
         .ok_or_else(|| anyhow::anyhow!("this flow build has no stage kind `{}`", spec.kind))?;
     tracing::info!(stage = %spec.stage, key = %spec.key, kind = kind.name, "starting");
@@ -129,6 +279,21 @@ fn run_inner(spec: &ChildSpec) -> anyhow::Result<i32> {
     }
     let scratch = cache.scratch_path(&spec.key);
     std::fs::create_dir_all(&scratch)?;
+    if let Some(r) = &remote
+        && std::fs::read_dir(&scratch)?.next().is_none()
+    {
+        let t = r.pull_scratch(&spec.key, &scratch)?;
+        if t.files > 0 {
+            tracing::info!(
+                files = t.files,
+                bytes = t.bytes,
+                "resuming from remote checkpoints"
+            );
+        }
+    }
+    let sync = remote
+        .as_ref()
+        .map(|r| CheckpointSync::start(r.clone(), spec.key.clone(), scratch.clone()));
 
     emit(&ChildEvent::Started);
     let started_at = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
@@ -148,7 +313,12 @@ fn run_inner(spec: &ChildSpec) -> anyhow::Result<i32> {
     };
     std::env::set_current_dir(&spec.workdir)
         .map_err(|e| anyhow::anyhow!("cannot enter {}: {e}", spec.workdir.display()))?;
-    let outcome = (kind.run)(&ctx)?;
+    let result = (kind.run)(&ctx);
+    if let Some(sync) = sync {
+        // Last checkpoints up, so a failure here can be resumed elsewhere.
+        sync.finish();
+    }
+    let outcome = result?;
     let duration_s = clock.elapsed().as_secs_f64();
 
     let mut digests = BTreeMap::new();
@@ -181,6 +351,16 @@ fn run_inner(spec: &ChildSpec) -> anyhow::Result<i32> {
     };
     cache.write_record(&record)?;
     tracing::info!(seconds = duration_s, "done");
+    if let Some(r) = &remote {
+        // Pushed before the lease is released, so a waiting machine finds the record.
+        match r.push(&cache, &record) {
+            Ok(t) => {
+                tracing::info!(files = t.files, bytes = t.bytes, "pushed");
+                let _ = r.delete_scratch(&spec.key);
+            }
+            Err(e) => tracing::error!("push failed: {e}"),
+        }
+    }
     // Only after the commit: a kill before this line keeps the checkpoints for a resume.
     let _ = std::fs::remove_dir_all(&scratch);
     let _ = std::fs::remove_dir_all(&staging);

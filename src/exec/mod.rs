@@ -180,6 +180,7 @@ pub fn run(
                     .canonicalize()
                     .unwrap_or_else(|_| pipeline.dir.clone()),
                 threads: opts.threads,
+                remote: opts.remote.map(|r| r.url().to_string()),
             };
             spawn_stage(i, spec, cache.log_path(&key), tx.clone());
             state[i] = State::Running;

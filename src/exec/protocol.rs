@@ -22,6 +22,10 @@ pub struct ChildSpec {
     /// Working directory of the stage (the pipeline file's directory).
     pub workdir: PathBuf,
     pub threads: usize,
+    /// A shared remote cache: the stage process pulls a key done elsewhere, holds the
+    /// key's lease while computing, syncs its checkpoints and pushes the result.
+    #[serde(default)]
+    pub remote: Option<String>,
 }
 
 /// One reference param's artifacts.
