@@ -507,6 +507,100 @@ impl Context {
         Ok(ExitCode::SUCCESS)
     }
 
+    /// The remote named by --remote / FLOW_REMOTE (no pipeline to ask).
+    fn global_remote(&self) -> anyhow::Result<Remote> {
+        let url = self
+            .remote
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("no remote: pass --remote URL or set FLOW_REMOTE"))?;
+        Ok(Remote::open(&url)?)
+    }
+
+    pub fn gc_remote(
+        &self,
+        keep: &[PathBuf],
+        profiles: &[String],
+        dry_run: bool,
+        json: bool,
+    ) -> CmdResult {
+        let remote = self.global_remote()?;
+        let mut live = BTreeSet::new();
+        for path in keep {
+            let args = PipelineArgs {
+                pipeline: path.clone(),
+                sets: vec![],
+                profiles: profiles.to_vec(),
+                salt: None,
+            };
+            let pipeline = load_or_exit!(&args, json);
+            let cache = self.open_cache(Some(&pipeline))?;
+            let files = flow::store::FileHashes::load(&cache);
+            // Keys as far as either cache knows them.
+            let mut outputs: Vec<Option<std::collections::BTreeMap<String, String>>> = Vec::new();
+            for stage in &pipeline.stages {
+                let lookup = |i: usize| outputs[i].clone();
+                let record = match flow::exec::plan::key_parts(&pipeline, stage, &lookup, &files)? {
+                    Ok(parts) => {
+                        let key = parts.key();
+                        let r = match cache.done(&key)? {
+                            Some(r) => Some(r),
+                            None => remote.record(&key)?,
+                        };
+                        if r.is_some() {
+                            live.insert(key);
+                        }
+                        r
+                    }
+                    Err(_) => None,
+                };
+                outputs.push(record.map(|r| r.outputs));
+            }
+        }
+        let (objects, bytes) = remote.gc(&live, dry_run)?;
+        if json {
+            println!(
+                "{}",
+                json!({"dry_run": dry_run, "kept_keys": live.len(), "removed_objects": objects, "bytes": bytes})
+            );
+        } else {
+            println!(
+                "{} {objects} remote objects ({:.1} MiB); kept {} keys{}",
+                if dry_run { "would remove" } else { "removed" },
+                bytes as f64 / (1024.0 * 1024.0),
+                live.len(),
+                if dry_run {
+                    " (dry run: add --delete)"
+                } else {
+                    ""
+                }
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    pub fn verify_remote(&self, json: bool) -> CmdResult {
+        let remote = self.global_remote()?;
+        let tmp = std::env::temp_dir();
+        let (checked, bad, evicted) = remote.verify(&tmp)?;
+        if json {
+            println!(
+                "{}",
+                json!({"objects_checked": checked, "bad_objects": bad, "evicted_records": evicted})
+            );
+        } else {
+            println!(
+                "checked {checked} remote objects: {} damaged, {} run records evicted",
+                bad.len(),
+                evicted.len()
+            );
+        }
+        Ok(if bad.is_empty() && evicted.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
+    }
+
     pub fn verify(&self, json: bool) -> CmdResult {
         let cache = self.open_cache(None)?;
         let report = cache.verify()?;

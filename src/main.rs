@@ -119,6 +119,12 @@ enum Cmd {
         /// Only report what would be deleted
         #[arg(long)]
         dry_run: bool,
+        /// Collect the remote cache (--remote) instead: a dry run unless --delete
+        #[arg(long)]
+        remote_cache: bool,
+        /// With --remote-cache: really delete
+        #[arg(long, requires = "remote_cache")]
+        delete: bool,
         #[arg(long)]
         json: bool,
     },
@@ -144,6 +150,9 @@ enum Cmd {
 enum CacheCmd {
     /// Re-hash every stored object; report and evict damaged ones
     Verify {
+        /// Verify the remote cache (--remote) instead of the local one
+        #[arg(long)]
+        remote_cache: bool,
         #[arg(long)]
         json: bool,
     },
@@ -209,11 +218,27 @@ fn main() -> ExitCode {
             keep,
             profiles,
             dry_run,
+            remote_cache: false,
             json,
+            ..
         } => ctx.gc(&keep, &profiles, dry_run, json),
+        Cmd::Gc {
+            keep,
+            profiles,
+            delete,
+            json,
+            ..
+        } => ctx.gc_remote(&keep, &profiles, !delete, json),
         Cmd::Cache {
-            command: CacheCmd::Verify { json },
+            command:
+                CacheCmd::Verify {
+                    remote_cache: false,
+                    json,
+                },
         } => ctx.verify(json),
+        Cmd::Cache {
+            command: CacheCmd::Verify { json, .. },
+        } => ctx.verify_remote(json),
         Cmd::Kinds { kind, markdown } => commands::kinds(kind.as_deref(), markdown),
         Cmd::Stage => unreachable!("handled above"),
     };

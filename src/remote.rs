@@ -556,6 +556,130 @@ impl Remote {
         }
         Ok(())
     }
+
+    /// Every object under a prefix (`runs`, `artifacts`, `objects`, `scratch`, `leases`).
+    pub fn list_all(&self, area: &str) -> Result<Vec<(String, u64)>> {
+        self.list(area)
+    }
+
+    /// Reads a remote run record.
+    pub fn record(&self, key: &str) -> Result<Option<RunRecord>> {
+        Ok(self
+            .get_bytes(&Self::record_rel(key))?
+            .and_then(|b| serde_json::from_slice(&b).ok()))
+    }
+
+    /// Deletes everything no live key references. Returns (objects, bytes) removed (or that
+    /// would be, with `dry_run`).
+    pub fn gc(
+        &self,
+        live_keys: &std::collections::BTreeSet<String>,
+        dry_run: bool,
+    ) -> Result<(u64, u64)> {
+        let mut live_digests = std::collections::HashSet::new();
+        let mut doomed: Vec<(String, u64)> = Vec::new();
+        for (rel, size) in self.list("runs")? {
+            let key = rel.trim_end_matches(".json");
+            if live_keys.contains(key) {
+                if let Some(r) = self.record(key)? {
+                    live_digests.extend(r.outputs.into_values());
+                }
+            } else {
+                doomed.push((format!("runs/{rel}"), size));
+            }
+        }
+        let mut live_blobs = std::collections::HashSet::new();
+        for (rel, size) in self.list("artifacts")? {
+            let digest = rel
+                .rsplit('/')
+                .next()
+                .unwrap_or("")
+                .trim_end_matches(".json")
+                .to_string();
+            if live_digests.contains(&digest) {
+                if let Some(bytes) = self.get_bytes(&format!("artifacts/{rel}"))?
+                    && let Ok(m) = serde_json::from_slice::<Manifest>(&bytes)
+                {
+                    live_blobs.extend(m.files.into_iter().map(|f| f.blake3));
+                }
+            } else {
+                doomed.push((format!("artifacts/{rel}"), size));
+            }
+        }
+        for (rel, size) in self.list("objects/blake3")? {
+            let hash = rel.replace('/', "");
+            if !live_blobs.contains(&hash) {
+                doomed.push((format!("objects/blake3/{rel}"), size));
+            }
+        }
+        for (rel, size) in self.list("scratch")? {
+            let key = rel.split('/').next().unwrap_or("");
+            if !live_keys.contains(key) {
+                doomed.push((format!("scratch/{rel}"), size));
+            }
+        }
+        let bytes = doomed.iter().map(|(_, s)| s).sum();
+        if !dry_run {
+            for (rel, _) in &doomed {
+                self.delete(rel)?;
+            }
+        }
+        Ok((doomed.len() as u64, bytes))
+    }
+
+    /// Re-hashes every remote blob and manifest; deletes damaged ones and the run records
+    /// that need them, so the next run recomputes instead of pulling bad bytes. Returns
+    /// (objects checked, damaged objects, evicted records).
+    pub fn verify(&self, scratch: &Path) -> Result<(u64, Vec<String>, Vec<String>)> {
+        let mut bad = std::collections::HashSet::new();
+        let mut checked = 0;
+        for (rel, _) in self.list("objects/blake3")? {
+            let hash = rel.replace('/', "");
+            let tmp = scratch.join(format!("verify-{}", std::process::id()));
+            if let Some((found, _)) = self.get_to_file(&format!("objects/blake3/{rel}"), &tmp)? {
+                checked += 1;
+                if found != hash {
+                    self.delete(&format!("objects/blake3/{rel}"))?;
+                    bad.insert(hash);
+                }
+            }
+            let _ = std::fs::remove_file(&tmp);
+        }
+        let mut bad_digests = std::collections::HashSet::new();
+        for (rel, _) in self.list("artifacts")? {
+            let digest = rel
+                .rsplit('/')
+                .next()
+                .unwrap_or("")
+                .trim_end_matches(".json")
+                .to_string();
+            let ok = match self.get_bytes(&format!("artifacts/{rel}"))? {
+                Some(bytes) if blake3::hash(&bytes).to_hex().as_str() == digest => {
+                    serde_json::from_slice::<Manifest>(&bytes)
+                        .map(|m| m.files.iter().all(|f| !bad.contains(&f.blake3)))
+                        .unwrap_or(false)
+                }
+                _ => false,
+            };
+            if !ok {
+                self.delete(&format!("artifacts/{rel}"))?;
+                bad_digests.insert(digest);
+            }
+        }
+        let mut evicted = Vec::new();
+        for (rel, _) in self.list("runs")? {
+            let key = rel.trim_end_matches(".json").to_string();
+            let damaged = match self.record(&key)? {
+                Some(r) => r.outputs.values().any(|d| bad_digests.contains(d)),
+                None => true,
+            };
+            if damaged {
+                self.delete(&format!("runs/{rel}"))?;
+                evicted.push(key);
+            }
+        }
+        Ok((checked, bad.into_iter().collect(), evicted))
+    }
 }
 
 fn now() -> u64 {

@@ -384,3 +384,81 @@ fn a_run_killed_on_one_machine_resumes_on_another_after_its_lease_expires() {
     );
     assert!(s3.exists(&format!("resume-killed/runs/{key}.json")));
 }
+
+#[test]
+fn remote_gc_keeps_what_kept_pipelines_use_and_verify_evicts_damage() {
+    let s3 = S3::shared();
+    let remote = "s3://flow-test/gcv";
+    let a = Workspace::new();
+    let p = a.write("p.toml", PIPELINE);
+    let o = a.write(
+        "o.toml",
+        "[stage.other]\nkind = \"command\"\nrun = \"echo other > $FLOW_OUT/o\"\n",
+    );
+    assert!(run(&a, &p, s3, remote).status.success());
+    assert!(run(&a, &o, s3, remote).status.success());
+    let flow = |args: &[&str]| {
+        let mut cmd = a.command(args);
+        cmd.envs(s3.env()).args(["--remote", remote]);
+        cmd.output().unwrap()
+    };
+
+    let dry = parse_lines(
+        &flow(&[
+            "gc",
+            "--keep",
+            p.to_str().unwrap(),
+            "--remote-cache",
+            "--json",
+        ])
+        .stdout,
+    );
+    assert_eq!(dry[0]["dry_run"], true);
+    assert!(dry[0]["removed_objects"].as_u64().unwrap() >= 3, "{dry:?}");
+    let fresh = Workspace::new();
+    let o2 = fresh.write("o.toml", &std::fs::read_to_string(&o).unwrap());
+    assert_eq!(
+        statuses(&parse_lines(&run(&fresh, &o2, s3, remote).stdout))[0].1,
+        "cached"
+    );
+
+    let done = parse_lines(
+        &flow(&[
+            "gc",
+            "--keep",
+            p.to_str().unwrap(),
+            "--remote-cache",
+            "--delete",
+            "--json",
+        ])
+        .stdout,
+    );
+    assert_eq!(done[0]["dry_run"], false);
+    let fresh = Workspace::new();
+    let o3 = fresh.write("o.toml", &std::fs::read_to_string(&o).unwrap());
+    assert_eq!(
+        statuses(&parse_lines(&run(&fresh, &o3, s3, remote).stdout))[0].1,
+        "ran"
+    );
+    let p3 = fresh.write("p.toml", PIPELINE);
+    let kept = statuses(&parse_lines(&run(&fresh, &p3, s3, remote).stdout));
+    assert_eq!(with_status(&kept, "cached").len(), 3, "{kept:?}");
+
+    // Damage one blob of `small`: verify finds it and evicts the record that needs it.
+    let hash = blake3::hash(b"7\n").to_hex().to_string();
+    s3.put_bytes(
+        &format!("gcv/objects/blake3/{}/{}", &hash[..2], &hash[2..]),
+        b"8\n",
+    )
+    .unwrap();
+    let out = flow(&["cache", "verify", "--remote-cache", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let report = &parse_lines(&out.stdout)[0];
+    assert_eq!(report["bad_objects"].as_array().unwrap().len(), 1);
+    assert_eq!(report["evicted_records"].as_array().unwrap().len(), 1);
+    assert!(
+        flow(&["cache", "verify", "--remote-cache"])
+            .status
+            .success()
+    );
+}
