@@ -26,6 +26,8 @@ use crate::store::{Cache, Manifest, RunRecord};
 /// Files above this size are uploaded in parts, never read into memory whole.
 const MULTIPART_ABOVE: u64 = 8 << 20;
 const PART: usize = 8 << 20;
+/// Blob transfers in flight at once (many small files are latency-bound).
+const CONCURRENCY: usize = 16;
 
 /// Why a remote operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -158,35 +160,38 @@ impl Remote {
 
     /// Whether an object exists.
     fn exists(&self, rel: &str) -> Result<bool> {
-        let path = self.path(rel);
-        self.runtime.block_on(async {
-            match self.store.head(&path).await {
-                Ok(_) => Ok(true),
-                Err(object_store::Error::NotFound { .. }) => Ok(false),
-                Err(e) => Err(self.err(e)),
-            }
-        })
+        self.runtime.block_on(self.exists_async(rel))
+    }
+
+    async fn exists_async(&self, rel: &str) -> Result<bool> {
+        match self.store.head(&self.path(rel)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.err(e)),
+        }
     }
 
     /// Puts small bytes, create-only: an existing object (same content-addressed name, or a
     /// record another machine committed) is left as it is.
     fn put_small(&self, rel: &str, bytes: Vec<u8>) -> Result<bool> {
+        self.runtime.block_on(self.put_small_async(rel, bytes))
+    }
+
+    async fn put_small_async(&self, rel: &str, bytes: Vec<u8>) -> Result<bool> {
         let path = self.path(rel);
-        self.runtime.block_on(async {
-            match self
-                .store
-                .put_opts(&path, PutPayload::from(bytes), PutMode::Create.into())
-                .await
-            {
-                Ok(_) => Ok(true),
-                Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
-                Err(e) => Err(self.err(e)),
-            }
-        })
+        match self
+            .store
+            .put_opts(&path, PutPayload::from(bytes), PutMode::Create.into())
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(self.err(e)),
+        }
     }
 
     /// Uploads a local file; large files stream in parts, and a failed upload is aborted.
-    fn put_file(&self, rel: &str, file: &Path) -> Result<u64> {
+    async fn put_file_async(&self, rel: &str, file: &Path) -> Result<u64> {
         let io = |e: std::io::Error| RemoteError::Io {
             path: file.display().to_string(),
             source: e,
@@ -194,66 +199,64 @@ impl Remote {
         let size = std::fs::metadata(file).map_err(io)?.len();
         if size <= MULTIPART_ABOVE {
             let bytes = std::fs::read(file).map_err(io)?;
-            self.put_small(rel, bytes)?;
+            self.put_small_async(rel, bytes).await?;
             return Ok(size);
         }
-        let path = self.path(rel);
-        self.runtime.block_on(async {
-            let upload = self
-                .store
-                .put_multipart(&path)
-                .await
-                .map_err(|e| self.err(e))?;
-            let mut writer = WriteMultipart::new_with_chunk_size(upload, PART);
-            let mut f = std::fs::File::open(file).map_err(io)?;
-            let mut buf = vec![0u8; PART];
-            let result: Result<()> = async {
-                loop {
-                    let n = f.read(&mut buf).map_err(io)?;
-                    if n == 0 {
-                        return Ok(());
-                    }
-                    writer.wait_for_capacity(2).await.map_err(|e| self.err(e))?;
-                    writer.write(&buf[..n]);
+        let upload = self
+            .store
+            .put_multipart(&self.path(rel))
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART);
+        let mut f = std::fs::File::open(file).map_err(io)?;
+        let mut buf = vec![0u8; PART];
+        let result: Result<()> = async {
+            loop {
+                let n = f.read(&mut buf).map_err(io)?;
+                if n == 0 {
+                    return Ok(());
                 }
+                writer.wait_for_capacity(2).await.map_err(|e| self.err(e))?;
+                writer.write(&buf[..n]);
             }
-            .await;
-            match result {
-                Ok(()) => writer.finish().await.map(|_| size).map_err(|e| self.err(e)),
-                Err(e) => {
-                    let _ = writer.abort().await;
-                    Err(e)
-                }
+        }
+        .await;
+        match result {
+            Ok(()) => writer.finish().await.map(|_| size).map_err(|e| self.err(e)),
+            Err(e) => {
+                let _ = writer.abort().await;
+                Err(e)
             }
-        })
+        }
     }
 
     /// Streams an object into `dest` (a temp path), hashing it on the way; returns the blake3.
     fn get_to_file(&self, rel: &str, dest: &Path) -> Result<Option<(String, u64)>> {
-        let path = self.path(rel);
+        self.runtime.block_on(self.get_to_file_async(rel, dest))
+    }
+
+    async fn get_to_file_async(&self, rel: &str, dest: &Path) -> Result<Option<(String, u64)>> {
         let io = |e: std::io::Error| RemoteError::Io {
             path: dest.display().to_string(),
             source: e,
         };
-        self.runtime.block_on(async {
-            let get = match self.store.get(&path).await {
-                Ok(g) => g,
-                Err(object_store::Error::NotFound { .. }) => return Ok(None),
-                Err(e) => return Err(self.err(e)),
-            };
-            let mut out = std::io::BufWriter::new(std::fs::File::create(dest).map_err(io)?);
-            let mut hasher = blake3::Hasher::new();
-            let mut size = 0u64;
-            let mut stream = get.into_stream();
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(|e| self.err(e))?;
-                hasher.update(&chunk);
-                size += chunk.len() as u64;
-                out.write_all(&chunk).map_err(io)?;
-            }
-            out.flush().map_err(io)?;
-            Ok(Some((hasher.finalize().to_hex().to_string(), size)))
-        })
+        let get = match self.store.get(&self.path(rel)).await {
+            Ok(g) => g,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.err(e)),
+        };
+        let mut out = std::io::BufWriter::new(std::fs::File::create(dest).map_err(io)?);
+        let mut hasher = blake3::Hasher::new();
+        let mut size = 0u64;
+        let mut stream = get.into_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| self.err(e))?;
+            hasher.update(&chunk);
+            size += chunk.len() as u64;
+            out.write_all(&chunk).map_err(io)?;
+        }
+        out.flush().map_err(io)?;
+        Ok(Some((hasher.finalize().to_hex().to_string(), size)))
     }
 
     fn get_bytes(&self, rel: &str) -> Result<Option<Vec<u8>>> {
@@ -290,14 +293,29 @@ impl Remote {
                     message: format!("the local cache lacks manifest {digest}"),
                 })?;
             let view = cache.view_path(digest);
-            for f in &manifest.files {
-                let rel = Self::object_rel(&f.blake3);
-                if self.exists(&rel)? {
-                    t.skipped += 1;
-                    continue;
+            let jobs = manifest
+                .files
+                .iter()
+                .map(|f| (Self::object_rel(&f.blake3), view.join(&f.path)));
+            let results: Vec<Result<Option<u64>>> = self.runtime.block_on(
+                futures::stream::iter(jobs)
+                    .map(|(rel, file)| async move {
+                        if self.exists_async(&rel).await? {
+                            return Ok(None);
+                        }
+                        self.put_file_async(&rel, &file).await.map(Some)
+                    })
+                    .buffer_unordered(CONCURRENCY)
+                    .collect(),
+            );
+            for r in results {
+                match r? {
+                    Some(n) => {
+                        t.files += 1;
+                        t.bytes += n;
+                    }
+                    None => t.skipped += 1,
                 }
-                t.bytes += self.put_file(&rel, &view.join(&f.path))?;
-                t.files += 1;
             }
             let bytes =
                 std::fs::read(cache.manifest_path(digest)).map_err(|e| RemoteError::Io {
@@ -329,6 +347,40 @@ impl Remote {
         Ok(Some((record, t)))
     }
 
+    /// Downloads one blob into the local object store, verified; a damaged download is
+    /// fetched once more before giving up.
+    async fn fetch_blob(&self, cache: &Cache, hash: &str, digest: &str) -> Result<u64> {
+        let rel = Self::object_rel(hash);
+        let mut found = String::new();
+        for attempt in 0..2 {
+            let tmp = cache
+                .tmp_dir()
+                .join(format!("pull-{}-{attempt}-{hash}", std::process::id()));
+            match self.get_to_file_async(&rel, &tmp).await? {
+                None => {
+                    return Err(RemoteError::Store {
+                        url: self.url.clone(),
+                        message: format!("blob {hash} of artifact {digest} is missing"),
+                    });
+                }
+                Some((h, size)) if h == hash => {
+                    cache.adopt_download(&tmp, hash)?;
+                    return Ok(size);
+                }
+                Some((h, _)) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    found = h;
+                }
+            }
+        }
+        Err(RemoteError::Corrupt {
+            url: self.url.clone(),
+            what: rel,
+            expected: hash.into(),
+            found,
+        })
+    }
+
     /// Fetches one artifact's manifest and missing blobs, then materializes its view.
     fn pull_artifact(&self, cache: &Cache, digest: &str) -> Result<Transfer> {
         let mut t = Transfer::default();
@@ -352,49 +404,22 @@ impl Remote {
                 message: format!("unreadable manifest {digest}: {e}"),
             })?;
         cache.put_manifest(digest, &bytes)?;
-        for f in &manifest.files {
-            let object = cache.object_path(&f.blake3);
-            if object.is_file() {
-                t.skipped += 1;
-                continue;
-            }
-            let rel = Self::object_rel(&f.blake3);
-            // A damaged download is fetched once more before giving up.
-            let mut last = None;
-            for _ in 0..2 {
-                let tmp = cache.tmp_dir().join(format!(
-                    "pull-{}-{}",
-                    std::process::id(),
-                    &f.blake3[..16]
-                ));
-                match self.get_to_file(&rel, &tmp)? {
-                    None => {
-                        return Err(RemoteError::Store {
-                            url: self.url.clone(),
-                            message: format!("blob {} of artifact {digest} is missing", f.blake3),
-                        });
-                    }
-                    Some((hash, size)) if hash == f.blake3 => {
-                        cache.adopt_download(&tmp, &f.blake3)?;
-                        t.files += 1;
-                        t.bytes += size;
-                        last = None;
-                        break;
-                    }
-                    Some((hash, _)) => {
-                        let _ = std::fs::remove_file(&tmp);
-                        last = Some(hash);
-                    }
-                }
-            }
-            if let Some(found) = last {
-                return Err(RemoteError::Corrupt {
-                    url: self.url.clone(),
-                    what: rel,
-                    expected: f.blake3.clone(),
-                    found,
-                });
-            }
+        let missing: Vec<&str> = manifest
+            .files
+            .iter()
+            .map(|f| f.blake3.as_str())
+            .filter(|h| !cache.object_path(h).is_file())
+            .collect();
+        t.skipped += (manifest.files.len() - missing.len()) as u64;
+        let results: Vec<Result<u64>> = self.runtime.block_on(
+            futures::stream::iter(missing)
+                .map(|hash| self.fetch_blob(cache, hash, digest))
+                .buffer_unordered(CONCURRENCY)
+                .collect(),
+        );
+        for r in results {
+            t.bytes += r?;
+            t.files += 1;
         }
         if !cache.materialize(digest)? {
             return Err(RemoteError::Store {
