@@ -516,6 +516,45 @@ impl Context {
         Ok(Remote::open(&url)?)
     }
 
+    pub fn push_all(&self, json: bool) -> CmdResult {
+        let cache = self.open_cache(None)?;
+        let remote = self.global_remote()?;
+        let mut total = Transfer::default();
+        let mut count = 0;
+        for key in cache.record_keys()? {
+            if let Some(record) = cache.done(&key)? {
+                total += remote
+                    .push(&cache, &record)
+                    .with_context(|| format!("pushing {key}"))?;
+                count += 1;
+            }
+        }
+        report_transfer(json, "pushed", count, total, remote.url());
+        Ok(ExitCode::SUCCESS)
+    }
+
+    pub fn pull_all(&self, json: bool) -> CmdResult {
+        let cache = self.open_cache(None)?;
+        let remote = self.global_remote()?;
+        let mut total = Transfer::default();
+        let mut count = 0;
+        for (rel, _) in remote.list_all("runs")? {
+            let key = rel.trim_end_matches(".json");
+            if cache.done(key)?.is_some() {
+                continue;
+            }
+            if let Some((_, t)) = remote
+                .pull(&cache, key)
+                .with_context(|| format!("pulling {key}"))?
+            {
+                total += t;
+                count += 1;
+            }
+        }
+        report_transfer(json, "pulled", count, total, remote.url());
+        Ok(ExitCode::SUCCESS)
+    }
+
     pub fn gc_remote(
         &self,
         keep: &[PathBuf],

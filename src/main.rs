@@ -40,6 +40,37 @@ pub struct PipelineArgs {
     pub salt: Option<String>,
 }
 
+/// What `push` and `pull` move.
+#[derive(Args, Clone)]
+pub struct TransferArgs {
+    /// The pipeline file (TOML)
+    #[arg(required_unless_present = "all")]
+    pub pipeline: Option<PathBuf>,
+    /// Every result, of any pipeline
+    #[arg(long, conflicts_with = "pipeline")]
+    pub all: bool,
+    /// Override a value: `stage.NAME.PARAM=VALUE` or `pipeline.KEY=VALUE` (VALUE is TOML)
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Apply the pipeline's `[profile.NAME]` overlay (repeatable, in order)
+    #[arg(long = "profile", value_name = "NAME")]
+    pub profiles: Vec<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl TransferArgs {
+    /// The pipeline arguments, unless --all.
+    pub fn pipeline_args(&self) -> Option<PipelineArgs> {
+        self.pipeline.clone().map(|pipeline| PipelineArgs {
+            pipeline,
+            sets: self.sets.clone(),
+            profiles: self.profiles.clone(),
+            salt: None,
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run what is missing; skip what is cached
@@ -94,19 +125,15 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Upload a pipeline's done stages to the remote cache
+    /// Upload a pipeline's done stages (or, with --all, every local result) to the remote
     Push {
         #[command(flatten)]
-        p: PipelineArgs,
-        #[arg(long)]
-        json: bool,
+        t: TransferArgs,
     },
-    /// Download a pipeline's stages that the remote cache has done
+    /// Download a pipeline's stages the remote has done (or, with --all, every remote result)
     Pull {
         #[command(flatten)]
-        p: PipelineArgs,
-        #[arg(long)]
-        json: bool,
+        t: TransferArgs,
     },
     /// Delete cache entries that no kept pipeline references
     Gc {
@@ -212,8 +239,14 @@ fn main() -> ExitCode {
         Cmd::Explain { p, stage, json } => ctx.explain(&p, &stage, json),
         Cmd::Dag { p, format } => ctx.dag(&p, format),
         Cmd::Show { p, stage, json } => ctx.show(&p, &stage, json),
-        Cmd::Push { p, json } => ctx.push(&p, json),
-        Cmd::Pull { p, json } => ctx.pull(&p, json),
+        Cmd::Push { t } => match t.pipeline_args() {
+            Some(p) => ctx.push(&p, t.json),
+            None => ctx.push_all(t.json),
+        },
+        Cmd::Pull { t } => match t.pipeline_args() {
+            Some(p) => ctx.pull(&p, t.json),
+            None => ctx.pull_all(t.json),
+        },
         Cmd::Gc {
             keep,
             profiles,

@@ -1,4 +1,4 @@
-//! A remote cache in object storage (`s3://bucket/prefix`, `file:///path`), mirroring the
+//! A remote cache in object storage (`s3://`, `gs://`, `az://`, `file://`), mirroring the
 //! local layout so a team or a second machine reuses results:
 //!
 //! ```text
@@ -85,7 +85,8 @@ impl std::fmt::Debug for Remote {
 }
 
 impl Remote {
-    /// Opens `s3://bucket/prefix` (settings from `AWS_*`) or `file:///dir`.
+    /// Opens `s3://bucket/prefix` (settings from `AWS_*`), `gs://bucket/prefix`
+    /// (`GOOGLE_*`), `az://container/prefix` (`AZURE_*`) or `file:///dir`.
     pub fn open(url: &str) -> Result<Remote> {
         let fail = |message: String| RemoteError::Store {
             url: url.to_string(),
@@ -109,9 +110,23 @@ impl Remote {
                     .map_err(|e| fail(e.to_string()))?;
                 (Arc::new(store), String::new())
             }
+            "gs" => {
+                let store = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_url(url)
+                    .build()
+                    .map_err(|e| fail(e.to_string()))?;
+                (Arc::new(store), parsed.path().trim_matches('/').to_string())
+            }
+            "az" | "azure" | "abfs" | "abfss" => {
+                let store = object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_url(url)
+                    .build()
+                    .map_err(|e| fail(e.to_string()))?;
+                (Arc::new(store), parsed.path().trim_matches('/').to_string())
+            }
             other => {
                 return Err(fail(format!(
-                    "`{other}://` remotes are not built in (use s3:// or file://)"
+                    "`{other}://` is not an object store (use s3://, gs://, az:// or file://)"
                 )));
             }
         };

@@ -462,3 +462,41 @@ fn remote_gc_keeps_what_kept_pipelines_use_and_verify_evicts_damage() {
             .success()
     );
 }
+
+#[test]
+fn push_and_pull_all_through_a_file_remote() {
+    let shared = tempfile::tempdir().unwrap();
+    let remote = format!("file://{}", shared.path().display());
+    let (a, b) = (Workspace::new(), Workspace::new());
+    let p = a.write("p.toml", PIPELINE);
+    let o = a.write(
+        "o.toml",
+        "[stage.other]\nkind = \"command\"\nrun = \"echo other > $FLOW_OUT/o\"\n",
+    );
+    a.run_statuses(&p, &[]);
+    a.run_statuses(&o, &[]);
+    let out = a.flow(&["push", "--all", "--remote", &remote, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(parse_lines(&out.stdout)[0]["stages"], 4);
+    let out = b.flow(&["pull", "--all", "--remote", &remote, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(parse_lines(&out.stdout)[0]["stages"], 4);
+    // No remote needed any more: everything is local on B.
+    let q = b.write("p.toml", PIPELINE);
+    assert_eq!(with_status(&b.run_statuses(&q, &[]), "cached").len(), 3);
+    assert_eq!(outputs(&a, &p), outputs(&b, &q));
+    let usage = a.flow(&["push", "--remote", &remote]);
+    assert_eq!(
+        usage.status.code(),
+        Some(2),
+        "a pipeline or --all is required"
+    );
+}

@@ -207,12 +207,15 @@ fn read_settings(
             }
             "remote" => {
                 if let Some(s) = string(n, "pipeline.remote", diags) {
-                    if s.starts_with("s3://") || s.starts_with("file://") {
+                    if ["s3://", "gs://", "az://", "file://"]
+                        .iter()
+                        .any(|p| s.starts_with(p))
+                    {
                         settings.remote = Some(s);
                     } else {
                         diags.push(Diagnostic::new(
                             &n.origin,
-                            "pipeline.remote must be an s3:// or file:// URL",
+                            "pipeline.remote must be an s3://, gs://, az:// or file:// URL",
                         ));
                     }
                 }
