@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context as _, bail};
-use flow::exec::plan::{KeyState, resolve};
+use flow::exec::plan::{KeyState, resolve, resolve_with};
 use flow::exec::protocol::ChildSpec;
 use flow::exec::{self, RunOptions};
 use flow::key::short;
@@ -116,41 +116,26 @@ impl Context {
         let pipeline = load_or_exit!(p, json);
         let cache = self.open_cache(Some(&pipeline))?;
         let remote = self.require_remote(&pipeline)?;
-        let files = flow::store::FileHashes::load(&cache);
-        let mut outputs: Vec<Option<std::collections::BTreeMap<String, String>>> = Vec::new();
         let mut total = Transfer::default();
-        let (mut pulled, mut missing) = (0, 0);
-        for stage in &pipeline.stages {
-            let lookup = |i: usize| outputs[i].clone();
-            let parts = flow::exec::plan::key_parts(&pipeline, stage, &lookup, &files)?;
-            let record = match parts {
-                Err(_) => None,
-                Ok(parts) => {
-                    let key = parts.key();
-                    match cache.done(&key)? {
-                        Some(r) => Some(r),
-                        None => remote
-                            .pull(&cache, &key)
-                            .with_context(|| format!("pulling `{}`", stage.name))?
-                            .map(|(r, t)| {
-                                total += t;
-                                pulled += 1;
-                                if json {
-                                    println!(
-                                        "{}",
-                                        json!({"event": "pulled", "stage": stage.name, "key": key, "transfer": t})
-                                    );
-                                }
-                                r
-                            }),
-                    }
+        let mut pulled = 0;
+        let states = resolve_with(&pipeline, &cache, |stage, key| -> anyhow::Result<_> {
+            let got = remote
+                .pull(&cache, key)
+                .with_context(|| format!("pulling `{}`", stage.name))?;
+            Ok(got.map(|(record, t)| {
+                total += t;
+                pulled += 1;
+                if json {
+                    println!(
+                        "{}",
+                        json!({"event": "pulled", "stage": stage.name, "key": key, "transfer": t})
+                    );
                 }
-            };
-            missing += record.is_none() as usize;
-            outputs.push(record.map(|r| r.outputs));
-        }
-        files.save()?;
+                record
+            }))
+        })?;
         report_transfer(json, "pulled", pulled, total, remote.url());
+        let missing = states.iter().filter(|s| s.record().is_none()).count();
         if !json && missing > 0 {
             println!("{missing} stage(s) are done neither here nor on the remote");
         }
@@ -573,27 +558,16 @@ impl Context {
             };
             let pipeline = load_or_exit!(&args, json);
             let cache = self.open_cache(Some(&pipeline))?;
-            let files = flow::store::FileHashes::load(&cache);
             // Keys as far as either cache knows them.
-            let mut outputs: Vec<Option<std::collections::BTreeMap<String, String>>> = Vec::new();
-            for stage in &pipeline.stages {
-                let lookup = |i: usize| outputs[i].clone();
-                let record = match flow::exec::plan::key_parts(&pipeline, stage, &lookup, &files)? {
-                    Ok(parts) => {
-                        let key = parts.key();
-                        let r = match cache.done(&key)? {
-                            Some(r) => Some(r),
-                            None => remote.record(&key)?,
-                        };
-                        if r.is_some() {
-                            live.insert(key);
-                        }
-                        r
-                    }
-                    Err(_) => None,
-                };
-                outputs.push(record.map(|r| r.outputs));
-            }
+            let states = resolve_with(&pipeline, &cache, |_, key| -> anyhow::Result<_> {
+                Ok(remote.record(key)?)
+            })?;
+            live.extend(
+                states
+                    .iter()
+                    .filter(|s| s.record().is_some())
+                    .filter_map(|s| s.key().map(str::to_string)),
+            );
         }
         let (objects, bytes) = remote.gc(&live, dry_run)?;
         if json {

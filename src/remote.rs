@@ -630,12 +630,7 @@ impl Remote {
         }
         let mut live_blobs = std::collections::HashSet::new();
         for (rel, size) in self.list("artifacts")? {
-            let digest = rel
-                .rsplit('/')
-                .next()
-                .unwrap_or("")
-                .trim_end_matches(".json")
-                .to_string();
+            let digest = manifest_digest(&rel);
             if live_digests.contains(&digest) {
                 if let Some(bytes) = self.get_bytes(&format!("artifacts/{rel}"))?
                     && let Ok(m) = serde_json::from_slice::<Manifest>(&bytes)
@@ -687,12 +682,7 @@ impl Remote {
         }
         let mut bad_digests = std::collections::HashSet::new();
         for (rel, _) in self.list("artifacts")? {
-            let digest = rel
-                .rsplit('/')
-                .next()
-                .unwrap_or("")
-                .trim_end_matches(".json")
-                .to_string();
+            let digest = manifest_digest(&rel);
             let ok = match self.get_bytes(&format!("artifacts/{rel}"))? {
                 Some(bytes) if blake3::hash(&bytes).to_hex().as_str() == digest => {
                     serde_json::from_slice::<Manifest>(&bytes)
@@ -720,6 +710,15 @@ impl Remote {
         }
         Ok((checked, bad.into_iter().collect(), evicted))
     }
+}
+
+/// The digest a manifest's path (`ab/<digest>.json`) names.
+fn manifest_digest(rel: &str) -> String {
+    rel.rsplit('/')
+        .next()
+        .unwrap_or("")
+        .trim_end_matches(".json")
+        .to_string()
 }
 
 fn now() -> u64 {

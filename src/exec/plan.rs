@@ -91,6 +91,16 @@ pub fn key_parts(
 
 /// Resolves every stage's key against the cache, without running or changing anything.
 pub fn resolve(pipeline: &Pipeline, cache: &Cache) -> Result<Vec<KeyState>> {
+    resolve_with(pipeline, cache, |_, _| Ok(None))
+}
+
+/// Like [`resolve`], asking `fallback` (a remote cache, say) for keys the local cache has not
+/// done; what it returns counts as done, so downstream keys resolve through it.
+pub fn resolve_with<E: From<crate::store::StoreError>>(
+    pipeline: &Pipeline,
+    cache: &Cache,
+    mut fallback: impl FnMut(&Stage, &str) -> std::result::Result<Option<RunRecord>, E>,
+) -> std::result::Result<Vec<KeyState>, E> {
     let mut states: Vec<KeyState> = Vec::with_capacity(pipeline.stages.len());
     let files = FileHashes::load(cache);
     for stage in &pipeline.stages {
@@ -98,8 +108,15 @@ pub fn resolve(pipeline: &Pipeline, cache: &Cache) -> Result<Vec<KeyState>> {
         let state = match key_parts(pipeline, stage, &lookup, &files)? {
             Ok(parts) => {
                 let key = parts.key();
-                let record = cache.done(&key)?.map(Box::new);
-                KeyState::Known { parts, key, record }
+                let record = match cache.done(&key)? {
+                    Some(r) => Some(r),
+                    None => fallback(stage, &key)?,
+                };
+                KeyState::Known {
+                    parts,
+                    key,
+                    record: record.map(Box::new),
+                }
             }
             Err(on) => KeyState::Waiting { on },
         };
