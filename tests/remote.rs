@@ -164,8 +164,8 @@ fn wrong_credentials_give_a_clear_error_without_the_secret() {
 
 #[test]
 fn a_server_killed_mid_push_leaves_no_record_and_the_next_run_completes() {
-    // Its own block, clear of the shared server (whose gRPC ports sit 10000 above it).
-    let base = 40000 + (std::process::id() % 200) * 25;
+    // Its own free block, clear of the shared server's (whose gRPC ports sit 10000 above).
+    let base = S3::free_block(40000);
     let dir = tempfile::tempdir().unwrap();
     let s3 = S3::at(base);
     let pid = s3.start(dir.path());

@@ -198,14 +198,25 @@ impl S3 {
     pub fn shared() -> &'static S3 {
         static S3_SERVER: std::sync::OnceLock<S3> = std::sync::OnceLock::new();
         S3_SERVER.get_or_init(|| {
-            // A port block per test process, so test binaries never collide.
-            let base = 20000 + (std::process::id() % 400) * 25;
+            let base = S3::free_block(20000);
             let dir = std::env::temp_dir().join(format!("flow-s3-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             let s3 = S3::at(base);
             s3.start(&dir);
             s3
         })
+    }
+
+    /// A block of ports from which `weed mini` can listen (its HTTP ports and the gRPC
+    /// ports 10000 above them are all free now), searched from a pid-derived offset so
+    /// concurrent test processes start apart.
+    pub fn free_block(from: u32) -> u32 {
+        let free = |p: u32| std::net::TcpListener::bind(("127.0.0.1", p as u16)).is_ok();
+        let start = (std::process::id() % 200) * 25;
+        (0..400)
+            .map(|i| from + (start + i * 25) % 10000)
+            .find(|&b| (b..b + 6).all(|p| free(p) && free(p + 10000)))
+            .expect("a free block of ports for the S3 server")
     }
 
     /// The server's coordinates for a block of ports starting at `base` (not started).
