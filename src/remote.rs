@@ -6,7 +6,7 @@
 //! PREFIX/artifacts/ab/<digest>.json  manifests
 //! PREFIX/runs/<key>.json             run records, put last and create-only
 //! PREFIX/leases/<key>.json           who is computing a key, until when (create-only)
-//! PREFIX/scratch/<key>/...           checkpoints of unfinished runs, for a resume elsewhere
+//! PREFIX/scratch/<key>/index.json   the last checkpoint snapshot: path -> blob
 //! ```
 //! Pushing a key uploads its blobs, then its manifests, then its record: a reader that finds
 //! a record finds everything it names. Every download is re-hashed before it enters the local
@@ -206,7 +206,9 @@ impl Remote {
     }
 
     /// Uploads a local file; large files stream in parts, and a failed upload is aborted.
-    async fn put_file_async(&self, rel: &str, file: &Path) -> Result<u64> {
+    /// Small files are put create-only (`create_only`, for content-addressed blobs) or
+    /// overwritten (checkpoints).
+    async fn put_file_async(&self, rel: &str, file: &Path, create_only: bool) -> Result<u64> {
         let io = |e: std::io::Error| RemoteError::Io {
             path: file.display().to_string(),
             source: e,
@@ -214,7 +216,14 @@ impl Remote {
         let size = std::fs::metadata(file).map_err(io)?.len();
         if size <= MULTIPART_ABOVE {
             let bytes = std::fs::read(file).map_err(io)?;
-            self.put_small_async(rel, bytes).await?;
+            if create_only {
+                self.put_small_async(rel, bytes).await?;
+            } else {
+                self.store
+                    .put(&self.path(rel), PutPayload::from(bytes))
+                    .await
+                    .map_err(|e| self.err(e))?;
+            }
             return Ok(size);
         }
         let upload = self
@@ -318,7 +327,7 @@ impl Remote {
                         if self.exists_async(&rel).await? {
                             return Ok(None);
                         }
-                        self.put_file_async(&rel, &file).await.map(Some)
+                        self.put_file_async(&rel, &file, true).await.map(Some)
                     })
                     .buffer_unordered(CONCURRENCY)
                     .collect(),
@@ -521,22 +530,27 @@ impl Remote {
         })
     }
 
-    /// Uploads the files of a scratch directory whose (size, mtime) changed since `seen`.
+    /// Pushes a snapshot of a scratch directory: changed files go up as content-addressed
+    /// blobs (large ones in parts), then `scratch/<key>/index.json` (path -> blake3, size) is
+    /// overwritten last. A reader sees a whole earlier snapshot or a whole later one, never a
+    /// checkpoint half from each, whatever order or timestamps the files have.
     pub fn push_scratch(
         &self,
         key: &str,
         dir: &Path,
-        seen: &mut std::collections::HashMap<String, (u64, std::time::SystemTime)>,
+        seen: &mut std::collections::HashMap<String, (u64, std::time::SystemTime, String)>,
     ) -> Result<Transfer> {
         let mut t = Transfer::default();
-        for entry in walkdir::WalkDir::new(dir)
+        let mut index = std::collections::BTreeMap::new();
+        let mut changed = false;
+        let mut files: Vec<_> = walkdir::WalkDir::new(dir)
             .min_depth(1)
             .into_iter()
             .filter_map(|e| e.ok())
-        {
-            if !entry.file_type().is_file() {
-                continue;
-            }
+            .filter(|e| e.file_type().is_file())
+            .collect();
+        files.sort_by(|a, b| a.path().cmp(b.path()));
+        for entry in files {
             let rel = entry
                 .path()
                 .strip_prefix(dir)
@@ -544,57 +558,90 @@ impl Remote {
                 .to_string_lossy()
                 .replace('\\', "/");
             let Ok(meta) = entry.metadata() else { continue };
-            let stamp = (meta.len(), meta.modified().unwrap_or(std::time::UNIX_EPOCH));
-            if seen.get(&rel) == Some(&stamp) {
-                continue;
-            }
-            let path = self.path(&Self::scratch_rel(key, &rel));
-            let bytes = std::fs::read(entry.path()).map_err(|e| RemoteError::Io {
-                path: entry.path().display().to_string(),
-                source: e,
-            })?;
-            t.bytes += bytes.len() as u64;
-            t.files += 1;
+            let (size, mtime) = (meta.len(), meta.modified().unwrap_or(std::time::UNIX_EPOCH));
+            let hash = match seen.get(&rel) {
+                Some((s, m, h)) if (*s, *m) == (size, mtime) => h.clone(),
+                _ => {
+                    let hash = crate::store::hash::hash_file(entry.path())?;
+                    let blob = Self::object_rel(&hash);
+                    if !self.exists(&blob)? {
+                        t.bytes += self.runtime.block_on(self.put_file_async(
+                            &blob,
+                            entry.path(),
+                            true,
+                        ))?;
+                        t.files += 1;
+                        tracing::info!(file = %rel, "checkpoint file pushed");
+                    }
+                    seen.insert(rel.clone(), (size, mtime, hash.clone()));
+                    changed = true;
+                    hash
+                }
+            };
+            index.insert(rel, serde_json::json!({"blake3": hash, "size": size}));
+        }
+        if changed {
+            let body = serde_json::to_vec(&index).expect("index serializes");
+            let path = self.path(&Self::scratch_rel(key, "index.json"));
             self.runtime.block_on(async {
                 self.store
-                    .put(&path, PutPayload::from(bytes))
+                    .put(&path, PutPayload::from(body))
                     .await
                     .map_err(|e| self.err(e))
             })?;
-            seen.insert(rel, stamp);
         }
         Ok(t)
     }
 
-    /// Downloads a key's remote scratch into `dir` (a resume on this machine).
-    pub fn pull_scratch(&self, key: &str, dir: &Path) -> Result<Transfer> {
+    /// The blobs a key's remote checkpoint snapshot names.
+    fn scratch_index(&self, key: &str) -> Result<std::collections::BTreeMap<String, String>> {
+        let Some(bytes) = self.get_bytes(&Self::scratch_rel(key, "index.json"))? else {
+            return Ok(Default::default());
+        };
+        let index: std::collections::BTreeMap<String, serde_json::Value> =
+            serde_json::from_slice(&bytes).map_err(|e| RemoteError::Store {
+                url: self.url.clone(),
+                message: format!("unreadable checkpoint index of {key}: {e}"),
+            })?;
+        Ok(index
+            .into_iter()
+            .filter_map(|(rel, v)| v["blake3"].as_str().map(|h| (rel, h.to_string())))
+            .collect())
+    }
+
+    /// Restores a key's last pushed checkpoint snapshot into `dir` (a resume on this
+    /// machine); every file is blake3-verified, and copied (the stage may rewrite it).
+    pub fn pull_scratch(&self, cache: &Cache, key: &str, dir: &Path) -> Result<Transfer> {
         let mut t = Transfer::default();
-        for (rel, _) in self.list(&format!("scratch/{key}"))? {
+        for (rel, hash) in self.scratch_index(key)? {
+            if !cache.object_path(&hash).is_file() {
+                t.bytes += self
+                    .runtime
+                    .block_on(self.fetch_blob(cache, &hash, "a checkpoint"))?;
+            }
+            t.files += 1;
             let dest = dir.join(&rel);
+            let io = |e: std::io::Error| RemoteError::Io {
+                path: dest.display().to_string(),
+                source: e,
+            };
             if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| RemoteError::Io {
-                    path: parent.display().to_string(),
-                    source: e,
-                })?;
+                std::fs::create_dir_all(parent).map_err(io)?;
             }
-            if let Some(bytes) = self.get_bytes(&Self::scratch_rel(key, &rel))? {
-                t.bytes += bytes.len() as u64;
-                t.files += 1;
-                std::fs::write(&dest, bytes).map_err(|e| RemoteError::Io {
-                    path: dest.display().to_string(),
-                    source: e,
-                })?;
-            }
+            let tmp = dest.with_file_name(format!(".flow-pull-{}", std::process::id()));
+            std::fs::copy(cache.object_path(&hash), &tmp).map_err(io)?;
+            let mut perms = std::fs::metadata(&tmp).map_err(io)?.permissions();
+            std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
+            std::fs::set_permissions(&tmp, perms).map_err(io)?;
+            std::fs::rename(&tmp, &dest).map_err(io)?;
         }
         Ok(t)
     }
 
-    /// Forgets a key's remote checkpoints (after its record is pushed).
+    /// Forgets a key's remote checkpoints (after its record is pushed); the blobs go with
+    /// the next `gc --remote-cache`.
     pub fn delete_scratch(&self, key: &str) -> Result<()> {
-        for (rel, _) in self.list(&format!("scratch/{key}"))? {
-            self.delete(&Self::scratch_rel(key, &rel))?;
-        }
-        Ok(())
+        self.delete(&Self::scratch_rel(key, "index.json"))
     }
 
     /// Every object under a prefix (`runs`, `artifacts`, `objects`, `scratch`, `leases`).
@@ -639,6 +686,11 @@ impl Remote {
                 }
             } else {
                 doomed.push((format!("artifacts/{rel}"), size));
+            }
+        }
+        for (rel, _) in self.list("scratch")? {
+            if let Some(key) = rel.strip_suffix("/index.json") {
+                live_blobs.extend(self.scratch_index(key)?.into_values());
             }
         }
         for (rel, size) in self.list("objects/blake3")? {

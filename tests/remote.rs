@@ -282,7 +282,8 @@ fn two_machines_sharing_a_remote_run_a_key_once() {
     );
 }
 
-/// A stage that resumes from a checkpoint: the first attempt writes step 5 and dies.
+/// A stage that resumes from a checkpoint: the first attempt writes 20 MiB of "weights"
+/// (a multipart upload) and step 5, then dies; a resume reports what it found.
 fn checkpointing(extra: &str) -> String {
     format!(
         r#"[stage.train]
@@ -290,7 +291,10 @@ kind = "command"
 run = """
 if [ -f $FLOW_SCRATCH/ckpt ]; then
   echo resumed-from-$(cat $FLOW_SCRATCH/ckpt) > $FLOW_OUT/model.txt
+  tr -d y < $FLOW_SCRATCH/weights | wc -c | tr -d ' ' >> $FLOW_OUT/model.txt
+  wc -c < $FLOW_SCRATCH/weights | tr -d ' ' >> $FLOW_OUT/model.txt
 else
+  head -c 20971520 /dev/zero | tr '\\0' y > $FLOW_SCRATCH/weights.tmp && mv $FLOW_SCRATCH/weights.tmp $FLOW_SCRATCH/weights
   echo 5 > $FLOW_SCRATCH/ckpt.tmp && mv $FLOW_SCRATCH/ckpt.tmp $FLOW_SCRATCH/ckpt
   {extra}
 fi
@@ -314,7 +318,10 @@ fn a_failed_run_resumes_on_another_machine_from_its_pushed_checkpoint() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(tree(&b.output_dir(&q, "train"))[0].1, b"resumed-from-5\n");
+    assert_eq!(
+        tree(&b.output_dir(&q, "train"))[0].1,
+        b"resumed-from-5\n0\n20971520\n"
+    );
     // Done: the remote checkpoints are gone, the record is there.
     let key = statuses(&parse_lines(&out.stdout));
     assert_eq!(key[0].1, "ran");
@@ -347,7 +354,7 @@ fn a_run_killed_on_one_machine_resumes_on_another_after_its_lease_expires() {
         if let Ok(entries) = std::fs::read_dir(a.cache().join("scratch")) {
             for e in entries.flatten() {
                 let k = e.file_name().to_string_lossy().into_owned();
-                if s3.exists(&format!("resume-killed/scratch/{k}/ckpt")) {
+                if s3.exists(&format!("resume-killed/scratch/{k}/index.json")) {
                     key = Some(k);
                 }
             }
@@ -376,7 +383,10 @@ fn a_run_killed_on_one_machine_resumes_on_another_after_its_lease_expires() {
         started.elapsed().as_secs() < 30,
         "an expired lease is taken over"
     );
-    assert_eq!(tree(&b.output_dir(&q, "train"))[0].1, b"resumed-from-5\n");
+    assert_eq!(
+        tree(&b.output_dir(&q, "train"))[0].1,
+        b"resumed-from-5\n0\n20971520\n"
+    );
     let key = key.unwrap();
     assert!(
         !s3.exists(&format!("resume-killed/scratch/{key}/ckpt")),

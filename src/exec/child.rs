@@ -282,7 +282,7 @@ fn run_inner(spec: &ChildSpec) -> anyhow::Result<i32> {
     if let Some(r) = &remote
         && std::fs::read_dir(&scratch)?.next().is_none()
     {
-        let t = r.pull_scratch(&spec.key, &scratch)?;
+        let t = r.pull_scratch(&cache, &spec.key, &scratch)?;
         if t.files > 0 {
             tracing::info!(
                 files = t.files,
