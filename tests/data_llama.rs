@@ -48,11 +48,7 @@ fn llama2_tokenizer_json_matches_llama_tokenizer_js() {
         .arg(&texts_file)
         .output()
         .expect("node runs");
-    assert!(
-        node.status.success(),
-        "{}",
-        String::from_utf8_lossy(&node.stderr)
-    );
+    common::assert_ok(&node);
     let reference: Vec<Vec<u32>> =
         serde_json::from_str(&std::fs::read_to_string(ws.path().join("reference.json")).unwrap())
             .unwrap();

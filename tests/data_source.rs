@@ -315,11 +315,7 @@ fn s3_inputs_stream_from_a_real_s3_server() {
     let mut cmd = ws.command(&["run", p.to_str().unwrap(), "--json"]);
     cmd.envs(s3.env());
     let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_ok(&out);
     let r = records(&output_named(&ws, &p, "s", "train"));
     assert_eq!(r.len(), 1319);
     assert!(r[0]["question"].as_str().unwrap().starts_with("Janet"));
@@ -375,11 +371,7 @@ fn hub_urls_resolve_with_the_token_and_http_urls_download() {
     let s = statuses(&common::parse_lines(&denied.stdout));
     assert_eq!(with_status(&s, "ran"), ["web"]);
     let ok = run(Some("hf_secret_token"));
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    common::assert_ok(&ok);
     assert_eq!(records(&output_named(&ws, &p, "hub", "train")).len(), 1319);
     assert_eq!(records(&output_named(&ws, &p, "web", "train")).len(), 1172);
     for log in std::fs::read_dir(ws.cache().join("logs")).unwrap() {

@@ -117,11 +117,7 @@ fn a_flipped_byte_is_detected_and_healed_when_consumed() {
         "stage.b.env.X=\"3\"",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_ok(&out);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("damaged"), "{stderr}");
     let s = statuses(&parse_lines(&out.stdout));

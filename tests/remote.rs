@@ -42,11 +42,7 @@ fn a_second_machine_reuses_everything_and_pull_materializes() {
     let a = Workspace::new();
     let p = a.write("p.toml", PIPELINE);
     let out = run(&a, &p, s3, remote);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_ok(&out);
     assert_eq!(
         with_status(&statuses(&parse_lines(&out.stdout)), "ran").len(),
         3
@@ -56,11 +52,7 @@ fn a_second_machine_reuses_everything_and_pull_materializes() {
     let b = Workspace::new();
     let q = b.write("p.toml", PIPELINE);
     let out = run(&b, &q, s3, remote);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_ok(&out);
     let s = statuses(&parse_lines(&out.stdout));
     assert_eq!(with_status(&s, "cached").len(), 3, "{s:?}");
     assert_eq!(outputs(&a, &p), outputs(&b, &q));
@@ -72,11 +64,7 @@ fn a_second_machine_reuses_everything_and_pull_materializes() {
     let mut cmd = c.command(&["pull", r.to_str().unwrap(), "--remote", remote, "--json"]);
     cmd.envs(s3.env());
     let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_ok(&out);
     let summary = parse_lines(&out.stdout).pop().unwrap();
     assert_eq!(summary["stages"], 3);
     assert!(summary["transfer"]["bytes"].as_u64().unwrap() > 24 << 20);
@@ -109,11 +97,7 @@ fn a_damaged_remote_blob_is_detected_and_the_stage_recomputed() {
     let b = Workspace::new();
     let q = b.write("p.toml", PIPELINE);
     let out = run(&b, &q, s3, remote);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_ok(&out);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("is damaged"), "{stderr}");
     let s = statuses(&parse_lines(&out.stdout));
@@ -218,11 +202,7 @@ fn a_server_killed_mid_push_leaves_no_record_and_the_next_run_completes() {
         "a record for an incomplete push"
     );
     let out = run(&ws, &p, &s3, remote);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_ok(&out);
     assert!(s3.exists(&format!("killed/runs/{key}.json")));
     let other = Workspace::new();
     let q = other.write("p.toml", &std::fs::read_to_string(&p).unwrap());
@@ -313,11 +293,7 @@ fn a_failed_run_resumes_on_another_machine_from_its_pushed_checkpoint() {
     let out = run(&a, &p, s3, remote);
     assert_eq!(out.status.code(), Some(1));
     let out = run(&b, &q, s3, remote);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_ok(&out);
     assert_eq!(
         tree(&b.output_dir(&q, "train"))[0].1,
         b"resumed-from-5\n0\n20971520\n"
@@ -370,11 +346,7 @@ fn a_run_killed_on_one_machine_resumes_on_another_after_its_lease_expires() {
     cmd.envs(s3.env()).env("FLOW_LEASE_SECONDS", "4");
     let started = std::time::Instant::now();
     let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_ok(&out);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("waiting"),
         "B waits for A's lease"
@@ -486,18 +458,10 @@ fn push_and_pull_all_through_a_file_remote() {
     a.run_statuses(&p, &[]);
     a.run_statuses(&o, &[]);
     let out = a.flow(&["push", "--all", "--remote", &remote, "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_ok(&out);
     assert_eq!(parse_lines(&out.stdout)[0]["stages"], 4);
     let out = b.flow(&["pull", "--all", "--remote", &remote, "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_ok(&out);
     assert_eq!(parse_lines(&out.stdout)[0]["stages"], 4);
     // No remote needed any more: everything is local on B.
     let q = b.write("p.toml", PIPELINE);

@@ -82,6 +82,15 @@ impl Workspace {
     }
 }
 
+/// Asserts that a flow process succeeded, showing its stderr if not.
+pub fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "flow failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn parse_lines(bytes: &[u8]) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(bytes)
         .lines()
