@@ -523,7 +523,7 @@ impl Context {
         let remote = self.global_remote()?;
         let mut total = Transfer::default();
         let mut count = 0;
-        for (rel, _) in remote.list_all("runs")? {
+        for (rel, _) in remote.list("runs")? {
             let key = rel.trim_end_matches(".json");
             if cache.done(key)?.is_some() {
                 continue;

@@ -512,7 +512,9 @@ impl Remote {
         })
     }
 
-    fn list(&self, rel_prefix: &str) -> Result<Vec<(String, u64)>> {
+    /// Every object under a prefix (`runs`, `artifacts`, `objects/blake3`, `scratch`), as
+    /// (path below the prefix, size).
+    pub fn list(&self, rel_prefix: &str) -> Result<Vec<(String, u64)>> {
         let prefix = self.path(rel_prefix);
         let strip = format!("{prefix}/");
         self.runtime.block_on(async {
@@ -642,11 +644,6 @@ impl Remote {
     /// the next `gc --remote-cache`.
     pub fn delete_scratch(&self, key: &str) -> Result<()> {
         self.delete(&Self::scratch_rel(key, "index.json"))
-    }
-
-    /// Every object under a prefix (`runs`, `artifacts`, `objects`, `scratch`, `leases`).
-    pub fn list_all(&self, area: &str) -> Result<Vec<(String, u64)>> {
-        self.list(area)
     }
 
     /// Reads a remote run record.
