@@ -7,16 +7,17 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, bail};
 use flow::exec::plan::{KeyState, resolve, resolve_with};
-use flow::exec::protocol::ChildSpec;
+use flow::exec::protocol::{ChildSpec, JobSpec};
 use flow::exec::{self, RunOptions};
 use flow::key::short;
-use flow::pipeline::{Overrides, Pipeline};
+use flow::pipeline::{ExecutorKind, Overrides, Pipeline};
 use flow::remote::{Remote, Transfer};
+use flow::slurm::{self, ledger::Ledger};
 use flow::store::{Cache, KeyLock};
 use flow::ui::{Status, Ui};
 use serde_json::json;
 
-use crate::{DagFormat, PipelineArgs};
+use crate::{DagFormat, ExecutorArg, PipelineArgs};
 
 /// Invalid pipeline or usage.
 const EXIT_INVALID: u8 = 2;
@@ -147,17 +148,30 @@ impl Context {
         p: &PipelineArgs,
         jobs: usize,
         threads: Option<usize>,
+        executor: Option<ExecutorArg>,
+        wait: bool,
         json: bool,
     ) -> CmdResult {
         let pipeline = load_or_exit!(p, json);
         let cache = self.open_cache(Some(&pipeline))?;
+        let slurm = match executor {
+            Some(ExecutorArg::Slurm) => true,
+            Some(ExecutorArg::Local) => false,
+            None => pipeline.executor.kind == ExecutorKind::Slurm,
+        };
+        if slurm {
+            return self.run_slurm(&pipeline, &cache, wait, json);
+        }
+        if wait {
+            bail!("--wait follows cluster jobs: use it with --executor slurm");
+        }
         let jobs = jobs.max(1);
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let remote = self.open_remote(&pipeline)?;
         let opts = RunOptions {
             jobs,
-            threads: threads.unwrap_or((cores / jobs).max(1)),
+            threads: threads.unwrap_or((cores() / jobs).max(1)),
             remote: remote.as_ref(),
+            only: None,
         };
         let mut ui = Ui::new(json, self.verbose);
         let summary = exec::run(&pipeline, &cache, &opts, &mut ui)?;
@@ -171,6 +185,109 @@ impl Context {
                 ExitCode::SUCCESS
             },
         )
+    }
+
+    /// Submits the pipeline's missing stages as Slurm jobs (and with `wait`, follows them).
+    fn run_slurm(&self, pipeline: &Pipeline, cache: &Cache, wait: bool, json: bool) -> CmdResult {
+        let remote = self.open_remote(pipeline)?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "the slurm executor needs a remote cache the jobs share (an s3:// bucket or a \
+                 file:// path on a shared filesystem): pass --remote URL, set FLOW_REMOTE or \
+                 [pipeline] remote"
+            )
+        })?;
+        let mut ui = Ui::new(json, self.verbose);
+        let jobs = slurm::submit(pipeline, cache, &remote, &mut ui)?;
+        if !wait {
+            if jobs.iter().any(Option::is_some) {
+                ui.note(&format!(
+                    "follow with `flow status {}` (or rerun with --wait)",
+                    pipeline.path.display()
+                ));
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        let poll = std::env::var("FLOW_SLURM_POLL_SECONDS")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(2.0);
+        let (_, failed, blocked) = slurm::wait(
+            pipeline,
+            cache,
+            &remote,
+            &jobs,
+            std::time::Duration::from_secs_f64(poll.max(0.1)),
+            &mut ui,
+        )?;
+        Ok(if failed + blocked > 0 {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        })
+    }
+
+    /// The hidden `__job` subcommand: one stage of a pipeline, as a cluster job.
+    pub fn job(&self) -> CmdResult {
+        let mut input = String::new();
+        std::io::stdin()
+            .read_to_string(&mut input)
+            .context("reading the job spec")?;
+        let spec: JobSpec = serde_json::from_str(&input).context("invalid job spec")?;
+        let overrides = Overrides {
+            profiles: spec.profiles.clone(),
+            sets: spec.sets.clone(),
+        };
+        let mut pipeline = match Pipeline::from_text(&spec.pipeline, spec.text, &overrides) {
+            Ok(p) => p,
+            Err(diags) => {
+                eprintln!("{diags}");
+                return Ok(ExitCode::from(EXIT_INVALID));
+            }
+        };
+        pipeline.salt = spec.salt;
+        let target = find_stage(&pipeline, &spec.stage)?;
+        let cache = self.open_cache(Some(&pipeline))?;
+        let remote = Remote::open(&spec.remote)?;
+        let threads = std::env::var("SLURM_CPUS_PER_TASK")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(cores);
+        eprintln!(
+            "flow job: stage `{}` of {} (cache {}, remote {})",
+            spec.stage,
+            spec.pipeline.display(),
+            cache.root().display(),
+            remote.url()
+        );
+        let opts = RunOptions {
+            jobs: 1,
+            threads,
+            remote: Some(&remote),
+            only: Some(target),
+        };
+        let mut ui = Ui::new(false, true);
+        let summary = exec::run(&pipeline, &cache, &opts, &mut ui)?;
+        Ok(
+            if summary.failed + summary.blocked > 0 || summary.push_failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            },
+        )
+    }
+
+    pub fn cancel(&self, p: &PipelineArgs, json: bool) -> CmdResult {
+        let pipeline = load_or_exit!(p, json);
+        let cache = self.open_cache(Some(&pipeline))?;
+        let ids = slurm::cancel(&pipeline, &cache)?;
+        if json {
+            println!("{}", json!({"event": "cancelled", "jobs": ids}));
+        } else if ids.is_empty() {
+            println!("no queued or running jobs of {}", pipeline.name);
+        } else {
+            println!("cancelled {} job(s): {}", ids.len(), ids.join(" "));
+        }
+        Ok(ExitCode::SUCCESS)
     }
 
     pub fn plan(&self, p: &PipelineArgs, json: bool) -> CmdResult {
@@ -240,31 +357,70 @@ impl Context {
     pub fn status(&self, p: &PipelineArgs, json: bool) -> CmdResult {
         let pipeline = load_or_exit!(p, json);
         let cache = self.open_cache(Some(&pipeline))?;
-        let states = resolve(&pipeline, &cache)?;
-        for (stage, state) in pipeline.stages.iter().zip(&states) {
+        let remote = self.open_remote(&pipeline)?;
+        let states = match &remote {
+            Some(r) => slurm::resolve_remote(&pipeline, &cache, r)?,
+            None => resolve(&pipeline, &cache)?,
+        };
+        let ledger = Ledger::load(&cache, &pipeline.name);
+        let views = if ledger.jobs.is_empty() || states.iter().all(|s| s.record().is_some()) {
+            vec![None; pipeline.stages.len()]
+        } else {
+            let jobs = slurm::scheduler::jobs().unwrap_or_else(|e| {
+                eprintln!("warning: cannot ask Slurm about the pipeline's jobs: {e}");
+                Default::default()
+            });
+            slurm::job_views(&pipeline, &ledger, &jobs)
+        };
+        for ((stage, state), view) in pipeline.stages.iter().zip(&states).zip(&views) {
+            let mut detail = String::new();
             let (status, outputs) = match state {
                 KeyState::Known {
-                    record: Some(r), ..
-                } => (
+                    key,
+                    record: Some(r),
+                    ..
+                } if cache.done(key)?.is_some() => (
                     "done",
                     r.outputs
                         .iter()
                         .map(|(n, d)| (n.clone(), cache.view_path(d).display().to_string()))
                         .collect(),
                 ),
+                KeyState::Known {
+                    record: Some(_), ..
+                } => {
+                    detail = "on the remote (`flow pull` fetches it)".into();
+                    ("remote", vec![])
+                }
                 KeyState::Known { key, .. } if KeyLock::is_held(&cache, key) => ("running", vec![]),
-                _ => ("missing", vec![]),
+                _ => match view {
+                    Some(v) => {
+                        detail = format!("job {} {} {}; log: {}", v.job, v.state, v.detail, v.log);
+                        (
+                            if v.status == "finished" {
+                                "missing"
+                            } else {
+                                v.status
+                            },
+                            vec![],
+                        )
+                    }
+                    None => ("missing", vec![]),
+                },
             };
             if json {
                 let outs: serde_json::Map<_, _> =
                     outputs.iter().map(|(n, d)| (n.clone(), json!(d))).collect();
+                let job = view.as_ref().map(|v| {
+                    json!({"id": v.job, "state": v.state, "status": v.status, "detail": v.detail, "log": v.log})
+                });
                 println!(
                     "{}",
-                    json!({"stage": stage.name, "status": status, "key": state.key(), "outputs": outs})
+                    json!({"stage": stage.name, "status": status, "key": state.key(), "outputs": outs, "job": job})
                 );
             } else {
                 let paths: Vec<String> = outputs.iter().map(|(n, d)| format!("{n}={d}")).collect();
-                println!("{status:>8}  {}  {}", stage.name, paths.join(" "));
+                println!("{status:>8}  {}  {}{detail}", stage.name, paths.join(" "));
             }
         }
         Ok(ExitCode::SUCCESS)
@@ -657,6 +813,10 @@ fn report_transfer(json: bool, verb: &str, stages: usize, t: Transfer, url: &str
             t.skipped
         );
     }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 fn find_stage(pipeline: &Pipeline, name: &str) -> anyhow::Result<usize> {

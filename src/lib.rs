@@ -7,5 +7,6 @@ pub mod graph;
 pub mod key;
 pub mod pipeline;
 pub mod remote;
+pub mod slurm;
 pub mod store;
 pub mod ui;

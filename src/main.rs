@@ -83,7 +83,20 @@ enum Cmd {
         /// Threads per stage [default: available cores / jobs]
         #[arg(long)]
         threads: Option<usize>,
+        /// Where stages run [default: `[executor] kind`, else local]
+        #[arg(long, value_enum)]
+        executor: Option<ExecutorArg>,
+        /// With the slurm executor: follow the jobs to the end instead of returning at once
+        #[arg(long)]
+        wait: bool,
         /// One JSON object per line on stdout
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel the pipeline's queued and running Slurm jobs
+    Cancel {
+        #[command(flatten)]
+        p: PipelineArgs,
         #[arg(long)]
         json: bool,
     },
@@ -171,6 +184,16 @@ enum Cmd {
     /// Runs one stage (the engine's child process; reads its spec on stdin)
     #[command(name = "__stage", hide = true)]
     Stage,
+    /// Runs one stage as a cluster job (reads its job spec on stdin)
+    #[command(name = "__job", hide = true)]
+    Job,
+}
+
+/// `--executor`.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ExecutorArg {
+    Local,
+    Slurm,
 }
 
 #[derive(Subcommand)]
@@ -232,8 +255,12 @@ fn main() -> ExitCode {
             p,
             jobs,
             threads,
+            executor,
+            wait,
             json,
-        } => ctx.run(&p, jobs, threads, json),
+        } => ctx.run(&p, jobs, threads, executor, wait, json),
+        Cmd::Cancel { p, json } => ctx.cancel(&p, json),
+        Cmd::Job => ctx.job(),
         Cmd::Plan { p, json } => ctx.plan(&p, json),
         Cmd::Status { p, json } => ctx.status(&p, json),
         Cmd::Explain { p, stage, json } => ctx.explain(&p, &stage, json),

@@ -485,6 +485,16 @@ impl Remote {
         Ok(Some("another process (lease contended)".into()))
     }
 
+    /// Who holds a key's lease, if anyone does and it has not expired.
+    pub fn lease_holder(&self, key: &str) -> Result<Option<String>> {
+        let Some(bytes) = self.get_bytes(&Self::lease_rel(key))? else {
+            return Ok(None);
+        };
+        let lease: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        Ok((lease["expires"].as_u64().unwrap_or(0) > now())
+            .then(|| lease["holder"].as_str().unwrap_or("?").to_string()))
+    }
+
     /// Extends a lease we hold.
     pub fn renew_lease(&self, key: &str, holder: &str, ttl: u64) -> Result<()> {
         let body = serde_json::json!({"holder": holder, "expires": now() + ttl}).to_string();

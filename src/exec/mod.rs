@@ -30,6 +30,9 @@ pub struct RunOptions<'a> {
     /// A shared remote cache: done keys are pulled from it instead of recomputed, and every
     /// key done here is pushed to it.
     pub remote: Option<&'a Remote>,
+    /// Run only this stage (a cluster job): its upstream stages must be done already, here
+    /// or on the remote, and nothing else is looked at.
+    pub only: Option<usize>,
 }
 
 /// Counts of a finished run.
@@ -80,10 +83,14 @@ pub fn run(
     let mut running = 0usize;
     let (tx, rx) = mpsc::channel::<Msg>();
     let files = FileHashes::load(cache);
+    let wanted = match opts.only {
+        Some(target) => pipeline.upstream_of(target),
+        None => vec![true; n],
+    };
 
     loop {
         for i in 0..n {
-            if !matches!(state[i], State::Pending) {
+            if !wanted[i] || !matches!(state[i], State::Pending) {
                 continue;
             }
             let stage = &pipeline.stages[i];
@@ -143,6 +150,17 @@ pub fn run(
                     "(pulled from the remote)",
                 );
                 state[i] = State::Done(outputs);
+                continue;
+            }
+            if opts.only.is_some_and(|target| target != i) {
+                outcome[i] = Some(Status::Failed);
+                ui.stage(
+                    &stage.name,
+                    Status::Failed,
+                    Some(&key),
+                    "not done here nor on the remote: its own job must finish first",
+                );
+                state[i] = State::Failed;
                 continue;
             }
             if running >= opts.jobs {

@@ -28,6 +28,22 @@ pub struct ChildSpec {
     pub remote: Option<String>,
 }
 
+/// What a cluster job runs (`flow __job`, spec on stdin): one stage of a pipeline, whose
+/// key the job resolves when it starts, from the inputs the remote has by then.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// The pipeline file, absolute: relative paths in it resolve against its directory.
+    pub pipeline: PathBuf,
+    /// The file's text when it was submitted.
+    pub text: String,
+    pub profiles: Vec<String>,
+    pub sets: Vec<String>,
+    pub salt: String,
+    pub stage: String,
+    /// The remote cache the jobs share.
+    pub remote: String,
+}
+
 /// One reference param's artifacts.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SpecInput {

@@ -23,19 +23,23 @@ pub struct Document {
     pub root: Table,
 }
 
-const TOP_LEVEL: &[&str] = &["pipeline", "stage", "profile"];
+const TOP_LEVEL: &[&str] = &["pipeline", "stage", "profile", "executor"];
 
-/// Reads and parses the file, then applies the overrides. Parse errors and bad overrides are
-/// all reported together.
-pub fn load(path: &Path, overrides: &Overrides) -> Result<Document, Diagnostics> {
-    let mut diags = Diagnostics::default();
-    let text = std::fs::read_to_string(path).map_err(|e| {
+/// Reads the pipeline file's text.
+pub fn read(path: &Path) -> Result<String, Diagnostics> {
+    std::fs::read_to_string(path).map_err(|e| {
         let origin = Origin::Arg(Arc::from(path.display().to_string()));
         Diagnostics(vec![Diagnostic::new(
             &origin,
             format!("cannot read the pipeline file: {e}"),
         )])
-    })?;
+    })
+}
+
+/// Parses the text of the file at `path`, then applies the overrides. Parse errors and bad
+/// overrides are all reported together.
+pub fn parse(path: &Path, text: String, overrides: &Overrides) -> Result<Document, Diagnostics> {
+    let mut diags = Diagnostics::default();
     let source = SourceFile::new(path.to_path_buf(), text);
     let (parsed, errors) = DeTable::parse_recoverable(&source.text);
     for e in &errors {
@@ -56,7 +60,7 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Document, Diagnostics>
                 Diagnostic::new(
                     origin,
                     format!(
-                        "unknown top-level table `{key}` (expected pipeline, stage or profile)"
+                        "unknown top-level table `{key}` (expected pipeline, stage, executor or profile)"
                     ),
                 )
                 .with_suggestion(key, TOP_LEVEL.iter().copied()),
@@ -140,15 +144,15 @@ fn flatten(table: &Table, prefix: &mut Vec<String>, out: &mut Vec<(Vec<String>, 
     }
 }
 
-/// Sets `root[path] = node`, creating tables on the way. Only `pipeline.*` and `stage.*`
-/// may be overridden: profiles cannot add profiles.
+/// Sets `root[path] = node`, creating tables on the way. Only `pipeline.*`, `executor.*` and
+/// `stage.*` may be overridden: profiles cannot add profiles.
 fn set_path(root: &mut Table, path: &[String], node: Node) -> Result<(), Diagnostic> {
     let origin = node.origin.clone();
-    if path.len() < 2 || !matches!(path[0].as_str(), "pipeline" | "stage") {
+    if path.len() < 2 || !matches!(path[0].as_str(), "pipeline" | "stage" | "executor") {
         return Err(Diagnostic::new(
             &origin,
             format!(
-                "cannot override `{}`: paths start with `pipeline.` or `stage.NAME.`",
+                "cannot override `{}`: paths start with `pipeline.`, `executor.` or `stage.NAME.`",
                 path.join(".")
             ),
         ));

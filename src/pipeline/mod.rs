@@ -2,6 +2,7 @@
 //! concrete stages (sweeps and fan-outs unrolled) before anything runs.
 
 pub mod check;
+pub mod executor;
 mod expand;
 pub mod load;
 pub mod value;
@@ -11,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use flow_stages::Kind;
 
+pub use executor::{ExecutorKind, ExecutorSettings, JobResources};
 pub use load::Overrides;
 
 use crate::diag::{Diagnostic, Diagnostics, Origin};
@@ -32,7 +34,13 @@ pub struct Pipeline {
     pub cache: Option<PathBuf>,
     /// `[pipeline] remote`: an object store URL shared with other machines.
     pub remote: Option<String>,
+    /// `[executor]`: where the stages run (never part of a key).
+    pub executor: ExecutorSettings,
     pub stages: Vec<Stage>,
+    /// The file's text as read, so a cluster job runs exactly what was submitted.
+    pub text: String,
+    /// The overrides applied to the text.
+    pub overrides: Overrides,
 }
 
 /// One concrete stage (a sweep member counts as one).
@@ -72,7 +80,17 @@ pub struct Source {
 impl Pipeline {
     /// Loads, overlays, validates and expands a pipeline file; all problems at once.
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, Diagnostics> {
-        let doc = load::load(path, overrides)?;
+        Pipeline::from_text(path, load::read(path)?, overrides)
+    }
+
+    /// Like [`Pipeline::load`], for the text of the file at `path` as read earlier (relative
+    /// paths in it still resolve against `path`'s directory).
+    pub fn from_text(
+        path: &Path,
+        text: String,
+        overrides: &Overrides,
+    ) -> Result<Pipeline, Diagnostics> {
+        let doc = load::parse(path, text.clone(), overrides)?;
         let mut diags = Diagnostics::default();
         let dir = path
             .parent()
@@ -96,6 +114,14 @@ impl Pipeline {
             },
             None => Vec::new(),
         };
+        let executor = executor::read(doc.root.get("executor").map(|(_, n)| n), &mut diags);
+        executor::check_stage_names(
+            &executor,
+            stages
+                .iter()
+                .flat_map(|s| [s.name.as_str(), s.group.as_str()]),
+            &mut diags,
+        );
         if diags.is_empty() && stages.is_empty() {
             let origin = Origin::File(doc.source.clone(), 0..0);
             diags.push(Diagnostic::new(
@@ -114,13 +140,33 @@ impl Pipeline {
             salt: settings.salt,
             cache: settings.cache,
             remote: settings.remote,
+            executor,
             stages,
+            text,
+            overrides: overrides.clone(),
         })
     }
 
     /// Finds a stage by exact name.
     pub fn stage_index(&self, name: &str) -> Option<usize> {
         self.stages.iter().position(|s| s.name == name)
+    }
+
+    /// Marks `target` and every stage it transitively consumes.
+    pub fn upstream_of(&self, target: usize) -> Vec<bool> {
+        let mut marked = vec![false; self.stages.len()];
+        let mut todo = vec![target];
+        while let Some(i) = todo.pop() {
+            if !std::mem::replace(&mut marked[i], true) {
+                todo.extend(
+                    self.stages[i]
+                        .inputs
+                        .iter()
+                        .flat_map(|b| b.sources.iter().map(|s| s.stage)),
+                );
+            }
+        }
+        marked
     }
 
     /// Stages that consume the given stage's outputs.

@@ -17,7 +17,7 @@
 
 mod artifact;
 mod filehash;
-mod fsutil;
+pub mod fsutil;
 pub mod hash;
 mod lock;
 mod maintenance;
@@ -129,17 +129,24 @@ impl Cache {
     }
 
     pub fn index_path(&self, pipeline: &str) -> PathBuf {
-        let safe: String = pipeline
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        self.root.join("index").join(format!("{safe}.json"))
+        self.root
+            .join("index")
+            .join(format!("{}.json", safe_name(pipeline)))
+    }
+
+    /// The Slurm jobs submitted for a pipeline (see `slurm::ledger`).
+    pub fn slurm_ledger_path(&self, pipeline: &str) -> PathBuf {
+        self.root
+            .join("slurm")
+            .join(format!("{}.json", safe_name(pipeline)))
+    }
+
+    /// Where a pipeline's Slurm job logs go (on the shared filesystem the jobs see).
+    pub fn slurm_log_dir(&self, pipeline: &str) -> PathBuf {
+        self.root
+            .join("logs")
+            .join("slurm")
+            .join(safe_name(pipeline))
     }
 
     pub fn tmp_dir(&self) -> PathBuf {
@@ -178,4 +185,18 @@ impl Cache {
         let bytes = serde_json::to_vec_pretty(&index).expect("maps serialize");
         fsutil::write_atomic(&self.index_path(pipeline), &bytes, false)
     }
+}
+
+/// A pipeline name as a file name: anything but `[A-Za-z0-9_-]` becomes `_`.
+fn safe_name(pipeline: &str) -> String {
+    pipeline
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }

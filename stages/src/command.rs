@@ -63,6 +63,7 @@ pub static KIND: Kind = Kind {
         },
     ],
     outputs: &["out"],
+    uses_device: false,
     run,
 };
 

@@ -17,6 +17,9 @@ pub struct Kind {
     pub params: &'static [Param],
     /// Names of the output artifacts; the first is what a bare `"stage"` reference means.
     pub outputs: &'static [&'static str],
+    /// Runs on an accelerator when one is there (training, evaluation): a cluster executor
+    /// asks GPUs for these stages only, and a local run gives each its own device.
+    pub uses_device: bool,
     /// Produces the outputs. Must be deterministic in (params, inputs) for the cache to be
     /// meaningful; it may use `scratch` to resume after an interruption.
     pub run: fn(&StageContext) -> Result<StageOutcome, StageError>,

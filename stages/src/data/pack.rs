@@ -93,6 +93,7 @@ pub static KIND: Kind = Kind {
         },
     ],
     outputs: &["packed"],
+    uses_device: false,
     run,
 };
 

@@ -94,6 +94,7 @@ pub static KIND: Kind = Kind {
         },
     ],
     outputs: &["train", "eval"],
+    uses_device: false,
     run,
 };
 

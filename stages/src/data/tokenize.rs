@@ -83,6 +83,7 @@ pub static KIND: Kind = Kind {
         },
     ],
     outputs: &["tokens", "tokenizer"],
+    uses_device: false,
     run,
 };
 

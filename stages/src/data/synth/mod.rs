@@ -62,6 +62,7 @@ pub static KIND: Kind = Kind {
         },
     ],
     outputs: &["cpt", "ift", "eval", "heldout"],
+    uses_device: false,
     run,
 };
 
