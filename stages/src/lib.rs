@@ -8,8 +8,10 @@
 //! The engine talks to this crate through [`registry`] and the types of [`kind`].
 
 pub mod command;
+pub mod cpu;
 pub mod data;
 pub mod kind;
+pub mod model;
 pub mod process;
 
 pub use kind::{

@@ -1,0 +1,342 @@
+//! Causal self-attention with grouped-query heads, an optional block-diagonal (per document)
+//! mask and attention dropout, forward and backward. One task per (batch row, key/value
+//! head): the query heads sharing a key/value head run in order inside it, so their key and
+//! value gradients are summed without atomics and in a fixed order.
+
+use rayon::prelude::*;
+
+use super::matmul::{Layout, gemm_into};
+use super::ops::DropMask;
+
+/// Which keys a query may attend to, besides the causal rule.
+#[derive(Debug, Clone, Copy)]
+pub enum Mask<'a> {
+    /// Every earlier position of the row.
+    Causal,
+    /// Earlier positions of the same document (`seq_ids`, one per row position; 0 is
+    /// padding, which attends only to itself).
+    Document(&'a [u16]),
+}
+
+/// Shapes of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct Dims {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl Dims {
+    fn q_width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+    fn kv_width(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+    fn rep(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+}
+
+fn allowed(mask: Mask, b: usize, t: usize, i: usize, j: usize) -> bool {
+    if j > i {
+        return false;
+    }
+    match mask {
+        Mask::Causal => true,
+        Mask::Document(seq) => {
+            let (si, sj) = (seq[b * t + i], seq[b * t + j]);
+            i == j || (si != 0 && si == sj)
+        }
+    }
+}
+
+/// Dropout applied to attention probabilities, with the site numbering of one layer.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnDropout {
+    pub mask: DropMask,
+    /// Distinguishes layers (and steps, through the mask's seed).
+    pub layer: u64,
+}
+
+impl AttnDropout {
+    fn site(&self, d: &Dims, b: usize, h: usize) -> u64 {
+        (self.layer * d.batch as u64 + b as u64) * d.heads as u64 + h as u64
+    }
+
+    /// `p *= keep / (1 - p)` over a T×T probability matrix of head (b, h).
+    fn apply(&self, d: &Dims, b: usize, h: usize, p: &mut [f32]) {
+        let site = self.site(d, b, h);
+        let scale = 1.0 / (1.0 - self.mask.p);
+        for (i, v) in p.iter_mut().enumerate() {
+            *v = if self.mask.keep(site, i as u64) {
+                *v * scale
+            } else {
+                0.0
+            };
+        }
+    }
+}
+
+/// Forward: returns the attention output `[batch*seq, heads*head_dim]` and the
+/// probabilities before dropout, `[batch, heads, seq, seq]` (what the backward pass needs).
+pub fn forward(
+    d: Dims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: Mask,
+    dropout: Option<AttnDropout>,
+) -> (Vec<f32>, Vec<f32>) {
+    let (t, hd, rep) = (d.seq, d.head_dim, d.rep());
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut probs = vec![0.0f32; d.batch * d.heads * t * t];
+    // Task (b, g) owns the probability matrices of heads g*rep .. (g+1)*rep of row b.
+    let outs: Vec<Vec<f32>> = probs
+        .par_chunks_mut(rep * t * t)
+        .enumerate()
+        .map(|(task, probs)| {
+            let (b, g) = (task / d.kv_heads, task % d.kv_heads);
+            let mut out = vec![0.0f32; rep * t * hd];
+            let mut used = if dropout.is_some() {
+                vec![0.0f32; t * t]
+            } else {
+                Vec::new()
+            };
+            for r in 0..rep {
+                let h = g * rep + r;
+                let p = &mut probs[r * t * t..(r + 1) * t * t];
+                gemm_into(
+                    t,
+                    t,
+                    hd,
+                    p,
+                    Layout::rows(t, false),
+                    q,
+                    Layout {
+                        off: b * t * d.q_width() + h * hd,
+                        rs: d.q_width() as isize,
+                        cs: 1,
+                    },
+                    k,
+                    Layout {
+                        off: b * t * d.kv_width() + g * hd,
+                        rs: 1,
+                        cs: d.kv_width() as isize,
+                    },
+                    scale,
+                    false,
+                    1,
+                );
+                for i in 0..t {
+                    let row = &mut p[i * t..(i + 1) * t];
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, s) in row.iter().enumerate() {
+                        if allowed(mask, b, t, i, j) {
+                            max = max.max(*s);
+                        }
+                    }
+                    let mut sum = 0.0f32;
+                    for (j, s) in row.iter_mut().enumerate() {
+                        if allowed(mask, b, t, i, j) {
+                            *s = (*s - max).exp();
+                            sum += *s;
+                        } else {
+                            *s = 0.0;
+                        }
+                    }
+                    let inv = 1.0 / sum;
+                    for s in row.iter_mut() {
+                        *s *= inv;
+                    }
+                }
+                let pv: &[f32] = match &dropout {
+                    Some(drop) => {
+                        used.copy_from_slice(p);
+                        drop.apply(&d, b, h, &mut used);
+                        &used
+                    }
+                    None => p,
+                };
+                gemm_into(
+                    t,
+                    hd,
+                    t,
+                    &mut out[r * t * hd..(r + 1) * t * hd],
+                    Layout::rows(hd, false),
+                    pv,
+                    Layout::rows(t, false),
+                    v,
+                    Layout {
+                        off: b * t * d.kv_width() + g * hd,
+                        rs: d.kv_width() as isize,
+                        cs: 1,
+                    },
+                    1.0,
+                    false,
+                    1,
+                );
+            }
+            out
+        })
+        .collect();
+    let mut o = vec![0.0f32; d.batch * t * d.q_width()];
+    for (task, out) in outs.iter().enumerate() {
+        let (b, g) = (task / d.kv_heads, task % d.kv_heads);
+        for r in 0..rep {
+            let h = g * rep + r;
+            for i in 0..t {
+                let dst = (b * t + i) * d.q_width() + h * hd;
+                o[dst..dst + hd].copy_from_slice(&out[(r * t + i) * hd..(r * t + i + 1) * hd]);
+            }
+        }
+    }
+    (o, probs)
+}
+
+/// Backward: from dO, returns (dQ, dK, dV) in the layouts of q, k, v.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    d: Dims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    probs: &[f32],
+    d_out: &[f32],
+    dropout: Option<AttnDropout>,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (t, hd, rep) = (d.seq, d.head_dim, d.rep());
+    let scale = 1.0 / (hd as f32).sqrt();
+    let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..d.batch * d.kv_heads)
+        .into_par_iter()
+        .map(|task| {
+            let (b, g) = (task / d.kv_heads, task % d.kv_heads);
+            let kv_at = Layout {
+                off: b * t * d.kv_width() + g * hd,
+                rs: d.kv_width() as isize,
+                cs: 1,
+            };
+            let mut dq = vec![0.0f32; rep * t * hd];
+            let mut dk = vec![0.0f32; t * hd];
+            let mut dv = vec![0.0f32; t * hd];
+            let mut dp = vec![0.0f32; t * t];
+            let mut used = if dropout.is_some() {
+                vec![0.0f32; t * t]
+            } else {
+                Vec::new()
+            };
+            for r in 0..rep {
+                let h = g * rep + r;
+                let p = &probs[((b * d.heads) + h) * t * t..((b * d.heads) + h + 1) * t * t];
+                let q_at = Layout {
+                    off: b * t * d.q_width() + h * hd,
+                    rs: d.q_width() as isize,
+                    cs: 1,
+                };
+                let pu: &[f32] = match &dropout {
+                    Some(drop) => {
+                        used.copy_from_slice(p);
+                        drop.apply(&d, b, h, &mut used);
+                        &used
+                    }
+                    None => p,
+                };
+                // dV += Pu^T dO
+                gemm_into(
+                    t,
+                    hd,
+                    t,
+                    &mut dv,
+                    Layout::rows(hd, false),
+                    pu,
+                    Layout::rows(t, true),
+                    d_out,
+                    q_at,
+                    1.0,
+                    true,
+                    1,
+                );
+                // dPu = dO V^T
+                gemm_into(
+                    t,
+                    t,
+                    hd,
+                    &mut dp,
+                    Layout::rows(t, false),
+                    d_out,
+                    q_at,
+                    v,
+                    Layout {
+                        off: kv_at.off,
+                        rs: 1,
+                        cs: d.kv_width() as isize,
+                    },
+                    1.0,
+                    false,
+                    1,
+                );
+                if let Some(drop) = &dropout {
+                    drop.apply(&d, b, h, &mut dp);
+                }
+                // dS = P * (dP - rowsum(P * dP)), zero where masked (P is zero there).
+                for i in 0..t {
+                    let pr = &p[i * t..(i + 1) * t];
+                    let dr = &mut dp[i * t..(i + 1) * t];
+                    let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                    for (x, &pv) in dr.iter_mut().zip(pr) {
+                        *x = pv * (*x - dot);
+                    }
+                }
+                // dQ = scale * dS K ; dK += scale * dS^T Q
+                gemm_into(
+                    t,
+                    hd,
+                    t,
+                    &mut dq[r * t * hd..(r + 1) * t * hd],
+                    Layout::rows(hd, false),
+                    &dp,
+                    Layout::rows(t, false),
+                    k,
+                    kv_at,
+                    scale,
+                    false,
+                    1,
+                );
+                gemm_into(
+                    t,
+                    hd,
+                    t,
+                    &mut dk,
+                    Layout::rows(hd, false),
+                    &dp,
+                    Layout::rows(t, true),
+                    q,
+                    q_at,
+                    scale,
+                    true,
+                    1,
+                );
+            }
+            (dq, dk, dv)
+        })
+        .collect();
+    let mut dq = vec![0.0f32; d.batch * t * d.q_width()];
+    let mut dk = vec![0.0f32; d.batch * t * d.kv_width()];
+    let mut dv = vec![0.0f32; d.batch * t * d.kv_width()];
+    for (task, (pq, pk, pv)) in parts.iter().enumerate() {
+        let (b, g) = (task / d.kv_heads, task % d.kv_heads);
+        for i in 0..t {
+            let kv = (b * t + i) * d.kv_width() + g * hd;
+            dk[kv..kv + hd].copy_from_slice(&pk[i * hd..(i + 1) * hd]);
+            dv[kv..kv + hd].copy_from_slice(&pv[i * hd..(i + 1) * hd]);
+            for r in 0..rep {
+                let h = g * rep + r;
+                let qi = (b * t + i) * d.q_width() + h * hd;
+                dq[qi..qi + hd].copy_from_slice(&pq[(r * t + i) * hd..(r * t + i + 1) * hd]);
+            }
+        }
+    }
+    (dq, dk, dv)
+}

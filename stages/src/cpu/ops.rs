@@ -1,0 +1,324 @@
+//! Element-wise and row-wise pieces of the Llama forward and backward pass, fused by hand:
+//! each reads its inputs once and writes its outputs once (burn's CPU backend materialises
+//! every intermediate of these, which is where most of its time went).
+
+use rayon::prelude::*;
+
+/// Rows per parallel task in row-wise kernels: large enough to amortize scheduling.
+const ROW_CHUNK: usize = 16;
+
+/// RMSNorm as Hugging Face's Llama: `y = w * x / sqrt(mean(x^2) + eps)`, in f32. Saves
+/// `1/sqrt(...)` per row for the backward pass.
+pub fn rmsnorm(x: &[f32], w: &[f32], y: &mut [f32], rstd: &mut [f32], d: usize, eps: f32) {
+    y.par_chunks_mut(d * ROW_CHUNK)
+        .zip(rstd.par_chunks_mut(ROW_CHUNK))
+        .zip(x.par_chunks(d * ROW_CHUNK))
+        .for_each(|((y, r), x)| {
+            for ((y, r), x) in y.chunks_mut(d).zip(r.iter_mut()).zip(x.chunks(d)) {
+                let ss: f32 = x.iter().map(|v| v * v).sum();
+                let s = 1.0 / (ss / d as f32 + eps).sqrt();
+                *r = s;
+                for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
+                    *y = w * (x * s);
+                }
+            }
+        });
+}
+
+/// Backward of [`rmsnorm`]: `dx += ...`; `dw += sum over rows` when given (rows summed in
+/// order, so the result does not depend on threads).
+pub fn rmsnorm_backward(
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    rstd: &[f32],
+    dx: &mut [f32],
+    dw: Option<&mut [f32]>,
+    d: usize,
+) {
+    dx.par_chunks_mut(d * ROW_CHUNK)
+        .zip(dy.par_chunks(d * ROW_CHUNK))
+        .zip(x.par_chunks(d * ROW_CHUNK))
+        .zip(rstd.par_chunks(ROW_CHUNK))
+        .for_each(|(((dx, dy), x), r)| {
+            for (((dx, dy), x), &s) in dx.chunks_mut(d).zip(dy.chunks(d)).zip(x.chunks(d)).zip(r) {
+                let dot: f32 = dy.iter().zip(w).zip(x).map(|((g, w), x)| g * w * x).sum();
+                let c = dot * s * s / d as f32;
+                for (((dx, g), w), x) in dx.iter_mut().zip(dy).zip(w).zip(x) {
+                    *dx += s * (g * w - x * c);
+                }
+            }
+        });
+    if let Some(dw) = dw {
+        // Columns in parallel, rows in order within each column block: deterministic.
+        let cols = 64.min(d).max(1);
+        dw.par_chunks_mut(cols).enumerate().for_each(|(ci, dw)| {
+            let c0 = ci * cols;
+            for ((dy, x), &s) in dy.chunks(d).zip(x.chunks(d)).zip(rstd) {
+                for (j, dw) in dw.iter_mut().enumerate() {
+                    *dw += dy[c0 + j] * x[c0 + j] * s;
+                }
+            }
+        });
+    }
+}
+
+/// cos and sin of RoPE angles, `[positions, head_dim/2]`, computed as `transformers` does
+/// (f32 inverse frequencies and products), so logits agree to float rounding.
+pub struct Rope {
+    pub half: usize,
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, theta: f64, positions: usize) -> Rope {
+        let half = head_dim / 2;
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(positions * half);
+        let mut sin = Vec::with_capacity(positions * half);
+        for p in 0..positions {
+            for f in &inv {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Rope { half, cos, sin }
+    }
+
+    pub fn positions(&self) -> usize {
+        self.cos.len() / self.half.max(1)
+    }
+
+    /// Rotates every head of `x` (`[rows, heads * head_dim]`) in place by its row's position
+    /// (`rotate_half` convention). `inverse` applies the transpose (the backward pass).
+    pub fn apply(&self, x: &mut [f32], pos: &[u32], heads: usize, inverse: bool) {
+        let h = self.half;
+        let width = heads * 2 * h;
+        x.par_chunks_mut(width * ROW_CHUNK)
+            .zip(pos.par_chunks(ROW_CHUNK))
+            .for_each(|(x, pos)| {
+                for (row, &p) in x.chunks_mut(width).zip(pos) {
+                    let c = &self.cos[p as usize * h..(p as usize + 1) * h];
+                    let s = &self.sin[p as usize * h..(p as usize + 1) * h];
+                    for head in row.chunks_mut(2 * h) {
+                        let (a, b) = head.split_at_mut(h);
+                        for i in 0..h {
+                            let (x1, x2) = (a[i], b[i]);
+                            if inverse {
+                                a[i] = x1 * c[i] + x2 * s[i];
+                                b[i] = x2 * c[i] - x1 * s[i];
+                            } else {
+                                a[i] = x1 * c[i] - x2 * s[i];
+                                b[i] = x2 * c[i] + x1 * s[i];
+                            }
+                        }
+                    }
+                }
+            });
+    }
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// SwiGLU: `a = silu(g) * u`.
+pub fn swiglu(g: &[f32], u: &[f32], a: &mut [f32]) {
+    const CHUNK: usize = 4096;
+    a.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .zip(u.par_chunks(CHUNK))
+        .for_each(|((a, g), u)| {
+            for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
+                *a = g * sigmoid(g) * u;
+            }
+        });
+}
+
+/// Backward of [`swiglu`], in place: `g` becomes dG and `u` becomes dU (both are dead after
+/// this in the backward pass, which saves two activation-sized buffers).
+pub fn swiglu_backward(da: &[f32], g: &mut [f32], u: &mut [f32]) {
+    const CHUNK: usize = 4096;
+    g.par_chunks_mut(CHUNK)
+        .zip(u.par_chunks_mut(CHUNK))
+        .zip(da.par_chunks(CHUNK))
+        .for_each(|((g, u), da)| {
+            for ((g, u), &d) in g.iter_mut().zip(u.iter_mut()).zip(da) {
+                let s = sigmoid(*g);
+                let silu = *g * s;
+                let dg = d * *u * s * (1.0 + *g * (1.0 - s));
+                *u = d * silu;
+                *g = dg;
+            }
+        });
+}
+
+/// Cross-entropy of `logits` (`[rows, vocab]`) against `targets` (-1 = none). Returns the
+/// summed loss in f64; with `grad_scale`, overwrites the logits with their gradient times the
+/// scale (rows without a target get zeros).
+pub fn cross_entropy(
+    logits: &mut [f32],
+    targets: &[i32],
+    vocab: usize,
+    grad_scale: Option<f32>,
+) -> f64 {
+    let mut losses = vec![0.0f64; targets.len()];
+    logits
+        .par_chunks_mut(vocab)
+        .zip(targets.par_iter())
+        .zip(losses.par_iter_mut())
+        .for_each(|((row, &t), loss)| {
+            if t < 0 {
+                if grad_scale.is_some() {
+                    row.fill(0.0);
+                }
+                return;
+            }
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
+            let lse = max + sum.ln();
+            *loss = (lse - row[t as usize]) as f64;
+            if let Some(scale) = grad_scale {
+                for v in row.iter_mut() {
+                    *v = (*v - lse).exp() * scale;
+                }
+                row[t as usize] -= scale;
+            }
+        });
+    losses.iter().sum()
+}
+
+/// Adds `b` into `a`.
+pub fn add_into(a: &mut [f32], b: &[f32]) {
+    a.par_chunks_mut(8192)
+        .zip(b.par_chunks(8192))
+        .for_each(|(a, b)| {
+            for (a, b) in a.iter_mut().zip(b) {
+                *a += b;
+            }
+        });
+}
+
+/// A counter-based random stream for dropout masks: the keep decision of element `i` of
+/// site `site` is a pure function of (seed, site, i), so the backward pass regenerates the
+/// forward pass's mask instead of storing it, and threads cannot change it.
+#[derive(Debug, Clone, Copy)]
+pub struct DropMask {
+    pub seed: u64,
+    pub p: f32,
+}
+
+impl DropMask {
+    fn mix(mut z: u64) -> u64 {
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Whether element `i` of `site` is kept.
+    #[inline]
+    pub fn keep(&self, site: u64, i: u64) -> bool {
+        let z = Self::mix(self.seed ^ Self::mix(site.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i));
+        ((z >> 40) as f32) * (1.0 / (1u64 << 24) as f32) >= self.p
+    }
+
+    /// `x *= mask / (1 - p)` for a whole buffer of `site`.
+    pub fn apply(&self, x: &mut [f32], site: u64) {
+        if self.p <= 0.0 {
+            return;
+        }
+        let scale = 1.0 / (1.0 - self.p);
+        const CHUNK: usize = 4096;
+        x.par_chunks_mut(CHUNK).enumerate().for_each(|(c, x)| {
+            for (j, v) in x.iter_mut().enumerate() {
+                let i = (c * CHUNK + j) as u64;
+                *v = if self.keep(site, i) { *v * scale } else { 0.0 };
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rmsnorm_backward_matches_finite_differences() {
+        let d = 6;
+        let x: Vec<f32> = vec![
+            0.3, -1.2, 0.7, 2.0, -0.4, 0.9, 1.1, 0.2, -0.8, 0.5, 0.1, -1.5,
+        ];
+        let w: Vec<f32> = vec![1.1, 0.9, 1.3, 0.7, 1.0, 1.2];
+        let dy: Vec<f32> = vec![
+            0.5, -0.2, 0.1, 0.9, -0.7, 0.3, 0.2, 0.4, -0.6, 0.8, -0.1, 0.05,
+        ];
+        let f = |x: &[f32], w: &[f32]| {
+            let mut y = vec![0.0; x.len()];
+            let mut r = vec![0.0; x.len() / d];
+            rmsnorm(x, w, &mut y, &mut r, d, 1e-5);
+            y.iter().zip(&dy).map(|(a, b)| (a * b) as f64).sum::<f64>()
+        };
+        let mut y = vec![0.0; 12];
+        let mut r = vec![0.0; 2];
+        rmsnorm(&x, &w, &mut y, &mut r, d, 1e-5);
+        let mut dx = vec![0.0; 12];
+        let mut dw = vec![0.0; 6];
+        rmsnorm_backward(&dy, &x, &w, &r, &mut dx, Some(&mut dw), d);
+        let h = 1e-3;
+        for i in 0..12 {
+            let (mut a, mut b) = (x.clone(), x.clone());
+            a[i] += h;
+            b[i] -= h;
+            let num = (f(&a, &w) - f(&b, &w)) / (2.0 * h as f64);
+            assert!(
+                (num - dx[i] as f64).abs() < 1e-3,
+                "dx[{i}] {num} vs {}",
+                dx[i]
+            );
+        }
+        for i in 0..6 {
+            let (mut a, mut b) = (w.clone(), w.clone());
+            a[i] += h;
+            b[i] -= h;
+            let num = (f(&x, &a) - f(&x, &b)) / (2.0 * h as f64);
+            assert!(
+                (num - dw[i] as f64).abs() < 1e-3,
+                "dw[{i}] {num} vs {}",
+                dw[i]
+            );
+        }
+    }
+
+    #[test]
+    fn rope_inverse_undoes_rope() {
+        let rope = Rope::new(8, 10000.0, 16);
+        let mut x: Vec<f32> = (0..3 * 16).map(|i| (i as f32 * 0.37).sin()).collect();
+        let orig = x.clone();
+        let pos = [0u32, 5, 15];
+        rope.apply(&mut x, &pos, 2, false);
+        assert!(
+            x[16..]
+                .iter()
+                .zip(&orig[16..])
+                .any(|(a, b)| (a - b).abs() > 1e-3)
+        );
+        rope.apply(&mut x, &pos, 2, true);
+        for (a, b) in x.iter().zip(&orig) {
+            assert!((a - b).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn dropout_masks_keep_about_1_minus_p_and_repeat() {
+        let m = DropMask { seed: 7, p: 0.25 };
+        let kept = (0..100_000).filter(|&i| m.keep(3, i)).count();
+        assert!((kept as f64 / 1e5 - 0.75).abs() < 0.01, "{kept}");
+        assert_eq!(m.keep(3, 17), m.keep(3, 17));
+        let differs = (0..1000).filter(|&i| m.keep(3, i) != m.keep(4, i)).count();
+        assert!(differs > 200, "sites are independent: {differs}");
+    }
+}

@@ -1,0 +1,4 @@
+//! Llama models: configuration, parameters and their Hugging Face file formats.
+
+pub mod config;
+pub mod weights;

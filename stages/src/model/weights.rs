@@ -1,0 +1,390 @@
+//! A Llama model's parameters on the host, f32, in Hugging Face's names and layout (a Linear
+//! weight is `[out, in]`), read from and written as safetensors, single file or sharded with
+//! `model.safetensors.index.json`.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, SafeTensors, View};
+
+use super::config::LlamaConfig;
+use crate::data::rng::Rng;
+use crate::kind::StageError;
+
+/// One named parameter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl Tensor {
+    pub fn zeros(name: impl Into<String>, shape: Vec<usize>) -> Tensor {
+        let n = shape.iter().product();
+        Tensor {
+            name: name.into(),
+            shape,
+            data: vec![0.0; n],
+        }
+    }
+}
+
+impl View for &Tensor {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Owned(self.data.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+    fn data_len(&self) -> usize {
+        self.data.len() * 4
+    }
+}
+
+/// The seven projections LoRA can adapt, in PEFT's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Proj {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Proj {
+    pub const ALL: [Proj; 7] = [
+        Proj::Q,
+        Proj::K,
+        Proj::V,
+        Proj::O,
+        Proj::Gate,
+        Proj::Up,
+        Proj::Down,
+    ];
+
+    /// `q` ... `down`, as in pipeline files.
+    pub fn short(self) -> &'static str {
+        match self {
+            Proj::Q => "q",
+            Proj::K => "k",
+            Proj::V => "v",
+            Proj::O => "o",
+            Proj::Gate => "gate",
+            Proj::Up => "up",
+            Proj::Down => "down",
+        }
+    }
+
+    /// The module path under `model.layers.N.` (PEFT's target module names end with it).
+    pub fn module(self) -> &'static str {
+        match self {
+            Proj::Q => "self_attn.q_proj",
+            Proj::K => "self_attn.k_proj",
+            Proj::V => "self_attn.v_proj",
+            Proj::O => "self_attn.o_proj",
+            Proj::Gate => "mlp.gate_proj",
+            Proj::Up => "mlp.up_proj",
+            Proj::Down => "mlp.down_proj",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Proj> {
+        Proj::ALL.into_iter().find(|p| p.short() == s)
+    }
+
+    /// (out, in) features of this projection.
+    pub fn shape(self, c: &LlamaConfig) -> (usize, usize) {
+        let (d, f) = (c.hidden_size, c.intermediate_size);
+        let q = c.num_attention_heads * c.head_dim();
+        let kv = c.kv_heads() * c.head_dim();
+        match self {
+            Proj::Q => (q, d),
+            Proj::K | Proj::V => (kv, d),
+            Proj::O => (d, q),
+            Proj::Gate | Proj::Up => (f, d),
+            Proj::Down => (d, f),
+        }
+    }
+}
+
+/// Position of each tensor in [`Weights::tensors`]: the embedding, then per layer the
+/// attention norm, q, k, v, o, the MLP norm, gate, up, down; then the final norm and, when
+/// the embeddings are not tied, the LM head.
+pub const PER_LAYER: usize = 9;
+
+/// A model: config plus parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Weights {
+    pub config: LlamaConfig,
+    pub tensors: Vec<Tensor>,
+}
+
+impl Weights {
+    /// Names and shapes of every parameter, in storage order.
+    pub fn layout(c: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+        let d = c.hidden_size;
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![c.vocab_size, d],
+        )];
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            out.push((format!("{p}.input_layernorm.weight"), vec![d]));
+            for proj in [Proj::Q, Proj::K, Proj::V, Proj::O] {
+                let (o, i) = proj.shape(c);
+                out.push((format!("{p}.{}.weight", proj.module()), vec![o, i]));
+            }
+            out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
+            for proj in [Proj::Gate, Proj::Up, Proj::Down] {
+                let (o, i) = proj.shape(c);
+                out.push((format!("{p}.{}.weight", proj.module()), vec![o, i]));
+            }
+        }
+        out.push(("model.norm.weight".to_string(), vec![d]));
+        if !c.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), vec![c.vocab_size, d]));
+        }
+        out
+    }
+
+    /// Index of a layer's tensor: `j` is 0 (attention norm), 1..=4 (q, k, v, o), 5 (MLP
+    /// norm), 6..=8 (gate, up, down).
+    pub fn layer_index(layer: usize, j: usize) -> usize {
+        1 + layer * PER_LAYER + j
+    }
+
+    pub fn proj_index(layer: usize, proj: Proj) -> usize {
+        let j = match proj {
+            Proj::Q => 1,
+            Proj::K => 2,
+            Proj::V => 3,
+            Proj::O => 4,
+            Proj::Gate => 6,
+            Proj::Up => 7,
+            Proj::Down => 8,
+        };
+        Self::layer_index(layer, j)
+    }
+
+    pub fn final_norm_index(&self) -> usize {
+        1 + self.config.num_hidden_layers * PER_LAYER
+    }
+
+    /// The LM head: its own tensor, or the embedding when tied.
+    pub fn lm_head_index(&self) -> usize {
+        if self.config.tie_word_embeddings {
+            0
+        } else {
+            self.final_norm_index() + 1
+        }
+    }
+
+    /// A freshly initialized model as `transformers` initializes one: Linear and Embedding
+    /// weights ~ N(0, initializer_range), norms at 1. Seeded: same seed, same bits.
+    pub fn init(config: &LlamaConfig, seed: u64) -> Weights {
+        let std = config.initializer_range as f32;
+        let root = Rng::new(seed);
+        let tensors = Self::layout(config)
+            .into_iter()
+            .map(|(name, shape)| {
+                let n: usize = shape.iter().product();
+                let data = if name.ends_with("norm.weight") {
+                    vec![1.0; n]
+                } else {
+                    let mut rng = root.fork(&name);
+                    normal_vec(&mut rng, n, std)
+                };
+                Tensor { name, shape, data }
+            })
+            .collect();
+        Weights {
+            config: config.clone(),
+            tensors,
+        }
+    }
+
+    /// Loads `config.json` and the safetensors of a Hugging Face model directory. bf16 and
+    /// f16 weights become f32.
+    pub fn load(dir: &Path) -> Result<Weights, StageError> {
+        let config = LlamaConfig::read(&dir.join("config.json"))?;
+        let files = weight_files(dir)?;
+        let mut found: HashMap<String, Tensor> = HashMap::new();
+        let layout = Self::layout(&config);
+        let wanted: HashMap<&str, &Vec<usize>> =
+            layout.iter().map(|(n, s)| (n.as_str(), s)).collect();
+        for file in &files {
+            let bytes = std::fs::read(file)
+                .map_err(|e| StageError::io(format!("reading {}", file.display()), e))?;
+            let st = SafeTensors::deserialize(&bytes)
+                .map_err(|e| StageError::Failed(format!("{}: {e}", file.display())))?;
+            for (name, view) in st.iter() {
+                if name.ends_with("rotary_emb.inv_freq") {
+                    continue; // a buffer older checkpoints carry, recomputed from rope_theta
+                }
+                if name == "lm_head.weight" && config.tie_word_embeddings {
+                    continue;
+                }
+                let Some(shape) = wanted.get(name) else {
+                    return Err(StageError::Failed(format!(
+                        "{}: unexpected tensor `{name}` for a Llama model with this config",
+                        file.display()
+                    )));
+                };
+                if view.shape() != shape.as_slice() {
+                    return Err(StageError::Failed(format!(
+                        "{}: tensor `{name}` has shape {:?}, config.json implies {:?}",
+                        file.display(),
+                        view.shape(),
+                        shape
+                    )));
+                }
+                let data = to_f32(view.dtype(), view.data()).map_err(|e| {
+                    StageError::Failed(format!("{}: tensor `{name}`: {e}", file.display()))
+                })?;
+                found.insert(
+                    name.to_string(),
+                    Tensor {
+                        name: name.to_string(),
+                        shape: view.shape().to_vec(),
+                        data,
+                    },
+                );
+            }
+        }
+        let mut tensors = Vec::with_capacity(layout.len());
+        for (name, _) in &layout {
+            match found.remove(name) {
+                Some(t) => tensors.push(t),
+                None => {
+                    return Err(StageError::Failed(format!(
+                        "{}: tensor `{name}` is missing",
+                        dir.display()
+                    )));
+                }
+            }
+        }
+        Ok(Weights { config, tensors })
+    }
+
+    /// Writes `config.json` and the weights (f32): one `model.safetensors`, or shards of at
+    /// most `max_shard_bytes` with `model.safetensors.index.json`, as `save_pretrained` does.
+    pub fn save(&self, dir: &Path, max_shard_bytes: Option<u64>) -> Result<(), StageError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StageError::io(format!("creating {}", dir.display()), e))?;
+        self.config.write(&dir.join("config.json"))?;
+        let mut shards: Vec<Vec<&Tensor>> = vec![Vec::new()];
+        let mut size = 0u64;
+        for t in &self.tensors {
+            let bytes = t.data.len() as u64 * 4;
+            if let Some(max) = max_shard_bytes
+                && size > 0
+                && size + bytes > max
+            {
+                shards.push(Vec::new());
+                size = 0;
+            }
+            shards.last_mut().expect("one shard").push(t);
+            size += bytes;
+        }
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        let write = |tensors: &[&Tensor], path: &Path| {
+            safetensors::serialize_to_file(
+                tensors.iter().map(|t| (t.name.as_str(), *t)),
+                Some(meta.clone()),
+                path,
+            )
+            .map_err(|e| StageError::Failed(format!("writing {}: {e}", path.display())))
+        };
+        if shards.len() == 1 {
+            return write(&shards[0], &dir.join("model.safetensors"));
+        }
+        let n = shards.len();
+        let mut weight_map = BTreeMap::new();
+        for (i, shard) in shards.iter().enumerate() {
+            let file = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
+            write(shard, &dir.join(&file))?;
+            for t in shard {
+                weight_map.insert(t.name.clone(), file.clone());
+            }
+        }
+        let total: u64 = self.tensors.iter().map(|t| t.data.len() as u64 * 4).sum();
+        let index =
+            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        let path = dir.join("model.safetensors.index.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&index).expect("json"))
+            .map_err(|e| StageError::io(format!("writing {}", path.display()), e))
+    }
+}
+
+/// The safetensors files of a model directory: the index's shards, or `model.safetensors`.
+fn weight_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, StageError> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index)
+            .map_err(|e| StageError::io(format!("reading {}", index.display()), e))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| StageError::Failed(format!("{}: {e}", index.display())))?;
+        let map = v["weight_map"].as_object().ok_or_else(|| {
+            StageError::Failed(format!(
+                "{}: field `weight_map` is missing",
+                index.display()
+            ))
+        })?;
+        let mut files: Vec<String> = map
+            .values()
+            .filter_map(|f| f.as_str().map(str::to_string))
+            .collect();
+        files.sort();
+        files.dedup();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    Err(StageError::Failed(format!(
+        "{}: no model.safetensors or model.safetensors.index.json",
+        dir.display()
+    )))
+}
+
+fn to_f32(dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, String> {
+    Ok(match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes(c.try_into().expect("2")).to_f32())
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes(c.try_into().expect("2")).to_f32())
+            .collect(),
+        other => return Err(format!("dtype {other:?} is not supported (f32, bf16, f16)")),
+    })
+}
+
+/// `n` draws from N(0, std^2) by Box-Muller on the seeded stream (never changes with a
+/// dependency upgrade, unlike `rand_distr`).
+pub fn normal_vec(rng: &mut Rng, n: usize, std: f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        let u1 = ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        let u2 = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let r = (-2.0 * u1.ln()).sqrt();
+        let t = std::f64::consts::TAU * u2;
+        out.push((r * t.cos()) as f32 * std);
+        out.push((r * t.sin()) as f32 * std);
+    }
+    out.truncate(n);
+    out
+}

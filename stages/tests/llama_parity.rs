@@ -1,0 +1,204 @@
+//! flow's CPU Llama against Hugging Face `transformers` and `peft`: logits, loss and the
+//! gradient of every parameter on the fixtures written by
+//! `tests/fixtures/make_llama_fixtures.py` (GQA with an untied head, MHA with tied
+//! embeddings, packed rows with a block-diagonal mask, and a PEFT LoRA adapter).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use flow_stages::cpu::llama::{Batch, Llama, Trainable};
+use flow_stages::cpu::lora::Adapters;
+use flow_stages::cpu::ops::Rope;
+use flow_stages::model::weights::Weights;
+use safetensors::{Dtype, SafeTensors};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llama")
+}
+
+/// Every tensor of a safetensors file as f32 (integers converted).
+fn read(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.iter()
+        .map(|(name, v)| {
+            let data: Vec<f32> = match v.dtype() {
+                Dtype::F32 => v
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+                Dtype::I64 => v
+                    .data()
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32)
+                    .collect(),
+                other => panic!("{other:?}"),
+            };
+            (name.to_string(), (v.shape().to_vec(), data))
+        })
+        .collect()
+}
+
+/// HF's labels (-100 = none) as flow's next-token targets: position t predicts label t+1.
+fn batch(exp: &HashMap<String, (Vec<usize>, Vec<f32>)>, labels: &str) -> Batch {
+    let (shape, ids) = &exp["input_ids"];
+    let (rows, seq) = (shape[0], shape[1]);
+    let labels = &exp[labels].1;
+    let mut targets = vec![-1i32; rows * seq];
+    for r in 0..rows {
+        for t in 0..seq - 1 {
+            let l = labels[r * seq + t + 1];
+            if l >= 0.0 {
+                targets[r * seq + t] = l as i32;
+            }
+        }
+    }
+    let pos = match exp.get("position_ids") {
+        Some((_, p)) => p.iter().map(|v| *v as u32).collect(),
+        None => (0..rows).flat_map(|_| 0..seq as u32).collect(),
+    };
+    Batch {
+        rows,
+        seq,
+        ids: ids.iter().map(|v| *v as u32).collect(),
+        targets,
+        pos,
+        seq_ids: exp
+            .get("seq_ids")
+            .map(|(_, s)| s.iter().map(|v| *v as u16).collect()),
+    }
+}
+
+fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Forward and backward against the fixture: logits, loss, then every gradient.
+fn check(model_dir: &str, expected: &str) {
+    let dir = fixtures().join(model_dir);
+    let w = Weights::load(&dir).unwrap();
+    let exp = read(&dir.join(expected));
+    let b = batch(&exp, "labels");
+    let rope = Rope::new(w.config.head_dim(), w.config.theta(), 64);
+    let model = Llama {
+        w: &w,
+        lora: None,
+        rope: &rope,
+        threads: 2,
+    };
+    let fwd = model.forward(&b, None, true);
+    let err = max_abs(&fwd.logits, &exp["logits"].1);
+    assert!(
+        err <= 1e-4,
+        "{model_dir}/{expected}: logits max abs error {err}"
+    );
+    let loss = fwd.loss_sum / fwd.targets as f64;
+    let want = exp["loss"].1[0] as f64;
+    assert!((loss - want).abs() <= 1e-5, "loss {loss} vs {want}");
+
+    let mut grads: Vec<Vec<f32>> = w.tensors.iter().map(|t| vec![0.0; t.data.len()]).collect();
+    let scale = 1.0 / fwd.targets as f32;
+    model.backward(fwd, &b, scale, &Trainable::Full, &mut grads);
+    for (t, g) in w.tensors.iter().zip(&grads) {
+        let want = &exp[&format!("grad.{}", t.name)].1;
+        let err = max_abs(g, want);
+        let norm = want.iter().map(|v| v.abs()).fold(0.0, f32::max);
+        assert!(
+            err <= 1e-4 * norm.max(1.0),
+            "{model_dir}: grad of {} max abs error {err} (max |g| {norm})",
+            t.name
+        );
+    }
+}
+
+#[test]
+fn gqa_logits_loss_and_gradients_match_transformers() {
+    check("gqa", "expected.safetensors");
+}
+
+#[test]
+fn tied_embeddings_logits_loss_and_gradients_match_transformers() {
+    check("tied", "expected.safetensors");
+}
+
+#[test]
+fn packed_rows_with_a_block_diagonal_mask_match_transformers() {
+    check("gqa", "packed.safetensors");
+}
+
+#[test]
+fn peft_lora_adapter_gives_peft_logits_and_merged_weights() {
+    let dir = fixtures().join("gqa");
+    let w = Weights::load(&dir).unwrap();
+    let lora = Adapters::load(&dir.join("lora"), &w.config).unwrap();
+    assert_eq!(lora.spec.rank, 4);
+    assert_eq!(lora.spec.targets.len(), 7);
+    assert_eq!(lora.tensors.len(), 2 * 7 * 2);
+    let exp = read(&dir.join("expected.safetensors"));
+    let lexp = read(&dir.join("lora/lora_expected.safetensors"));
+    let b = batch(&exp, "labels");
+    let rope = Rope::new(w.config.head_dim(), w.config.theta(), 64);
+    let model = Llama {
+        w: &w,
+        lora: Some(&lora),
+        rope: &rope,
+        threads: 2,
+    };
+    let fwd = model.forward(&b, None, false);
+    let err = max_abs(&fwd.logits, &lexp["logits"].1);
+    assert!(err <= 1e-4, "LoRA logits max abs error {err}");
+    let base_err = max_abs(&fwd.logits, &exp["logits"].1);
+    assert!(
+        base_err > 1e-2,
+        "the adapter changes the logits ({base_err})"
+    );
+
+    let merged = lora.merge(&w);
+    for t in &merged.tensors {
+        let want = &lexp[&format!("merged.{}", t.name)].1;
+        let err = max_abs(&t.data, want);
+        assert!(err <= 1e-5, "merged {}: {err}", t.name);
+    }
+    // The merged model computes what the adapted one does.
+    let m2 = Llama {
+        w: &merged,
+        lora: None,
+        rope: &rope,
+        threads: 1,
+    };
+    let err = max_abs(&m2.forward(&b, None, false).logits, &lexp["logits"].1);
+    assert!(err <= 1e-4, "merged logits {err}");
+}
+
+#[test]
+fn saved_models_and_adapters_reload_bit_exactly() {
+    let dir = fixtures().join("gqa");
+    let w = Weights::load(&dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    w.save(&tmp.path().join("single"), None).unwrap();
+    assert_eq!(Weights::load(&tmp.path().join("single")).unwrap(), w);
+    // Sharded: several files and an index.
+    w.save(&tmp.path().join("sharded"), Some(20_000)).unwrap();
+    let files = std::fs::read_dir(tmp.path().join("sharded"))
+        .unwrap()
+        .count();
+    assert!(files > 3, "{files} files");
+    assert!(
+        tmp.path()
+            .join("sharded/model.safetensors.index.json")
+            .is_file()
+    );
+    assert_eq!(Weights::load(&tmp.path().join("sharded")).unwrap(), w);
+    let lora = Adapters::load(&dir.join("lora"), &w.config).unwrap();
+    lora.save(&tmp.path().join("adapter"), Some("base"))
+        .unwrap();
+    assert_eq!(
+        Adapters::load(&tmp.path().join("adapter"), &w.config).unwrap(),
+        lora
+    );
+}
