@@ -13,6 +13,7 @@ pub mod data;
 pub mod kind;
 pub mod model;
 pub mod process;
+pub mod train;
 
 pub use kind::{
     Default, InputArtifact, InputSlot, Kind, Param, ParamType, Progress, StageContext, StageError,
@@ -30,6 +31,9 @@ pub fn registry() -> Vec<&'static Kind> {
         &data::synth::KIND,
         &data::tokenize::KIND,
         &data::pack::KIND,
+        &model::kind::KIND,
+        &train::stage::FULL,
+        &train::stage::LORA,
     ]
 }
 

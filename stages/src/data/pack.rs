@@ -551,6 +551,84 @@ impl Packed {
     }
 }
 
+/// Random access to a packed artifact's rows (positioned reads; shards stay on disk).
+pub struct RowReader {
+    seq_len: usize,
+    wide: bool,
+    /// (first row, rows, input_ids, loss_mask, seq_ids) per shard.
+    shards: Vec<(usize, usize, File, File, File)>,
+    pub rows: usize,
+}
+
+impl Packed {
+    /// Opens every shard for positioned reads.
+    pub fn reader(&self) -> Result<RowReader, StageError> {
+        let open = |name: String| {
+            let p = self.dir.join(name);
+            File::open(&p).map_err(|e| StageError::io(format!("opening {}", p.display()), e))
+        };
+        let mut shards = Vec::new();
+        let mut first = 0;
+        for (stem, n) in &self.summary.shards {
+            shards.push((
+                first,
+                *n,
+                open(format!("input_ids-{stem}.bin"))?,
+                open(format!("loss_mask-{stem}.bin"))?,
+                open(format!("seq_ids-{stem}.bin"))?,
+            ));
+            first += n;
+        }
+        Ok(RowReader {
+            seq_len: self.summary.seq_len,
+            wide: self.summary.dtype == "u32",
+            shards,
+            rows: first,
+        })
+    }
+}
+
+impl RowReader {
+    /// Row `i` (0-based over all shards).
+    pub fn row(&self, i: usize) -> Result<PackedRow, StageError> {
+        use std::os::unix::fs::FileExt;
+        let l = self.seq_len;
+        let (first, _, ids, mask, seq) = self
+            .shards
+            .iter()
+            .find(|(f, n, ..)| i >= *f && i < f + n)
+            .ok_or_else(|| {
+                StageError::Failed(format!("row {i} is past the end ({} rows)", self.rows))
+            })?;
+        let r = (i - first) as u64;
+        let read = |f: &File, width: usize| -> Result<Vec<u8>, StageError> {
+            let mut buf = vec![0u8; l * width];
+            f.read_exact_at(&mut buf, r * (l * width) as u64)
+                .map_err(|e| StageError::io(format!("reading packed row {i}"), e))?;
+            Ok(buf)
+        };
+        let ids = if self.wide {
+            read(ids, 4)?
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().expect("4")))
+                .collect()
+        } else {
+            read(ids, 2)?
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes(c.try_into().expect("2")) as u32)
+                .collect()
+        };
+        Ok(PackedRow {
+            ids,
+            mask: read(mask, 1)?,
+            seq: read(seq, 2)?
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes(c.try_into().expect("2")))
+                .collect(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::FirstFit;

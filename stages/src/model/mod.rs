@@ -1,4 +1,5 @@
 //! Llama models: configuration, parameters and their Hugging Face file formats.
 
 pub mod config;
+pub mod kind;
 pub mod weights;

@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""PyTorch eager (+ PEFT) reference for flow's training benchmark: the same Llama config,
+batch, threads and optimizer, tokens/s of full finetuning and LoRA r=16 on all seven
+projections. Run by hand where torch, transformers and peft are installed:
+
+    python3 benches/train_torch.py [--threads 2] [--d 256 --layers 4 --heads 8 --seq 256 --batch 8]
+
+Prints one JSON line per mode (tokens_per_s, median step seconds, peak RSS MiB).
+"""
+import argparse
+import json
+import resource
+import time
+
+import torch
+import transformers
+import peft
+
+p = argparse.ArgumentParser()
+p.add_argument("--threads", type=int, default=2)
+p.add_argument("--d", type=int, default=256)
+p.add_argument("--layers", type=int, default=4)
+p.add_argument("--heads", type=int, default=8)
+p.add_argument("--seq", type=int, default=256)
+p.add_argument("--batch", type=int, default=8)
+p.add_argument("--vocab", type=int, default=8192)
+p.add_argument("--ff", type=int, default=704)
+p.add_argument("--steps", type=int, default=7)
+p.add_argument("--modes", default="full,lora16")
+p.add_argument("--attn", default="sdpa")
+a = p.parse_args()
+torch.set_num_threads(a.threads)
+torch.manual_seed(0)
+
+cfg = transformers.LlamaConfig(
+    vocab_size=a.vocab, hidden_size=a.d, intermediate_size=a.ff, num_hidden_layers=a.layers,
+    num_attention_heads=a.heads, num_key_value_heads=a.heads, max_position_embeddings=a.seq,
+    tie_word_embeddings=False, attn_implementation=a.attn,
+)
+ids = torch.randint(0, a.vocab, (a.batch, a.seq))
+for mode in a.modes.split(","):
+    model = transformers.LlamaForCausalLM(cfg).float().train()
+    if mode.startswith("lora"):
+        r = int(mode[4:])
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=r, lora_alpha=2 * r, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-3, weight_decay=0.0)
+    times = []
+    for step in range(a.steps):
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step >= 2:
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    med = times[len(times) // 2]
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"impl": "pytorch", "mode": mode, "threads": a.threads, "step_s": round(med, 4),
+                      "tokens_per_s": round(a.batch * a.seq / med), "peak_rss_mib": round(rss),
+                      "torch": torch.__version__}))

@@ -1,0 +1,128 @@
+//! Training on the CPU engine: gradients accumulate in host buffers shaped like what trains.
+
+use crate::cpu::llama::{Batch, Dropouts, Llama, Trainable};
+use crate::cpu::lora::Adapters;
+use crate::cpu::ops::Rope;
+use crate::model::weights::{Tensor, Weights};
+use crate::train::optim::{Optimizer, clip_global_norm};
+
+/// A model being trained on the CPU (full finetuning, or LoRA with a frozen base).
+pub struct CpuTrainer {
+    pub weights: Weights,
+    pub lora: Option<Adapters>,
+    pub opt: Optimizer,
+    grads: Vec<Vec<f32>>,
+    rope: Rope,
+    threads: usize,
+}
+
+impl CpuTrainer {
+    pub fn new(
+        weights: Weights,
+        lora: Option<Adapters>,
+        opt: Optimizer,
+        max_positions: usize,
+        threads: usize,
+    ) -> CpuTrainer {
+        let c = &weights.config;
+        let rope = Rope::new(c.head_dim(), c.theta(), max_positions);
+        let sizes: Vec<usize> = match &lora {
+            Some(l) => l.tensors.iter().map(|t| t.data.len()).collect(),
+            None => weights.tensors.iter().map(|t| t.data.len()).collect(),
+        };
+        CpuTrainer {
+            grads: sizes.iter().map(|&n| vec![0.0; n]).collect(),
+            weights,
+            lora,
+            opt,
+            rope,
+            threads,
+        }
+    }
+
+    fn model(&self) -> Llama<'_> {
+        Llama {
+            w: &self.weights,
+            lora: self.lora.as_ref(),
+            rope: &self.rope,
+            threads: self.threads,
+        }
+    }
+
+    /// Adds the gradient of `scale * summed loss` of a micro-batch; returns (summed loss,
+    /// targets).
+    pub fn accumulate(
+        &mut self,
+        batch: &Batch,
+        scale: f32,
+        drop: Option<Dropouts>,
+    ) -> (f64, usize) {
+        let fwd = self.model().forward(batch, drop, true);
+        let out = (fwd.loss_sum, fwd.targets);
+        let mut grads = std::mem::take(&mut self.grads);
+        {
+            let model = self.model();
+            let train = match &self.lora {
+                Some(l) => Trainable::Lora(l),
+                None => Trainable::Full,
+            };
+            model.backward(fwd, batch, scale, &train, &mut grads);
+        }
+        self.grads = grads;
+        out
+    }
+
+    /// Clips to `clip` (0 = off), updates at `lr`, clears the gradients; returns the norm
+    /// before clipping.
+    pub fn apply(&mut self, lr: f32, clip: f64) -> f64 {
+        let norm = if clip > 0.0 {
+            clip_global_norm(&mut self.grads, clip)
+        } else {
+            crate::train::optim::global_norm(&self.grads)
+        };
+        let tensors = match &mut self.lora {
+            Some(l) => &mut l.tensors,
+            None => &mut self.weights.tensors,
+        };
+        let mut params: Vec<&mut [f32]> = tensors.iter_mut().map(|t| &mut t.data[..]).collect();
+        self.opt.update(&mut params, &self.grads, lr);
+        for g in &mut self.grads {
+            g.fill(0.0);
+        }
+        norm
+    }
+
+    /// Summed loss and target count of a batch, without dropout or gradients.
+    pub fn eval(&self, batch: &Batch) -> (f64, usize) {
+        let f = self.model().forward(batch, None, false);
+        (f.loss_sum, f.targets)
+    }
+
+    /// What trains, for checkpoints.
+    pub fn trainable(&self) -> &[Tensor] {
+        match &self.lora {
+            Some(l) => &l.tensors,
+            None => &self.weights.tensors,
+        }
+    }
+
+    /// Restores trainable tensors by name (from a checkpoint).
+    pub fn restore(&mut self, saved: Vec<Tensor>) -> Result<(), String> {
+        let tensors = match &mut self.lora {
+            Some(l) => &mut l.tensors,
+            None => &mut self.weights.tensors,
+        };
+        let mut by_name: std::collections::HashMap<String, Tensor> =
+            saved.into_iter().map(|t| (t.name.clone(), t)).collect();
+        for t in tensors.iter_mut() {
+            let s = by_name
+                .remove(&t.name)
+                .ok_or_else(|| format!("the checkpoint lacks `{}`", t.name))?;
+            if s.data.len() != t.data.len() {
+                return Err(format!("the checkpoint's `{}` has another shape", t.name));
+            }
+            t.data = s.data;
+        }
+        Ok(())
+    }
+}

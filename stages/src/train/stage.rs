@@ -1,0 +1,531 @@
+//! The `train-full` and `train-lora` kinds: one training loop, two ways of choosing what
+//! trains. Regularized baselines are `train-full` with `weight_decay`, `attention_dropout`
+//! and `hidden_dropout`.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+use serde::Deserialize;
+use serde_json::json;
+
+use super::checkpoint::{self, LoopState};
+use super::cpu::CpuTrainer;
+use super::data::{self, Attention, Order};
+use super::optim::{Optimizer, Rule};
+use super::schedule::Schedule;
+use crate::cpu::llama::Dropouts;
+use crate::cpu::lora::{Adapters, LoraInit, LoraSpec};
+use crate::data::pack::Packed;
+use crate::data::rng::Rng;
+use crate::kind::{Default, Kind, Param, ParamType, StageContext, StageError, StageOutcome};
+use crate::model::weights::{Proj, Weights};
+
+macro_rules! train_params {
+    ($($extra:expr),* $(,)?) => {
+        &[
+            Param { name: "model", ty: ParamType::Input, default: Default::Required, doc: "the model to start from (a `model` stage or another training stage)" },
+            Param { name: "data", ty: ParamType::Input, default: Default::Required, doc: "a `pack` stage's rows" },
+            Param { name: "heldout", ty: ParamType::Input, default: Default::Optional, doc: "packed rows for the held-out loss (logged every `eval_every` steps and at the end)" },
+            Param { name: "optimizer", ty: ParamType::Choice(&["lionw", "adamw"]), default: Default::Value("\"lionw\""), doc: "decoupled LionW (the paper's) or AdamW (PyTorch's)" },
+            Param { name: "lr", ty: ParamType::Float, default: Default::Required, doc: "peak learning rate" },
+            Param { name: "beta1", ty: ParamType::Float, default: Default::Value("0.9"), doc: "first moment decay" },
+            Param { name: "beta2", ty: ParamType::Float, default: Default::Value("0.95"), doc: "second moment decay (LionW: momentum update)" },
+            Param { name: "eps", ty: ParamType::Float, default: Default::Value("1e-8"), doc: "AdamW's epsilon" },
+            Param { name: "weight_decay", ty: ParamType::Float, default: Default::Value("0.0"), doc: "decoupled weight decay (LionW: times lr/lr_max; AdamW: times lr)" },
+            Param { name: "schedule", ty: ParamType::Choice(&["cosine", "trapezoid", "constant"]), default: Default::Value("\"cosine\""), doc: "cosine decay, the CPT trapezoid (warmup, constant, linear cooldown) or constant" },
+            Param { name: "warmup", ty: ParamType::Float, default: Default::Value("0.1"), doc: "warmup: a fraction of the steps if < 1, else a step count" },
+            Param { name: "cooldown", ty: ParamType::Float, default: Default::Value("0.2"), doc: "trapezoid: cooldown as a fraction of the steps if < 1, else a step count" },
+            Param { name: "final_lr_fraction", ty: ParamType::Float, default: Default::Optional, doc: "where the decay ends, as a fraction of lr [default: 0.01 cosine, 0 trapezoid]" },
+            Param { name: "clip_grad_norm", ty: ParamType::Float, default: Default::Value("1.0"), doc: "clip gradients to this global L2 norm (0 = off)" },
+            Param { name: "global_batch", ty: ParamType::Int, default: Default::Value("8"), doc: "rows per optimizer step" },
+            Param { name: "micro_batch", ty: ParamType::Int, default: Default::Optional, doc: "rows per forward/backward pass; gradients accumulate over global_batch/micro_batch passes [default: global_batch]" },
+            Param { name: "steps", ty: ParamType::Int, default: Default::Optional, doc: "duration in optimizer steps (give one of steps, tokens, epochs)" },
+            Param { name: "tokens", ty: ParamType::Int, default: Default::Optional, doc: "duration in tokens (rows x seq_len), rounded up to whole steps" },
+            Param { name: "epochs", ty: ParamType::Float, default: Default::Optional, doc: "duration in passes over the rows, rounded up to whole steps" },
+            Param { name: "attention", ty: ParamType::Choice(&["causal", "document"]), default: Default::Value("\"causal\""), doc: "causal over the whole row, or block-diagonal per packed document with positions restarting" },
+            Param { name: "attention_dropout", ty: ParamType::Float, default: Default::Value("0.0"), doc: "dropout on attention probabilities" },
+            Param { name: "hidden_dropout", ty: ParamType::Float, default: Default::Value("0.0"), doc: "dropout on each block's attention and MLP outputs" },
+            Param { name: "log_every", ty: ParamType::Int, default: Default::Value("10"), doc: "log loss, lr, grad norm and tokens/s every N steps" },
+            Param { name: "eval_every", ty: ParamType::Int, default: Default::Value("0"), doc: "held-out loss every N steps (0: at the end only)" },
+            Param { name: "eval_rows", ty: ParamType::Int, default: Default::Value("64"), doc: "held-out rows per evaluation" },
+            Param { name: "checkpoint_every", ty: ParamType::Int, default: Default::Value("50"), doc: "checkpoint into scratch every N steps (a rerun resumes from the last one)" },
+            Param { name: "seed", ty: ParamType::Int, default: Default::PipelineSeed, doc: "data order of later epochs, dropout and LoRA init" },
+            $($extra),*
+        ]
+    };
+}
+
+/// Registered as `kind = "train-full"`.
+pub static FULL: Kind = Kind {
+    name: "train-full",
+    version: 1,
+    doc: "full finetuning (or pretraining from a fresh model): every weight trains",
+    params: train_params![],
+    outputs: &["model", "curve"],
+    uses_device: true,
+    run: run_full,
+};
+
+/// Registered as `kind = "train-lora"`.
+pub static LORA: Kind = Kind {
+    name: "train-lora",
+    version: 1,
+    doc: "LoRA: low-rank adapters on the chosen projections train, the base stays frozen; writes the PEFT adapter and the merged model",
+    params: train_params![
+        Param {
+            name: "rank",
+            ty: ParamType::Int,
+            default: Default::Required,
+            doc: "r"
+        },
+        Param {
+            name: "alpha",
+            ty: ParamType::Float,
+            default: Default::Optional,
+            doc: "scale numerator: the update is (alpha/r) B A [default: 2 * rank]"
+        },
+        Param {
+            name: "use_rslora",
+            ty: ParamType::Bool,
+            default: Default::Value("false"),
+            doc: "scale by alpha/sqrt(r) (rsLoRA)"
+        },
+        Param {
+            name: "lora_dropout",
+            ty: ParamType::Float,
+            default: Default::Value("0.05"),
+            doc: "dropout on the LoRA input"
+        },
+        Param {
+            name: "targets",
+            ty: ParamType::List(&ParamType::Str),
+            default: Default::Value("[\"all\"]"),
+            doc: "projections to adapt: any of q, k, v, o, gate, up, down, or the presets all, attention, mlp"
+        },
+        Param {
+            name: "init",
+            ty: ParamType::Choice(&["kaiming", "gaussian"]),
+            default: Default::Value("\"kaiming\""),
+            doc: "A's init, as PEFT's (B starts at zero)"
+        },
+    ],
+    outputs: &["model", "adapter", "curve"],
+    uses_device: true,
+    run: run_lora,
+};
+
+#[derive(Deserialize)]
+struct TrainParams {
+    optimizer: String,
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+    schedule: String,
+    warmup: f64,
+    cooldown: f64,
+    final_lr_fraction: Option<f64>,
+    clip_grad_norm: f64,
+    global_batch: i64,
+    micro_batch: Option<i64>,
+    steps: Option<i64>,
+    tokens: Option<i64>,
+    epochs: Option<f64>,
+    attention: String,
+    attention_dropout: f64,
+    hidden_dropout: f64,
+    log_every: i64,
+    eval_every: i64,
+    eval_rows: i64,
+    checkpoint_every: i64,
+    seed: i64,
+    // train-lora
+    rank: Option<i64>,
+    alpha: Option<f64>,
+    use_rslora: Option<bool>,
+    lora_dropout: Option<f64>,
+    targets: Option<Vec<String>>,
+    init: Option<String>,
+}
+
+fn run_full(ctx: &StageContext) -> Result<StageOutcome, StageError> {
+    train(ctx, false)
+}
+
+fn run_lora(ctx: &StageContext) -> Result<StageOutcome, StageError> {
+    train(ctx, true)
+}
+
+fn bad(msg: impl Into<String>) -> StageError {
+    StageError::Params(msg.into())
+}
+
+/// The LoRA target list, presets expanded.
+fn lora_targets(names: &[String]) -> Result<Vec<Proj>, StageError> {
+    let mut out = Vec::new();
+    for n in names {
+        let add: Vec<Proj> = match n.as_str() {
+            "all" => Proj::ALL.to_vec(),
+            "attention" => vec![Proj::Q, Proj::K, Proj::V, Proj::O],
+            "mlp" => vec![Proj::Gate, Proj::Up, Proj::Down],
+            other => vec![Proj::parse(other).ok_or_else(|| {
+                bad(format!(
+                    "targets: unknown projection `{other}` (q, k, v, o, gate, up, down, all, attention, mlp)"
+                ))
+            })?],
+        };
+        out.extend(add);
+    }
+    out.sort();
+    out.dedup();
+    if out.is_empty() {
+        return Err(bad("targets: name at least one projection"));
+    }
+    Ok(out)
+}
+
+fn steps_or_fraction(v: f64, total: u64) -> u64 {
+    if v < 1.0 {
+        (v * total as f64).round() as u64
+    } else {
+        v as u64
+    }
+}
+
+/// Appends lines to the stage's log.
+struct Log(std::fs::File);
+
+impl Log {
+    fn line(&mut self, text: &str) {
+        let _ = writeln!(self.0, "{text}");
+    }
+}
+
+fn input_dir<'a>(ctx: &'a StageContext, name: &str) -> Option<&'a Path> {
+    ctx.inputs.get(name).map(|s| s.artifacts[0].dir.as_path())
+}
+
+fn train(ctx: &StageContext, lora: bool) -> Result<StageOutcome, StageError> {
+    let p: TrainParams = ctx.typed_params()?;
+    let mut log = Log(std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(ctx.log)
+        .map_err(|e| StageError::io(format!("opening {}", ctx.log.display()), e))?);
+    let model_dir = input_dir(ctx, "model").ok_or_else(|| bad("missing `model` input"))?;
+    let data_dir = input_dir(ctx, "data").ok_or_else(|| bad("missing `data` input"))?;
+    if p.lr <= 0.0 || !p.lr.is_finite() {
+        return Err(bad(format!("lr must be positive (got {})", p.lr)));
+    }
+    for (name, v) in [
+        ("attention_dropout", p.attention_dropout),
+        ("hidden_dropout", p.hidden_dropout),
+    ] {
+        if !(0.0..1.0).contains(&v) {
+            return Err(bad(format!("{name} must be in [0, 1) (got {v})")));
+        }
+    }
+    let global = p.global_batch;
+    let micro = p.micro_batch.unwrap_or(global);
+    if global < 1 || micro < 1 || global % micro != 0 {
+        return Err(bad(format!(
+            "global_batch ({global}) must be a positive multiple of micro_batch ({micro})"
+        )));
+    }
+    let (global, micro) = (global as usize, micro as usize);
+    let base = Weights::load(model_dir)?;
+    let packed = Packed::open(data_dir)?;
+    let reader = packed.reader()?;
+    let seq_len = packed.summary.seq_len;
+    if reader.rows == 0 {
+        return Err(StageError::Failed(format!(
+            "{}: no rows to train on",
+            data_dir.display()
+        )));
+    }
+    if seq_len > base.config.max_position_embeddings {
+        return Err(bad(format!(
+            "rows of {seq_len} tokens exceed the model's max_position_embeddings ({})",
+            base.config.max_position_embeddings
+        )));
+    }
+    let max_id = base.config.vocab_size;
+    let rows_total = reader.rows as u64;
+    let tokens_per_step = (global * seq_len) as u64;
+    let steps = match (p.steps, p.tokens, p.epochs) {
+        (Some(s), None, None) if s > 0 => s as u64,
+        (None, Some(t), None) if t > 0 => (t as u64).div_ceil(tokens_per_step),
+        (None, None, Some(e)) if e > 0.0 => ((e * rows_total as f64) / global as f64).ceil() as u64,
+        _ => {
+            return Err(bad(
+                "give exactly one positive duration: `steps`, `tokens` or `epochs`",
+            ));
+        }
+    };
+    let schedule = match p.schedule.as_str() {
+        "cosine" => Schedule::Cosine {
+            warmup: steps_or_fraction(p.warmup, steps),
+            final_fraction: p.final_lr_fraction.unwrap_or(0.01),
+        },
+        "trapezoid" => Schedule::Trapezoid {
+            warmup: steps_or_fraction(p.warmup, steps),
+            cooldown: steps_or_fraction(p.cooldown, steps),
+            final_fraction: p.final_lr_fraction.unwrap_or(0.0),
+        },
+        _ => Schedule::Constant {
+            warmup: steps_or_fraction(p.warmup, steps),
+        },
+    };
+    let attention = if p.attention == "document" {
+        Attention::Document
+    } else {
+        Attention::Causal
+    };
+    let rng = Rng::new(p.seed as u64);
+    let adapters = if lora {
+        let rank = p.rank.unwrap_or(0);
+        if rank < 1 {
+            return Err(bad(format!("rank must be positive (got {rank})")));
+        }
+        let ld = p.lora_dropout.unwrap_or(0.05);
+        if !(0.0..1.0).contains(&ld) {
+            return Err(bad(format!("lora_dropout must be in [0, 1) (got {ld})")));
+        }
+        let spec = LoraSpec {
+            rank: rank as usize,
+            alpha: p.alpha.unwrap_or(2.0 * rank as f64),
+            rslora: p.use_rslora.unwrap_or(false),
+            dropout: ld as f32,
+            targets: lora_targets(p.targets.as_deref().unwrap_or(&["all".to_string()]))?,
+        };
+        let init = if p.init.as_deref() == Some("gaussian") {
+            LoraInit::Gaussian
+        } else {
+            LoraInit::Kaiming
+        };
+        Some(Adapters::init(
+            &base.config,
+            &spec,
+            init,
+            rng.fork("lora-init").next_u64(),
+        ))
+    } else {
+        None
+    };
+    let rule = if p.optimizer == "adamw" {
+        Rule::AdamW {
+            beta1: p.beta1 as f32,
+            beta2: p.beta2 as f32,
+            eps: p.eps as f32,
+        }
+    } else {
+        Rule::LionW {
+            beta1: p.beta1 as f32,
+            beta2: p.beta2 as f32,
+        }
+    };
+    let sizes: Vec<usize> = match &adapters {
+        Some(a) => a.tensors.iter().map(|t| t.data.len()).collect(),
+        None => base.tensors.iter().map(|t| t.data.len()).collect(),
+    };
+    let opt = Optimizer::new(rule, p.weight_decay as f32, p.lr as f32, &sizes);
+    let threads = ctx.threads.max(1);
+    let positions = seq_len.max(1);
+    let mut trainer = CpuTrainer::new(base.clone(), adapters, opt, positions, threads);
+    let mut state = LoopState {
+        step: 0,
+        tokens: 0,
+        curve: Vec::new(),
+    };
+    if let Some(ck) = checkpoint::load(ctx.scratch)? {
+        trainer
+            .restore(ck.trainable)
+            .map_err(|e| StageError::Failed(format!("{}: {e}", ck.dir.display())))?;
+        trainer.opt = ck.opt;
+        state = ck.state;
+        log.line(&format!(
+            "resumed from checkpoint at step {} ({})",
+            state.step,
+            ck.dir.display()
+        ));
+    }
+    let heldout = match input_dir(ctx, "heldout") {
+        Some(d) => {
+            let hp = Packed::open(d)?;
+            let r = hp.reader()?;
+            let n = (p.eval_rows.max(1) as usize).min(r.rows);
+            let rows: Vec<_> = (0..n).map(|i| r.row(i)).collect::<Result<_, _>>()?;
+            Some(rows)
+        }
+        None => None,
+    };
+    log.line(&format!(
+        "training {} ({} params{}) for {steps} steps: {global} rows x {seq_len} tokens per step, micro-batch {micro}, {threads} threads, cpu",
+        if lora { "LoRA" } else { "all weights" },
+        trainer.trainable().iter().map(|t| t.data.len()).sum::<usize>(),
+        if lora { " trainable" } else { "" },
+    ));
+    ctx.progress.set_length(steps);
+    ctx.progress.set_position(state.step);
+
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| StageError::Failed(format!("starting {threads} threads: {e}")))?;
+    let eval = |trainer: &CpuTrainer, rows: &[crate::data::pack::PackedRow]| -> f64 {
+        let (mut sum, mut n) = (0.0, 0usize);
+        for chunk in rows.chunks(micro) {
+            let b = data::batch(chunk, attention);
+            let (s, k) = trainer.eval(&b);
+            sum += s;
+            n += k;
+        }
+        sum / n.max(1) as f64
+    };
+    let mut order = Order::new(reader.rows, rng.fork("order").next_u64());
+    let clock = Instant::now();
+    let start_step = state.step;
+    let mut window = (Instant::now(), 0u64);
+    let mut last_loss = f64::NAN;
+    let result: Result<(), StageError> = pool.install(|| {
+        for step in state.step..steps {
+            let lr = schedule.lr(p.lr, step, steps);
+            let rows = data::read_rows(&reader, &mut order, step * global as u64, global)?;
+            if let Some(bad_id) = rows.iter().flat_map(|r| &r.ids).find(|&&id| id as usize >= max_id) {
+                return Err(StageError::Failed(format!(
+                    "token id {bad_id} in {} is outside the model's vocabulary ({max_id})",
+                    data_dir.display()
+                )));
+            }
+            let batches: Vec<_> = rows.chunks(micro).map(|c| data::batch(c, attention)).collect();
+            let targets: usize = batches.iter().map(|b| b.target_count()).sum();
+            if targets == 0 {
+                return Err(StageError::Failed(format!("step {}: the batch has no training targets (all masked)", step + 1)));
+            }
+            let scale = 1.0 / targets as f32;
+            let mut loss_sum = 0.0;
+            for (k, b) in batches.iter().enumerate() {
+                let drop = Dropouts {
+                    attention: p.attention_dropout as f32,
+                    hidden: p.hidden_dropout as f32,
+                    lora: trainer.lora.as_ref().map_or(0.0, |l| l.spec.dropout),
+                    seed: rng.fork(&format!("dropout-{step}-{k}")).next_u64(),
+                };
+                let any = drop.attention > 0.0 || drop.hidden > 0.0 || drop.lora > 0.0;
+                let (s, _) = trainer.accumulate(b, scale, any.then_some(drop));
+                loss_sum += s;
+            }
+            let loss = loss_sum / targets as f64;
+            if !loss.is_finite() {
+                return Err(StageError::Failed(format!(
+                    "the loss is {loss} at step {} (lr {lr:.3e}); checkpoints up to step {} are kept in {}",
+                    step + 1,
+                    state.step,
+                    ctx.scratch.display()
+                )));
+            }
+            let norm = trainer.apply(lr as f32, p.clip_grad_norm);
+            state.step = step + 1;
+            state.tokens += tokens_per_step;
+            last_loss = loss;
+            let heldout_loss = match &heldout {
+                Some(rows) if p.eval_every > 0 && state.step.is_multiple_of(p.eval_every as u64) => {
+                    Some(eval(&trainer, rows))
+                }
+                _ => None,
+            };
+            state.curve.push(format!(
+                "{},{},{lr:e},{loss},{norm},{}",
+                state.step,
+                state.tokens,
+                heldout_loss.map(|h| h.to_string()).unwrap_or_default()
+            ));
+            window.1 += tokens_per_step;
+            if state.step.is_multiple_of(p.log_every.max(1) as u64) || state.step == steps {
+                let tps = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
+                log.line(&format!(
+                    "step {}/{steps} loss {loss:.4} lr {lr:.3e} grad_norm {norm:.4} tokens/s {tps:.0}{}",
+                    state.step,
+                    heldout_loss.map(|h| format!(" heldout {h:.4}")).unwrap_or_default()
+                ));
+                window = (Instant::now(), 0);
+            }
+            ctx.progress.set_position(state.step);
+            ctx.progress.set_message(&format!("loss {loss:.3}"));
+            if p.checkpoint_every > 0 && state.step.is_multiple_of(p.checkpoint_every as u64) && state.step < steps {
+                checkpoint::save(ctx.scratch, trainer.trainable(), &trainer.opt, &state)?;
+            }
+        }
+        Ok(())
+    });
+    result?;
+    let secs = clock.elapsed().as_secs_f64();
+    let final_heldout = heldout
+        .as_ref()
+        .map(|rows| pool.install(|| eval(&trainer, rows)));
+    if let (Some(h), Some(last)) = (final_heldout, state.curve.last_mut())
+        && last.ends_with(',')
+    {
+        last.push_str(&h.to_string());
+    }
+
+    // Outputs.
+    let model_out = ctx.output("model")?;
+    let tokenizer = model_dir.join("tokenizer.json");
+    match &trainer.lora {
+        Some(a) => {
+            a.save(ctx.output("adapter")?, None)?;
+            a.merge(&trainer.weights).save(model_out, Some(2 << 30))?;
+        }
+        None => trainer.weights.save(model_out, Some(2 << 30))?,
+    }
+    if tokenizer.is_file() {
+        std::fs::copy(&tokenizer, model_out.join("tokenizer.json"))
+            .map_err(|e| StageError::io("copying tokenizer.json", e))?;
+    }
+    let curve_dir = ctx.output("curve")?;
+    let mut csv = String::from("step,tokens,lr,loss,grad_norm,heldout_loss\n");
+    for line in &state.curve {
+        csv.push_str(line);
+        csv.push('\n');
+    }
+    std::fs::write(curve_dir.join("curve.csv"), csv)
+        .map_err(|e| StageError::io("writing curve.csv", e))?;
+    let summary = json!({
+        "method": if lora { "lora" } else { "full" },
+        "steps": steps,
+        "tokens": state.tokens,
+        "seq_len": seq_len,
+        "global_batch": global,
+        "final_loss": last_loss,
+        "heldout_loss": final_heldout,
+        "trainable_params": trainer.trainable().iter().map(|t| t.data.len()).sum::<usize>(),
+        "lr": p.lr,
+        "rank": trainer.lora.as_ref().map(|l| l.spec.rank),
+    });
+    std::fs::write(
+        curve_dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary).expect("json"),
+    )
+    .map_err(|e| StageError::io("writing summary.json", e))?;
+    let ran = state.step - start_step;
+    let tps = (ran * tokens_per_step) as f64 / secs.max(1e-9);
+    log.line(&format!(
+        "done: {ran} steps in {secs:.1}s ({tps:.0} tokens/s)"
+    ));
+    let mut outcome = StageOutcome::default();
+    outcome
+        .metrics
+        .insert("final_loss".into(), json!(last_loss));
+    if let Some(h) = final_heldout {
+        outcome.metrics.insert("heldout_loss".into(), json!(h));
+    }
+    outcome.metrics.insert("steps".into(), json!(steps));
+    outcome.metrics.insert("tokens".into(), json!(state.tokens));
+    outcome
+        .metrics
+        .insert("tokens_per_s".into(), json!(tps.round()));
+    Ok(outcome)
+}

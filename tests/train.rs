@@ -1,0 +1,300 @@
+//! Training stages end to end through the real binary: a tiny model pretrained on the
+//! synthetic world, then finetuned fully and with LoRA. Kill-and-resume must end bit-identical
+//! to an uninterrupted run; a diverging run must stop with the step named.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Workspace, assert_ok};
+
+/// Data, a tiny fresh model, and a training stage given as TOML.
+fn pipeline(train: &str) -> String {
+    format!(
+        r#"[pipeline]
+name = "train-test"
+seed = 5
+
+[stage.world]
+kind = "synthetic"
+domain = "general"
+docs = 600
+pairs = 50
+eval = 20
+heldout = 40
+
+[stage.tokenizer]
+kind = "tokenize"
+vocab_size = 512
+train_data = ["world.cpt"]
+
+[stage.tokens]
+kind = "tokenize"
+tokenizer = "tokenizer.tokenizer"
+data = ["world.cpt"]
+
+[stage.rows]
+kind = "pack"
+tokens = "tokens.tokens"
+seq_len = 64
+
+[stage.held_tokens]
+kind = "tokenize"
+tokenizer = "tokenizer.tokenizer"
+data = ["world.heldout"]
+
+[stage.held_rows]
+kind = "pack"
+tokens = "held_tokens.tokens"
+seq_len = 64
+
+[stage.base]
+kind = "model"
+tokenizer = "tokenizer.tokenizer"
+hidden_size = 64
+layers = 2
+heads = 4
+kv_heads = 2
+max_positions = 64
+
+{train}
+"#
+    )
+}
+
+const FULL: &str = r#"[stage.train]
+kind = "train-full"
+model = "base"
+data = "rows"
+heldout = "held_rows"
+lr = 3e-3
+optimizer = "adamw"
+steps = 40
+global_batch = 8
+micro_batch = 4
+checkpoint_every = 5
+attention_dropout = 0.1
+hidden_dropout = 0.1
+"#;
+
+fn model_bytes(ws: &Workspace, p: &Path, stage: &str) -> Vec<u8> {
+    let dir = ws.output_dir(p, stage);
+    std::fs::read(dir.join("model.safetensors")).unwrap()
+}
+
+#[test]
+fn training_learns_and_is_deterministic() {
+    let (a, b) = (Workspace::new(), Workspace::new());
+    let (pa, pb) = (
+        a.write("p.toml", &pipeline(FULL)),
+        b.write("p.toml", &pipeline(FULL)),
+    );
+    assert_ok(&a.flow(&["run", pa.to_str().unwrap()]));
+    assert_ok(&b.flow(&["run", pb.to_str().unwrap(), "--threads", "1"]));
+    assert_eq!(
+        model_bytes(&a, &pa, "train"),
+        model_bytes(&b, &pb, "train"),
+        "same seed, same bits (whatever the thread count)"
+    );
+    // The curve: loss falls well below the uniform-guess loss ln(512) = 6.24.
+    let curve =
+        std::fs::read_to_string(common::output_named(&a, &pa, "train", "curve").join("curve.csv"))
+            .unwrap();
+    let rows: Vec<Vec<&str>> = curve
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    assert_eq!(rows.len(), 40);
+    let first: f64 = rows[0][3].parse().unwrap();
+    let last: f64 = rows[39][3].parse().unwrap();
+    let heldout: f64 = rows[39][5].parse().unwrap();
+    assert!(first > 5.5, "starts near ln(512): {first}");
+    assert!(last < first - 1.5, "learns: {first} -> {last}");
+    assert!(
+        heldout.is_finite() && heldout < first - 1.0,
+        "held-out {heldout}"
+    );
+}
+
+#[test]
+fn a_killed_training_run_resumes_from_its_checkpoint_bit_exactly() {
+    let whole = Workspace::new();
+    let pw = whole.write("p.toml", &pipeline(FULL));
+    assert_ok(&whole.flow(&["run", pw.to_str().unwrap()]));
+
+    let ws = Workspace::new();
+    let p = ws.write("p.toml", &pipeline(FULL));
+    let mut cmd = ws.command(&["run", p.to_str().unwrap()]);
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = cmd.spawn().unwrap();
+    // Kill -9 once a checkpoint past step 5 exists.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let scratch = ws.cache().join("scratch");
+    'wait: loop {
+        assert!(Instant::now() < deadline, "no checkpoint appeared");
+        if let Ok(entries) = std::fs::read_dir(&scratch) {
+            for e in entries.flatten() {
+                let ckpts = std::fs::read_dir(e.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter(|c| c.file_name().to_string_lossy().starts_with("ckpt-0"))
+                    .map(|c| c.file_name().to_string_lossy().into_owned())
+                    .collect::<Vec<_>>();
+                if ckpts.iter().any(|c| c.as_str() >= "ckpt-00000010") {
+                    break 'wait;
+                }
+            }
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            panic!("the run finished before it could be killed");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: kill(2) of the process group this test started.
+    unsafe {
+        libc::kill(-(child.id() as i32), libc::SIGKILL);
+    }
+    let _ = child.wait();
+
+    let out = ws.flow(&["run", p.to_str().unwrap()]);
+    assert_ok(&out);
+    let logs: String = std::fs::read_dir(ws.cache().join("logs"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .collect();
+    let resumed = logs
+        .lines()
+        .find_map(|l| l.strip_prefix("resumed from checkpoint at step "))
+        .expect("the log says it resumed");
+    let step: u64 = resumed.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(step >= 10, "resumed at step {step}, not from 0");
+    assert_eq!(
+        model_bytes(&ws, &p, "train"),
+        model_bytes(&whole, &pw, "train"),
+        "the resumed run ends with the uninterrupted run's weights"
+    );
+}
+
+#[test]
+fn a_diverging_run_stops_naming_the_step_and_keeps_its_checkpoints() {
+    let ws = Workspace::new();
+    let p = ws.write(
+        "p.toml",
+        &pipeline(
+            r#"[stage.train]
+kind = "train-full"
+model = "base"
+data = "rows"
+lr = 1e30
+optimizer = "lionw"
+schedule = "constant"
+warmup = 0
+clip_grad_norm = 0
+steps = 30
+checkpoint_every = 1
+"#,
+        ),
+    );
+    let out = ws.flow(&["run", p.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let at = err
+        .split("at step ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("names the step: {err}"));
+    let step: u64 = at
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        err.contains("the loss is NaN") || err.contains("the loss is inf"),
+        "{err}"
+    );
+    assert!(step >= 2, "{err}");
+    let kept = std::fs::read_dir(ws.cache().join("scratch"))
+        .unwrap()
+        .flatten()
+        .any(|e| e.path().join("latest.json").is_file());
+    assert!(kept, "checkpoints are kept for inspection");
+}
+
+#[test]
+fn lora_trains_only_its_adapters_and_merges_them() {
+    let ws = Workspace::new();
+    let p = ws.write(
+        "p.toml",
+        &pipeline(
+            r#"[stage.lora]
+kind = "train-lora"
+model = "base"
+data = "rows"
+lr = 1e-2
+optimizer = "adamw"
+rank = 4
+targets = ["attention", "down"]
+steps = 10
+"#,
+        ),
+    );
+    assert_ok(&ws.flow(&["run", p.to_str().unwrap()]));
+    let adapter = common::output_named(&ws, &p, "lora", "adapter");
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["r"], 4);
+    assert_eq!(config["lora_alpha"], 8.0);
+    let mut modules: Vec<&str> = config["target_modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    modules.sort();
+    assert_eq!(
+        modules,
+        ["down_proj", "k_proj", "o_proj", "q_proj", "v_proj"]
+    );
+    // The merged model differs from the base exactly in the adapted matrices.
+    let base = flow_tensors(&ws.output_dir(&p, "base").join("model.safetensors"));
+    let merged = flow_tensors(&ws.output_dir(&p, "lora").join("model.safetensors"));
+    for (name, data) in &base {
+        let adapted = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
+            .iter()
+            .any(|m| name.contains(m));
+        if adapted {
+            assert_ne!(&merged[name], data, "{name} changed");
+        } else {
+            assert_eq!(&merged[name], data, "{name} is frozen");
+        }
+    }
+}
+
+/// name -> raw bytes of every tensor of a safetensors file.
+fn flow_tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, v)| {
+            let off = v["data_offsets"].as_array().unwrap();
+            let (s, e) = (
+                off[0].as_u64().unwrap() as usize,
+                off[1].as_u64().unwrap() as usize,
+            );
+            (k.clone(), bytes[8 + n + s..8 + n + e].to_vec())
+        })
+        .collect()
+}
