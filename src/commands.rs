@@ -17,7 +17,7 @@ use flow::store::{Cache, KeyLock};
 use flow::ui::{Status, Ui};
 use serde_json::json;
 
-use crate::{DagFormat, ExecutorArg, PipelineArgs};
+use crate::{DagFormat, ExecutorArg, PipelineArgs, RunArgs};
 
 /// Invalid pipeline or usage.
 const EXIT_INVALID: u8 = 2;
@@ -143,15 +143,23 @@ impl Context {
         Ok(ExitCode::SUCCESS)
     }
 
-    pub fn run(
-        &self,
-        p: &PipelineArgs,
-        jobs: usize,
-        threads: Option<usize>,
-        executor: Option<ExecutorArg>,
-        wait: bool,
-        json: bool,
-    ) -> CmdResult {
+    pub fn run(&self, p: &PipelineArgs, r: RunArgs) -> CmdResult {
+        let RunArgs {
+            jobs,
+            threads,
+            device,
+            executor,
+            wait,
+            json,
+        } = r;
+        if let Some(d) = &device
+            && !flow_stages::gpu::device::NAMES.contains(&d.as_str())
+        {
+            bail!(
+                "--device {d}: unknown device (one of {})",
+                flow_stages::gpu::device::NAMES.join(", ")
+            );
+        }
         let pipeline = load_or_exit!(p, json);
         let cache = self.open_cache(Some(&pipeline))?;
         let slurm = match executor {
@@ -172,6 +180,7 @@ impl Context {
             threads: threads.unwrap_or((cores() / jobs).max(1)),
             remote: remote.as_ref(),
             only: None,
+            device,
         };
         let mut ui = Ui::new(json, self.verbose);
         let summary = exec::run(&pipeline, &cache, &opts, &mut ui)?;
@@ -264,6 +273,7 @@ impl Context {
             threads,
             remote: Some(&remote),
             only: Some(target),
+            device: None,
         };
         let mut ui = Ui::new(false, true);
         let summary = exec::run(&pipeline, &cache, &opts, &mut ui)?;

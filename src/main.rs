@@ -40,6 +40,29 @@ pub struct PipelineArgs {
     pub salt: Option<String>,
 }
 
+/// How `flow run` runs.
+#[derive(Args, Clone)]
+pub struct RunArgs {
+    /// Stages to run at once
+    #[arg(short, long, default_value_t = 1)]
+    pub jobs: usize,
+    /// Threads per stage [default: available cores / jobs]
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Device of stages that name none: auto, cpu, wgpu, vulkan, metal, cuda [default: auto]
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Where stages run [default: `[executor] kind`, else local]
+    #[arg(long, value_enum)]
+    pub executor: Option<ExecutorArg>,
+    /// With the slurm executor: follow the jobs to the end instead of returning at once
+    #[arg(long)]
+    pub wait: bool,
+    /// One JSON object per line on stdout
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// What `push` and `pull` move.
 #[derive(Args, Clone)]
 pub struct TransferArgs {
@@ -77,21 +100,8 @@ enum Cmd {
     Run {
         #[command(flatten)]
         p: PipelineArgs,
-        /// Stages to run at once
-        #[arg(short, long, default_value_t = 1)]
-        jobs: usize,
-        /// Threads per stage [default: available cores / jobs]
-        #[arg(long)]
-        threads: Option<usize>,
-        /// Where stages run [default: `[executor] kind`, else local]
-        #[arg(long, value_enum)]
-        executor: Option<ExecutorArg>,
-        /// With the slurm executor: follow the jobs to the end instead of returning at once
-        #[arg(long)]
-        wait: bool,
-        /// One JSON object per line on stdout
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        r: RunArgs,
     },
     /// Cancel the pipeline's queued and running Slurm jobs
     Cancel {
@@ -251,14 +261,7 @@ fn main() -> ExitCode {
         verbose: cli.verbose,
     };
     let result = match cli.command {
-        Cmd::Run {
-            p,
-            jobs,
-            threads,
-            executor,
-            wait,
-            json,
-        } => ctx.run(&p, jobs, threads, executor, wait, json),
+        Cmd::Run { p, r } => ctx.run(&p, r),
         Cmd::Cancel { p, json } => ctx.cancel(&p, json),
         Cmd::Job => ctx.job(),
         Cmd::Plan { p, json } => ctx.plan(&p, json),

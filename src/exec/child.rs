@@ -309,6 +309,7 @@ fn run_inner(spec: &ChildSpec) -> anyhow::Result<i32> {
         scratch: &scratch,
         log: &log_path,
         threads: spec.threads,
+        device: spec.device.as_deref().unwrap_or("auto"),
         progress: &progress,
     };
     std::env::set_current_dir(&spec.workdir)

@@ -33,6 +33,8 @@ pub struct RunOptions<'a> {
     /// Run only this stage (a cluster job): its upstream stages must be done already, here
     /// or on the remote, and nothing else is looked at.
     pub only: Option<usize>,
+    /// The device of stages that use one and name none (`--device`; default `auto`).
+    pub device: Option<String>,
 }
 
 /// Counts of a finished run.
@@ -199,6 +201,7 @@ pub fn run(
                     .unwrap_or_else(|_| pipeline.dir.clone()),
                 threads: opts.threads,
                 remote: opts.remote.map(|r| r.url().to_string()),
+                device: stage.device.clone().or_else(|| opts.device.clone()),
             };
             spawn_stage(i, spec, cache.log_path(&key), tx.clone());
             state[i] = State::Running;

@@ -26,6 +26,9 @@ pub struct ChildSpec {
     /// key's lease while computing, syncs its checkpoints and pushes the result.
     #[serde(default)]
     pub remote: Option<String>,
+    /// The device for kinds that use one (`auto` when absent).
+    #[serde(default)]
+    pub device: Option<String>,
 }
 
 /// What a cluster job runs (`flow __job`, spec on stdin): one stage of a pipeline, whose

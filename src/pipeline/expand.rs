@@ -29,6 +29,7 @@ struct Base {
     fixed: BTreeMap<String, Val>,
     fixed_refs: Vec<RefExpr>,
     sweeps: Vec<Sweep>,
+    device: Option<String>,
 }
 
 /// One swept param: its values, each with its display text and references.
@@ -160,6 +161,7 @@ fn check_stage(
     };
 
     let before = diags.0.len();
+    let device = stage_device(table, kind, diags);
     let sweep_names = sweep_list(table, kind, diags);
     let mut fixed = BTreeMap::new();
     let mut fixed_refs = Vec::new();
@@ -251,7 +253,38 @@ fn check_stage(
         fixed,
         fixed_refs,
         sweeps,
+        device,
     })
+}
+
+/// `device = "..."`: where a stage that uses a device runs (scheduling, not part of its key).
+fn stage_device(table: &Table, kind: &Kind, diags: &mut Diagnostics) -> Option<String> {
+    let (key_origin, node) = table.get("device")?;
+    if !kind.uses_device {
+        diags.push(Diagnostic::new(
+            key_origin,
+            format!("`device`: kind `{}` runs on no device", kind.name),
+        ));
+        return None;
+    }
+    let names = flow_stages::gpu::device::NAMES;
+    match node.as_str() {
+        Some(d) if names.contains(&d) => Some(d.to_string()),
+        Some(d) => {
+            diags.push(
+                Diagnostic::new(
+                    &node.origin,
+                    format!("unknown device `{d}` (one of {})", names.join(", ")),
+                )
+                .with_suggestion(d, names.iter().copied()),
+            );
+            None
+        }
+        None => {
+            diags.push(type_error(node, "a string", "`device`"));
+            None
+        }
+    }
 }
 
 /// An element of a swept list was checked as `key[i]`; its inputs belong to `key`.
@@ -517,6 +550,7 @@ fn expand_base(
             inputs,
             coords: c.coords,
             origin: base.origin.clone(),
+            device: base.device.clone(),
         });
     }
     expanded

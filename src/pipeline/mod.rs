@@ -58,6 +58,8 @@ pub struct Stage {
     pub coords: Vec<(String, String)>,
     /// Where the stage is declared.
     pub origin: Origin,
+    /// `device = "..."` of the stage table (scheduling only: not part of the key).
+    pub device: Option<String>,
 }
 
 /// The artifacts bound to one reference param.

@@ -161,6 +161,9 @@ pub struct StageContext<'a> {
     pub log: &'a Path,
     /// How many threads the stage may use (scheduling only, never part of the key).
     pub threads: usize,
+    /// The device for kinds that use one (`auto`, `cpu`, `wgpu`, `cuda`, ...): scheduling
+    /// only, never part of the key.
+    pub device: &'a str,
     /// Where to report progress.
     pub progress: &'a dyn Progress,
 }

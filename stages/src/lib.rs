@@ -10,6 +10,7 @@
 pub mod command;
 pub mod cpu;
 pub mod data;
+pub mod gpu;
 pub mod kind;
 pub mod model;
 pub mod process;

@@ -5,6 +5,7 @@ use crate::cpu::lora::Adapters;
 use crate::cpu::ops::Rope;
 use crate::model::weights::{Tensor, Weights};
 use crate::train::optim::{Optimizer, clip_global_norm};
+use crate::train::trainer::Trainer;
 
 /// A model being trained on the CPU (full finetuning, or LoRA with a frozen base).
 pub struct CpuTrainer {
@@ -48,15 +49,12 @@ impl CpuTrainer {
             threads: self.threads,
         }
     }
+}
 
+impl Trainer for CpuTrainer {
     /// Adds the gradient of `scale * summed loss` of a micro-batch; returns (summed loss,
     /// targets).
-    pub fn accumulate(
-        &mut self,
-        batch: &Batch,
-        scale: f32,
-        drop: Option<Dropouts>,
-    ) -> (f64, usize) {
+    fn accumulate(&mut self, batch: &Batch, scale: f32, drop: Option<Dropouts>) -> (f64, usize) {
         let fwd = self.model().forward(batch, drop, true);
         let out = (fwd.loss_sum, fwd.targets);
         let mut grads = std::mem::take(&mut self.grads);
@@ -74,7 +72,7 @@ impl CpuTrainer {
 
     /// Clips to `clip` (0 = off), updates at `lr`, clears the gradients; returns the norm
     /// before clipping.
-    pub fn apply(&mut self, lr: f32, clip: f64) -> f64 {
+    fn apply(&mut self, lr: f32, clip: f64) -> f64 {
         let norm = if clip > 0.0 {
             clip_global_norm(&mut self.grads, clip)
         } else {
@@ -93,21 +91,20 @@ impl CpuTrainer {
     }
 
     /// Summed loss and target count of a batch, without dropout or gradients.
-    pub fn eval(&self, batch: &Batch) -> (f64, usize) {
+    fn eval(&self, batch: &Batch) -> (f64, usize) {
         let f = self.model().forward(batch, None, false);
         (f.loss_sum, f.targets)
     }
 
-    /// What trains, for checkpoints.
-    pub fn trainable(&self) -> &[Tensor] {
-        match &self.lora {
-            Some(l) => &l.tensors,
-            None => &self.weights.tensors,
-        }
+    fn trainable_count(&self) -> usize {
+        self.trainable().iter().map(|t| t.data.len()).sum()
     }
 
-    /// Restores trainable tensors by name (from a checkpoint).
-    pub fn restore(&mut self, saved: Vec<Tensor>) -> Result<(), String> {
+    fn snapshot(&self) -> (Vec<Tensor>, Optimizer) {
+        (self.trainable().to_vec(), self.opt.clone())
+    }
+
+    fn restore(&mut self, saved: Vec<Tensor>, opt: Optimizer) -> Result<(), String> {
         let tensors = match &mut self.lora {
             Some(l) => &mut l.tensors,
             None => &mut self.weights.tensors,
@@ -123,6 +120,24 @@ impl CpuTrainer {
             }
             t.data = s.data;
         }
+        self.opt = opt;
         Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> (Weights, Option<Adapters>) {
+        (self.weights, self.lora)
+    }
+
+    fn lora_dropout(&self) -> f32 {
+        self.lora.as_ref().map_or(0.0, |l| l.spec.dropout)
+    }
+}
+
+impl CpuTrainer {
+    fn trainable(&self) -> &[Tensor] {
+        match &self.lora {
+            Some(l) => &l.tensors,
+            None => &self.weights.tensors,
+        }
     }
 }

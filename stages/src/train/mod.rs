@@ -7,3 +7,4 @@ pub mod data;
 pub mod optim;
 pub mod schedule;
 pub mod stage;
+pub mod trainer;

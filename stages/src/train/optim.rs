@@ -180,7 +180,8 @@ mod tests {
         opt.update(&mut [&mut p[..]], &[vec![3.0, -0.001, 0.0]], 5e-3);
         // decay factor 1 - (5e-3/1e-2) * 0.5 = 0.75
         assert_eq!(p, vec![0.75 - 5e-3, -0.75 + 5e-3, 0.1875]);
-        assert_eq!(opt.m[0], vec![0.05f32 * 3.0, 0.05 * -0.001, 0.0]);
+        let k = 1.0f32 - 0.95; // (1 - beta2) as f32 arithmetic gives it
+        assert_eq!(opt.m[0], vec![k * 3.0, k * -0.001, 0.0]);
     }
 
     #[test]

@@ -14,10 +14,12 @@ use super::cpu::CpuTrainer;
 use super::data::{self, Attention, Order};
 use super::optim::{Optimizer, Rule};
 use super::schedule::Schedule;
+use super::trainer::Trainer;
 use crate::cpu::llama::Dropouts;
 use crate::cpu::lora::{Adapters, LoraInit, LoraSpec};
 use crate::data::pack::Packed;
 use crate::data::rng::Rng;
+use crate::gpu::device::{self, Choice};
 use crate::kind::{Default, Kind, Param, ParamType, StageContext, StageError, StageOutcome};
 use crate::model::weights::{Proj, Weights};
 
@@ -333,7 +335,25 @@ fn train(ctx: &StageContext, lora: bool) -> Result<StageOutcome, StageError> {
     let opt = Optimizer::new(rule, p.weight_decay as f32, p.lr as f32, &sizes);
     let threads = ctx.threads.max(1);
     let positions = seq_len.max(1);
-    let mut trainer = CpuTrainer::new(base.clone(), adapters, opt, positions, threads);
+    let lora_rank = adapters.as_ref().map(|a| a.spec.rank);
+    let choice = device::select(ctx.device)?;
+    let device_name = choice.describe();
+    let mut trainer: Box<dyn Trainer> = match choice {
+        Choice::Cpu => Box::new(CpuTrainer::new(
+            base.clone(),
+            adapters,
+            opt,
+            positions,
+            threads,
+        )),
+        #[cfg(any(feature = "wgpu", feature = "cuda"))]
+        Choice::Burn(dev, _) => Box::new(crate::gpu::trainer::BurnTrainer::new(
+            base.clone(),
+            adapters,
+            &opt,
+            dev,
+        )),
+    };
     let mut state = LoopState {
         step: 0,
         tokens: 0,
@@ -341,9 +361,8 @@ fn train(ctx: &StageContext, lora: bool) -> Result<StageOutcome, StageError> {
     };
     if let Some(ck) = checkpoint::load(ctx.scratch)? {
         trainer
-            .restore(ck.trainable)
+            .restore(ck.trainable, ck.opt)
             .map_err(|e| StageError::Failed(format!("{}: {e}", ck.dir.display())))?;
-        trainer.opt = ck.opt;
         state = ck.state;
         log.line(&format!(
             "resumed from checkpoint at step {} ({})",
@@ -362,9 +381,9 @@ fn train(ctx: &StageContext, lora: bool) -> Result<StageOutcome, StageError> {
         None => None,
     };
     log.line(&format!(
-        "training {} ({} params{}) for {steps} steps: {global} rows x {seq_len} tokens per step, micro-batch {micro}, {threads} threads, cpu",
+        "training {} ({} params{}) for {steps} steps: {global} rows x {seq_len} tokens per step, micro-batch {micro}, {threads} threads, device {device_name}",
         if lora { "LoRA" } else { "all weights" },
-        trainer.trainable().iter().map(|t| t.data.len()).sum::<usize>(),
+        trainer.trainable_count(),
         if lora { " trainable" } else { "" },
     ));
     ctx.progress.set_length(steps);
@@ -374,7 +393,7 @@ fn train(ctx: &StageContext, lora: bool) -> Result<StageOutcome, StageError> {
         .num_threads(threads)
         .build()
         .map_err(|e| StageError::Failed(format!("starting {threads} threads: {e}")))?;
-    let eval = |trainer: &CpuTrainer, rows: &[crate::data::pack::PackedRow]| -> f64 {
+    let eval = |trainer: &dyn Trainer, rows: &[crate::data::pack::PackedRow]| -> f64 {
         let (mut sum, mut n) = (0.0, 0usize);
         for chunk in rows.chunks(micro) {
             let b = data::batch(chunk, attention);
@@ -410,7 +429,7 @@ fn train(ctx: &StageContext, lora: bool) -> Result<StageOutcome, StageError> {
                 let drop = Dropouts {
                     attention: p.attention_dropout as f32,
                     hidden: p.hidden_dropout as f32,
-                    lora: trainer.lora.as_ref().map_or(0.0, |l| l.spec.dropout),
+                    lora: trainer.lora_dropout(),
                     seed: rng.fork(&format!("dropout-{step}-{k}")).next_u64(),
                 };
                 let any = drop.attention > 0.0 || drop.hidden > 0.0 || drop.lora > 0.0;
@@ -432,7 +451,7 @@ fn train(ctx: &StageContext, lora: bool) -> Result<StageOutcome, StageError> {
             last_loss = loss;
             let heldout_loss = match &heldout {
                 Some(rows) if p.eval_every > 0 && state.step.is_multiple_of(p.eval_every as u64) => {
-                    Some(eval(&trainer, rows))
+                    Some(eval(trainer.as_ref(), rows))
                 }
                 _ => None,
             };
@@ -455,7 +474,8 @@ fn train(ctx: &StageContext, lora: bool) -> Result<StageOutcome, StageError> {
             ctx.progress.set_position(state.step);
             ctx.progress.set_message(&format!("loss {loss:.3}"));
             if p.checkpoint_every > 0 && state.step.is_multiple_of(p.checkpoint_every as u64) && state.step < steps {
-                checkpoint::save(ctx.scratch, trainer.trainable(), &trainer.opt, &state)?;
+                let (tensors, opt) = trainer.snapshot();
+                checkpoint::save(ctx.scratch, &tensors, &opt, &state)?;
             }
         }
         Ok(())
@@ -464,7 +484,8 @@ fn train(ctx: &StageContext, lora: bool) -> Result<StageOutcome, StageError> {
     let secs = clock.elapsed().as_secs_f64();
     let final_heldout = heldout
         .as_ref()
-        .map(|rows| pool.install(|| eval(&trainer, rows)));
+        .map(|rows| pool.install(|| eval(trainer.as_ref(), rows)));
+    let trainable_params = trainer.trainable_count();
     if let (Some(h), Some(last)) = (final_heldout, state.curve.last_mut())
         && last.ends_with(',')
     {
@@ -474,12 +495,13 @@ fn train(ctx: &StageContext, lora: bool) -> Result<StageOutcome, StageError> {
     // Outputs.
     let model_out = ctx.output("model")?;
     let tokenizer = model_dir.join("tokenizer.json");
-    match &trainer.lora {
+    let (weights, adapters) = trainer.finish();
+    match &adapters {
         Some(a) => {
             a.save(ctx.output("adapter")?, None)?;
-            a.merge(&trainer.weights).save(model_out, Some(2 << 30))?;
+            a.merge(&weights).save(model_out, Some(2 << 30))?;
         }
-        None => trainer.weights.save(model_out, Some(2 << 30))?,
+        None => weights.save(model_out, Some(2 << 30))?,
     }
     if tokenizer.is_file() {
         std::fs::copy(&tokenizer, model_out.join("tokenizer.json"))
@@ -501,9 +523,9 @@ fn train(ctx: &StageContext, lora: bool) -> Result<StageOutcome, StageError> {
         "global_batch": global,
         "final_loss": last_loss,
         "heldout_loss": final_heldout,
-        "trainable_params": trainer.trainable().iter().map(|t| t.data.len()).sum::<usize>(),
+        "trainable_params": trainable_params,
         "lr": p.lr,
-        "rank": trainer.lora.as_ref().map(|l| l.spec.rank),
+        "rank": lora_rank,
     });
     std::fs::write(
         curve_dir.join("summary.json"),

@@ -1,0 +1,132 @@
+//! Which device a stage runs on: `auto` (the first GPU adapter, else the CPU engine), `cpu`,
+//! `wgpu`, `vulkan`, `metal` or `cuda`. A software adapter (Mesa's lavapipe) is taken only
+//! when asked for by name: `auto` prefers the CPU engine to a CPU rasterizer.
+
+use crate::kind::StageError;
+
+/// The device names a pipeline or `--device` may give.
+pub const NAMES: &[&str] = &["auto", "cpu", "wgpu", "vulkan", "metal", "cuda"];
+
+/// A chosen device.
+pub enum Choice {
+    /// flow's CPU engine.
+    Cpu,
+    /// A burn device (already with autodiff), and how to name it in logs.
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    Burn(burn::tensor::Device, String),
+}
+
+impl Choice {
+    /// One line for the log: which device, and why.
+    pub fn describe(&self) -> String {
+        match self {
+            Choice::Cpu => "cpu (flow's CPU engine)".into(),
+            #[cfg(any(feature = "wgpu", feature = "cuda"))]
+            Choice::Burn(_, d) => d.clone(),
+        }
+    }
+}
+
+/// Resolves a device name; errors say what this build or machine lacks.
+pub fn select(name: &str) -> Result<Choice, StageError> {
+    match name {
+        "cpu" => Ok(Choice::Cpu),
+        "auto" => Ok(auto()),
+        "wgpu" | "vulkan" | "metal" => wgpu(name),
+        "cuda" => cuda(),
+        other => Err(StageError::Params(format!(
+            "unknown device `{other}` (one of {})",
+            NAMES.join(", ")
+        ))),
+    }
+}
+
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn describe(device: &burn::tensor::Device, api: &str) -> (String, bool) {
+    match device.identity() {
+        Some(id) => (
+            format!(
+                "{api}: {}{}",
+                id.name,
+                if id.physical.is_none() {
+                    " (software)"
+                } else {
+                    ""
+                }
+            ),
+            id.physical.is_some(),
+        ),
+        None => (api.to_string(), false),
+    }
+}
+
+fn auto() -> Choice {
+    #[cfg(feature = "cuda")]
+    if let Ok(c) = cuda() {
+        return c;
+    }
+    #[cfg(feature = "wgpu")]
+    if let Ok(Choice::Burn(device, what)) = wgpu("wgpu") {
+        // A CPU rasterizer is slower than the CPU engine: take real GPUs only.
+        if device.identity().is_some_and(|i| i.physical.is_some()) {
+            return Choice::Burn(device, what);
+        }
+    }
+    Choice::Cpu
+}
+
+#[cfg(feature = "wgpu")]
+fn wgpu(name: &str) -> Result<Choice, StageError> {
+    use std::sync::OnceLock;
+
+    use burn::tensor::Device;
+    use burn::tensor::wgpu::WgpuBackend;
+    // burn's wgpu runtime initializes once per process and graphics API: keep the result.
+    static AUTO: OnceLock<Result<Device, String>> = OnceLock::new();
+    static VULKAN: OnceLock<Result<Device, String>> = OnceLock::new();
+    static METAL: OnceLock<Result<Device, String>> = OnceLock::new();
+    let (cell, api) = match name {
+        "vulkan" => (&VULKAN, WgpuBackend::Vulkan),
+        "metal" => (&METAL, WgpuBackend::Metal),
+        _ => (&AUTO, WgpuBackend::Auto),
+    };
+    let device = cell
+        .get_or_init(|| {
+            Device::wgpu_options()
+                .graphics_api(api)
+                .init()
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(|e| StageError::Failed(format!("device `{name}`: no usable adapter: {e}")))?;
+    let (what, _) = describe(&device, name);
+    Ok(Choice::Burn(device.autodiff(), what))
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu(name: &str) -> Result<Choice, StageError> {
+    Err(StageError::Failed(format!(
+        "device `{name}`: this flow was built without the `wgpu` feature"
+    )))
+}
+
+#[cfg(feature = "cuda")]
+fn cuda() -> Result<Choice, StageError> {
+    use burn::tensor::Device;
+    let device = std::panic::catch_unwind(|| {
+        let d = Device::cuda(0);
+        let _ = d.identity();
+        d
+    })
+    .map_err(|_| StageError::Failed("device `cuda`: no CUDA device could be opened".into()))?;
+    let (what, _) = describe(&device, "cuda");
+    Ok(Choice::Burn(device.autodiff(), what))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda() -> Result<Choice, StageError> {
+    Err(StageError::Failed(
+        "device `cuda`: this flow was built without the `cuda` feature (cargo build --features cuda)"
+            .into(),
+    ))
+}

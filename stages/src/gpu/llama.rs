@@ -1,0 +1,216 @@
+//! The Llama forward pass as burn tensor operations, mirroring `cpu::llama` (same layout of
+//! parameters, same RoPE convention, same targets); burn's autodiff differentiates it.
+
+use burn::tensor::activation::{log_softmax, silu, softmax};
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+
+use crate::cpu::llama::{Batch, Dropouts};
+use crate::model::config::LlamaConfig;
+use crate::model::weights::{Proj, Weights};
+
+/// Uploads a host tensor (any rank, viewed as 2D: vectors become one row).
+pub fn upload(data: &[f32], shape: &[usize], device: &Device) -> Tensor<2> {
+    let (rows, cols) = match shape {
+        [n] => (1, *n),
+        [r, c] => (*r, *c),
+        other => panic!("parameters are 1D or 2D, not {other:?}"),
+    };
+    Tensor::<2>::from_data(TensorData::new(data.to_vec(), [rows, cols]), device)
+}
+
+/// Downloads a 2D tensor.
+pub fn download(t: &Tensor<2>) -> Vec<f32> {
+    t.to_data()
+        .try_to_vec::<f32>()
+        .expect("f32 tensors read back as f32")
+}
+
+/// What one forward pass needs besides parameters, uploaded once per micro-batch.
+pub struct Inputs {
+    ids: Tensor<1, Int>,
+    /// cos and sin per token, `[N, 1, head_dim]` (rotate-half layout).
+    cos: Tensor<3>,
+    sin: Tensor<3>,
+    /// Additive attention mask `[B, 1, T, T]`: 0 or -1e9.
+    mask: Tensor<4>,
+    /// Target ids `[N, 1]` (0 where none) and weights `[N, 1]` (1 where a target).
+    targets: Tensor<2, Int>,
+    weights: Tensor<2>,
+    rows: usize,
+    seq: usize,
+}
+
+impl Inputs {
+    pub fn new(c: &LlamaConfig, b: &Batch, device: &Device) -> Inputs {
+        let n = b.rows * b.seq;
+        let hd = c.head_dim();
+        let half = hd / 2;
+        let theta = c.theta() as f32;
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / hd as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(n * hd);
+        let mut sin = Vec::with_capacity(n * hd);
+        for &p in &b.pos {
+            for rep in 0..2 {
+                let _ = rep;
+                for f in &inv {
+                    let a = p as f32 * f;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+        let t = b.seq;
+        let mut mask = vec![0.0f32; b.rows * t * t];
+        for r in 0..b.rows {
+            for i in 0..t {
+                for j in 0..t {
+                    let ok = j <= i
+                        && match &b.seq_ids {
+                            None => true,
+                            Some(s) => {
+                                let (si, sj) = (s[r * t + i], s[r * t + j]);
+                                i == j || (si != 0 && si == sj)
+                            }
+                        };
+                    if !ok {
+                        mask[(r * t + i) * t + j] = -1e9;
+                    }
+                }
+            }
+        }
+        let ids: Vec<i64> = b.ids.iter().map(|&i| i as i64).collect();
+        let tg: Vec<i64> = b.targets.iter().map(|&t| t.max(0) as i64).collect();
+        let w: Vec<f32> = b
+            .targets
+            .iter()
+            .map(|&t| if t >= 0 { 1.0 } else { 0.0 })
+            .collect();
+        Inputs {
+            ids: Tensor::<1, Int>::from_data(TensorData::new(ids, [n]), device),
+            cos: Tensor::<3>::from_data(TensorData::new(cos, [n, 1, hd]), device),
+            sin: Tensor::<3>::from_data(TensorData::new(sin, [n, 1, hd]), device),
+            mask: Tensor::<4>::from_data(TensorData::new(mask, [b.rows, 1, t, t]), device),
+            targets: Tensor::<2, Int>::from_data(TensorData::new(tg, [n, 1]), device),
+            weights: Tensor::<2>::from_data(TensorData::new(w, [n, 1]), device),
+            rows: b.rows,
+            seq: b.seq,
+        }
+    }
+}
+
+/// LoRA factors on the device, by (layer, projection): (A `[r, in]`, B `[out, r]`).
+pub struct DeviceLora {
+    pub scale: f32,
+    pub factors: std::collections::BTreeMap<(usize, Proj), (usize, usize)>,
+}
+
+/// The model's parameters on a device, in `Weights` order, plus LoRA tensors if any.
+pub struct DeviceModel<'a> {
+    pub config: &'a LlamaConfig,
+    pub w: &'a [Tensor<2>],
+    pub lora: Option<(&'a DeviceLora, &'a [Tensor<2>])>,
+    pub device: &'a Device,
+}
+
+fn dropout<const D: usize>(x: Tensor<D>, p: f32, device: &Device) -> Tensor<D> {
+    if p <= 0.0 {
+        return x;
+    }
+    let keep = Tensor::<D>::random(x.shape(), Distribution::Bernoulli(1.0 - p as f64), device);
+    x * keep.div_scalar(1.0 - p)
+}
+
+impl DeviceModel<'_> {
+    fn rms(&self, x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
+        let eps = self.config.rms_norm_eps as f32;
+        let ms = x.clone().powi_scalar(2).mean_dim(1);
+        x * ms.add_scalar(eps).sqrt().recip() * w.clone()
+    }
+
+    fn proj(&self, layer: usize, p: Proj, x: Tensor<2>, drop: Option<&Dropouts>) -> Tensor<2> {
+        let w = &self.w[Weights::proj_index(layer, p)];
+        let y = x.clone().matmul(w.clone().transpose());
+        match self.lora {
+            Some((l, t)) => match l.factors.get(&(layer, p)) {
+                Some(&(a, b)) => {
+                    let xin = match drop {
+                        Some(d) if d.lora > 0.0 => dropout(x, d.lora, self.device),
+                        _ => x,
+                    };
+                    let xa = xin.matmul(t[a].clone().transpose());
+                    y + xa.matmul(t[b].clone().transpose()).mul_scalar(l.scale)
+                }
+                None => y,
+            },
+            None => y,
+        }
+    }
+
+    fn rope(&self, x: Tensor<2>, heads: usize, inp: &Inputs) -> Tensor<2> {
+        let n = inp.rows * inp.seq;
+        let hd = self.config.head_dim();
+        let half = hd / 2;
+        let x3 = x.reshape([n, heads, hd]);
+        let x1 = x3.clone().slice([0..n, 0..heads, 0..half]);
+        let x2 = x3.clone().slice([0..n, 0..heads, half..hd]);
+        let rot = Tensor::cat(vec![x2.neg(), x1], 2);
+        let out = x3 * inp.cos.clone() + rot * inp.sin.clone();
+        out.reshape([n, heads * hd])
+    }
+
+    /// Summed loss over the targets (a `[1]` tensor; differentiable when the parameters are).
+    pub fn loss_sum(&self, inp: &Inputs, drop: Option<&Dropouts>) -> Tensor<1> {
+        let c = self.config;
+        let (b, t) = (inp.rows, inp.seq);
+        let n = b * t;
+        let (h, hk, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let rep = h / hk;
+        let mut x = self.w[0].clone().select(0, inp.ids.clone());
+        for l in 0..c.num_hidden_layers {
+            let h1 = self.rms(x.clone(), &self.w[Weights::layer_index(l, 0)]);
+            let q = self.rope(self.proj(l, Proj::Q, h1.clone(), drop), h, inp);
+            let k = self.rope(self.proj(l, Proj::K, h1.clone(), drop), hk, inp);
+            let v = self.proj(l, Proj::V, h1, drop);
+            let q4 = q.reshape([b, t, h, hd]).swap_dims(1, 2);
+            let expand = |z: Tensor<2>| -> Tensor<4> {
+                let z5: Tensor<5> = z.reshape([b, t, hk, 1, hd]);
+                z5.repeat_dim(3, rep).reshape([b, t, h, hd]).swap_dims(1, 2)
+            };
+            let (k4, v4) = (expand(k), expand(v));
+            let scores = q4
+                .matmul(k4.swap_dims(2, 3))
+                .mul_scalar(1.0 / (hd as f32).sqrt())
+                + inp.mask.clone();
+            let mut p = softmax(scores, 3);
+            if let Some(d) = drop.filter(|d| d.attention > 0.0) {
+                p = dropout(p, d.attention, self.device);
+            }
+            let attn = p.matmul(v4).swap_dims(1, 2).reshape([n, h * hd]);
+            let mut ao = self.proj(l, Proj::O, attn, drop);
+            if let Some(d) = drop.filter(|d| d.hidden > 0.0) {
+                ao = dropout(ao, d.hidden, self.device);
+            }
+            let x2 = x + ao;
+            let h2 = self.rms(x2.clone(), &self.w[Weights::layer_index(l, 5)]);
+            let g = self.proj(l, Proj::Gate, h2.clone(), drop);
+            let u = self.proj(l, Proj::Up, h2, drop);
+            let mut m = self.proj(l, Proj::Down, silu(g) * u, drop);
+            if let Some(d) = drop.filter(|d| d.hidden > 0.0) {
+                m = dropout(m, d.hidden, self.device);
+            }
+            x = x2 + m;
+        }
+        let fi = 1 + c.num_hidden_layers * crate::model::weights::PER_LAYER;
+        let hf = self.rms(x, &self.w[fi]);
+        let head = if c.tie_word_embeddings {
+            &self.w[0]
+        } else {
+            &self.w[fi + 1]
+        };
+        let logits = hf.matmul(head.clone().transpose());
+        let lp = log_softmax(logits, 1).gather(1, inp.targets.clone());
+        (lp * inp.weights.clone()).sum().neg()
+    }
+}

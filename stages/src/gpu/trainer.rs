@@ -1,0 +1,305 @@
+//! Training on a burn device: parameters, gradient accumulators and optimizer moments stay
+//! on the device; only the loss (one number per micro-batch) and checkpoints come back.
+
+use burn::tensor::{Device, Tensor};
+
+use super::llama::{DeviceLora, DeviceModel, Inputs, download, upload};
+use crate::cpu::llama::{Batch, Dropouts};
+use crate::cpu::lora::Adapters;
+use crate::model::weights::{Tensor as HostTensor, Weights};
+use crate::train::optim::{Optimizer, Rule};
+use crate::train::trainer::Trainer;
+
+/// A model being trained on a burn device.
+pub struct BurnTrainer {
+    weights: Weights,
+    adapters: Option<Adapters>,
+    device: Device,
+    base: Vec<Tensor<2>>,
+    lora_meta: Option<DeviceLora>,
+    lora: Vec<Tensor<2>>,
+    grads: Vec<Option<Tensor<2>>>,
+    rule: Rule,
+    weight_decay: f32,
+    lr_max: f32,
+    step: u64,
+    m: Vec<Tensor<2>>,
+    v: Vec<Tensor<2>>,
+}
+
+impl BurnTrainer {
+    /// `device` must have autodiff enabled.
+    pub fn new(
+        weights: Weights,
+        adapters: Option<Adapters>,
+        opt: &Optimizer,
+        device: Device,
+    ) -> BurnTrainer {
+        let plain = device.clone();
+        let base: Vec<Tensor<2>> = weights
+            .tensors
+            .iter()
+            .map(|t| upload(&t.data, &t.shape, &plain).inner())
+            .collect();
+        let (lora_meta, lora) = match &adapters {
+            Some(a) => {
+                let mut factors = std::collections::BTreeMap::new();
+                for l in 0..weights.config.num_hidden_layers {
+                    for &p in &a.spec.targets {
+                        if let Some(ix) = a.indices(l, p) {
+                            factors.insert((l, p), ix);
+                        }
+                    }
+                }
+                let t = a
+                    .tensors
+                    .iter()
+                    .map(|t| upload(&t.data, &t.shape, &plain).inner())
+                    .collect();
+                (
+                    Some(DeviceLora {
+                        scale: a.spec.scale(),
+                        factors,
+                    }),
+                    t,
+                )
+            }
+            None => (None, Vec::new()),
+        };
+        let mut me = BurnTrainer {
+            weights,
+            adapters,
+            device,
+            base,
+            lora_meta,
+            lora,
+            grads: Vec::new(),
+            rule: opt.rule,
+            weight_decay: opt.weight_decay,
+            lr_max: opt.lr_max,
+            step: 0,
+            m: Vec::new(),
+            v: Vec::new(),
+        };
+        me.grads = vec![None; me.trainable().len()];
+        me.set_optimizer(opt);
+        me
+    }
+
+    fn trainable(&self) -> &Vec<Tensor<2>> {
+        if self.lora_meta.is_some() {
+            &self.lora
+        } else {
+            &self.base
+        }
+    }
+
+    fn set_optimizer(&mut self, opt: &Optimizer) {
+        let shapes: Vec<[usize; 2]> = self.trainable().iter().map(|t| t.dims()).collect();
+        let up = |data: &Vec<Vec<f32>>| -> Vec<Tensor<2>> {
+            data.iter()
+                .zip(&shapes)
+                .map(|(d, s)| upload(d, &[s[0], s[1]], &self.device).inner())
+                .collect()
+        };
+        self.m = up(&opt.m);
+        self.v = up(&opt.v);
+        self.step = opt.step;
+    }
+
+    fn host_trainable(&self) -> Vec<HostTensor> {
+        let names: Vec<(String, Vec<usize>)> = match &self.adapters {
+            Some(a) => a
+                .tensors
+                .iter()
+                .map(|t| (t.name.clone(), t.shape.clone()))
+                .collect(),
+            None => self
+                .weights
+                .tensors
+                .iter()
+                .map(|t| (t.name.clone(), t.shape.clone()))
+                .collect(),
+        };
+        names
+            .into_iter()
+            .zip(self.trainable())
+            .map(|((name, shape), t)| HostTensor {
+                name,
+                shape,
+                data: download(t),
+            })
+            .collect()
+    }
+
+    fn forward_loss(
+        &self,
+        batch: &Batch,
+        drop: Option<&Dropouts>,
+        grad: bool,
+    ) -> (Tensor<1>, Vec<Tensor<2>>) {
+        let full = self.lora_meta.is_none();
+        let wrap = |t: &Tensor<2>, train: bool| {
+            let a = t.clone().autodiff();
+            if train && grad { a.require_grad() } else { a }
+        };
+        let base: Vec<Tensor<2>> = self.base.iter().map(|t| wrap(t, full)).collect();
+        let lora: Vec<Tensor<2>> = self.lora.iter().map(|t| wrap(t, !full)).collect();
+        let inputs = Inputs::new(&self.weights.config, batch, &self.device);
+        let model = DeviceModel {
+            config: &self.weights.config,
+            w: &base,
+            lora: self.lora_meta.as_ref().map(|m| (m, &lora[..])),
+            device: &self.device,
+        };
+        let loss = model.loss_sum(&inputs, drop);
+        (loss, if full { base } else { lora })
+    }
+}
+
+impl Trainer for BurnTrainer {
+    fn accumulate(&mut self, batch: &Batch, scale: f32, drop: Option<Dropouts>) -> (f64, usize) {
+        let (loss, leaves) = self.forward_loss(batch, drop.as_ref(), true);
+        let sum: f32 = loss.clone().into_scalar();
+        let grads = loss.mul_scalar(scale).backward();
+        for (i, leaf) in leaves.iter().enumerate() {
+            if let Some(g) = leaf.grad(&grads) {
+                let g = g.inner();
+                self.grads[i] = Some(match self.grads[i].take() {
+                    Some(acc) => acc + g,
+                    None => g,
+                });
+            }
+        }
+        (sum as f64, batch.target_count())
+    }
+
+    fn apply(&mut self, lr: f32, clip: f64) -> f64 {
+        let n = self.trainable().len();
+        let grads: Vec<Tensor<2>> = (0..n)
+            .map(|i| {
+                self.grads[i]
+                    .take()
+                    .unwrap_or_else(|| self.trainable()[i].clone().zeros_like())
+            })
+            .collect();
+        let sq: f32 = grads
+            .iter()
+            .map(|g| g.clone().powi_scalar(2).sum())
+            .reduce(|a, b| a + b)
+            .map(|t| t.into_scalar())
+            .unwrap_or(0.0);
+        let norm = (sq as f64).sqrt();
+        let coef = if clip > 0.0 {
+            (clip / (norm + 1e-6)).min(1.0) as f32
+        } else {
+            1.0
+        };
+        self.step += 1;
+        let t = self.step as i32;
+        let wd = self.weight_decay;
+        let lr_max = self.lr_max;
+        let rule = self.rule;
+        let params = if self.lora_meta.is_some() {
+            &mut self.lora
+        } else {
+            &mut self.base
+        };
+        for (i, g) in grads.into_iter().enumerate() {
+            let g = if coef < 1.0 { g.mul_scalar(coef) } else { g };
+            let p = params[i].clone();
+            match rule {
+                Rule::LionW { beta1, beta2 } => {
+                    let p = if wd != 0.0 {
+                        p.mul_scalar(1.0 - (lr / lr_max) * wd)
+                    } else {
+                        p
+                    };
+                    let m = self.m[i].clone();
+                    let c = m.clone().mul_scalar(beta1) + g.clone().mul_scalar(1.0 - beta1);
+                    params[i] = p - c.sign().mul_scalar(lr);
+                    self.m[i] = m.mul_scalar(beta2) + g.mul_scalar(1.0 - beta2);
+                }
+                Rule::AdamW { beta1, beta2, eps } => {
+                    let p = if wd != 0.0 {
+                        p.mul_scalar(1.0 - lr * wd)
+                    } else {
+                        p
+                    };
+                    let m = self.m[i].clone().mul_scalar(beta1) + g.clone().mul_scalar(1.0 - beta1);
+                    let v = self.v[i].clone().mul_scalar(beta2)
+                        + g.powi_scalar(2).mul_scalar(1.0 - beta2);
+                    let bc1 = 1.0 - beta1.powi(t);
+                    let bc2 = 1.0 - beta2.powi(t);
+                    let denom = v.clone().sqrt().div_scalar(bc2.sqrt()).add_scalar(eps);
+                    params[i] = p - (m.clone() / denom).mul_scalar(lr / bc1);
+                    self.m[i] = m;
+                    self.v[i] = v;
+                }
+            }
+        }
+        norm
+    }
+
+    fn eval(&self, batch: &Batch) -> (f64, usize) {
+        let (loss, _) = self.forward_loss(batch, None, false);
+        (loss.into_scalar::<f32>() as f64, batch.target_count())
+    }
+
+    fn trainable_count(&self) -> usize {
+        self.trainable()
+            .iter()
+            .map(|t| t.dims().iter().product::<usize>())
+            .sum()
+    }
+
+    fn snapshot(&self) -> (Vec<HostTensor>, Optimizer) {
+        let opt = Optimizer {
+            rule: self.rule,
+            weight_decay: self.weight_decay,
+            lr_max: self.lr_max,
+            step: self.step,
+            m: self.m.iter().map(download).collect(),
+            v: self.v.iter().map(download).collect(),
+        };
+        (self.host_trainable(), opt)
+    }
+
+    fn restore(&mut self, saved: Vec<HostTensor>, opt: Optimizer) -> Result<(), String> {
+        let mut by_name: std::collections::HashMap<String, HostTensor> =
+            saved.into_iter().map(|t| (t.name.clone(), t)).collect();
+        let current = self.host_trainable();
+        let mut up = Vec::new();
+        for t in current {
+            let s = by_name
+                .remove(&t.name)
+                .ok_or_else(|| format!("the checkpoint lacks `{}`", t.name))?;
+            up.push(upload(&s.data, &t.shape, &self.device).inner());
+        }
+        if self.lora_meta.is_some() {
+            self.lora = up
+        } else {
+            self.base = up
+        }
+        self.set_optimizer(&opt);
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> (Weights, Option<Adapters>) {
+        let trained = self.host_trainable();
+        let mut weights = self.weights;
+        let mut adapters = self.adapters;
+        let target = match &mut adapters {
+            Some(a) => &mut a.tensors,
+            None => &mut weights.tensors,
+        };
+        for (t, h) in target.iter_mut().zip(trained) {
+            t.data = h.data;
+        }
+        (weights, adapters)
+    }
+
+    fn lora_dropout(&self) -> f32 {
+        self.adapters.as_ref().map_or(0.0, |a| a.spec.dropout)
+    }
+}

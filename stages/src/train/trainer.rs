@@ -1,0 +1,28 @@
+//! What the training loop needs from a device: the CPU engine and burn devices both provide it.
+
+use crate::cpu::llama::{Batch, Dropouts};
+use crate::cpu::lora::Adapters;
+use crate::model::weights::{Tensor, Weights};
+use crate::train::optim::Optimizer;
+
+/// A model being trained, on some device.
+pub trait Trainer: Send + Sync {
+    /// Adds the gradient of `scale * summed loss` of a micro-batch; returns (summed loss,
+    /// targets).
+    fn accumulate(&mut self, batch: &Batch, scale: f32, drop: Option<Dropouts>) -> (f64, usize);
+    /// Clips to `clip` (0 = off), updates at `lr`, clears the gradients; returns the global
+    /// gradient norm before clipping.
+    fn apply(&mut self, lr: f32, clip: f64) -> f64;
+    /// Summed loss and targets of a batch, without dropout or gradients.
+    fn eval(&self, batch: &Batch) -> (f64, usize);
+    /// Trainable parameter count.
+    fn trainable_count(&self) -> usize;
+    /// Host copies of the trainable tensors and optimizer state (for checkpoints).
+    fn snapshot(&self) -> (Vec<Tensor>, Optimizer);
+    /// Puts back what [`Trainer::snapshot`] took.
+    fn restore(&mut self, trainable: Vec<Tensor>, opt: Optimizer) -> Result<(), String>;
+    /// The trained model (and adapters, for LoRA).
+    fn finish(self: Box<Self>) -> (Weights, Option<Adapters>);
+    /// LoRA's input dropout (0 without LoRA).
+    fn lora_dropout(&self) -> f32;
+}
