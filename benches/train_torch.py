@@ -28,8 +28,17 @@ p.add_argument("--ff", type=int, default=704)
 p.add_argument("--steps", type=int, default=7)
 p.add_argument("--modes", default="full,lora16")
 p.add_argument("--attn", default="sdpa")
+p.add_argument("--device", default="cpu")
+p.add_argument("--config", default=None, help="small, wide or large: the configs of stages/benches/train.rs")
 a = p.parse_args()
+if a.config == "small":
+    a.d, a.layers, a.heads, a.seq, a.batch, a.vocab, a.ff = 256, 4, 8, 256, 8, 8192, 704
+elif a.config == "large":
+    a.d, a.layers, a.heads, a.seq, a.batch, a.vocab, a.ff, a.steps = 2048, 8, 16, 1024, 4, 32000, 5632, 6
+elif a.config == "wide":
+    a.d, a.layers, a.heads, a.seq, a.batch, a.vocab, a.ff, a.steps = 1024, 8, 16, 128, 2, 8192, 2816, 4
 torch.set_num_threads(a.threads)
+dev = torch.device(a.device)
 torch.manual_seed(0)
 
 cfg = transformers.LlamaConfig(
@@ -37,9 +46,11 @@ cfg = transformers.LlamaConfig(
     num_attention_heads=a.heads, num_key_value_heads=a.heads, max_position_embeddings=a.seq,
     tie_word_embeddings=False, attn_implementation=a.attn,
 )
-ids = torch.randint(0, a.vocab, (a.batch, a.seq))
+ids = torch.randint(0, a.vocab, (a.batch, a.seq), device=dev)
 for mode in a.modes.split(","):
-    model = transformers.LlamaForCausalLM(cfg).float().train()
+    model = transformers.LlamaForCausalLM(cfg).float().train().to(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     if mode.startswith("lora"):
         r = int(mode[4:])
         model = peft.get_peft_model(model, peft.LoraConfig(
@@ -53,11 +64,16 @@ for mode in a.modes.split(","):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         if step >= 2:
             times.append(time.perf_counter() - t0)
     times.sort()
     med = times[len(times) // 2]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"impl": "pytorch", "mode": mode, "threads": a.threads, "step_s": round(med, 4),
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None
+    print(json.dumps({"impl": "pytorch", "device": a.device, "config": a.config, "mode": mode,
+                      "threads": a.threads, "step_s": round(med, 4),
                       "tokens_per_s": round(a.batch * a.seq / med), "peak_rss_mib": round(rss),
-                      "torch": torch.__version__}))
+                      "peak_gpu_mib": gpu and round(gpu), "torch": torch.__version__}))
+    del model, opt

@@ -298,3 +298,42 @@ fn flow_tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
         })
         .collect()
 }
+
+#[test]
+fn a_model_imported_from_local_files_keeps_its_weights_bit_exactly() {
+    let ws = Workspace::new();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/tied");
+    let p = ws.write(
+        "p.toml",
+        &format!(
+            "[stage.base]\nkind = \"model\"\nsource = \"{}/*\"\n",
+            fixture.display()
+        ),
+    );
+    assert_ok(&ws.flow(&["run", p.to_str().unwrap()]));
+    let out = ws.output_dir(&p, "base");
+    assert_eq!(
+        flow_tensors(&out.join("model.safetensors")),
+        flow_tensors(&fixture.join("model.safetensors"))
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["tie_word_embeddings"], true);
+    assert_eq!(config["rope_theta"], 10000.0);
+
+    // Size params make no sense for an import: the error says so.
+    let bad = ws.write(
+        "bad.toml",
+        &format!(
+            "[stage.base]\nkind = \"model\"\nsource = \"{}/*\"\nlayers = 3\n",
+            fixture.display()
+        ),
+    );
+    let out = ws.flow(&["run", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("drop the size params"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -33,6 +33,8 @@ type Config = (
 const CONFIGS: &[Config] = &[
     ("small", 256, 4, 8, 256, 8, 8192, 704, 7),
     ("wide", 1024, 8, 16, 128, 2, 8192, 2816, 4),
+    // GPU-sized (run with --one large ...; far too slow for a CPU run).
+    ("large", 2048, 8, 16, 1024, 4, 32000, 5632, 6),
 ];
 
 fn peak_rss_mib() -> f64 {
@@ -131,6 +133,66 @@ fn one(config: &str, mode: &str, device: &str, threads: usize) {
     );
 }
 
+/// burn's `apply_lora` (the adapted weight composed densely, `W + s A B`, every forward)
+/// against the unfused form flow's burn trainer uses (`x W + s (x A) B`): forward+backward
+/// time of one d x d Linear over `tokens` rows, on a burn device.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn lora_linear(device: &str, d: usize, tokens: usize, rank: usize) {
+    use burn::module::{Lora, Module};
+    use burn::nn::LinearConfig;
+    use burn::tensor::{Distribution, Tensor};
+    let Choice::Burn(dev, what) = select(device).expect("a burn device") else {
+        panic!("--lora-linear needs a burn device (wgpu, cuda)");
+    };
+    let x = Tensor::<2>::random([tokens, d], Distribution::Default, &dev);
+    let fused = LinearConfig::new(d, d)
+        .with_bias(false)
+        .init(&dev)
+        .apply_lora(Lora::new(rank, 2.0 * rank as f64));
+    let w = Tensor::<2>::random([d, d], Distribution::Default, &dev);
+    let a = Tensor::<2>::random([d, rank], Distribution::Default, &dev).require_grad();
+    let b = Tensor::<2>::random([rank, d], Distribution::Default, &dev).require_grad();
+    let time = |f: &dyn Fn() -> f32| {
+        let mut t = Vec::new();
+        for i in 0..8 {
+            let t0 = Instant::now();
+            let _ = f(); // reading the scalar waits for the device
+            if i >= 3 {
+                t.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        t[t.len() / 2]
+    };
+    let t_fused = time(&|| {
+        let y = fused.forward(x.clone());
+        let g = y.clone().sum().backward();
+        let _ = g;
+        y.sum().into_scalar::<f32>()
+    });
+    let t_unfused = time(&|| {
+        let y = x.clone().matmul(w.clone())
+            + x.clone()
+                .matmul(a.clone())
+                .matmul(b.clone())
+                .mul_scalar(2.0);
+        let g = y.clone().sum().backward();
+        let ga = a
+            .grad(&g)
+            .map(|t| t.sum().into_scalar::<f32>())
+            .unwrap_or(0.0);
+        ga + y.sum().into_scalar::<f32>() * 0.0
+    });
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "lora-linear", "device": what, "d": d, "tokens": tokens, "rank": rank,
+            "apply_lora_s": t_fused, "unfused_s": t_unfused,
+            "dense_grad_mib_avoided": (d * d * 4) as f64 / 1048576.0,
+        })
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let threads: usize = std::env::var("THREADS")
@@ -142,6 +204,13 @@ fn main() {
         .position(|a| a == "--device")
         .map(|i| args[i + 1].clone())
         .unwrap_or_else(|| "cpu".into());
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    if let Some(i) = args.iter().position(|a| a == "--lora-linear") {
+        let d: usize = args[i + 1].parse().unwrap();
+        let tokens: usize = args[i + 2].parse().unwrap();
+        lora_linear(&device, d, tokens, 16);
+        return;
+    }
     if let Some(i) = args.iter().position(|a| a == "--one") {
         one(&args[i + 1], &args[i + 2], &device, threads);
         return;
@@ -153,7 +222,7 @@ fn main() {
         vec!["cpu".into(), "wgpu".into()]
     };
     for dev in devices {
-        for (config, ..) in CONFIGS {
+        for (config, ..) in CONFIGS.iter().filter(|c| c.0 != "large") {
             for mode in ["full", "lora16"] {
                 if dev != "cpu" && *config == "wide" && std::env::var("FLOW_BENCH_WIDE").is_err() {
                     continue; // minutes on a software rasterizer; set FLOW_BENCH_WIDE to run it

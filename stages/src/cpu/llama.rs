@@ -78,7 +78,8 @@ pub struct Forward {
     /// Summed token loss over the batch's targets.
     pub loss_sum: f64,
     pub targets: usize,
-    /// `[rows * seq, vocab]` (overwritten by their gradient in `backward`).
+    /// `[rows * seq, vocab]`; when kept for the backward pass, rows with a target hold
+    /// their softmax instead (then their gradient, in `backward`).
     pub logits: Vec<f32>,
     layers: Vec<LayerCache>,
     xf: Vec<f32>,
@@ -211,10 +212,16 @@ impl Llama<'_> {
             seed: d.seed,
             p: d.lora,
         });
-        let mut xin = x.to_vec();
-        if let Some(m) = mask {
-            m.apply(&mut xin, lora_site(layer, p));
-        }
+        let dropped;
+        let xin: &[f32] = match mask {
+            Some(m) => {
+                let mut t = x.to_vec();
+                m.apply(&mut t, lora_site(layer, p));
+                dropped = t;
+                &dropped
+            }
+            None => x,
+        };
         // xa = drop(x) A^T (recomputed: r columns, cheap)
         let mut xa = vec![0.0f32; n * r];
         Dense {
@@ -223,7 +230,7 @@ impl Llama<'_> {
             out: r,
             threads: self.threads,
         }
-        .forward(&xin, a, &mut xa, false);
+        .forward(xin, a, &mut xa, false);
         // dxa = s * dy B
         let mut dxa = vec![0.0f32; n * r];
         Dense {
@@ -249,21 +256,24 @@ impl Llama<'_> {
                 out: r,
                 threads: self.threads,
             }
-            .dw(&dxa, &xin, &mut grads[ai], 1.0, true);
+            .dw(&dxa, xin, &mut grads[ai], 1.0, true);
         }
-        // dx += mask * (dxa A)
-        let mut dxl = vec![0.0f32; n * inp];
-        Dense {
+        // dx += mask * (dxa A): straight into dx unless a dropout mask must apply first.
+        let back = Dense {
             rows: n,
             inp,
             out: r,
             threads: self.threads,
+        };
+        match mask {
+            None => back.dx(&dxa, a, dx, true),
+            Some(m) => {
+                let mut dxl = vec![0.0f32; n * inp];
+                back.dx(&dxa, a, &mut dxl, false);
+                m.apply(&mut dxl, lora_site(layer, p));
+                ops::add_into(dx, &dxl);
+            }
         }
-        .dx(&dxa, a, &mut dxl, false);
-        if let Some(m) = mask {
-            m.apply(&mut dxl, lora_site(layer, p));
-        }
-        ops::add_into(dx, &dxl);
     }
 
     /// The forward pass over a batch; with `keep`, everything the backward pass needs is kept.
@@ -363,9 +373,7 @@ impl Llama<'_> {
             threads: self.threads,
         }
         .forward(&hf, head, &mut logits, false);
-        let mut scratch = logits.clone();
-        let loss_sum = ops::cross_entropy(&mut scratch, &batch.targets, vocab, None);
-        drop_buf(scratch);
+        let loss_sum = ops::cross_entropy(&mut logits, &batch.targets, vocab, keep);
         Forward {
             loss_sum,
             targets: batch.target_count(),
@@ -402,7 +410,7 @@ impl Llama<'_> {
             hf,
             ..
         } = fwd;
-        ops::cross_entropy(&mut logits, &batch.targets, vocab, Some(grad_scale));
+        ops::cross_entropy_backward(&mut logits, &batch.targets, vocab, grad_scale);
         let head_i = self.w.lm_head_index();
         let mut dh = vec![0.0f32; n * dm];
         Dense {

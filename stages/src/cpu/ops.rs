@@ -157,15 +157,10 @@ pub fn swiglu_backward(da: &[f32], g: &mut [f32], u: &mut [f32]) {
         });
 }
 
-/// Cross-entropy of `logits` (`[rows, vocab]`) against `targets` (-1 = none). Returns the
-/// summed loss in f64; with `grad_scale`, overwrites the logits with their gradient times the
-/// scale (rows without a target get zeros).
-pub fn cross_entropy(
-    logits: &mut [f32],
-    targets: &[i32],
-    vocab: usize,
-    grad_scale: Option<f32>,
-) -> f64 {
+/// Cross-entropy of `logits` (`[rows, vocab]`) against `targets` (-1 = none); returns the
+/// summed loss in f64. With `to_probs`, each row with a target is left holding its softmax
+/// (what the backward pass needs): one `exp` per element in all, and no copy of the logits.
+pub fn cross_entropy(logits: &mut [f32], targets: &[i32], vocab: usize, to_probs: bool) -> f64 {
     let mut losses = vec![0.0f64; targets.len()];
     logits
         .par_chunks_mut(vocab)
@@ -173,23 +168,41 @@ pub fn cross_entropy(
         .zip(losses.par_iter_mut())
         .for_each(|((row, &t), loss)| {
             if t < 0 {
-                if grad_scale.is_some() {
-                    row.fill(0.0);
-                }
                 return;
             }
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
-            let lse = max + sum.ln();
-            *loss = (lse - row[t as usize]) as f64;
-            if let Some(scale) = grad_scale {
+            let target = row[t as usize];
+            let sum: f32 = if to_probs {
+                let mut sum = 0.0f32;
                 for v in row.iter_mut() {
-                    *v = (*v - lse).exp() * scale;
+                    *v = (*v - max).exp();
+                    sum += *v;
                 }
-                row[t as usize] -= scale;
-            }
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|v| *v *= inv);
+                sum
+            } else {
+                row.iter().map(|v| (v - max).exp()).sum()
+            };
+            *loss = (max + sum.ln() - target) as f64;
         });
     losses.iter().sum()
+}
+
+/// The gradient of `scale * cross_entropy` from the probabilities [`cross_entropy`] left:
+/// `scale * (p - onehot(target))`, zero for rows without a target. In place.
+pub fn cross_entropy_backward(probs: &mut [f32], targets: &[i32], vocab: usize, scale: f32) {
+    probs
+        .par_chunks_mut(vocab)
+        .zip(targets.par_iter())
+        .for_each(|(row, &t)| {
+            if t < 0 {
+                row.fill(0.0);
+                return;
+            }
+            row.iter_mut().for_each(|v| *v *= scale);
+            row[t as usize] -= scale;
+        });
 }
 
 /// Adds `b` into `a`.

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The training benchmark on a GPU machine (run by hand, or by the device tool): flow's burn
+# trainer on wgpu/Vulkan next to PyTorch on CUDA, same configurations, peak GPU memory sampled
+# with nvidia-smi for both. Expects the bench binary at .devbin/train-bench (built elsewhere:
+# `cargo bench -p flow-stages --bench train --no-run`) and Vulkan loaders in .gl/*.deb.
+set -u
+out=${OUT:-/tmp/gpu-bench}; mkdir -p "$out"
+for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
+export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+[ -f "$VK_DRIVER_FILES" ] || unset VK_DRIVER_FILES
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+peak() { # peak memory.used (MiB) while "$@" runs
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$out/smi.txt" &
+  local s=$!; "$@"; local rc=$?; kill $s; wait $s 2>/dev/null
+  echo "{\"peak_gpu_used_mib\": $(sort -n "$out/smi.txt" | tail -1), \"rc\": $rc}"
+}
+chmod +x .devbin/train-bench
+for cfg in small large; do for mode in full lora16; do
+  peak timeout 150 .devbin/train-bench --one $cfg $mode --device wgpu 2>&1 | grep -v WARN | tail -2
+done; done
+peak timeout 120 .devbin/train-bench --lora-linear 4096 4096 --device wgpu 2>&1 | tail -2
+for cfg in small large; do for mode in full lora16; do
+  peak timeout 150 python3 benches/train_torch.py --device cuda --config $cfg --modes $mode 2>&1 | grep '"impl"'
+done; done
