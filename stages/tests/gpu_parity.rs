@@ -92,8 +92,7 @@ fn train_both(lora: bool, steps: usize) -> (Run, Run) {
     ));
     let mut gpu: Box<dyn Trainer> = Box::new(BurnTrainer::new(w, adapters, &opt, burn_device()));
     let (mut lc, mut lg) = (Vec::new(), Vec::new());
-    for step in 0..steps {
-        let _ = step;
+    for _ in 0..steps {
         let b = batch(96, 2, 16, 3); // the same rows each step: the loss must fall
         let scale = 1.0 / b.target_count() as f32;
         let (sc, n) = cpu.accumulate(&b, scale, None);

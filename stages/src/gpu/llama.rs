@@ -52,8 +52,8 @@ impl Inputs {
         let mut cos = Vec::with_capacity(n * hd);
         let mut sin = Vec::with_capacity(n * hd);
         for &p in &b.pos {
-            for rep in 0..2 {
-                let _ = rep;
+            // rotate-half layout: the same angles for both halves of the head
+            for _half in 0..2 {
                 for f in &inv {
                     let a = p as f32 * f;
                     cos.push(a.cos());
