@@ -210,26 +210,7 @@ run = "echo ok > $FLOW_OUT/ok"
 #[test]
 fn sweeps_expand_and_groups_collect_and_fan_out() {
     let ws = Workspace::new();
-    let p = ws.write(
-        "p.toml",
-        r#"
-[stage.gen]
-kind = "command"
-run = "echo $FLOW_SEED > $FLOW_OUT/v"
-seed = [1, 2, 3]
-sweep = ["seed"]
-
-[stage.double]
-kind = "command"
-run = "echo $(( $(cat $FLOW_IN_X/v) * 2 )) > $FLOW_OUT/v"
-inputs = { x = "gen" }
-
-[stage.sum]
-kind = "command"
-run = "for d in $FLOW_IN_ALL/*; do echo $(basename $d)=$(cat $d/v); done > $FLOW_OUT/all"
-inputs = { all = ["double"] }
-"#,
-    );
+    let p = ws.write("p.toml", common::FAN_OUT_AND_JOIN);
     let s = ws.run_statuses(&p, &[]);
     let ran = with_status(&s, "ran");
     assert_eq!(

@@ -91,24 +91,6 @@ fn job_events(stdout: &[u8]) -> Vec<(String, String, bool)> {
         .collect()
 }
 
-const FAN: &str = r#"
-[stage.gen]
-kind = "command"
-run = "echo $FLOW_SEED > $FLOW_OUT/v"
-seed = [1, 2, 3]
-sweep = ["seed"]
-
-[stage.double]
-kind = "command"
-run = "echo $(( $(cat $FLOW_IN_X/v) * 2 )) > $FLOW_OUT/v"
-inputs = { x = "gen" }
-
-[stage.sum]
-kind = "command"
-run = "for d in $FLOW_IN_ALL/*; do echo $(basename $d)=$(cat $d/v); done > $FLOW_OUT/all"
-inputs = { all = ["double"] }
-"#;
-
 fn keys(ws: &Workspace, p: &Path, env: &[(&str, String)]) -> Vec<(String, String)> {
     let out = flow(ws, &["status", p.to_str().unwrap(), "--json"], env);
     assert_ok(&out);
@@ -128,11 +110,16 @@ fn a_fan_out_and_join_under_slurm_match_a_local_run_key_for_key() {
     let s3 = S3::shared();
     let env: Vec<(&str, String)> = s3.env();
     let local = Workspace::new();
-    let lp = local.write("p.toml", FAN);
+    let lp = local.write("p.toml", common::FAN_OUT_AND_JOIN);
     assert_ok(&local.flow(&["run", lp.to_str().unwrap()]));
 
     let ws = Workspace::new();
-    let p = slurm_pipeline(&ws, "fan", "s3://flow-test/slurm-fan", FAN);
+    let p = slurm_pipeline(
+        &ws,
+        "fan",
+        "s3://flow-test/slurm-fan",
+        common::FAN_OUT_AND_JOIN,
+    );
     let ps = p.to_str().unwrap();
     let out = flow(&ws, &["run", ps, "--wait", "--json"], &env);
     assert_ok(&out);

@@ -421,34 +421,31 @@ pub fn wait(
     if total == 0 {
         return Ok((0, 0, 0));
     }
-    loop {
+    // The last poll (every job ended) is also what the outcome is judged by.
+    let infos = loop {
         let infos = scheduler::jobs()?;
-        let mut active = 0;
+        let active = active_count(&infos, jobs);
         for (i, job) in jobs.iter().enumerate() {
             let Some(id) = job else { continue };
-            let info = infos.get(id);
-            if info.is_some_and(JobInfo::is_active) {
-                active += 1;
-            }
-            let state = info.map_or("GONE".to_string(), |j| j.state.clone());
+            let state = infos
+                .get(id)
+                .map_or("GONE".to_string(), |j| j.state.clone());
             if state != last[i] {
                 let stage = &pipeline.stages[i].name;
                 ui.note(&format!(
-                    "{:>9}  {stage}  job {id}  ({} of {total} jobs still queued or running)",
+                    "{:>9}  {stage}  job {id}  ({active} of {total} jobs still queued or running)",
                     state.to_lowercase(),
-                    active_count(&infos, jobs)
                 ));
                 ui.json_line(&serde_json::json!({"event": "job-state", "stage": stage, "job": id, "state": state}));
                 last[i] = state;
             }
         }
         if active == 0 {
-            break;
+            break infos;
         }
         std::thread::sleep(poll);
-    }
+    };
     let states = resolve_remote(pipeline, cache, remote)?;
-    let infos = scheduler::jobs()?;
     let views = job_views(pipeline, &ledger, &infos);
     let (mut done, mut failed, mut blocked) = (0, 0, 0);
     for (i, stage) in pipeline.stages.iter().enumerate() {

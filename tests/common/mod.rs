@@ -4,6 +4,25 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// A sweep of three `gen` stages, a fan-out `double` over them, and a `sum` joining the group.
+pub const FAN_OUT_AND_JOIN: &str = r#"
+[stage.gen]
+kind = "command"
+run = "echo $FLOW_SEED > $FLOW_OUT/v"
+seed = [1, 2, 3]
+sweep = ["seed"]
+
+[stage.double]
+kind = "command"
+run = "echo $(( $(cat $FLOW_IN_X/v) * 2 )) > $FLOW_OUT/v"
+inputs = { x = "gen" }
+
+[stage.sum]
+kind = "command"
+run = "for d in $FLOW_IN_ALL/*; do echo $(basename $d)=$(cat $d/v); done > $FLOW_OUT/all"
+inputs = { all = ["double"] }
+"#;
+
 /// A scratch directory with a cache inside, removed at the end of the test.
 pub struct Workspace {
     pub dir: tempfile::TempDir,

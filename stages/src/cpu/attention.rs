@@ -38,9 +38,37 @@ impl Dims {
     fn rep(&self) -> usize {
         self.heads / self.kv_heads
     }
+
+    /// Query head `h` of row `b` as a `seq x head_dim` matrix inside q (or dO, dQ).
+    fn q_rows(&self, b: usize, h: usize) -> Layout {
+        Layout {
+            off: b * self.seq * self.q_width() + h * self.head_dim,
+            rs: self.q_width() as isize,
+            cs: 1,
+        }
+    }
+
+    /// Key/value head `g` of row `b` as a `seq x head_dim` matrix inside k or v.
+    fn kv_rows(&self, b: usize, g: usize) -> Layout {
+        Layout {
+            off: b * self.seq * self.kv_width() + g * self.head_dim,
+            rs: self.kv_width() as isize,
+            cs: 1,
+        }
+    }
+
+    /// The same head transposed: `head_dim x seq` (for Q K^T and dO V^T).
+    fn kv_cols(&self, b: usize, g: usize) -> Layout {
+        Layout {
+            rs: 1,
+            cs: self.kv_width() as isize,
+            ..self.kv_rows(b, g)
+        }
+    }
 }
 
-fn allowed(mask: Mask, b: usize, t: usize, i: usize, j: usize) -> bool {
+/// Whether query `i` of row `b` (rows of `t` positions) may attend to key `j`.
+pub fn allowed(mask: Mask, b: usize, t: usize, i: usize, j: usize) -> bool {
     if j > i {
         return false;
     }
@@ -80,6 +108,26 @@ impl AttnDropout {
     }
 }
 
+/// The probabilities the values see: `p` itself, or `p` with head (b, h)'s dropout applied
+/// in `used` (the backward pass regenerates the same mask).
+fn dropped<'a>(
+    dropout: Option<&AttnDropout>,
+    d: &Dims,
+    b: usize,
+    h: usize,
+    p: &'a [f32],
+    used: &'a mut [f32],
+) -> &'a [f32] {
+    match dropout {
+        Some(drop) => {
+            used.copy_from_slice(p);
+            drop.apply(d, b, h, used);
+            used
+        }
+        None => p,
+    }
+}
+
 /// Forward: returns the attention output `[batch*seq, heads*head_dim]` and the
 /// probabilities before dropout, `[batch, heads, seq, seq]` (what the backward pass needs).
 pub fn forward(
@@ -115,17 +163,9 @@ pub fn forward(
                     p,
                     Layout::rows(t, false),
                     q,
-                    Layout {
-                        off: b * t * d.q_width() + h * hd,
-                        rs: d.q_width() as isize,
-                        cs: 1,
-                    },
+                    d.q_rows(b, h),
                     k,
-                    Layout {
-                        off: b * t * d.kv_width() + g * hd,
-                        rs: 1,
-                        cs: d.kv_width() as isize,
-                    },
+                    d.kv_cols(b, g),
                     scale,
                     false,
                     1,
@@ -152,14 +192,7 @@ pub fn forward(
                         *s *= inv;
                     }
                 }
-                let pv: &[f32] = match &dropout {
-                    Some(drop) => {
-                        used.copy_from_slice(p);
-                        drop.apply(&d, b, h, &mut used);
-                        &used
-                    }
-                    None => p,
-                };
+                let pv = dropped(dropout.as_ref(), &d, b, h, p, &mut used);
                 gemm_into(
                     t,
                     hd,
@@ -169,11 +202,7 @@ pub fn forward(
                     pv,
                     Layout::rows(t, false),
                     v,
-                    Layout {
-                        off: b * t * d.kv_width() + g * hd,
-                        rs: d.kv_width() as isize,
-                        cs: 1,
-                    },
+                    d.kv_rows(b, g),
                     1.0,
                     false,
                     1,
@@ -213,11 +242,7 @@ pub fn backward(
         .into_par_iter()
         .map(|task| {
             let (b, g) = (task / d.kv_heads, task % d.kv_heads);
-            let kv_at = Layout {
-                off: b * t * d.kv_width() + g * hd,
-                rs: d.kv_width() as isize,
-                cs: 1,
-            };
+            let kv_at = d.kv_rows(b, g);
             let mut dq = vec![0.0f32; rep * t * hd];
             let mut dk = vec![0.0f32; t * hd];
             let mut dv = vec![0.0f32; t * hd];
@@ -230,19 +255,8 @@ pub fn backward(
             for r in 0..rep {
                 let h = g * rep + r;
                 let p = &probs[((b * d.heads) + h) * t * t..((b * d.heads) + h + 1) * t * t];
-                let q_at = Layout {
-                    off: b * t * d.q_width() + h * hd,
-                    rs: d.q_width() as isize,
-                    cs: 1,
-                };
-                let pu: &[f32] = match &dropout {
-                    Some(drop) => {
-                        used.copy_from_slice(p);
-                        drop.apply(&d, b, h, &mut used);
-                        &used
-                    }
-                    None => p,
-                };
+                let q_at = d.q_rows(b, h);
+                let pu = dropped(dropout.as_ref(), &d, b, h, p, &mut used);
                 // dV += Pu^T dO
                 gemm_into(
                     t,
@@ -268,11 +282,7 @@ pub fn backward(
                     d_out,
                     q_at,
                     v,
-                    Layout {
-                        off: kv_at.off,
-                        rs: 1,
-                        cs: d.kv_width() as isize,
-                    },
+                    d.kv_cols(b, g),
                     1.0,
                     false,
                     1,

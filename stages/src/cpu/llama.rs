@@ -93,6 +93,29 @@ fn hidden_site(layer: usize, which: u64) -> u64 {
     (1 << 40) + layer as u64 * 4 + which
 }
 
+/// Hidden dropout at a layer's attention (0) or MLP (1) output, in place; the backward pass
+/// applies the same mask to the gradient.
+fn hidden_dropout(drop: Option<&Dropouts>, x: &mut [f32], layer: usize, which: u64) {
+    if let Some(d) = drop.filter(|d| d.hidden > 0.0) {
+        DropMask {
+            seed: d.seed,
+            p: d.hidden,
+        }
+        .apply(x, hidden_site(layer, which));
+    }
+}
+
+/// A layer's attention-probability dropout, if any.
+fn attention_dropout(drop: Option<&Dropouts>, layer: usize) -> Option<AttnDropout> {
+    drop.filter(|d| d.attention > 0.0).map(|d| AttnDropout {
+        mask: DropMask {
+            seed: d.seed,
+            p: d.attention,
+        },
+        layer: layer as u64,
+    })
+}
+
 fn lora_site(layer: usize, proj: Proj) -> u64 {
     (2 << 40) + layer as u64 * 16 + proj as u64
 }
@@ -302,22 +325,10 @@ impl Llama<'_> {
             let v = self.proj(l, Proj::V, &h1, n, drop.as_ref());
             self.rope.apply(&mut q, &batch.pos, dims.heads, false);
             self.rope.apply(&mut k, &batch.pos, dims.kv_heads, false);
-            let adrop = drop.filter(|d| d.attention > 0.0).map(|d| AttnDropout {
-                mask: DropMask {
-                    seed: d.seed,
-                    p: d.attention,
-                },
-                layer: l as u64,
-            });
+            let adrop = attention_dropout(drop.as_ref(), l);
             let (attn, probs) = attention::forward(dims, &q, &k, &v, mask, adrop);
             let mut ao = self.proj(l, Proj::O, &attn, n, drop.as_ref());
-            if let Some(d) = drop.filter(|d| d.hidden > 0.0) {
-                DropMask {
-                    seed: d.seed,
-                    p: d.hidden,
-                }
-                .apply(&mut ao, hidden_site(l, 0));
-            }
+            hidden_dropout(drop.as_ref(), &mut ao, l, 0);
             let mut x2 = x.clone();
             ops::add_into(&mut x2, &ao);
             drop_buf(ao);
@@ -330,13 +341,7 @@ impl Llama<'_> {
             let mut act = vec![0.0f32; n * f];
             ops::swiglu(&g, &u, &mut act);
             let mut m = self.proj(l, Proj::Down, &act, n, drop.as_ref());
-            if let Some(d) = drop.filter(|d| d.hidden > 0.0) {
-                DropMask {
-                    seed: d.seed,
-                    p: d.hidden,
-                }
-                .apply(&mut m, hidden_site(l, 1));
-            }
+            hidden_dropout(drop.as_ref(), &mut m, l, 1);
             let mut x3 = x2.clone();
             ops::add_into(&mut x3, &m);
             let x_in = std::mem::replace(&mut x, x3);
@@ -444,13 +449,7 @@ impl Llama<'_> {
         for (l, mut lc) in layers.into_iter().enumerate().rev() {
             // MLP block: x3 = x2 + drop(down(act)).
             let mut dmo = dx.clone();
-            if let Some(d) = drop.filter(|d| d.hidden > 0.0) {
-                DropMask {
-                    seed: d.seed,
-                    p: d.hidden,
-                }
-                .apply(&mut dmo, hidden_site(l, 1));
-            }
+            hidden_dropout(drop.as_ref(), &mut dmo, l, 1);
             let mut dact = vec![0.0f32; lc.act.len()];
             self.proj_backward(
                 l,
@@ -501,13 +500,7 @@ impl Llama<'_> {
             );
             // Attention block: x2 = x + drop(o(attn)).
             let mut dao = dx.clone();
-            if let Some(d) = drop.filter(|d| d.hidden > 0.0) {
-                DropMask {
-                    seed: d.seed,
-                    p: d.hidden,
-                }
-                .apply(&mut dao, hidden_site(l, 0));
-            }
+            hidden_dropout(drop.as_ref(), &mut dao, l, 0);
             let mut dattn = vec![0.0f32; lc.attn.len()];
             self.proj_backward(
                 l,
@@ -521,13 +514,7 @@ impl Llama<'_> {
                 grads,
             );
             drop_buf(dao);
-            let adrop = drop.filter(|d| d.attention > 0.0).map(|d| AttnDropout {
-                mask: DropMask {
-                    seed: d.seed,
-                    p: d.attention,
-                },
-                layer: l as u64,
-            });
+            let adrop = attention_dropout(drop.as_ref(), l);
             let (mut dq, mut dk, dv) =
                 attention::backward(dims, &lc.q, &lc.k, &lc.v, &lc.probs, &dattn, adrop);
             drop_buf(dattn);

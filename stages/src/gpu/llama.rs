@@ -4,7 +4,9 @@
 use burn::tensor::activation::{log_softmax, silu, softmax};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 
+use crate::cpu::attention::{self, Mask};
 use crate::cpu::llama::{Batch, Dropouts};
+use crate::cpu::ops::Rope;
 use crate::model::config::LlamaConfig;
 use crate::model::weights::{Proj, Weights};
 
@@ -44,37 +46,30 @@ impl Inputs {
     pub fn new(c: &LlamaConfig, b: &Batch, device: &Device) -> Inputs {
         let n = b.rows * b.seq;
         let hd = c.head_dim();
-        let half = hd / 2;
-        let theta = c.theta() as f32;
-        let inv: Vec<f32> = (0..half)
-            .map(|i| 1.0 / theta.powf((2 * i) as f32 / hd as f32))
-            .collect();
+        // The CPU engine's RoPE tables and attention rule: both paths see the same numbers.
+        let positions = b.pos.iter().max().map_or(1, |&p| p as usize + 1);
+        let rope = Rope::new(hd, c.theta(), positions);
+        let half = rope.half;
         let mut cos = Vec::with_capacity(n * hd);
         let mut sin = Vec::with_capacity(n * hd);
         for &p in &b.pos {
+            let at = p as usize * half..(p as usize + 1) * half;
             // rotate-half layout: the same angles for both halves of the head
             for _half in 0..2 {
-                for f in &inv {
-                    let a = p as f32 * f;
-                    cos.push(a.cos());
-                    sin.push(a.sin());
-                }
+                cos.extend_from_slice(&rope.cos[at.clone()]);
+                sin.extend_from_slice(&rope.sin[at.clone()]);
             }
         }
         let t = b.seq;
+        let rule = match &b.seq_ids {
+            Some(s) => Mask::Document(s),
+            None => Mask::Causal,
+        };
         let mut mask = vec![0.0f32; b.rows * t * t];
         for r in 0..b.rows {
             for i in 0..t {
                 for j in 0..t {
-                    let ok = j <= i
-                        && match &b.seq_ids {
-                            None => true,
-                            Some(s) => {
-                                let (si, sj) = (s[r * t + i], s[r * t + j]);
-                                i == j || (si != 0 && si == sj)
-                            }
-                        };
-                    if !ok {
+                    if !attention::allowed(rule, r, t, i, j) {
                         mask[(r * t + i) * t + j] = -1e9;
                     }
                 }

@@ -8,7 +8,7 @@ use crate::cpu::llama::{Batch, Dropouts};
 use crate::cpu::lora::Adapters;
 use crate::model::weights::{Tensor as HostTensor, Weights};
 use crate::train::optim::{Optimizer, Rule};
-use crate::train::trainer::Trainer;
+use crate::train::trainer::{Trainer, restore_by_name};
 
 /// A model being trained on a burn device.
 pub struct BurnTrainer {
@@ -266,16 +266,17 @@ impl Trainer for BurnTrainer {
     }
 
     fn restore(&mut self, saved: Vec<HostTensor>, opt: Optimizer) -> Result<(), String> {
-        let mut by_name: std::collections::HashMap<String, HostTensor> =
-            saved.into_iter().map(|t| (t.name.clone(), t)).collect();
-        let current = self.host_trainable();
-        let mut up = Vec::new();
-        for t in current {
-            let s = by_name
-                .remove(&t.name)
-                .ok_or_else(|| format!("the checkpoint lacks `{}`", t.name))?;
-            up.push(upload(&s.data, &t.shape, &self.device).inner());
-        }
+        // The host copies know names and shapes (no download needed); they take the
+        // checkpoint's data, then go up to the device.
+        let host = match &mut self.adapters {
+            Some(a) => &mut a.tensors,
+            None => &mut self.weights.tensors,
+        };
+        restore_by_name(host, saved)?;
+        let up: Vec<Tensor<2>> = host
+            .iter()
+            .map(|t| upload(&t.data, &t.shape, &self.device).inner())
+            .collect();
         if self.lora_meta.is_some() {
             self.lora = up
         } else {

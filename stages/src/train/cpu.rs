@@ -5,7 +5,7 @@ use crate::cpu::lora::Adapters;
 use crate::cpu::ops::Rope;
 use crate::model::weights::{Tensor, Weights};
 use crate::train::optim::{Optimizer, clip_global_norm};
-use crate::train::trainer::Trainer;
+use crate::train::trainer::{Trainer, restore_by_name};
 
 /// A model being trained on the CPU (full finetuning, or LoRA with a frozen base).
 pub struct CpuTrainer {
@@ -109,17 +109,7 @@ impl Trainer for CpuTrainer {
             Some(l) => &mut l.tensors,
             None => &mut self.weights.tensors,
         };
-        let mut by_name: std::collections::HashMap<String, Tensor> =
-            saved.into_iter().map(|t| (t.name.clone(), t)).collect();
-        for t in tensors.iter_mut() {
-            let s = by_name
-                .remove(&t.name)
-                .ok_or_else(|| format!("the checkpoint lacks `{}`", t.name))?;
-            if s.data.len() != t.data.len() {
-                return Err(format!("the checkpoint's `{}` has another shape", t.name));
-            }
-            t.data = s.data;
-        }
+        restore_by_name(tensors, saved)?;
         self.opt = opt;
         Ok(())
     }

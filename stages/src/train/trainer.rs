@@ -26,3 +26,20 @@ pub trait Trainer: Send + Sync {
     /// LoRA's input dropout (0 without LoRA).
     fn lora_dropout(&self) -> f32;
 }
+
+/// Puts a checkpoint's tensors into `current`, matched by name, each with its element count:
+/// what every trainer's `restore` does with the host side of its parameters.
+pub fn restore_by_name(current: &mut [Tensor], saved: Vec<Tensor>) -> Result<(), String> {
+    let mut by_name: std::collections::HashMap<String, Tensor> =
+        saved.into_iter().map(|t| (t.name.clone(), t)).collect();
+    for t in current.iter_mut() {
+        let s = by_name
+            .remove(&t.name)
+            .ok_or_else(|| format!("the checkpoint lacks `{}`", t.name))?;
+        if s.data.len() != t.data.len() {
+            return Err(format!("the checkpoint's `{}` has another shape", t.name));
+        }
+        t.data = s.data;
+    }
+    Ok(())
+}
