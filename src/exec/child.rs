@@ -246,6 +246,7 @@ fn run_inner(spec: &ChildSpec) -> anyhow::Result<i32> {
             artifacts.push(InputArtifact {
                 stage: a.stage.clone(),
                 dir: cache.view_path(&a.digest),
+                digest: a.digest.clone(),
             });
         }
         inputs.insert(

@@ -133,6 +133,8 @@ pub struct InputArtifact {
     pub stage: String,
     /// The artifact's files. Never write here: it shares storage with the cache.
     pub dir: PathBuf,
+    /// The artifact's content digest, for results that must say exactly what they measured.
+    pub digest: String,
 }
 
 /// Receives progress from a running stage; the engine draws it as a progress bar.

@@ -10,6 +10,7 @@
 pub mod command;
 pub mod cpu;
 pub mod data;
+pub mod eval;
 pub mod gpu;
 pub mod kind;
 pub mod model;
@@ -35,6 +36,7 @@ pub fn registry() -> Vec<&'static Kind> {
         &model::kind::KIND,
         &train::stage::FULL,
         &train::stage::LORA,
+        &eval::KIND,
     ]
 }
 

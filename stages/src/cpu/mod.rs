@@ -4,6 +4,7 @@
 //! burn. The math is checked against Hugging Face's (logits, loss and every gradient).
 
 pub mod attention;
+pub mod decode;
 pub mod llama;
 pub mod lora;
 pub mod matmul;

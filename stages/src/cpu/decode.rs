@@ -1,0 +1,320 @@
+//! Inference with a KV cache: the forward pass over "ragged" batches of new tokens, each
+//! appended to its own sequence (a cache slot), attending to everything its slot holds.
+//!
+//! One call serves prefill (many tokens of one or several slots) and decoding (one token per
+//! active slot) alike: the projections are one `gemm` over all new tokens, attention is per
+//! (token, head) over the slot's cached keys, and the LM head runs only for the tokens whose
+//! logits the caller asks for (the vocabulary product dominates decoding of small models).
+//! Nothing is recomputed for the prefix, which is what makes generation linear in its length.
+
+use rayon::prelude::*;
+
+use super::matmul::Dense;
+use super::ops::{self, Rope};
+use crate::model::weights::{Proj, Weights};
+
+/// A token to append: to which slot, and whether its next-token logits are wanted.
+#[derive(Debug, Clone, Copy)]
+pub struct Token {
+    pub slot: usize,
+    pub id: u32,
+    pub logits: bool,
+}
+
+/// A model with a KV cache of `slots` sequences of at most `max_len` tokens.
+pub struct Decoder<'a> {
+    w: &'a Weights,
+    rope: Rope,
+    threads: usize,
+    max_len: usize,
+    /// Per layer: `[slots, max_len, kv_heads * head_dim]`.
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: Vec<usize>,
+}
+
+impl<'a> Decoder<'a> {
+    /// `max_len` is capped at the model's `max_position_embeddings`.
+    pub fn new(w: &'a Weights, slots: usize, max_len: usize, threads: usize) -> Decoder<'a> {
+        let c = &w.config;
+        let max_len = max_len.min(c.max_position_embeddings);
+        let kvw = c.kv_heads() * c.head_dim();
+        let size = slots * max_len * kvw;
+        Decoder {
+            w,
+            rope: Rope::new(c.head_dim(), c.theta(), max_len),
+            threads,
+            max_len,
+            k: (0..c.num_hidden_layers).map(|_| vec![0.0; size]).collect(),
+            v: (0..c.num_hidden_layers).map(|_| vec![0.0; size]).collect(),
+            len: vec![0; slots],
+        }
+    }
+
+    /// The longest sequence a slot can hold.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Tokens held by a slot.
+    pub fn len(&self, slot: usize) -> usize {
+        self.len[slot]
+    }
+
+    /// Empties a slot (its old keys are simply overwritten later).
+    pub fn reset(&mut self, slot: usize) {
+        self.len[slot] = 0;
+    }
+
+    /// Appends `tokens` (in order; several may go to one slot) and returns the logits
+    /// `[wanted, vocab]` of the tokens with `logits` set, in their order. Returns an error
+    /// message when a slot would overflow `max_len`.
+    pub fn feed(&mut self, tokens: &[Token]) -> Result<Vec<f32>, String> {
+        let c = &self.w.config;
+        let (n, dm, f) = (tokens.len(), c.hidden_size, c.intermediate_size);
+        let (heads, kv_heads, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let kvw = kv_heads * hd;
+        let eps = c.rms_norm_eps as f32;
+        // Positions: each token goes after what its slot holds and the earlier new tokens.
+        let mut pos = Vec::with_capacity(n);
+        let mut len = self.len.clone();
+        for t in tokens {
+            if len[t.slot] >= self.max_len {
+                return Err(format!(
+                    "a sequence would exceed {} tokens (the model's context or the cache)",
+                    self.max_len
+                ));
+            }
+            pos.push(len[t.slot] as u32);
+            len[t.slot] += 1;
+        }
+        let embed = &self.w.tensors[0].data;
+        let mut x = vec![0.0f32; n * dm];
+        for (row, t) in x.chunks_mut(dm).zip(tokens) {
+            let id = t.id as usize;
+            row.copy_from_slice(&embed[id * dm..(id + 1) * dm]);
+        }
+        let mut h = vec![0.0f32; n * dm];
+        let mut rstd = vec![0.0f32; n];
+        for l in 0..c.num_hidden_layers {
+            let w1 = &self.w.tensors[Weights::layer_index(l, 0)].data;
+            ops::rmsnorm(&x, w1, &mut h, &mut rstd, dm, eps);
+            let mut q = self.proj(l, Proj::Q, &h, n);
+            let mut k = self.proj(l, Proj::K, &h, n);
+            let v = self.proj(l, Proj::V, &h, n);
+            self.rope.apply(&mut q, &pos, heads, false);
+            self.rope.apply(&mut k, &pos, kv_heads, false);
+            let (kc, vc) = (&mut self.k[l], &mut self.v[l]);
+            for (i, t) in tokens.iter().enumerate() {
+                let at = (t.slot * self.max_len + pos[i] as usize) * kvw;
+                kc[at..at + kvw].copy_from_slice(&k[i * kvw..(i + 1) * kvw]);
+                vc[at..at + kvw].copy_from_slice(&v[i * kvw..(i + 1) * kvw]);
+            }
+            let attn = self.attend(l, tokens, &pos, &q);
+            let ao = self.proj(l, Proj::O, &attn, n);
+            ops::add_into(&mut x, &ao);
+            let w2 = &self.w.tensors[Weights::layer_index(l, 5)].data;
+            ops::rmsnorm(&x, w2, &mut h, &mut rstd, dm, eps);
+            let g = self.proj(l, Proj::Gate, &h, n);
+            let u = self.proj(l, Proj::Up, &h, n);
+            let mut act = vec![0.0f32; n * f];
+            ops::swiglu(&g, &u, &mut act);
+            let m = self.proj(l, Proj::Down, &act, n);
+            ops::add_into(&mut x, &m);
+        }
+        self.len = len;
+        // Final norm and LM head only for the wanted tokens.
+        let wanted: Vec<usize> = (0..n).filter(|&i| tokens[i].logits).collect();
+        let mut xw = Vec::with_capacity(wanted.len() * dm);
+        for &i in &wanted {
+            xw.extend_from_slice(&x[i * dm..(i + 1) * dm]);
+        }
+        let mut hw = vec![0.0f32; xw.len()];
+        let mut rw = vec![0.0f32; wanted.len()];
+        let wf = &self.w.tensors[self.w.final_norm_index()].data;
+        ops::rmsnorm(&xw, wf, &mut hw, &mut rw, dm, eps);
+        let vocab = c.vocab_size;
+        let mut logits = vec![0.0f32; wanted.len() * vocab];
+        Dense {
+            rows: wanted.len(),
+            inp: dm,
+            out: vocab,
+            threads: self.threads,
+        }
+        .forward(
+            &hw,
+            &self.w.tensors[self.w.lm_head_index()].data,
+            &mut logits,
+            false,
+        );
+        Ok(logits)
+    }
+
+    fn proj(&self, layer: usize, p: Proj, x: &[f32], n: usize) -> Vec<f32> {
+        let (out, inp) = p.shape(&self.w.config);
+        let mut y = vec![0.0f32; n * out];
+        Dense {
+            rows: n,
+            inp,
+            out,
+            threads: self.threads,
+        }
+        .forward(
+            x,
+            &self.w.tensors[Weights::proj_index(layer, p)].data,
+            &mut y,
+            false,
+        );
+        y
+    }
+
+    /// Softmax attention of every new token's heads over its slot's cache up to itself.
+    fn attend(&self, layer: usize, tokens: &[Token], pos: &[u32], q: &[f32]) -> Vec<f32> {
+        let c = &self.w.config;
+        let (heads, hd) = (c.num_attention_heads, c.head_dim());
+        let kvw = c.kv_heads() * hd;
+        let rep = heads / c.kv_heads();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (kc, vc) = (&self.k[layer], &self.v[layer]);
+        let mut out = vec![0.0f32; tokens.len() * heads * hd];
+        out.par_chunks_mut(heads * hd)
+            .enumerate()
+            .for_each(|(i, o)| {
+                let base = tokens[i].slot * self.max_len * kvw;
+                let span = pos[i] as usize + 1;
+                let mut scores = vec![0.0f32; span];
+                for h in 0..heads {
+                    let g = h / rep;
+                    let qh = &q[(i * heads + h) * hd..(i * heads + h + 1) * hd];
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, s) in scores.iter_mut().enumerate() {
+                        let kj = &kc[base + j * kvw + g * hd..base + j * kvw + (g + 1) * hd];
+                        *s = qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
+                        max = max.max(*s);
+                    }
+                    let mut sum = 0.0f32;
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    let oh = &mut o[h * hd..(h + 1) * hd];
+                    for (j, s) in scores.iter().enumerate() {
+                        let p = s / sum;
+                        let vj = &vc[base + j * kvw + g * hd..base + j * kvw + (g + 1) * hd];
+                        for (o, v) in oh.iter_mut().zip(vj) {
+                            *o += p * v;
+                        }
+                    }
+                }
+            });
+        out
+    }
+}
+
+/// `log_softmax(logits)[target]` for one row of logits, in f64 for the sums.
+pub fn log_prob(logits: &[f32], target: usize) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&v| (v as f64 - max).exp()).sum();
+    logits[target] as f64 - max - sum.ln()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::llama::{Batch, Llama};
+    use crate::model::config::LlamaConfig;
+
+    fn tiny() -> Weights {
+        let config = LlamaConfig::new(64, 32, 48, 2, 4, 2, 64, false);
+        Weights::init(&config, 5)
+    }
+
+    #[test]
+    fn cached_decoding_gives_the_full_forward_logits() {
+        let w = tiny();
+        let ids: Vec<u32> = (0..12).map(|i| (i * 7 + 3) % 64).collect();
+        let rope = Rope::new(w.config.head_dim(), w.config.theta(), 64);
+        let llama = Llama {
+            w: &w,
+            lora: None,
+            rope: &rope,
+            threads: 1,
+        };
+        let batch = Batch {
+            rows: 1,
+            seq: ids.len(),
+            ids: ids.clone(),
+            targets: vec![-1; ids.len()],
+            pos: (0..ids.len() as u32).collect(),
+            seq_ids: None,
+        };
+        let full = llama.forward(&batch, None, false).logits;
+        let vocab = w.config.vocab_size;
+        // Prefill 5 tokens in slot 1 (slot 0 holds an unrelated sequence), then one by one.
+        let mut dec = Decoder::new(&w, 2, 64, 1);
+        dec.feed(&[Token {
+            slot: 0,
+            id: 9,
+            logits: false,
+        }])
+        .unwrap();
+        let mut got = dec
+            .feed(
+                &ids[..5]
+                    .iter()
+                    .map(|&id| Token {
+                        slot: 1,
+                        id,
+                        logits: true,
+                    })
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
+        for &id in &ids[5..] {
+            let step = dec
+                .feed(&[
+                    Token {
+                        slot: 1,
+                        id,
+                        logits: true,
+                    },
+                    Token {
+                        slot: 0,
+                        id: 1,
+                        logits: false,
+                    },
+                ])
+                .unwrap();
+            got.extend(step);
+        }
+        assert_eq!(got.len(), full.len());
+        let worst = got
+            .iter()
+            .zip(&full)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < 1e-5, "max abs logit difference {worst}");
+        assert_eq!(dec.len(1), 12);
+        assert_eq!(vocab * 12, got.len());
+    }
+
+    #[test]
+    fn overflowing_a_slot_is_an_error_not_a_panic() {
+        let w = tiny();
+        let mut dec = Decoder::new(&w, 1, 3, 1);
+        let t = Token {
+            slot: 0,
+            id: 1,
+            logits: false,
+        };
+        assert!(dec.feed(&[t, t, t]).is_ok());
+        assert!(dec.feed(&[t]).unwrap_err().contains("exceed 3 tokens"));
+    }
+
+    #[test]
+    fn log_prob_is_a_log_softmax() {
+        let l = [1.0f32, 2.0, 3.0];
+        let z: f64 = l.iter().map(|&v| (v as f64).exp()).sum();
+        assert!((log_prob(&l, 2) - (3.0 - z.ln())).abs() < 1e-12);
+    }
+}

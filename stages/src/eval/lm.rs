@@ -1,0 +1,355 @@
+//! The model as evaluation sees it: a tokenizer and a KV-cached decoder, offering the two
+//! requests of lm-evaluation-harness: `loglikelihood` of a continuation given a context,
+//! and `generate_until` (greedy or sampled, cut at stop sequences).
+
+use std::path::Path;
+
+use tokenizers::Tokenizer;
+
+use crate::cpu::decode::{Decoder, Token, log_prob};
+use crate::data::rng::Rng;
+use crate::kind::StageError;
+use crate::model::weights::Weights;
+
+/// A loaded model and its tokenizer.
+pub struct Lm {
+    pub weights: Weights,
+    pub tokenizer: Tokenizer,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    /// Sequences decoded at once.
+    pub batch: usize,
+    pub threads: usize,
+}
+
+/// The score of one (context, continuation) pair.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scored {
+    /// Summed log-probability of the continuation's tokens.
+    pub ll: f64,
+    /// Whether every continuation token is the argmax (lm-eval's `is_greedy`).
+    pub greedy: bool,
+    /// Continuation tokens scored.
+    pub tokens: usize,
+}
+
+/// How to generate.
+#[derive(Debug, Clone)]
+pub struct GenOptions {
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    pub temperature: f64,
+    pub top_p: f64,
+    /// Cut (and stop) at the first of these in the decoded completion.
+    pub stop: Vec<String>,
+}
+
+/// A generation request: the prompt and the seed of its own sampling stream, so that what
+/// an item gets never depends on batching or on the other items.
+#[derive(Debug, Clone)]
+pub struct GenRequest {
+    pub prompt: String,
+    pub seed: u64,
+}
+
+/// A finished generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generated {
+    /// The completion, cut before the first stop sequence.
+    pub text: String,
+    pub tokens: usize,
+}
+
+impl Lm {
+    /// Loads a model artifact (safetensors, config.json, tokenizer.json).
+    pub fn load(dir: &Path, batch: usize, threads: usize) -> Result<Lm, StageError> {
+        let weights = Weights::load(dir)?;
+        let path = dir.join("tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&path).map_err(|e| {
+            StageError::Failed(format!(
+                "{}: cannot load the model's tokenizer: {e}",
+                path.display()
+            ))
+        })?;
+        let c = &weights.config;
+        // eos_token_id may be a list in HF configs: the first one is the end of text.
+        let id = |v: &Option<serde_json::Value>| {
+            v.as_ref()
+                .and_then(|v| v.as_u64().or_else(|| v.get(0).and_then(|f| f.as_u64())))
+                .map(|v| v as u32)
+        };
+        let bos = c.bos_token_id.or_else(|| tokenizer.token_to_id("<s>"));
+        let eos = id(&c.eos_token_id).or_else(|| tokenizer.token_to_id("</s>"));
+        Ok(Lm {
+            weights,
+            tokenizer,
+            bos,
+            eos,
+            batch: batch.max(1),
+            threads,
+        })
+    }
+
+    /// Token ids of `text`, without special tokens.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, StageError> {
+        self.tokenizer
+            .encode_fast(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| StageError::Failed(format!("encoding: {e}")))
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String, StageError> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| StageError::Failed(format!("decoding: {e}")))
+    }
+
+    /// lm-eval's `_encode_pair`: trailing spaces of the context move to the continuation,
+    /// the whole string is encoded once and the continuation is what follows the context's
+    /// tokens (so tokens merging across the boundary count for the continuation). BOS first.
+    pub fn encode_pair(
+        &self,
+        context: &str,
+        continuation: &str,
+    ) -> Result<(Vec<u32>, Vec<u32>), StageError> {
+        let trimmed = context.trim_end_matches(' ');
+        let moved = &context[trimmed.len()..];
+        let continuation = format!("{moved}{continuation}");
+        let whole = self.encode(&format!("{trimmed}{continuation}"))?;
+        let ctx = self.encode(trimmed)?;
+        let split = ctx.len().min(whole.len());
+        let mut context_ids: Vec<u32> = self.bos.into_iter().collect();
+        context_ids.extend_from_slice(&whole[..split]);
+        Ok((context_ids, whole[split..].to_vec()))
+    }
+
+    /// Scores every pair; batched over the decoder's slots, one forward pass per batch.
+    pub fn loglikelihood(&self, pairs: &[(Vec<u32>, Vec<u32>)]) -> Result<Vec<Scored>, StageError> {
+        let mut dec = Decoder::new(&self.weights, self.batch, usize::MAX, self.threads);
+        let max_len = dec.max_len();
+        let vocab = self.weights.config.vocab_size;
+        let mut out = Vec::with_capacity(pairs.len());
+        for chunk in pairs.chunks(self.batch) {
+            let mut tokens = Vec::new();
+            let mut targets = Vec::new();
+            for (slot, (ctx, cont)) in chunk.iter().enumerate() {
+                dec.reset(slot);
+                if cont.is_empty() {
+                    return Err(StageError::Failed(
+                        "a continuation encodes to no tokens".into(),
+                    ));
+                }
+                // lm-eval: (context + continuation)[-(max_len + 1):][:-1], left-truncated.
+                let mut seq: Vec<u32> = ctx.iter().chain(cont).copied().collect();
+                let drop = seq.len().saturating_sub(max_len + 1);
+                seq.drain(..drop);
+                let first_target = seq.len() - cont.len();
+                for (i, &id) in seq[..seq.len() - 1].iter().enumerate() {
+                    let wanted = i + 1 >= first_target;
+                    tokens.push(Token {
+                        slot,
+                        id,
+                        logits: wanted,
+                    });
+                }
+                targets.push(cont.clone());
+            }
+            let logits = dec.feed(&tokens).map_err(StageError::Failed)?;
+            let mut rows = logits.chunks(vocab);
+            for cont in targets {
+                let mut s = Scored {
+                    ll: 0.0,
+                    greedy: true,
+                    tokens: cont.len(),
+                };
+                for &t in &cont {
+                    let row = rows.next().expect("one logits row per target");
+                    s.ll += log_prob(row, t as usize);
+                    s.greedy &= argmax(row) == t as usize;
+                }
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Generates for every request with continuous batching: a slot that finishes takes the
+    /// next prompt in the same forward pass as the other slots' next tokens.
+    pub fn generate(
+        &self,
+        requests: &[GenRequest],
+        opts: &GenOptions,
+        mut done: impl FnMut(usize),
+    ) -> Result<Vec<Generated>, StageError> {
+        let mut dec = Decoder::new(&self.weights, self.batch, usize::MAX, self.threads);
+        let max_len = dec.max_len();
+        let vocab = self.weights.config.vocab_size;
+        let mut results: Vec<Option<Generated>> = vec![None; requests.len()];
+        struct Active {
+            request: usize,
+            rng: Rng,
+            ids: Vec<u32>,
+            next: u32,
+        }
+        let mut slots: Vec<Option<Active>> = (0..self.batch).map(|_| None).collect();
+        let mut queue = 0usize;
+        let mut pending: Vec<(usize, Vec<u32>)> = Vec::new(); // (slot, prompt ids) to prefill
+        loop {
+            for (slot, s) in slots.iter_mut().enumerate() {
+                if s.is_none() && queue < requests.len() {
+                    let r = &requests[queue];
+                    let mut ids: Vec<u32> = self.bos.into_iter().collect();
+                    ids.extend(self.encode(&r.prompt)?);
+                    // lm-eval keeps the last max_len - max_new_tokens prompt tokens.
+                    let keep = max_len.saturating_sub(opts.max_new_tokens).max(1);
+                    let cut = ids.len().saturating_sub(keep);
+                    ids.drain(..cut);
+                    dec.reset(slot);
+                    pending.push((slot, ids));
+                    *s = Some(Active {
+                        request: queue,
+                        rng: Rng::new(r.seed),
+                        ids: Vec::new(),
+                        next: 0,
+                    });
+                    queue += 1;
+                }
+            }
+            let mut tokens = Vec::new();
+            let mut order = Vec::new(); // slot of each logits row
+            for (slot, ids) in pending.drain(..) {
+                for (i, &id) in ids.iter().enumerate() {
+                    tokens.push(Token {
+                        slot,
+                        id,
+                        logits: i + 1 == ids.len(),
+                    });
+                }
+                order.push(slot);
+            }
+            for (slot, s) in slots.iter().enumerate() {
+                if let Some(a) = s
+                    && !a.ids.is_empty()
+                {
+                    tokens.push(Token {
+                        slot,
+                        id: a.next,
+                        logits: true,
+                    });
+                    order.push(slot);
+                }
+            }
+            if tokens.is_empty() {
+                break;
+            }
+            let logits = dec.feed(&tokens).map_err(StageError::Failed)?;
+            for (row, &slot) in logits.chunks(vocab).zip(&order) {
+                let a = slots[slot].as_mut().expect("active slot");
+                let next = sample(row, opts, &mut a.rng);
+                let eos = Some(next) == self.eos;
+                if !eos {
+                    a.ids.push(next);
+                    a.next = next;
+                }
+                let text = self.decode(&a.ids)?;
+                let stop_at = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min();
+                let full = a.ids.len() >= opts.max_new_tokens || dec.len(slot) + 1 >= max_len;
+                if eos || stop_at.is_some() || full {
+                    let text = match stop_at {
+                        Some(i) => text[..i].to_string(),
+                        None => text,
+                    };
+                    results[a.request] = Some(Generated {
+                        text,
+                        tokens: a.ids.len(),
+                    });
+                    done(a.request);
+                    slots[slot] = None;
+                }
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every request finishes"))
+            .collect())
+    }
+}
+
+fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Greedy (first maximum) at temperature 0, else nucleus sampling as `transformers` does:
+/// softmax of logits / T, keep the most likely tokens until their mass reaches top_p (at
+/// least one), renormalize, draw.
+pub fn sample(logits: &[f32], opts: &GenOptions, rng: &mut Rng) -> u32 {
+    if opts.temperature <= 0.0 {
+        return argmax(logits) as u32;
+    }
+    let t = opts.temperature;
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let mut probs: Vec<(f64, u32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (((v as f64 - max) / t).exp(), i as u32))
+        .collect();
+    let total: f64 = probs.iter().map(|p| p.0).sum();
+    probs.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut kept = 0;
+    let mut mass = 0.0;
+    for p in &probs {
+        kept += 1;
+        mass += p.0 / total;
+        if mass >= opts.top_p {
+            break;
+        }
+    }
+    let kept = &probs[..kept];
+    let norm: f64 = kept.iter().map(|p| p.0).sum();
+    let mut u = rng.next_f64() * norm;
+    for p in kept {
+        u -= p.0;
+        if u < 0.0 {
+            return p.1;
+        }
+    }
+    kept[kept.len() - 1].1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(t: f64, p: f64) -> GenOptions {
+        GenOptions {
+            max_new_tokens: 1,
+            temperature: t,
+            top_p: p,
+            stop: vec![],
+        }
+    }
+
+    #[test]
+    fn greedy_takes_the_first_maximum_and_top_p_cuts_the_tail() {
+        let mut rng = Rng::new(1);
+        assert_eq!(sample(&[0.0, 3.0, 3.0, 1.0], &opts(0.0, 1.0), &mut rng), 1);
+        // p = softmax([5, 4, 0, 0]) ~ [.72, .27, .005, .005]: top_p 0.9 keeps tokens 0 and 1.
+        let mut seen = [0usize; 4];
+        for _ in 0..2000 {
+            seen[sample(&[5.0, 4.0, 0.0, 0.0], &opts(1.0, 0.9), &mut rng) as usize] += 1;
+        }
+        assert_eq!(seen[2] + seen[3], 0);
+        let share = seen[0] as f64 / 2000.0;
+        assert!((share - 0.731).abs() < 0.04, "token 0 drawn {share}");
+        // top_p small keeps only the best token.
+        for _ in 0..100 {
+            assert_eq!(sample(&[1.0, 2.0, 0.5], &opts(0.8, 0.1), &mut rng), 1);
+        }
+    }
+}

@@ -1,0 +1,767 @@
+//! The `eval` kind: learning (target-domain) and forgetting (general) metrics of one model,
+//! with the definitions of lm-evaluation-harness and bigcode-evaluation-harness, so the
+//! numbers mean what the paper's numbers mean.
+
+pub mod choice;
+pub mod gsm8k;
+pub mod humaneval;
+pub mod lm;
+pub mod sandbox;
+
+use std::collections::BTreeMap;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use self::choice::{Item, Tally};
+use self::lm::{GenOptions, GenRequest, Lm};
+use self::sandbox::{Limits, Outcome, Sandbox};
+use crate::cpu::llama::Llama;
+use crate::cpu::ops::Rope;
+use crate::data::pack::Packed;
+use crate::data::records::{Record, read_records};
+use crate::data::rng::Rng;
+use crate::kind::{
+    Default, InputArtifact, Kind, Param, ParamType, StageContext, StageError, StageOutcome,
+};
+use crate::train::data::{Attention, batch};
+
+/// The tasks a stage can run.
+pub const TASKS: &[&str] = &[
+    "perplexity",
+    "gsm8k",
+    "humaneval",
+    "multiple_choice",
+    "forgetting",
+];
+
+/// The three styles whose mean accuracy is the forgetting score.
+pub const FORGETTING_STYLES: [&str; 3] = ["hellaswag", "arc", "winogrande"];
+
+/// Registered as `kind = "eval"`.
+pub static KIND: Kind = Kind {
+    name: "eval",
+    version: 1,
+    doc: "evaluates a model: perplexity, GSM8K, HumanEval (sandboxed), multiple choice, forgetting",
+    params: &[
+        Param {
+            name: "model",
+            ty: ParamType::Input,
+            default: Default::Required,
+            doc: "the model to evaluate (a `model` or training stage)",
+        },
+        Param {
+            name: "tasks",
+            ty: ParamType::List(&ParamType::Choice(TASKS)),
+            default: Default::Required,
+            doc: "what to run: perplexity, gsm8k, humaneval, multiple_choice, forgetting (= multiple_choice + the mean of the three accuracies)",
+        },
+        Param {
+            name: "perplexity",
+            ty: ParamType::Inputs,
+            default: Default::Optional,
+            doc: "perplexity: `pack` stages' rows (one result per input)",
+        },
+        Param {
+            name: "attention",
+            ty: ParamType::Choice(&["causal", "document"]),
+            default: Default::Value("\"causal\""),
+            doc: "perplexity: attention over packed rows, as in training",
+        },
+        Param {
+            name: "gsm8k",
+            ty: ParamType::Input,
+            default: Default::Optional,
+            doc: "gsm8k: records of questions and worked answers ending in `#### N`",
+        },
+        Param {
+            name: "gsm8k_fewshot",
+            ty: ParamType::Input,
+            default: Default::Optional,
+            doc: "gsm8k: records to draw the k shots from [default: the other eval items]",
+        },
+        Param {
+            name: "gsm8k_shots",
+            ty: ParamType::Int,
+            default: Default::Value("5"),
+            doc: "gsm8k: solved examples before each question",
+        },
+        Param {
+            name: "humaneval",
+            ty: ParamType::Input,
+            default: Default::Optional,
+            doc: "humaneval: `code` records (prompt, test, entry_point)",
+        },
+        Param {
+            name: "samples",
+            ty: ParamType::Int,
+            default: Default::Value("1"),
+            doc: "humaneval: completions per problem (n)",
+        },
+        Param {
+            name: "temperature",
+            ty: ParamType::Float,
+            default: Default::Value("0.2"),
+            doc: "humaneval: sampling temperature (0 = greedy)",
+        },
+        Param {
+            name: "top_p",
+            ty: ParamType::Float,
+            default: Default::Value("0.95"),
+            doc: "humaneval: nucleus mass",
+        },
+        Param {
+            name: "pass_k",
+            ty: ParamType::List(&ParamType::Int),
+            default: Default::Value("[1, 5, 10, 25, 50, 100, 256]"),
+            doc: "humaneval: the k of pass@k (those <= samples are reported)",
+        },
+        Param {
+            name: "timeout",
+            ty: ParamType::Float,
+            default: Default::Value("3.0"),
+            doc: "humaneval: seconds per program",
+        },
+        Param {
+            name: "memory_mb",
+            ty: ParamType::Int,
+            default: Default::Value("1024"),
+            doc: "humaneval: address-space limit per program",
+        },
+        Param {
+            name: "choice",
+            ty: ParamType::Inputs,
+            default: Default::Optional,
+            doc: "multiple_choice: records of `choice` items (HellaSwag, ARC, WinoGrande shapes; grouped by style)",
+        },
+        Param {
+            name: "choice_shots",
+            ty: ParamType::Int,
+            default: Default::Value("0"),
+            doc: "multiple_choice: solved examples (of the same style) before each item",
+        },
+        Param {
+            name: "forgetting_metric",
+            ty: ParamType::Choice(&["acc", "acc_norm", "acc_ppl"]),
+            default: Default::Value("\"acc\""),
+            doc: "forgetting: which accuracy the mean is over",
+        },
+        Param {
+            name: "max_new_tokens",
+            ty: ParamType::Int,
+            default: Default::Value("256"),
+            doc: "gsm8k and humaneval: generation budget",
+        },
+        Param {
+            name: "limit",
+            ty: ParamType::Int,
+            default: Default::Optional,
+            doc: "at most this many items per task (lm-eval's --limit)",
+        },
+        Param {
+            name: "batch",
+            ty: ParamType::Int,
+            default: Default::Value("16"),
+            doc: "sequences scored or generated at once",
+        },
+        Param {
+            name: "seed",
+            ty: ParamType::Int,
+            default: Default::PipelineSeed,
+            doc: "few-shot draws and sampling",
+        },
+    ],
+    outputs: &["results"],
+    uses_device: false,
+    run,
+};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    tasks: Vec<String>,
+    attention: String,
+    gsm8k_shots: i64,
+    samples: i64,
+    temperature: f64,
+    top_p: f64,
+    pass_k: Vec<i64>,
+    timeout: f64,
+    memory_mb: i64,
+    choice_shots: i64,
+    forgetting_metric: String,
+    max_new_tokens: i64,
+    limit: Option<i64>,
+    batch: i64,
+    seed: i64,
+}
+
+fn bad(msg: impl Into<String>) -> StageError {
+    StageError::Params(msg.into())
+}
+
+/// The stage's `samples.jsonl`, one JSON object per scored item.
+struct Samples(BufWriter<std::fs::File>, std::path::PathBuf);
+
+impl Samples {
+    fn write(&mut self, v: Value) -> Result<(), StageError> {
+        writeln!(self.0, "{v}")
+            .map_err(|e| StageError::io(format!("writing {}", self.1.display()), e))
+    }
+}
+
+fn artifacts<'a>(ctx: &'a StageContext, name: &str) -> &'a [InputArtifact] {
+    ctx.inputs
+        .get(name)
+        .map_or(&[][..], |s| s.artifacts.as_slice())
+}
+
+fn one<'a>(ctx: &'a StageContext, name: &str, task: &str) -> Result<&'a InputArtifact, StageError> {
+    artifacts(ctx, name)
+        .first()
+        .ok_or_else(|| bad(format!("task `{task}` needs the `{name}` input")))
+}
+
+/// Reads every record of an artifact through `pick`, which names what it needs when a
+/// record is of the wrong type; errors carry file and line.
+fn read<T>(
+    dir: &Path,
+    limit: Option<usize>,
+    what: &str,
+    pick: impl Fn(Record) -> Option<T>,
+) -> Result<Vec<T>, StageError> {
+    let mut out = Vec::new();
+    let path = dir.join(crate::data::records::RECORDS_FILE);
+    for r in read_records(dir)? {
+        let (line, record) = r?;
+        let found = record.type_name();
+        match pick(record) {
+            Some(t) => out.push(t),
+            None => {
+                return Err(StageError::Failed(format!(
+                    "{}:{line}: {what} needs {what} records, found a `{found}` record",
+                    path.display()
+                )));
+            }
+        }
+        if limit.is_some_and(|l| out.len() >= l) {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
+    let p: Params = ctx.typed_params()?;
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(ctx.threads.max(1))
+        .build_global();
+    if p.tasks.is_empty() {
+        return Err(bad("`tasks` is empty"));
+    }
+    if p.batch < 1 || p.samples < 1 || p.max_new_tokens < 1 {
+        return Err(bad("batch, samples and max_new_tokens must be positive"));
+    }
+    if p.gsm8k_shots < 0 || p.choice_shots < 0 || p.limit.is_some_and(|l| l < 1) {
+        return Err(bad("gsm8k_shots and choice_shots must be >= 0, limit >= 1"));
+    }
+    if !(p.top_p > 0.0 && p.top_p <= 1.0) || p.temperature < 0.0 || p.timeout <= 0.0 {
+        return Err(bad(
+            "top_p must be in (0, 1], temperature >= 0, timeout > 0",
+        ));
+    }
+    let model = one(ctx, "model", "eval")?;
+    let lm = Lm::load(&model.dir, p.batch as usize, ctx.threads)?;
+    let out_dir = ctx.output("results")?;
+    let samples_path = out_dir.join("samples.jsonl");
+    let file = std::fs::File::create(&samples_path)
+        .map_err(|e| StageError::io(format!("creating {}", samples_path.display()), e))?;
+    let mut samples = Samples(BufWriter::new(file), samples_path);
+    let limit = p.limit.map(|l| l as usize);
+    let mut tasks = serde_json::Map::new();
+    let mut data = serde_json::Map::new();
+    let mut outcome = StageOutcome::default();
+    let describe = |a: &[InputArtifact]| -> Value {
+        a.iter()
+            .map(|a| json!({"stage": a.stage, "digest": a.digest}))
+            .collect()
+    };
+    let mut seen = std::collections::HashSet::new();
+    for task in &p.tasks {
+        // multiple_choice and forgetting share one scoring pass.
+        let task = if task == "forgetting" {
+            "multiple_choice"
+        } else {
+            task.as_str()
+        };
+        if !seen.insert(task) {
+            continue;
+        }
+        let start = Instant::now();
+        match task {
+            "perplexity" => {
+                let inputs = artifacts(ctx, "perplexity");
+                if inputs.is_empty() {
+                    return Err(bad("task `perplexity` needs the `perplexity` input"));
+                }
+                let mut per = serde_json::Map::new();
+                for a in inputs {
+                    let r = perplexity(&lm, &a.dir, &p.attention, limit, ctx)?;
+                    outcome
+                        .metrics
+                        .insert(format!("loss/{}", a.stage), json!(r["loss"]));
+                    per.insert(a.stage.clone(), r);
+                }
+                tasks.insert("perplexity".into(), Value::Object(per));
+                data.insert("perplexity".into(), describe(inputs));
+            }
+            "gsm8k" => {
+                let a = one(ctx, "gsm8k", task)?;
+                let fewshot = artifacts(ctx, "gsm8k_fewshot").first();
+                let r = run_gsm8k(
+                    &lm,
+                    &p,
+                    &a.dir,
+                    fewshot.map(|f| f.dir.as_path()),
+                    ctx,
+                    &mut samples,
+                )?;
+                outcome
+                    .metrics
+                    .insert("gsm8k".into(), json!(r["strict_match"]));
+                tasks.insert("gsm8k".into(), r);
+                data.insert("gsm8k".into(), describe(std::slice::from_ref(a)));
+            }
+            "humaneval" => {
+                let a = one(ctx, "humaneval", task)?;
+                let r = run_humaneval(&lm, &p, &a.dir, ctx, &mut samples)?;
+                outcome
+                    .metrics
+                    .insert("humaneval".into(), json!(r["pass@1"]));
+                tasks.insert("humaneval".into(), r);
+                data.insert("humaneval".into(), describe(std::slice::from_ref(a)));
+            }
+            _ => {
+                let inputs = artifacts(ctx, "choice");
+                if inputs.is_empty() {
+                    return Err(bad(format!("task `{task}` needs the `choice` input")));
+                }
+                let tallies = run_choice(&lm, &p, inputs, ctx, &mut samples)?;
+                for (style, t) in &tallies {
+                    tasks.insert(
+                        style.clone(),
+                        json!({"acc": t.get("acc"), "acc_norm": t.get("acc_norm"),
+                               "acc_ppl": t.get("acc_ppl"), "n": t.n, "shots": p.choice_shots}),
+                    );
+                    outcome
+                        .metrics
+                        .insert(style.clone(), json!(t.get(&p.forgetting_metric)));
+                }
+                data.insert("multiple_choice".into(), describe(inputs));
+                if p.tasks.iter().any(|t| t == "forgetting") {
+                    let r = forgetting(&tallies, &p.forgetting_metric)?;
+                    outcome
+                        .metrics
+                        .insert("forgetting".into(), r["score"].clone());
+                    tasks.insert("forgetting".into(), r);
+                }
+            }
+        }
+        let _ = writeln!(
+            std::io::stderr(),
+            "{task}: {:.1} s",
+            start.elapsed().as_secs_f64()
+        );
+    }
+    samples
+        .0
+        .flush()
+        .map_err(|e| StageError::io("writing samples.jsonl", e))?;
+    let metrics = json!({
+        "tasks": tasks,
+        "model": {"stage": model.stage, "digest": model.digest},
+        "data": data,
+        "seed": p.seed,
+    });
+    let path = out_dir.join("metrics.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&metrics).expect("JSON") + "\n",
+    )
+    .map_err(|e| StageError::io(format!("writing {}", path.display()), e))?;
+    Ok(outcome)
+}
+
+/// Mean token loss over every target of the packed rows (lm-eval's word perplexity is for
+/// raw text; this is the token-level figure training reports, on held-out rows).
+fn perplexity(
+    lm: &Lm,
+    dir: &Path,
+    attention: &str,
+    limit: Option<usize>,
+    ctx: &StageContext,
+) -> Result<Value, StageError> {
+    let packed = Packed::open(dir)?;
+    let reader = packed.reader()?;
+    let rows = limit.map_or(reader.rows, |l| l.min(reader.rows));
+    let c = &lm.weights.config;
+    if packed.summary.seq_len > c.max_position_embeddings {
+        return Err(StageError::Failed(format!(
+            "{}: rows of {} tokens exceed the model's max_position_embeddings ({})",
+            dir.display(),
+            packed.summary.seq_len,
+            c.max_position_embeddings
+        )));
+    }
+    let rope = Rope::new(c.head_dim(), c.theta(), packed.summary.seq_len);
+    let llama = Llama {
+        w: &lm.weights,
+        lora: None,
+        rope: &rope,
+        threads: lm.threads,
+    };
+    let attention = if attention == "document" {
+        Attention::Document
+    } else {
+        Attention::Causal
+    };
+    let (mut loss, mut tokens) = (0.0f64, 0usize);
+    let mut start = 0;
+    while start < rows {
+        let end = (start + lm.batch).min(rows);
+        let chunk: Vec<_> = (start..end)
+            .map(|i| reader.row(i))
+            .collect::<Result<_, _>>()?;
+        let b = batch(&chunk, attention);
+        let f = llama.forward(&b, None, false);
+        loss += f.loss_sum;
+        tokens += f.targets;
+        ctx.progress
+            .set_message(&format!("perplexity {end}/{rows} rows"));
+        start = end;
+    }
+    if tokens == 0 {
+        return Err(StageError::Failed(format!(
+            "{}: no target tokens to score",
+            dir.display()
+        )));
+    }
+    let mean = loss / tokens as f64;
+    Ok(json!({"loss": mean, "perplexity": mean.exp(), "tokens": tokens, "rows": rows}))
+}
+
+fn qa(r: Record) -> Option<(String, String)> {
+    match r {
+        Record::Gsm8k { question, answer } => Some((question, answer)),
+        Record::Pair { prompt, response } => Some((prompt, response)),
+        _ => None,
+    }
+}
+
+fn run_gsm8k(
+    lm: &Lm,
+    p: &Params,
+    dir: &Path,
+    fewshot: Option<&Path>,
+    ctx: &StageContext,
+    samples: &mut Samples,
+) -> Result<Value, StageError> {
+    let limit = p.limit.map(|l| l as usize);
+    let items = read(dir, limit, "gsm8k", qa)?;
+    let pool = match fewshot {
+        Some(d) => read(d, None, "gsm8k", qa)?,
+        None => Vec::new(),
+    };
+    let shots = p.gsm8k_shots as usize;
+    let rng = Rng::new(p.seed as u64).fork("gsm8k-shots");
+    let prompts: Vec<GenRequest> = items
+        .iter()
+        .enumerate()
+        .map(|(i, (q, _))| {
+            // Shots come from the few-shot pool, or from the other eval items.
+            let candidates: Vec<usize> = if fewshot.is_some() {
+                (0..pool.len()).collect()
+            } else {
+                (0..items.len()).filter(|&j| j != i).collect()
+            };
+            let source = if fewshot.is_some() { &pool } else { &items };
+            let mut r = rng.fork(&i.to_string());
+            let mut c = candidates;
+            r.shuffle(&mut c);
+            let chosen: Vec<(&str, &str)> = c
+                .iter()
+                .take(shots)
+                .map(|&j| (source[j].0.as_str(), source[j].1.as_str()))
+                .collect();
+            GenRequest {
+                prompt: gsm8k::prompt(&chosen, q),
+                seed: 0,
+            }
+        })
+        .collect();
+    let opts = GenOptions {
+        max_new_tokens: p.max_new_tokens as usize,
+        temperature: 0.0,
+        top_p: 1.0,
+        stop: gsm8k::STOP.iter().map(|s| s.to_string()).collect(),
+    };
+    let total = prompts.len();
+    let mut finished = 0;
+    let generated = lm.generate(&prompts, &opts, |_| {
+        finished += 1;
+        ctx.progress
+            .set_message(&format!("gsm8k {finished}/{total}"));
+    })?;
+    let (mut strict, mut flexible) = (0usize, 0usize);
+    for (i, g) in generated.iter().enumerate() {
+        let reference = &items[i].1;
+        let s = gsm8k::strict_match(&g.text);
+        let f = gsm8k::flexible_extract(&g.text);
+        let (sc, fc) = (
+            gsm8k::is_correct(&s, reference),
+            gsm8k::is_correct(&f, reference),
+        );
+        strict += sc as usize;
+        flexible += fc as usize;
+        samples.write(
+            json!({"task": "gsm8k", "index": i, "prompt": prompts[i].prompt,
+            "completion": g.text, "strict_match": s, "flexible_extract": f,
+            "correct_strict": sc, "correct_flexible": fc,
+            "reference": gsm8k::normalize(reference)}),
+        )?;
+    }
+    let n = items.len().max(1) as f64;
+    Ok(
+        json!({"strict_match": strict as f64 / n, "flexible_extract": flexible as f64 / n,
+              "n": items.len(), "shots": shots, "max_new_tokens": p.max_new_tokens,
+              "fewshot_seed": p.seed}),
+    )
+}
+
+/// A HumanEval problem.
+struct Problem {
+    task_id: String,
+    prompt: String,
+    test: String,
+    entry_point: String,
+}
+
+fn run_humaneval(
+    lm: &Lm,
+    p: &Params,
+    dir: &Path,
+    ctx: &StageContext,
+    samples: &mut Samples,
+) -> Result<Value, StageError> {
+    let limit = p.limit.map(|l| l as usize);
+    let problems = read(dir, limit, "humaneval", |r| match r {
+        Record::Code {
+            task_id,
+            prompt,
+            test,
+            entry_point,
+            ..
+        } => Some(Problem {
+            task_id,
+            prompt,
+            test,
+            entry_point,
+        }),
+        _ => None,
+    })?;
+    let n = p.samples as usize;
+    let rng = Rng::new(p.seed as u64).fork("humaneval");
+    let requests: Vec<GenRequest> = problems
+        .iter()
+        .flat_map(|pr| {
+            let r = rng.fork(&pr.task_id);
+            (0..n).map(move |j| GenRequest {
+                prompt: pr.prompt.clone(),
+                seed: r.fork(&j.to_string()).next_u64(),
+            })
+        })
+        .collect();
+    let opts = GenOptions {
+        max_new_tokens: p.max_new_tokens as usize,
+        temperature: p.temperature,
+        top_p: p.top_p,
+        stop: humaneval::STOP.iter().map(|s| s.to_string()).collect(),
+    };
+    let total = requests.len();
+    let mut finished = 0;
+    let generated = lm.generate(&requests, &opts, |_| {
+        finished += 1;
+        ctx.progress
+            .set_message(&format!("humaneval: generated {finished}/{total}"));
+    })?;
+    let completions: Vec<String> = generated
+        .iter()
+        .map(|g| humaneval::cut(&g.text).to_string())
+        .collect();
+    let sandbox = Sandbox::new(Limits {
+        timeout: Duration::from_secs_f64(p.timeout),
+        memory_bytes: (p.memory_mb.max(64) as u64) << 20,
+        ..Limits::default()
+    })?;
+    let outcomes = execute(&sandbox, &problems, &completions, n)?;
+    let mut per_problem = Vec::new();
+    let mut passed_total = 0;
+    let ks: Vec<usize> = p
+        .pass_k
+        .iter()
+        .filter(|&&k| k >= 1 && k as usize <= n)
+        .map(|&k| k as usize)
+        .collect();
+    let mut pass = vec![0.0f64; ks.len()];
+    let (mut uniq, mut uniq_pass, mut uniq_fail) = (0usize, 0usize, 0usize);
+    for (i, pr) in problems.iter().enumerate() {
+        let range = i * n..(i + 1) * n;
+        let c = outcomes[range.clone()]
+            .iter()
+            .filter(|o| **o == Outcome::Passed)
+            .count();
+        passed_total += c;
+        for (slot, &k) in pass.iter_mut().zip(&ks) {
+            *slot += humaneval::pass_at_k(n, c, k);
+        }
+        let pairs: Vec<(&str, bool)> = range
+            .clone()
+            .map(|j| (completions[j].as_str(), outcomes[j] == Outcome::Passed))
+            .collect();
+        let (u, up, uf) = humaneval::diversity(&pairs);
+        uniq += u;
+        uniq_pass += up;
+        uniq_fail += uf;
+        per_problem.push(c);
+        for (j, idx) in range.enumerate() {
+            let result = match &outcomes[idx] {
+                Outcome::Passed => "passed".to_string(),
+                Outcome::TimedOut => "timed out".to_string(),
+                Outcome::Failed(m) => format!("failed: {m}"),
+            };
+            samples.write(
+                json!({"task": "humaneval", "task_id": pr.task_id, "sample": j,
+                "completion": completions[idx], "passed": outcomes[idx] == Outcome::Passed,
+                "result": result}),
+            )?;
+        }
+    }
+    let count = problems.len().max(1) as f64;
+    let mut r = serde_json::Map::new();
+    for (k, v) in ks.iter().zip(&pass) {
+        r.insert(format!("pass@{k}"), json!(v / count));
+    }
+    r.insert("n".into(), json!(problems.len()));
+    r.insert("samples".into(), json!(n));
+    r.insert("passed_samples".into(), json!(passed_total));
+    r.insert("temperature".into(), json!(p.temperature));
+    r.insert("top_p".into(), json!(p.top_p));
+    r.insert("sampling_seed".into(), json!(p.seed));
+    r.insert(
+        "diversity".into(),
+        json!({"unique_per_problem": uniq as f64 / count,
+               "unique_passed_per_problem": uniq_pass as f64 / count,
+               "unique_failed_per_problem": uniq_fail as f64 / count}),
+    );
+    r.insert("sandbox".into(), sandbox.describe());
+    Ok(Value::Object(r))
+}
+
+/// Runs every (problem, sample) program in the sandbox on the stage's threads.
+fn execute(
+    sandbox: &Sandbox,
+    problems: &[Problem],
+    completions: &[String],
+    n: usize,
+) -> Result<Vec<Outcome>, StageError> {
+    (0..completions.len())
+        .into_par_iter()
+        .map(|i| {
+            let pr = &problems[i / n];
+            let program =
+                humaneval::program(&pr.prompt, &completions[i], &pr.test, &pr.entry_point);
+            sandbox.run(&program).map(|e| e.outcome)
+        })
+        .collect()
+}
+
+fn run_choice(
+    lm: &Lm,
+    p: &Params,
+    inputs: &[InputArtifact],
+    ctx: &StageContext,
+    samples: &mut Samples,
+) -> Result<BTreeMap<String, Tally>, StageError> {
+    let limit = p.limit.map(|l| l as usize);
+    let mut items = Vec::new();
+    for a in inputs {
+        items.extend(read(&a.dir, limit, "multiple_choice", |r| match r {
+            Record::Choice {
+                style,
+                contexts,
+                continuations,
+                gold,
+            } => Some(Item {
+                style,
+                contexts,
+                continuations,
+                gold,
+            }),
+            _ => None,
+        })?);
+    }
+    let shots = p.choice_shots as usize;
+    let rng = Rng::new(p.seed as u64).fork("choice-shots");
+    // Every (context, continuation) of every item, then one batched scoring pass.
+    let mut pairs = Vec::new();
+    let mut spans = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let mut c: Vec<usize> = (0..items.len())
+            .filter(|&j| j != i && items[j].style == item.style)
+            .collect();
+        rng.fork(&i.to_string()).shuffle(&mut c);
+        let chosen: Vec<&Item> = c.iter().take(shots).map(|&j| &items[j]).collect();
+        let start = pairs.len();
+        for (context, continuation) in item.requests(&chosen) {
+            pairs.push(lm.encode_pair(&context, &continuation)?);
+        }
+        spans.push(start..pairs.len());
+    }
+    ctx.progress
+        .set_message(&format!("multiple choice: {} continuations", pairs.len()));
+    let scored = lm.loglikelihood(&pairs)?;
+    let mut tallies: BTreeMap<String, Tally> = BTreeMap::new();
+    for (i, (item, span)) in items.iter().zip(spans).enumerate() {
+        let s = &scored[span];
+        let pred = choice::predict(item, s);
+        tallies
+            .entry(item.style.clone())
+            .or_default()
+            .add(item.gold, pred);
+        samples.write(json!({"task": item.style, "index": i, "gold": item.gold,
+            "loglikelihoods": s.iter().map(|x| x.ll).collect::<Vec<_>>(),
+            "tokens": s.iter().map(|x| x.tokens).collect::<Vec<_>>(),
+            "pred_acc": pred.acc, "pred_acc_norm": pred.acc_norm, "pred_acc_ppl": pred.acc_ppl}))?;
+    }
+    Ok(tallies)
+}
+
+/// The paper's forgetting score: the plain mean of the three styles' accuracies.
+fn forgetting(tallies: &BTreeMap<String, Tally>, metric: &str) -> Result<Value, StageError> {
+    let mut parts = serde_json::Map::new();
+    for style in FORGETTING_STYLES {
+        let t = tallies.get(style).ok_or_else(|| {
+            StageError::Failed(format!(
+                "forgetting needs {} items, but the `choice` inputs have none of style `{style}`",
+                FORGETTING_STYLES.join(", ")
+            ))
+        })?;
+        parts.insert(style.into(), json!(t.get(metric)));
+    }
+    let score = parts.values().filter_map(Value::as_f64).sum::<f64>() / 3.0;
+    Ok(json!({"score": score, "metric": metric, "parts": parts}))
+}
