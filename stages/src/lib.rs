@@ -15,6 +15,7 @@ pub mod gpu;
 pub mod kind;
 pub mod model;
 pub mod process;
+pub mod svd;
 pub mod train;
 
 pub use kind::{
@@ -37,6 +38,7 @@ pub fn registry() -> Vec<&'static Kind> {
         &train::stage::FULL,
         &train::stage::LORA,
         &eval::KIND,
+        &svd::KIND,
     ]
 }
 

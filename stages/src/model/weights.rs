@@ -323,6 +323,54 @@ impl Weights {
     }
 }
 
+/// The tensors of a model directory, read one at a time by name (memory-mapped): what the
+/// spectral analysis of a 7B model needs, which must never hold all 224 matrices at once.
+pub struct TensorFiles {
+    files: Vec<(std::path::PathBuf, memmap2::Mmap)>,
+}
+
+impl TensorFiles {
+    pub fn open(dir: &Path) -> Result<TensorFiles, StageError> {
+        let mut files = Vec::new();
+        for path in weight_files(dir)? {
+            let file = std::fs::File::open(&path)
+                .map_err(|e| StageError::io(format!("opening {}", path.display()), e))?;
+            // SAFETY: cache artifacts are read-only views that are never modified in place
+            // (writes go to a temp path and are renamed).
+            let map = unsafe { memmap2::Mmap::map(&file) }
+                .map_err(|e| StageError::io(format!("mapping {}", path.display()), e))?;
+            files.push((path, map));
+        }
+        Ok(TensorFiles { files })
+    }
+
+    /// The named tensor as f32, or an error naming the directory's files.
+    pub fn read(&self, name: &str) -> Result<Tensor, StageError> {
+        for (path, map) in &self.files {
+            let st = SafeTensors::deserialize(map)
+                .map_err(|e| StageError::Failed(format!("{}: {e}", path.display())))?;
+            if let Ok(view) = st.tensor(name) {
+                let data = to_f32(view.dtype(), view.data()).map_err(|e| {
+                    StageError::Failed(format!("{}: tensor `{name}`: {e}", path.display()))
+                })?;
+                return Ok(Tensor {
+                    name: name.to_string(),
+                    shape: view.shape().to_vec(),
+                    data,
+                });
+            }
+        }
+        Err(StageError::Failed(format!(
+            "tensor `{name}` is in none of {}",
+            self.files
+                .iter()
+                .map(|f| f.0.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )))
+    }
+}
+
 /// The safetensors files of a model directory: the index's shards, or `model.safetensors`.
 fn weight_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, StageError> {
     let index = dir.join("model.safetensors.index.json");
