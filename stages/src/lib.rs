@@ -15,6 +15,7 @@ pub mod gpu;
 pub mod kind;
 pub mod model;
 pub mod process;
+pub mod report;
 pub mod svd;
 pub mod train;
 
@@ -39,6 +40,7 @@ pub fn registry() -> Vec<&'static Kind> {
         &train::stage::LORA,
         &eval::KIND,
         &svd::KIND,
+        &report::KIND,
     ]
 }
 

@@ -1,0 +1,834 @@
+//! The `report` kind: the study's figures and numbers from eval, svd and training results.
+//! Learning vs forgetting (the paper's Figures 3-4), both against training duration, rank@p
+//! of the weight changes by layer (Figure 6), spectra with the Gaussian control, loss curves,
+//! and a table of every number with the stage that produced it.
+
+pub mod figures;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use self::figures::{Figure, Panel, Series};
+use crate::kind::{
+    Default, InputArtifact, Kind, Param, ParamType, StageContext, StageError, StageOutcome,
+};
+
+/// Registered as `kind = "report"`.
+pub static KIND: Kind = Kind {
+    name: "report",
+    version: 1,
+    doc: "the study's report: learning vs forgetting, by duration, rank by layer, spectra, loss curves, every number (HTML, Markdown, SVG, PNG, CSV)",
+    params: &[
+        Param {
+            name: "evals",
+            ty: ParamType::Inputs,
+            default: Default::Required,
+            doc: "eval stages' `results` (groups are collected); an eval of a model without a training curve is the base reference",
+        },
+        Param {
+            name: "curves",
+            ty: ParamType::Inputs,
+            default: Default::Optional,
+            doc: "training stages' `curve` outputs: durations and loss curves",
+        },
+        Param {
+            name: "svd",
+            ty: ParamType::Inputs,
+            default: Default::Optional,
+            doc: "svd stages' `spectra`",
+        },
+        Param {
+            name: "learning",
+            ty: ParamType::Str,
+            default: Default::Value("\"auto\""),
+            doc: "TASK.METRIC on the y axis [auto: gsm8k.strict_match, else humaneval.pass@1, else the first perplexity loss]",
+        },
+        Param {
+            name: "forgetting",
+            ty: ParamType::Str,
+            default: Default::Value("\"forgetting.score\""),
+            doc: "TASK.METRIC on the x axis",
+        },
+        Param {
+            name: "duration_keys",
+            ty: ParamType::List(&ParamType::Str),
+            default: Default::Value("[\"steps\", \"tokens\", \"epochs\"]"),
+            doc: "sweep coordinates that are training duration: removed from a stage's name to find its method",
+        },
+        Param {
+            name: "matrix",
+            ty: ParamType::Str,
+            default: Default::Value("\"model.layers.0.self_attn.q_proj.weight\""),
+            doc: "the matrix whose spectra are drawn",
+        },
+        Param {
+            name: "title",
+            ty: ParamType::Str,
+            default: Default::Value("\"flow study\""),
+            doc: "the report's title",
+        },
+    ],
+    outputs: &["report"],
+    uses_device: false,
+    run,
+};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    learning: String,
+    forgetting: String,
+    duration_keys: Vec<String>,
+    matrix: String,
+    title: String,
+}
+
+fn read_json(path: &Path) -> Result<Value, StageError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| StageError::io(format!("reading {}", path.display()), e))?;
+    serde_json::from_str(&text).map_err(|e| StageError::Failed(format!("{}: {e}", path.display())))
+}
+
+/// `name[a=1,steps=10]` without the duration coordinates: `name[a=1]`.
+pub fn method_of(stage: &str, duration_keys: &[String]) -> String {
+    let Some((name, rest)) = stage.split_once('[') else {
+        return stage.to_string();
+    };
+    let coords: Vec<&str> = rest
+        .trim_end_matches(']')
+        .split(',')
+        .filter(|c| {
+            let key = c.split('=').next().unwrap_or("");
+            !duration_keys.iter().any(|k| k == key)
+        })
+        .collect();
+    if coords.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name}[{}]", coords.join(","))
+    }
+}
+
+/// One training curve.
+struct Curve {
+    stage: String,
+    /// (step, tokens, loss, heldout loss or NaN)
+    rows: Vec<(f64, f64, f64, f64)>,
+}
+
+fn read_curve(a: &InputArtifact) -> Result<Curve, StageError> {
+    let path = a.dir.join("curve.csv");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| StageError::io(format!("reading {}", path.display()), e))?;
+    let mut rows = Vec::new();
+    for (i, line) in text.lines().enumerate().skip(1) {
+        let f: Vec<f64> = line
+            .split(',')
+            .map(|v| v.parse::<f64>().unwrap_or(f64::NAN))
+            .collect();
+        if f.len() < 6 {
+            return Err(StageError::Failed(format!(
+                "{}:{}: expected 6 columns (step,tokens,lr,loss,grad_norm,heldout_loss)",
+                path.display(),
+                i + 1
+            )));
+        }
+        rows.push((f[0], f[1], f[3], f[5]));
+    }
+    Ok(Curve {
+        stage: a.stage.clone(),
+        rows,
+    })
+}
+
+/// One evaluated model.
+#[derive(Debug, Clone)]
+struct Point {
+    eval: String,
+    model: String,
+    method: String,
+    /// Tokens trained (None: not trained here, the base reference).
+    tokens: Option<f64>,
+    learning: f64,
+    forgetting: f64,
+}
+
+fn metric(tasks: &Value, path: &str) -> Option<f64> {
+    let (task, name) = path.split_once('.')?;
+    tasks.get(task)?.get(name)?.as_f64()
+}
+
+fn learning_path(tasks: &Value, wanted: &str) -> Option<String> {
+    if wanted != "auto" {
+        return Some(wanted.to_string());
+    }
+    for p in ["gsm8k.strict_match", "humaneval.pass@1"] {
+        if metric(tasks, p).is_some() {
+            return Some(p.to_string());
+        }
+    }
+    let ppl = tasks.get("perplexity")?.as_object()?;
+    ppl.keys().next().map(|k| format!("perplexity.{k}"))
+}
+
+fn perplexity_metric(tasks: &Value, path: &str) -> Option<f64> {
+    // perplexity.STAGE -> that input's loss
+    let (_, stage) = path.split_once('.')?;
+    tasks.get("perplexity")?.get(stage)?.get("loss")?.as_f64()
+}
+
+fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
+    let p: Params = ctx.typed_params()?;
+    let list = |name: &str| {
+        ctx.inputs
+            .get(name)
+            .map_or(&[][..], |s| s.artifacts.as_slice())
+    };
+    let out = ctx.output("report")?;
+    let fig_dir = out.join("figures");
+    std::fs::create_dir_all(&fig_dir)
+        .map_err(|e| StageError::io(format!("creating {}", fig_dir.display()), e))?;
+
+    let curves: Vec<Curve> = list("curves")
+        .iter()
+        .map(read_curve)
+        .collect::<Result<_, _>>()?;
+    let tokens_of: BTreeMap<&str, f64> = curves
+        .iter()
+        .filter_map(|c| c.rows.last().map(|r| (c.stage.as_str(), r.1)))
+        .collect();
+
+    // Every number, with the stage that produced it.
+    let mut table: Vec<(String, String, String, f64)> = Vec::new();
+    let mut points = Vec::new();
+    let mut learning_name = String::new();
+    for a in list("evals") {
+        let m = read_json(&a.dir.join("metrics.json"))?;
+        let tasks = &m["tasks"];
+        let model = m["model"]["stage"].as_str().unwrap_or("?").to_string();
+        flatten(tasks, "", &mut |k, v| {
+            table.push((a.stage.clone(), model.clone(), k.to_string(), v))
+        });
+        let Some(lp) = learning_path(tasks, &p.learning) else {
+            return Err(StageError::Failed(format!(
+                "{}: no learning metric (`learning` = {:?})",
+                a.stage, p.learning
+            )));
+        };
+        let learning = metric(tasks, &lp)
+            .or_else(|| perplexity_metric(tasks, &lp))
+            .ok_or_else(|| {
+                StageError::Failed(format!("{}: metrics.json has no `{lp}`", a.stage))
+            })?;
+        learning_name = lp;
+        let forgetting = metric(tasks, &p.forgetting).unwrap_or(f64::NAN);
+        let tokens = tokens_of.get(model.as_str()).copied();
+        points.push(Point {
+            eval: a.stage.clone(),
+            method: if tokens.is_some() {
+                method_of(&model, &p.duration_keys)
+            } else {
+                format!("base ({model})")
+            },
+            model,
+            tokens,
+            learning,
+            forgetting,
+        });
+    }
+    for c in &curves {
+        if let Some(last) = c.rows.last() {
+            table.push((
+                c.stage.clone(),
+                c.stage.clone(),
+                "train.tokens".into(),
+                last.1,
+            ));
+            table.push((
+                c.stage.clone(),
+                c.stage.clone(),
+                "train.final_loss".into(),
+                last.2,
+            ));
+            if last.3.is_finite() {
+                table.push((
+                    c.stage.clone(),
+                    c.stage.clone(),
+                    "train.heldout_loss".into(),
+                    last.3,
+                ));
+            }
+        }
+    }
+    let svds: Vec<(String, Value, &InputArtifact)> = list("svd")
+        .iter()
+        .map(|a| Ok((a.stage.clone(), read_json(&a.dir.join("summary.json"))?, a)))
+        .collect::<Result<_, StageError>>()?;
+    for (stage, s, _) in &svds {
+        let ft = s["finetuned"]["stage"].as_str().unwrap_or("?").to_string();
+        if let Some(means) = s["mean_rank_delta"].as_object() {
+            for (module, v) in means {
+                if let Some(v) = v.as_f64() {
+                    table.push((
+                        stage.clone(),
+                        ft.clone(),
+                        format!("svd.mean_rank_delta.{module}"),
+                        v,
+                    ));
+                }
+            }
+        }
+    }
+
+    let mut figs = Vec::new();
+    figs.push(learning_vs_forgetting(
+        &points,
+        &learning_name,
+        &p.forgetting,
+    ));
+    if points.iter().any(|pt| pt.tokens.is_some()) {
+        figs.push(by_duration(&points, &learning_name, &p.forgetting));
+    }
+    if !svds.is_empty() {
+        figs.push(rank_by_layer(&svds, &tokens_of));
+        if let Some(f) = spectra(&svds, &p.matrix, &tokens_of)? {
+            figs.push(f);
+        }
+    }
+    if !curves.is_empty() {
+        figs.push(loss_curves(&curves));
+    }
+    let mut rendered = Vec::new();
+    for f in &figs {
+        rendered.push((f, f.render(&fig_dir)?));
+    }
+
+    // results.csv
+    let mut csv = String::from("stage,model,metric,value\n");
+    for (stage, model, k, v) in &table {
+        let _ = writeln!(csv, "{},{},{},{}", quote(stage), quote(model), quote(k), v);
+    }
+    write(out, "results.csv", &csv)?;
+    let summary = summary_table(&points, &learning_name, &p.forgetting);
+    write(out, "summary.txt", &summary.text)?;
+    write(
+        out,
+        "report.md",
+        &markdown(&p.title, &summary.markdown, &rendered, &table),
+    )?;
+    write(
+        out,
+        "report.html",
+        &html(
+            &p.title,
+            &points,
+            &learning_name,
+            &p.forgetting,
+            &rendered,
+            &table,
+        ),
+    )?;
+    let mut outcome = StageOutcome::default();
+    outcome.metrics.insert("models".into(), json!(points.len()));
+    outcome.metrics.insert("figures".into(), json!(figs.len()));
+    Ok(outcome)
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> Result<(), StageError> {
+    std::fs::write(dir.join(name), text).map_err(|e| StageError::io(format!("writing {name}"), e))
+}
+
+fn quote(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// Every numeric leaf of a JSON object, as dotted paths.
+fn flatten(v: &Value, prefix: &str, f: &mut dyn FnMut(&str, f64)) {
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(v, &p, f);
+            }
+        }
+        Value::Number(n) => {
+            if let Some(x) = n.as_f64() {
+                f(prefix, x);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Points grouped by method, each group sorted by duration.
+fn by_method(points: &[Point]) -> BTreeMap<&str, Vec<&Point>> {
+    let mut m: BTreeMap<&str, Vec<&Point>> = BTreeMap::new();
+    for pt in points.iter().filter(|p| p.tokens.is_some()) {
+        m.entry(pt.method.as_str()).or_default().push(pt);
+    }
+    for v in m.values_mut() {
+        v.sort_by(|a, b| a.tokens.partial_cmp(&b.tokens).expect("finite"));
+    }
+    m
+}
+
+fn references(points: &[Point], xy: impl Fn(&Point) -> (f64, f64)) -> Vec<Series> {
+    points
+        .iter()
+        .filter(|p| p.tokens.is_none())
+        .map(|p| Series {
+            label: p.method.clone(),
+            points: vec![xy(p)],
+            sizes: None,
+            line: false,
+            reference: true,
+        })
+        .collect()
+}
+
+fn learning_vs_forgetting(points: &[Point], learning: &str, forgetting: &str) -> Figure {
+    let max = points.iter().filter_map(|p| p.tokens).fold(1.0, f64::max);
+    let mut series: Vec<Series> = by_method(points)
+        .into_iter()
+        .map(|(m, pts)| Series {
+            label: m.to_string(),
+            points: pts.iter().map(|p| (p.forgetting, p.learning)).collect(),
+            sizes: Some(
+                pts.iter()
+                    .map(|p| 3.0 + 7.0 * p.tokens.unwrap_or(0.0) / max)
+                    .collect(),
+            ),
+            line: true,
+            reference: false,
+        })
+        .collect();
+    series.extend(references(points, |p| (p.forgetting, p.learning)));
+    Figure {
+        name: "learning_vs_forgetting".into(),
+        title: String::new(),
+        cols: 1,
+        panels: vec![Panel {
+            title: "Learning vs forgetting (marker size = training tokens)".into(),
+            x_label: format!("forgetting: {forgetting} (higher = forgets less)"),
+            y_label: format!("learning: {learning}"),
+            series,
+        }],
+    }
+}
+
+fn by_duration(points: &[Point], learning: &str, forgetting: &str) -> Figure {
+    let panel = |title: &str, label: &str, get: fn(&Point) -> f64| {
+        let mut series: Vec<Series> = by_method(points)
+            .into_iter()
+            .map(|(m, pts)| Series {
+                label: m.to_string(),
+                points: pts
+                    .iter()
+                    .map(|p| (p.tokens.unwrap_or(0.0), get(p)))
+                    .collect(),
+                sizes: Some(vec![4.0; pts.len()]),
+                line: true,
+                reference: false,
+            })
+            .collect();
+        series.extend(references(points, |p| (0.0, get(p))));
+        Panel {
+            title: title.into(),
+            x_label: "training tokens".into(),
+            y_label: label.into(),
+            series,
+        }
+    };
+    Figure {
+        name: "by_duration".into(),
+        title: String::new(),
+        cols: 2,
+        panels: vec![
+            panel("Learning by training duration", learning, |p| p.learning),
+            panel("Forgetting by training duration", forgetting, |p| {
+                p.forgetting
+            }),
+        ],
+    }
+}
+
+fn rank_by_layer(svds: &[(String, Value, &InputArtifact)], tokens: &BTreeMap<&str, f64>) -> Figure {
+    let mut modules: Vec<String> = Vec::new();
+    for (_, s, _) in svds {
+        if let Some(m) = s["rank_delta_by_layer"].as_object() {
+            for k in m.keys() {
+                if !modules.contains(k) {
+                    modules.push(k.clone());
+                }
+            }
+        }
+    }
+    let order = ["q", "k", "v", "o", "gate", "up", "down"];
+    modules.sort_by_key(|m| order.iter().position(|o| o == m).unwrap_or(99));
+    let variance = svds[0].1["variance"].as_f64().unwrap_or(0.9);
+    let panels = modules
+        .iter()
+        .map(|m| Panel {
+            title: format!("{m}_proj"),
+            x_label: "layer".into(),
+            y_label: format!("rank@{:.0}% of Delta", variance * 100.0),
+            series: svds
+                .iter()
+                .filter_map(|(_, s, _)| {
+                    let ranks = s["rank_delta_by_layer"][m].as_array()?;
+                    let ft = s["finetuned"]["stage"].as_str().unwrap_or("?");
+                    let label = match tokens.get(ft) {
+                        Some(t) => format!("{ft} ({} tokens)", human(*t)),
+                        None => ft.to_string(),
+                    };
+                    Some(Series {
+                        label,
+                        points: ranks
+                            .iter()
+                            .enumerate()
+                            .map(|(l, r)| (l as f64, r.as_f64().unwrap_or(f64::NAN)))
+                            .collect(),
+                        sizes: Some(vec![3.0; ranks.len()]),
+                        line: true,
+                        reference: false,
+                    })
+                })
+                .collect(),
+        })
+        .collect();
+    Figure {
+        name: "rank_by_layer".into(),
+        title: "Rank needed to explain the spectrum of the weight change, by layer".into(),
+        cols: 4,
+        panels,
+    }
+}
+
+fn human(t: f64) -> String {
+    if t >= 1e9 {
+        format!("{:.1}B", t / 1e9)
+    } else if t >= 1e6 {
+        format!("{:.1}M", t / 1e6)
+    } else if t >= 1e3 {
+        format!("{:.0}k", t / 1e3)
+    } else {
+        format!("{t}")
+    }
+}
+
+fn read_vector(st: &safetensors::SafeTensors, name: &str) -> Option<Vec<f64>> {
+    let v = st.tensor(name).ok()?;
+    Some(
+        v.data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4")) as f64)
+            .collect(),
+    )
+}
+
+/// Spectra of the chosen matrix (from the longest full-model change) and of the controls.
+fn spectra(
+    svds: &[(String, Value, &InputArtifact)],
+    matrix: &str,
+    tokens: &BTreeMap<&str, f64>,
+) -> Result<Option<Figure>, StageError> {
+    let pick = svds
+        .iter()
+        .filter(|(_, s, _)| s["finetuned"]["kind"] == "model")
+        .max_by(|a, b| {
+            let t = |x: &Value| {
+                tokens
+                    .get(x["finetuned"]["stage"].as_str().unwrap_or(""))
+                    .copied()
+                    .unwrap_or(0.0)
+            };
+            t(&a.1).total_cmp(&t(&b.1))
+        })
+        .or(svds.first());
+    let Some((_, summary, a)) = pick else {
+        return Ok(None);
+    };
+    let path = a.dir.join("spectra.safetensors");
+    let bytes = std::fs::read(&path)
+        .map_err(|e| StageError::io(format!("reading {}", path.display()), e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| StageError::Failed(format!("{}: {e}", path.display())))?;
+    let line = |label: String, v: Vec<f64>| Series {
+        label,
+        points: v
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| **s > 0.0)
+            .map(|(i, s)| ((i + 1) as f64, s.log10()))
+            .collect(),
+        sizes: None,
+        line: true,
+        reference: false,
+    };
+    let mut weights = Vec::new();
+    for (which, label) in [
+        ("delta", "Delta = W_ft - W_base"),
+        ("base", "W_base"),
+        ("finetuned", "W_ft"),
+    ] {
+        if let Some(v) = read_vector(&st, &format!("{matrix}.{which}")) {
+            weights.push(line(label.into(), v));
+        }
+    }
+    if weights.is_empty() {
+        return Err(StageError::Failed(format!(
+            "{}: no spectra for matrix `{matrix}` (param `matrix`)",
+            path.display()
+        )));
+    }
+    let mut panels = vec![Panel {
+        title: format!(
+            "{matrix} ({})",
+            summary["finetuned"]["stage"].as_str().unwrap_or("?")
+        ),
+        x_label: "index i".into(),
+        y_label: "log10 singular value".into(),
+        series: weights,
+    }];
+    if let Some(a_sv) = read_vector(&st, "control.A") {
+        let mut control = vec![line("Gaussian A".into(), a_sv)];
+        if let Some(cs) = summary["controls"]["c"].as_array() {
+            // The c closest to 10^-1 shows a visible but small perturbation.
+            let best = cs
+                .iter()
+                .filter_map(|c| c["log10_c"].as_f64())
+                .min_by(|a, b| (a + 1.0).abs().total_cmp(&(b + 1.0).abs()));
+            if let Some(e) = best {
+                for (key, label) in [("A+cB", "A + cB"), ("cB", "cB")] {
+                    if let Some(v) = read_vector(&st, &format!("control.{key}.{e}")) {
+                        control.push(line(format!("{label} (c = 1e{e})"), v));
+                    }
+                }
+            }
+        }
+        panels.push(Panel {
+            title: "Gaussian control, same shape".into(),
+            x_label: "index i".into(),
+            y_label: "log10 singular value".into(),
+            series: control,
+        });
+    }
+    Ok(Some(Figure {
+        name: "spectra".into(),
+        title: String::new(),
+        cols: 2,
+        panels,
+    }))
+}
+
+fn loss_curves(curves: &[Curve]) -> Figure {
+    let series = |held: bool| -> Vec<Series> {
+        curves
+            .iter()
+            .map(|c| Series {
+                label: c.stage.clone(),
+                points: c
+                    .rows
+                    .iter()
+                    .map(|r| (r.0, if held { r.3 } else { r.2 }))
+                    .filter(|q| q.1.is_finite())
+                    .collect(),
+                sizes: if held {
+                    Some(vec![3.0; c.rows.len()])
+                } else {
+                    None
+                },
+                line: true,
+                reference: false,
+            })
+            .filter(|s| !s.points.is_empty())
+            .collect()
+    };
+    let mut panels = vec![Panel {
+        title: "Training loss".into(),
+        x_label: "step".into(),
+        y_label: "loss (nats/token)".into(),
+        series: series(false),
+    }];
+    let held = series(true);
+    if !held.is_empty() {
+        panels.push(Panel {
+            title: "Held-out loss".into(),
+            x_label: "step".into(),
+            y_label: "loss (nats/token)".into(),
+            series: held,
+        });
+    }
+    Figure {
+        name: "loss_curves".into(),
+        title: String::new(),
+        cols: 2,
+        panels,
+    }
+}
+
+struct Summary {
+    text: String,
+    markdown: String,
+}
+
+fn fmt(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.3}")
+    } else {
+        "-".into()
+    }
+}
+
+fn summary_table(points: &[Point], learning: &str, forgetting: &str) -> Summary {
+    let mut rows: Vec<&Point> = points.iter().collect();
+    rows.sort_by(|a, b| {
+        a.method.cmp(&b.method).then(
+            a.tokens
+                .partial_cmp(&b.tokens)
+                .unwrap_or(std::cmp::Ordering::Equal),
+        )
+    });
+    let header = ["method", "model", "tokens", learning, forgetting];
+    let cells: Vec<[String; 5]> = rows
+        .iter()
+        .map(|p| {
+            [
+                p.method.clone(),
+                p.model.clone(),
+                p.tokens.map_or("-".into(), human),
+                fmt(p.learning),
+                fmt(p.forgetting),
+            ]
+        })
+        .collect();
+    let widths: Vec<usize> = (0..5)
+        .map(|i| {
+            cells
+                .iter()
+                .map(|c| c[i].len())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut text = String::new();
+    let line = |cols: [&str; 5], out: &mut String| {
+        let parts: Vec<String> = cols
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", parts.join("  ").trim_end());
+    };
+    line(header, &mut text);
+    for c in &cells {
+        line([&c[0], &c[1], &c[2], &c[3], &c[4]], &mut text);
+    }
+    let mut md = format!("| {} |\n|---|---|---|---|---|\n", header.join(" | "));
+    for c in &cells {
+        let _ = writeln!(md, "| {} |", c.join(" | "));
+    }
+    Summary { text, markdown: md }
+}
+
+fn markdown(
+    title: &str,
+    summary: &str,
+    figs: &[(&Figure, String)],
+    table: &[(String, String, String, f64)],
+) -> String {
+    let mut s = format!("# {title}\n\n## Models\n\n{summary}\n");
+    for (f, _) in figs {
+        let _ = writeln!(
+            s,
+            "## {}\n\n![{0}](figures/{}.png)\n",
+            f.name.replace('_', " "),
+            f.name
+        );
+    }
+    s += "## Every number\n\n| stage | model | metric | value |\n|---|---|---|---|\n";
+    for (stage, model, k, v) in table {
+        let _ = writeln!(s, "| {stage} | {model} | {k} | {v} |");
+    }
+    s
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+fn html(
+    title: &str,
+    points: &[Point],
+    learning: &str,
+    forgetting: &str,
+    figs: &[(&Figure, String)],
+    table: &[(String, String, String, f64)],
+) -> String {
+    let mut s = format!(
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{t}</title>\n<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;}}table{{border-collapse:collapse;}}td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left;}}svg{{max-width:100%;height:auto;}}</style></head><body>\n<h1>{t}</h1>\n<h2>Models</h2>\n<table><tr><th>method</th><th>model</th><th>eval stage</th><th>tokens</th><th>{l}</th><th>{f}</th></tr>\n",
+        t = escape(title),
+        l = escape(learning),
+        f = escape(forgetting)
+    );
+    for p in points {
+        let _ = writeln!(
+            s,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            escape(&p.method),
+            escape(&p.model),
+            escape(&p.eval),
+            p.tokens.map_or("-".into(), human),
+            fmt(p.learning),
+            fmt(p.forgetting)
+        );
+    }
+    s += "</table>\n";
+    for (f, svg) in figs {
+        let _ = writeln!(s, "<h2>{}</h2>\n{svg}", escape(&f.name.replace('_', " ")));
+    }
+    s += "<h2>Every number</h2>\n<table><tr><th>stage</th><th>model</th><th>metric</th><th>value</th></tr>\n";
+    for (stage, model, k, v) in table {
+        let _ = writeln!(
+            s,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{v}</td></tr>",
+            escape(stage),
+            escape(model),
+            escape(k)
+        );
+    }
+    s += "</table>\n</body></html>\n";
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn methods_drop_duration_coordinates() {
+        let keys = vec!["steps".to_string(), "epochs".to_string()];
+        assert_eq!(method_of("lora[rank=16,steps=100]", &keys), "lora[rank=16]");
+        assert_eq!(method_of("full[steps=100]", &keys), "full");
+        assert_eq!(method_of("full", &keys), "full");
+        assert_eq!(
+            method_of("reg[weight_decay=0.0001]", &keys),
+            "reg[weight_decay=0.0001]"
+        );
+    }
+}
