@@ -187,6 +187,9 @@ impl Context {
         if summary.push_failed {
             eprintln!("error: some results could not be pushed to the remote (see above)");
         }
+        if !json && summary.failed + summary.blocked == 0 {
+            print_reports(&pipeline, &cache)?;
+        }
         Ok(
             if summary.failed + summary.blocked > 0 || summary.push_failed {
                 ExitCode::FAILURE
@@ -342,15 +345,21 @@ impl Context {
                 Status::Cached => cached += 1,
                 _ => would += 1,
             }
+            let budget = training_budget(&pipeline, stage);
             if json {
                 println!(
                     "{}",
                     json!({"event": "stage", "stage": stage.name, "status": status.as_str(),
-                           "key": state.key(), "reason": reason})
+                           "key": state.key(), "reason": reason, "budget": budget})
                 );
             } else if status != Status::Cached || self.verbose {
                 let k = state.key().map(short).unwrap_or("?");
-                println!("{:>9}  {}  {k}  {reason}", status.as_str(), stage.name);
+                let budget = budget.map(|b| format!("  [{b}]")).unwrap_or_default();
+                println!(
+                    "{:>9}  {}  {k}  {reason}{budget}",
+                    status.as_str(),
+                    stage.name
+                );
             }
         }
         if json {
@@ -924,4 +933,80 @@ pub fn kinds(only: Option<&str>, markdown: bool) -> CmdResult {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What a training stage will do, for `flow plan`: its duration in tokens, steps and
+/// epochs where the rows' length is known from the `pack` stage that feeds it.
+fn training_budget(pipeline: &Pipeline, stage: &flow::pipeline::Stage) -> Option<String> {
+    if !matches!(stage.kind.name, "train-full" | "train-lora") {
+        return None;
+    }
+    let int = |s: &flow::pipeline::Stage, k: &str| match s.params.get(k) {
+        Some(flow::key::Val::Int(v)) => Some(*v),
+        _ => None,
+    };
+    let global = int(stage, "global_batch")?;
+    let seq = stage
+        .inputs
+        .iter()
+        .find(|b| b.path == "data")
+        .and_then(|b| b.sources.first())
+        .and_then(|s| int(&pipeline.stages[s.stage], "seq_len"));
+    let human = |t: f64| {
+        if t >= 1e9 {
+            format!("{:.2}B", t / 1e9)
+        } else if t >= 1e6 {
+            format!("{:.1}M", t / 1e6)
+        } else {
+            format!("{t:.0}")
+        }
+    };
+    let per_step = seq.map(|s| (global * s) as f64);
+    let text = match (
+        int(stage, "steps"),
+        int(stage, "tokens"),
+        stage.params.get("epochs"),
+    ) {
+        (Some(steps), _, _) => match per_step {
+            Some(t) => format!(
+                "{steps} steps x {global} rows x {} = {} tokens",
+                seq?,
+                human(steps as f64 * t)
+            ),
+            None => format!("{steps} steps of {global} rows"),
+        },
+        (_, Some(tokens), _) => match per_step {
+            Some(t) => format!(
+                "{} tokens = {} steps x {global} rows x {}",
+                human(tokens as f64),
+                (tokens as f64 / t).ceil(),
+                seq?
+            ),
+            None => format!("{} tokens", human(tokens as f64)),
+        },
+        (_, _, Some(flow::key::Val::Float(e))) => format!("{e} epochs, {global} rows per step"),
+        (_, _, Some(flow::key::Val::Int(e))) => format!("{e} epochs, {global} rows per step"),
+        _ => return None,
+    };
+    Some(text)
+}
+
+/// After a run, where each `report` stage's report is, and its summary table: the study's
+/// answer at a glance.
+fn print_reports(pipeline: &Pipeline, cache: &Cache) -> anyhow::Result<()> {
+    let states = resolve(pipeline, cache)?;
+    for (stage, state) in pipeline.stages.iter().zip(&states) {
+        if stage.kind.name != "report" {
+            continue;
+        }
+        let Some(digest) = state.record().and_then(|r| r.outputs.get("report")) else {
+            continue;
+        };
+        let dir = cache.view_path(digest);
+        println!("\n{}: {}", stage.name, dir.join("report.html").display());
+        if let Ok(table) = std::fs::read_to_string(dir.join("summary.txt")) {
+            print!("{table}");
+        }
+    }
+    Ok(())
 }

@@ -157,6 +157,27 @@ fn set_path(root: &mut Table, path: &[String], node: Node) -> Result<(), Diagnos
             ),
         ));
     }
+    // `stage.NAME = false` removes a stage: a profile can swap a stage for another kind
+    // (the paper profile replaces in-DAG pretraining by an imported model).
+    if path.len() == 2 && path[0] == "stage" && matches!(node.value, Value::Bool(false)) {
+        let removed = match root.get_mut("stage") {
+            Some((
+                _,
+                Node {
+                    value: Value::Table(stages),
+                    ..
+                },
+            )) => stages.shift_remove(&path[1]).is_some(),
+            _ => false,
+        };
+        if removed {
+            return Ok(());
+        }
+        return Err(Diagnostic::new(
+            &origin,
+            format!("cannot remove stage `{}`: there is no such stage", path[1]),
+        ));
+    }
     let mut table = root;
     for (i, seg) in path[..path.len() - 1].iter().enumerate() {
         let entry = table.entry(seg.clone()).or_insert_with(|| {

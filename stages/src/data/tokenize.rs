@@ -59,9 +59,9 @@ pub static KIND: Kind = Kind {
         },
         Param {
             name: "template",
-            ty: ParamType::Choice(&["plain", "llama2", "none"]),
+            ty: ParamType::Choice(&["plain", "llama2", "qa", "none"]),
             default: Default::Value("\"plain\""),
-            doc: "how prompt/response records are laid out (llama2: `[INST] prompt [/INST] response`)",
+            doc: "how prompt/response records are laid out (llama2: `[INST] prompt [/INST] response`; qa: `Question: prompt\\nAnswer: response`, the GSM8K eval prompt)",
         },
         Param {
             name: "bos_token",
@@ -292,6 +292,7 @@ pub fn format_prompt(template: &str, prompt: &str) -> String {
     }
     match template {
         "llama2" => format!("[INST] {} [/INST]", prompt.trim()),
+        "qa" => format!("Question: {prompt}\nAnswer:"),
         "plain" => format!("### Instruction:\n{prompt}\n\n### Response:\n"),
         _ => prompt.to_string(),
     }
@@ -299,7 +300,7 @@ pub fn format_prompt(template: &str, prompt: &str) -> String {
 
 /// The response as laid out by the template.
 pub fn format_response(template: &str, prompt: &str, response: &str) -> String {
-    if template == "llama2" && !prompt.is_empty() {
+    if (template == "llama2" || template == "qa") && !prompt.is_empty() {
         format!(" {}", response.trim())
     } else {
         response.to_string()
