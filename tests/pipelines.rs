@@ -241,7 +241,10 @@ fn every_default_study_runs_end_to_end_and_resumes() {
                 .into_iter()
                 .flatten()
                 .flatten()
-                .any(|c| c.file_name().to_string_lossy().as_ref() >= "ckpt-00000100");
+                .any(|c| {
+                    let name = c.file_name().to_string_lossy().into_owned();
+                    name.starts_with("ckpt-") && name.as_str() >= "ckpt-00000100"
+                });
             if found {
                 break 'wait;
             }
