@@ -45,7 +45,7 @@ pub const FORGETTING_STYLES: [&str; 3] = ["hellaswag", "arc", "winogrande"];
 /// Registered as `kind = "eval"`.
 pub static KIND: Kind = Kind {
     name: "eval",
-    version: 1,
+    version: 2,
     doc: "evaluates a model: perplexity, GSM8K, HumanEval (sandboxed), multiple choice, forgetting",
     params: &[
         Param {
@@ -567,7 +567,9 @@ fn run_humaneval(
             ..
         } => Some(Problem {
             task_id,
-            prompt,
+            // bigcode strips the prompt: a trailing newline left alone would be a token the
+            // model never saw there (BPE merges it with the next line's indentation).
+            prompt: prompt.trim().to_string(),
             test,
             entry_point,
         }),
