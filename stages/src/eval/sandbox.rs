@@ -316,6 +316,13 @@ impl Sandbox {
         unsafe {
             libc::kill(-pgid, libc::SIGKILL);
         }
+        // Wait (up to 2 s) until the group is gone, so no straggler outlives the call.
+        let killed = Instant::now();
+        // SAFETY: signal 0 only checks for existence.
+        while unsafe { libc::kill(-pgid, 0) } == 0 && killed.elapsed() < Duration::from_secs(2) {
+            let _ = child.try_wait();
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let outcome = match status {
             None => {
                 let _ = child.wait();
