@@ -121,7 +121,12 @@ fn the_sandbox_contains_loops_forks_writes_sockets_and_the_environment() {
         "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n";
     let e = sb.run(bomb).unwrap();
     assert_ne!(e.outcome, Outcome::Passed);
-    assert!(!leftover(&e.program), "fork bomb processes survived");
+    // Killed processes may take a moment to exit on a loaded machine; none may remain.
+    let gone = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        !leftover(&e.program)
+    });
+    assert!(gone, "fork bomb processes survived 10 s after the kill");
 
     // Writing outside its temp dir fails; writing inside works.
     let outside = tempfile::tempdir().unwrap();
