@@ -994,6 +994,10 @@ fn training_budget(pipeline: &Pipeline, stage: &flow::pipeline::Stage) -> Option
 /// After a run, where each `report` stage's report is, and its summary table: the study's
 /// answer at a glance.
 fn print_reports(pipeline: &Pipeline, cache: &Cache) -> anyhow::Result<()> {
+    // Resolving keys again costs a pass over the pipeline: only when there is a report.
+    if !pipeline.stages.iter().any(|s| s.kind.name == "report") {
+        return Ok(());
+    }
     let states = resolve(pipeline, cache)?;
     for (stage, state) in pipeline.stages.iter().zip(&states) {
         if stage.kind.name != "report" {

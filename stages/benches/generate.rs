@@ -5,18 +5,9 @@
 use std::time::Instant;
 
 use flow_stages::cpu::decode::{Decoder, Token};
+use flow_stages::eval::lm::argmax;
 use flow_stages::model::config::LlamaConfig;
 use flow_stages::model::weights::Weights;
-
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
 
 /// Greedy generation of `new` tokens after `prompt` tokens for `batch` sequences; with
 /// `cache` false every step re-feeds each whole sequence into an emptied slot.
@@ -57,7 +48,7 @@ fn generate(
         }
         let logits = dec.feed(&tokens).unwrap();
         for (s, row) in seqs.iter_mut().zip(logits.chunks(vocab)) {
-            s.push(argmax(row));
+            s.push(argmax(row) as u32);
         }
     }
     ((batch * new) as f64 / start.elapsed().as_secs_f64(), seqs)

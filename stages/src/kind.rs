@@ -177,6 +177,19 @@ impl StageContext<'_> {
             .map_err(|e| StageError::Params(format!("stage `{}`: {e}", self.stage)))
     }
 
+    /// The artifacts bound to an input param, in order (empty when the param is not given):
+    /// one lookup for every kind instead of each reaching into `inputs`.
+    pub fn artifacts(&self, name: &str) -> &[InputArtifact] {
+        self.inputs
+            .get(name)
+            .map_or(&[][..], |s| s.artifacts.as_slice())
+    }
+
+    /// The artifact of a single-valued input param (the first of a list).
+    pub fn artifact(&self, name: &str) -> Option<&InputArtifact> {
+        self.artifacts(name).first()
+    }
+
     /// The directory of the named output.
     pub fn output(&self, name: &str) -> Result<&Path, StageError> {
         self.outputs

@@ -275,7 +275,8 @@ impl Lm {
     }
 }
 
-fn argmax(row: &[f32]) -> usize {
+/// Index of the first maximum (greedy decoding's choice).
+pub fn argmax(row: &[f32]) -> usize {
     let mut best = 0;
     for (i, &v) in row.iter().enumerate() {
         if v > row[best] {

@@ -214,15 +214,8 @@ impl Samples {
     }
 }
 
-fn artifacts<'a>(ctx: &'a StageContext, name: &str) -> &'a [InputArtifact] {
-    ctx.inputs
-        .get(name)
-        .map_or(&[][..], |s| s.artifacts.as_slice())
-}
-
 fn one<'a>(ctx: &'a StageContext, name: &str, task: &str) -> Result<&'a InputArtifact, StageError> {
-    artifacts(ctx, name)
-        .first()
+    ctx.artifact(name)
         .ok_or_else(|| bad(format!("task `{task}` needs the `{name}` input")))
 }
 
@@ -304,7 +297,7 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
         let start = Instant::now();
         match task {
             "perplexity" => {
-                let inputs = artifacts(ctx, "perplexity");
+                let inputs = ctx.artifacts("perplexity");
                 if inputs.is_empty() {
                     return Err(bad("task `perplexity` needs the `perplexity` input"));
                 }
@@ -321,7 +314,7 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
             }
             "gsm8k" => {
                 let a = one(ctx, "gsm8k", task)?;
-                let fewshot = artifacts(ctx, "gsm8k_fewshot").first();
+                let fewshot = ctx.artifact("gsm8k_fewshot");
                 let r = run_gsm8k(
                     &lm,
                     &p,
@@ -346,7 +339,7 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
                 data.insert("humaneval".into(), describe(std::slice::from_ref(a)));
             }
             _ => {
-                let inputs = artifacts(ctx, "choice");
+                let inputs = ctx.artifacts("choice");
                 if inputs.is_empty() {
                     return Err(bad(format!("task `{task}` needs the `choice` input")));
                 }

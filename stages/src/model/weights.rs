@@ -403,7 +403,8 @@ fn weight_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, StageError> {
     )))
 }
 
-fn to_f32(dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, String> {
+/// Little-endian f32, bf16 or f16 tensor bytes as f32.
+pub(crate) fn to_f32(dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, String> {
     Ok(match dtype {
         Dtype::F32 => bytes
             .chunks_exact(4)

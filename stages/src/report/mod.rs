@@ -183,17 +183,13 @@ fn perplexity_metric(tasks: &Value, path: &str) -> Option<f64> {
 
 fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
     let p: Params = ctx.typed_params()?;
-    let list = |name: &str| {
-        ctx.inputs
-            .get(name)
-            .map_or(&[][..], |s| s.artifacts.as_slice())
-    };
     let out = ctx.output("report")?;
     let fig_dir = out.join("figures");
     std::fs::create_dir_all(&fig_dir)
         .map_err(|e| StageError::io(format!("creating {}", fig_dir.display()), e))?;
 
-    let curves: Vec<Curve> = list("curves")
+    let curves: Vec<Curve> = ctx
+        .artifacts("curves")
         .iter()
         .map(read_curve)
         .collect::<Result<_, _>>()?;
@@ -206,7 +202,7 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
     let mut table: Vec<(String, String, String, f64)> = Vec::new();
     let mut points = Vec::new();
     let mut learning_name = String::new();
-    for a in list("evals") {
+    for a in ctx.artifacts("evals") {
         let m = read_json(&a.dir.join("metrics.json"))?;
         let tasks = &m["tasks"];
         let model = m["model"]["stage"].as_str().unwrap_or("?").to_string();
@@ -264,7 +260,8 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
             }
         }
     }
-    let svds: Vec<(String, Value, &InputArtifact)> = list("svd")
+    let svds: Vec<(String, Value, &InputArtifact)> = ctx
+        .artifacts("svd")
         .iter()
         .map(|a| Ok((a.stage.clone(), read_json(&a.dir.join("summary.json"))?, a)))
         .collect::<Result<_, StageError>>()?;
@@ -530,12 +527,8 @@ fn human(t: f64) -> String {
 
 fn read_vector(st: &safetensors::SafeTensors, name: &str) -> Option<Vec<f64>> {
     let v = st.tensor(name).ok()?;
-    Some(
-        v.data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().expect("4")) as f64)
-            .collect(),
-    )
+    let data = crate::model::weights::to_f32(v.dtype(), v.data()).ok()?;
+    Some(data.into_iter().map(f64::from).collect())
 }
 
 /// Spectra of the chosen matrix (from the longest full-model change) and of the controls.

@@ -17,6 +17,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::cpu::lora::Adapters;
+use crate::cpu::matmul::{Layout, gemm_into};
 use crate::data::rng::Rng;
 use crate::kind::{Default, Kind, Param, ParamType, StageContext, StageError, StageOutcome};
 use crate::model::config::LlamaConfig;
@@ -147,16 +148,16 @@ impl Change {
                 if let Some((a, b)) = ad.get(layer, p) {
                     let r = ad.spec.rank;
                     // delta[o, i] = scale * sum_r B[o, r] A[r, i]
-                    crate::cpu::matmul::gemm_into(
+                    gemm_into(
                         out,
                         inp,
                         r,
                         &mut delta,
-                        crate::cpu::matmul::Layout::rows(inp, false),
+                        Layout::rows(inp, false),
                         b,
-                        crate::cpu::matmul::Layout::rows(r, false),
+                        Layout::rows(r, false),
                         a,
-                        crate::cpu::matmul::Layout::rows(inp, false),
+                        Layout::rows(inp, false),
                         ad.spec.scale(),
                         false,
                         1,
@@ -180,11 +181,12 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(ctx.threads.max(1))
         .build_global();
-    let input = |name: &str| ctx.inputs.get(name).and_then(|s| s.artifacts.first());
-    let base_in = input("base").ok_or_else(|| StageError::Params("missing `base`".into()))?;
+    let base_in = ctx
+        .artifact("base")
+        .ok_or_else(|| StageError::Params("missing `base`".into()))?;
     let config = LlamaConfig::read(&base_in.dir.join("config.json"))?;
     let base = TensorFiles::open(&base_in.dir)?;
-    let (change, source) = match (input("finetuned"), input("adapter")) {
+    let (change, source) = match (ctx.artifact("finetuned"), ctx.artifact("adapter")) {
         (Some(f), None) => (Change::Model(TensorFiles::open(&f.dir)?), f),
         (None, Some(a)) => (Change::Lora(Adapters::load(&a.dir, &config)?), a),
         _ => {

@@ -206,7 +206,7 @@ impl Log {
 }
 
 fn input_dir<'a>(ctx: &'a StageContext, name: &str) -> Option<&'a Path> {
-    ctx.inputs.get(name).map(|s| s.artifacts[0].dir.as_path())
+    ctx.artifact(name).map(|a| a.dir.as_path())
 }
 
 fn train(ctx: &StageContext, lora: bool) -> Result<StageOutcome, StageError> {
