@@ -195,6 +195,7 @@ fn a_profile_removes_stages_and_a_bad_removal_is_named() {
 #[ignore = "long: about 10 minutes per study on 2 cores; run with --ignored"]
 fn every_default_study_runs_end_to_end_and_resumes() {
     let ws = Workspace::new();
+    let mut meaningful = Vec::new();
     for name in STUDIES {
         let path = shipped(name);
         let out = ws.flow(&["run", path.to_str().unwrap()]);
@@ -210,15 +211,31 @@ fn every_default_study_runs_end_to_end_and_resumes() {
                 && dir.join("figures/learning_vs_forgetting.png").is_file()
         );
         let csv = std::fs::read_to_string(dir.join("results.csv")).unwrap();
+        let mut results = Vec::new();
         for line in csv.lines().skip(1) {
-            let v: f64 = line.rsplit(',').next().unwrap().parse().unwrap();
+            let cells: Vec<&str> = line.split(',').collect();
+            let v: f64 = cells[cells.len() - 1].parse().unwrap();
             assert!(v.is_finite(), "{name}: {line}");
+            results.push((cells[0].to_string(), cells[2].to_string(), v));
         }
+        meaningful.push(study_outcome(name, &results));
         // A rerun executes nothing.
         let events = ws.json(&["run", path.to_str().unwrap()], true);
         let ran = events.iter().filter(|e| e["status"] == "ran").count();
         assert_eq!(ran, 0, "{name}: a warm rerun ran stages");
     }
+
+    // The studies mean something: the base knows the general world far above chance (1/3), and
+    // full finetuning clearly improves the target metric over the base. All printed first.
+    for (line, _) in &meaningful {
+        eprintln!("{line}");
+    }
+    let failed: Vec<&String> = meaningful
+        .iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(l, _)| l)
+        .collect();
+    assert!(failed.is_empty(), "studies without a finding: {failed:?}");
 
     // Kill math_cpt in the middle of a training stage (the in-DAG pretraining, checkpointed
     // every 50 steps), rerun: it resumes from the checkpoint, not from step 0.
@@ -267,4 +284,38 @@ fn every_default_study_runs_end_to_end_and_resumes() {
             t[at + 32..].split_whitespace().next()?.parse::<u64>().ok()
         });
     assert!(resumed.is_some_and(|s| s >= 100), "resumed at {resumed:?}");
+}
+
+/// One line on a study's outcome from its report's `results.csv` rows (stage, metric, value),
+/// and whether it shows what the default profile promises: the base model's forgetting score
+/// at least 0.6 (chance is 1/3) and the best full finetuning's learning metric at least 0.05
+/// above the base's.
+fn study_outcome(name: &str, results: &[(String, String, f64)]) -> (String, bool) {
+    let learning = if results.iter().any(|r| r.1 == "gsm8k.strict_match") {
+        "gsm8k.strict_match"
+    } else {
+        "humaneval.pass@1"
+    };
+    let get = |stage: &str, metric: &str| {
+        results
+            .iter()
+            .filter(|r| r.0.starts_with(stage) && r.1 == metric)
+            .map(|r| r.2)
+            .fold(f64::NAN, f64::max)
+    };
+    let base_forgetting = get("eval_base", "forgetting.score");
+    let base_learning = get("eval_base", learning);
+    let full_learning = get("eval_full", learning);
+    let full_forgetting = get("eval_full", "forgetting.score");
+    let lora_learning = get("eval_lora", learning);
+    let lora_forgetting = get("eval_lora", "forgetting.score");
+    let ok = base_forgetting >= 0.6 && full_learning >= base_learning + 0.05;
+    (
+        format!(
+            "{name}: base {learning} {base_learning:.3} forgetting {base_forgetting:.3}; \
+             best full {full_learning:.3} (forgetting up to {full_forgetting:.3}); \
+             best LoRA {lora_learning:.3} (forgetting up to {lora_forgetting:.3})"
+        ),
+        ok,
+    )
 }

@@ -8,7 +8,7 @@
 use std::process::Command;
 use std::time::Instant;
 
-use flow_stages::cpu::llama::Batch;
+use flow_stages::cpu::llama::{Batch, Dropouts};
 use flow_stages::cpu::lora::{Adapters, LoraInit, LoraSpec};
 use flow_stages::gpu::device::{Choice, select};
 use flow_stages::model::config::LlamaConfig;
@@ -67,13 +67,18 @@ fn one(config: &str, mode: &str, device: &str, threads: usize) {
         pos: (0..rows).flat_map(|_| 0..seq as u32).collect(),
         seq_ids: None,
     };
-    let lora = mode.strip_prefix("lora").map(|r| {
+    // `lora16-drop`: PEFT's lora_dropout 0.05 on every adapter input, the studies' default.
+    let (mode_rank, lora_dropout) = match mode.strip_suffix("-drop") {
+        Some(m) => (m, 0.05),
+        None => (mode, 0.0),
+    };
+    let lora = mode_rank.strip_prefix("lora").map(|r| {
         let rank: usize = r.parse().expect("lora<rank>");
         let spec = LoraSpec {
             rank,
             alpha: 2.0 * rank as f64,
             rslora: false,
-            dropout: 0.0,
+            dropout: lora_dropout,
             targets: Proj::ALL.to_vec(),
         };
         Adapters::init(&cfg, &spec, LoraInit::Kaiming, 3)
@@ -114,7 +119,12 @@ fn one(config: &str, mode: &str, device: &str, threads: usize) {
         for step in 0..steps {
             let t0 = Instant::now();
             let scale = 1.0 / batch.target_count() as f32;
-            trainer.accumulate(&batch, scale, None);
+            let drop = (lora_dropout > 0.0).then_some(Dropouts {
+                lora: lora_dropout,
+                seed: step as u64,
+                ..Dropouts::default()
+            });
+            trainer.accumulate(&batch, scale, drop);
             trainer.apply(1e-3, 1.0);
             if step >= 2 {
                 times.push(t0.elapsed().as_secs_f64());
@@ -223,7 +233,7 @@ fn main() {
     };
     for dev in devices {
         for (config, ..) in CONFIGS.iter().filter(|c| c.0 != "large") {
-            for mode in ["full", "lora16"] {
+            for mode in ["full", "lora16", "lora16-drop"] {
                 if dev != "cpu" && *config == "wide" && std::env::var("FLOW_BENCH_WIDE").is_err() {
                     continue; // minutes on a software rasterizer; set FLOW_BENCH_WIDE to run it
                 }

@@ -96,15 +96,7 @@ impl AttnDropout {
 
     /// `p *= keep / (1 - p)` over a T×T probability matrix of head (b, h).
     fn apply(&self, d: &Dims, b: usize, h: usize, p: &mut [f32]) {
-        let site = self.site(d, b, h);
-        let scale = 1.0 / (1.0 - self.mask.p);
-        for (i, v) in p.iter_mut().enumerate() {
-            *v = if self.mask.keep(site, i as u64) {
-                *v * scale
-            } else {
-                0.0
-            };
-        }
+        self.mask.apply_serial(p, self.site(d, b, h), 0);
     }
 }
 

@@ -232,26 +232,72 @@ impl DropMask {
         z ^ (z >> 31)
     }
 
-    /// Whether element `i` of `site` is kept.
-    #[inline]
-    pub fn keep(&self, site: u64, i: u64) -> bool {
-        let z = Self::mix(self.seed ^ Self::mix(site.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i));
-        ((z >> 40) as f32) * (1.0 / (1u64 << 24) as f32) >= self.p
+    /// The stream of one site, hashed once per buffer instead of once per element.
+    fn site_key(&self, site: u64) -> u64 {
+        Self::mix(self.seed ^ Self::mix(site.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
     }
 
-    /// `x *= mask / (1 - p)` for a whole buffer of `site`.
-    pub fn apply(&self, x: &mut [f32], site: u64) {
+    /// An element is kept when its 16-bit draw is at least this (p is rounded to 1/65536).
+    fn threshold(&self) -> u64 {
+        (self.p as f64 * 65536.0).round() as u64
+    }
+
+    /// Whether element `i` of `site` is kept: the 16-bit lane `i % 4` of the hash of `i / 4`.
+    /// One 64-bit hash serves four elements: masks drawn for every LoRA input and attention
+    /// matrix (three times a step) cost a quarter of hashing each element, which made LoRA
+    /// training slower than full finetuning.
+    #[inline]
+    pub fn keep(&self, site: u64, i: u64) -> bool {
+        let z = Self::mix(self.site_key(site) ^ (i / 4));
+        ((z >> (16 * (i % 4))) & 0xFFFF) >= self.threshold()
+    }
+
+    /// `x *= mask / (1 - p)` for elements `start..start + x.len()` of a site's stream
+    /// (`start` a multiple of 4), on the calling thread. Sixteen elements at a time from four
+    /// independent hashes, through a factor array, so the multiplies vectorize and the hashes
+    /// overlap (2x faster than one decision at a time, measured).
+    pub fn apply_serial(&self, x: &mut [f32], site: u64, start: usize) {
+        debug_assert!(start.is_multiple_of(4));
         if self.p <= 0.0 {
             return;
         }
+        let (key, t) = (self.site_key(site), self.threshold());
         let scale = 1.0 / (1.0 - self.p);
-        const CHUNK: usize = 4096;
-        x.par_chunks_mut(CHUNK).enumerate().for_each(|(c, x)| {
-            for (j, v) in x.iter_mut().enumerate() {
-                let i = (c * CHUNK + j) as u64;
-                *v = if self.keep(site, i) { *v * scale } else { 0.0 };
+        let factor = |z: u64, lane: usize| {
+            if ((z >> (16 * lane)) & 0xFFFF) >= t {
+                scale
+            } else {
+                0.0
             }
-        });
+        };
+        let first = (start / 4) as u64;
+        let done = (x.len() / 16 * 4) as u64;
+        let mut blocks = x.chunks_exact_mut(16);
+        for (b, block) in (&mut blocks).enumerate() {
+            let g = first + 4 * b as u64;
+            let z = [0, 1, 2, 3].map(|q| Self::mix(key ^ (g + q)));
+            let mut f = [0.0f32; 16];
+            for (i, f) in f.iter_mut().enumerate() {
+                *f = factor(z[i / 4], i % 4);
+            }
+            for (v, f) in block.iter_mut().zip(f) {
+                *v *= f;
+            }
+        }
+        for (q, quad) in blocks.into_remainder().chunks_mut(4).enumerate() {
+            let z = Self::mix(key ^ (first + done + q as u64));
+            for (lane, v) in quad.iter_mut().enumerate() {
+                *v *= factor(z, lane);
+            }
+        }
+    }
+
+    /// `x *= mask / (1 - p)` for a whole buffer of `site`, in parallel.
+    pub fn apply(&self, x: &mut [f32], site: u64) {
+        const CHUNK: usize = 4096;
+        x.par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(c, x)| self.apply_serial(x, site, c * CHUNK));
     }
 }
 
@@ -333,5 +379,20 @@ mod tests {
         assert_eq!(m.keep(3, 17), m.keep(3, 17));
         let differs = (0..1000).filter(|&i| m.keep(3, i) != m.keep(4, i)).count();
         assert!(differs > 200, "sites are independent: {differs}");
+        // The buffer form applies exactly the per-element decisions, from any aligned start.
+        let mut x = vec![1.0f32; 10_000];
+        m.apply(&mut x, 3);
+        for (i, v) in x.iter().enumerate() {
+            assert_eq!(
+                *v,
+                if m.keep(3, i as u64) { 1.0 / 0.75 } else { 0.0 },
+                "{i}"
+            );
+        }
+        for (at, len) in [(8192, 100), (4, 37), (9996, 4)] {
+            let mut part = vec![1.0f32; len];
+            m.apply_serial(&mut part, 3, at);
+            assert_eq!(part[..], x[at..at + len], "{at}+{len}");
+        }
     }
 }

@@ -61,7 +61,7 @@ macro_rules! train_params {
 /// Registered as `kind = "train-full"`.
 pub static FULL: Kind = Kind {
     name: "train-full",
-    version: 1,
+    version: 2,
     doc: "full finetuning (or pretraining from a fresh model): every weight trains",
     params: train_params![],
     outputs: &["model", "curve"],
@@ -72,7 +72,7 @@ pub static FULL: Kind = Kind {
 /// Registered as `kind = "train-lora"`.
 pub static LORA: Kind = Kind {
     name: "train-lora",
-    version: 1,
+    version: 2,
     doc: "LoRA: low-rank adapters on the chosen projections train, the base stays frozen; writes the PEFT adapter and the merged model",
     params: train_params![
         Param {

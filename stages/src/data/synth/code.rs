@@ -86,9 +86,15 @@ const WORDS: &[&str] = &[
 
 /// One random problem.
 pub fn problem(rng: &mut Rng) -> Problem {
-    let k = rng.range(2, 30);
-    let list =
-        |rng: &mut Rng| -> Vec<i64> { (0..rng.range(3, 6)).map(|_| rng.range(-5, 40)).collect() };
+    // Constants range widely so that no name's body can be memorized: with k in 2..30 (290
+    // functions, each seen ~40 times) models recalled the nearest trained function instead of
+    // copying the constant from the prompt.
+    let k = rng.range(2, 99);
+    let list = |rng: &mut Rng| -> Vec<i64> {
+        (0..rng.range(3, 6))
+            .map(|_| rng.range(-5, 2 * k + 5))
+            .collect()
+    };
     match rng.below(10) {
         0 => Problem {
             name: format!("add_{k}"),

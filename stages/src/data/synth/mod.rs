@@ -21,14 +21,14 @@ use crate::kind::{Default, Kind, Param, ParamType, StageContext, StageError, Sta
 /// Registered as `kind = "synthetic"`.
 pub static KIND: Kind = Kind {
     name: "synthetic",
-    version: 1,
+    version: 2,
     doc: "generates the general, math or code world: CPT corpus, IFT pairs, held-out eval items",
     params: &[
         Param {
             name: "domain",
             ty: ParamType::Choice(&["general", "math", "code"]),
             default: Default::Required,
-            doc: "general: stories + HellaSwag/ARC/WinoGrande-shaped items; math: GSM8K-shaped; code: HumanEval-shaped",
+            doc: "general: facts about people + HellaSwag/ARC/WinoGrande-shaped items on them; math: GSM8K-shaped; code: HumanEval-shaped",
         },
         Param {
             name: "docs",
@@ -82,6 +82,17 @@ pub fn is_heldout(identity: &str) -> bool {
     blake3_u64(identity.as_bytes()).is_multiple_of(10)
 }
 
+/// Which identities an output draws from.
+#[derive(Clone, Copy, PartialEq)]
+enum Side {
+    /// The training nine tenths (and items without an identity).
+    Training,
+    /// The held-out tenth.
+    Heldout,
+    /// Any: for items that probe what training taught (the general world's knowledge).
+    Any,
+}
+
 /// Draws `n` items from one side of the split (items without an identity, such as lists of
 /// equations, belong to the training side). Eval sides are deduplicated by identity; stops
 /// early (returning fewer) when the side runs out of new identities.
@@ -89,7 +100,7 @@ pub fn is_heldout(identity: &str) -> bool {
 fn draw(
     rng: &mut Rng,
     n: usize,
-    heldout: bool,
+    side: Side,
     unique: bool,
     out: &mut RecordWriter,
     mut generate: Generate,
@@ -98,8 +109,13 @@ fn draw(
     let mut misses = 0;
     while out.len() < n && misses < 200 * n.max(10) {
         let (item, identity) = generate(rng);
-        let side = identity.as_deref().is_some_and(is_heldout);
-        if side != heldout || (unique && !seen.insert(identity)) {
+        let held = identity.as_deref().is_some_and(is_heldout);
+        let wrong_side = match side {
+            Side::Training => held,
+            Side::Heldout => !held,
+            Side::Any => false,
+        };
+        if wrong_side || (unique && !seen.insert(identity)) {
             misses += 1;
             continue;
         }
@@ -124,17 +140,19 @@ fn text(t: String) -> Record {
 type Generate<'a> = Box<dyn FnMut(&mut Rng) -> (Record, Option<String>) + 'a>;
 
 /// Draws every output of a world from its own sub-stream: training outputs from the
-/// training side of the split, `eval` (deduplicated) and `heldout` from the held-out side.
+/// training side of the split, `eval` (deduplicated) from `eval_side` and `heldout` from the
+/// held-out side.
 fn write_world(
     rng: &Rng,
     p: &Params,
     w: &mut World,
+    eval_side: Side,
     [cpt, ift, eval, heldout]: [Generate; 4],
 ) -> Result<(), StageError> {
     draw(
         &mut rng.fork("cpt"),
         p.docs as usize,
-        false,
+        Side::Training,
         false,
         &mut w.cpt,
         cpt,
@@ -142,7 +160,7 @@ fn write_world(
     draw(
         &mut rng.fork("ift"),
         p.pairs as usize,
-        false,
+        Side::Training,
         false,
         &mut w.ift,
         ift,
@@ -150,7 +168,7 @@ fn write_world(
     draw(
         &mut rng.fork("eval"),
         p.eval as usize,
-        true,
+        eval_side,
         true,
         &mut w.eval,
         eval,
@@ -158,32 +176,37 @@ fn write_world(
     draw(
         &mut rng.fork("heldout"),
         p.heldout as usize,
-        true,
+        Side::Heldout,
         false,
         &mut w.heldout,
         heldout,
     )
 }
 
+/// The general world's eval items ask about the knowledge its corpus teaches, so they are
+/// drawn from any side of the split (each item's text is still never a training document).
 fn general_world(rng: &Rng, p: &Params, w: &mut World) -> Result<(), StageError> {
     let styles = ["hellaswag", "arc", "winogrande"];
     let mut style_rng = rng.fork("styles");
-    let doc = |r: &mut Rng| {
-        let (d, id) = general::document(r);
+    let knowledge = general::Knowledge::new(&mut rng.fork("knowledge"));
+    let k = &knowledge;
+    let doc = move |r: &mut Rng| {
+        let (d, id) = general::document(r, k);
         (text(d), Some(id))
     };
     write_world(
         rng,
         p,
         w,
+        Side::Any,
         [
             Box::new(doc),
-            Box::new(|r| {
-                let (pair, id) = general::pair(r);
+            Box::new(move |r| {
+                let (pair, id) = general::pair(r, k);
                 (pair, Some(id))
             }),
             Box::new(move |r| {
-                let (item, id) = general::choice_item(r, styles[style_rng.below(3)]);
+                let (item, id) = general::choice_item(r, k, styles[style_rng.below(3)]);
                 (item, Some(id))
             }),
             Box::new(doc),
@@ -202,6 +225,7 @@ fn math_world(rng: &Rng, p: &Params, w: &mut World) -> Result<(), StageError> {
         rng,
         p,
         w,
+        Side::Heldout,
         [
             Box::new(|r| {
                 let doc = math::document(r);
@@ -234,6 +258,7 @@ fn code_world(rng: &Rng, p: &Params, w: &mut World) -> Result<(), StageError> {
         rng,
         p,
         w,
+        Side::Heldout,
         [
             Box::new(source),
             Box::new(|r| {
@@ -283,10 +308,15 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
     ] {
         let count = writer.len();
         let types = writer.finish()?;
+        let split = if p.domain == "general" && name == "eval" {
+            "any: the items ask about knowledge the corpus states"
+        } else {
+            "held out: identities with blake3 % 10 == 0"
+        };
         write_summary(
             ctx.output(name)?,
             &json!({"domain": p.domain, "seed": p.seed, "records": count, "types": types,
-                    "split": "held out: identities with blake3 % 10 == 0"}),
+                    "split": split}),
         )?;
         outcome.metrics.insert(name.into(), json!(count));
     }
