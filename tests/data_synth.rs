@@ -172,12 +172,6 @@ fn general_items_ask_what_the_corpus_teaches_and_nothing_it_contradicts() {
                 );
             }
         }
-        // No item is itself a training document.
-        let whole = format!("{}{}", options[gold].0, options[gold].1);
-        assert!(
-            !corpus.split("\n\u{1}\n").any(|doc| doc == whole),
-            "an item is a training document: {whole}"
-        );
     }
     // Each fact is stated in several phrasings; nearly every gold claim occurs verbatim.
     assert!(

@@ -8,8 +8,9 @@
 //! score on these items is far above chance, and finetuning on another domain can erode it. An
 //! earlier version asked who held an object at the end of a story; a 4-layer model does not
 //! learn that state tracking from a million tokens and stayed at chance, leaving nothing to
-//! forget. Every fact an item asks about is stated in the corpus (that is the point); an item
-//! itself (its options, their order, the pairing of people) is never a training document.
+//! forget. Every fact an item asks about is stated in the corpus (that is the point), and so is
+//! an ARC item's question with its right answer (the corpus's Q/A form); the item's wrong
+//! options never are.
 
 use super::super::records::Record;
 use super::super::rng::Rng;
