@@ -213,10 +213,13 @@ fn every_default_study_runs_end_to_end_and_resumes() {
         let csv = std::fs::read_to_string(dir.join("results.csv")).unwrap();
         let mut results = Vec::new();
         for line in csv.lines().skip(1) {
-            let cells: Vec<&str> = line.split(',').collect();
-            let v: f64 = cells[cells.len() - 1].parse().unwrap();
+            // stage,model,metric,value: a stage or model name of several sweep coordinates is
+            // quoted and holds commas, so the metric and value are read from the right.
+            let cells: Vec<&str> = line.rsplitn(3, ',').collect();
+            let v: f64 = cells[0].parse().unwrap();
             assert!(v.is_finite(), "{name}: {line}");
-            results.push((cells[0].to_string(), cells[2].to_string(), v));
+            let stage = cells[2].trim_start_matches('"');
+            results.push((stage.to_string(), cells[1].to_string(), v));
         }
         meaningful.push(study_outcome(name, &results));
         // A rerun executes nothing.
