@@ -197,26 +197,24 @@ fn answer(fact: Fact, value: usize) -> String {
     }
 }
 
-/// The HellaSwag-shaped context and ending of a fact: the ending is the value alone.
-fn scene(p: &Person, fact: Fact, value: usize) -> (String, String) {
+/// The HellaSwag-shaped context of a fact about `p`: a statement phrasing cut before its value.
+fn scene(p: &Person, fact: Fact) -> String {
     let n = p.name;
     match fact {
-        Fact::Home => (
-            format!("After work, {n} walked home to the"),
-            format!(" {}.", PLACES[value]),
-        ),
-        Fact::Job => (
-            format!("Every morning, {n} goes to work and"),
-            format!(" {}.", JOBS[value].1),
-        ),
-        Fact::Pet => (
-            format!("At home, {n} fed the"),
-            format!(" {}.", PETS[value]),
-        ),
-        Fact::Color => (
-            format!("{n} likes the color"),
-            format!(" {} best.", COLORS[value]),
-        ),
+        Fact::Home => format!("After work, {n} walked home to the"),
+        Fact::Job => format!("Every morning, {n} goes to work and"),
+        Fact::Pet => format!("At home, {n} fed the"),
+        Fact::Color => format!("{n} likes the color"),
+    }
+}
+
+/// The ending of a [`scene`] that states `value`.
+fn scene_ending(fact: Fact, value: usize) -> String {
+    match fact {
+        Fact::Home => format!(" {}.", PLACES[value]),
+        Fact::Job => format!(" {}.", JOBS[value].1),
+        Fact::Pet => format!(" {}.", PETS[value]),
+        Fact::Color => format!(" {} best.", COLORS[value]),
     }
 }
 
@@ -331,8 +329,8 @@ pub fn choice_item(rng: &mut Rng, k: &Knowledge, style: &str) -> (Record, String
             // The ending that states the person's fact against three that state another value.
             let p = k.person(rng);
             let (opts, gold) = options(rng, fact, p.value(fact), 4);
-            let context = scene(&p, fact, 0).0;
-            let endings = opts.iter().map(|&v| scene(&p, fact, v).1).collect();
+            let context = scene(&p, fact);
+            let endings = opts.iter().map(|&v| scene_ending(fact, v)).collect();
             (vec![context], endings, gold)
         }
         "arc" => {
