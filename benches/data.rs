@@ -29,9 +29,10 @@ fn corpus(dir: &Path, mb: u64, seed: u64) -> u64 {
     std::fs::create_dir_all(dir).unwrap();
     let mut w = RecordWriter::create(dir).unwrap();
     let mut rng = Rng::new(seed);
+    let knowledge = general::Knowledge::new(&mut rng);
     let mut bytes = 0u64;
     while bytes < mb << 20 {
-        let (text, _) = general::document(&mut rng);
+        let (text, _) = general::document(&mut rng, &knowledge);
         bytes += text.len() as u64;
         w.write(&Record::Text { text }).unwrap();
     }

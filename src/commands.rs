@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context as _, bail};
 use flow::exec::plan::{KeyState, resolve, resolve_with};
 use flow::exec::protocol::{ChildSpec, JobSpec};
-use flow::exec::{self, RunOptions};
+use flow::exec::{self, RunOptions, Threads};
 use flow::key::short;
 use flow::pipeline::{ExecutorKind, Overrides, Pipeline};
 use flow::remote::{Remote, Transfer};
@@ -173,11 +173,14 @@ impl Context {
         if wait {
             bail!("--wait follows cluster jobs: use it with --executor slurm");
         }
-        let jobs = jobs.max(1);
+        let jobs = jobs.or(pipeline.executor.jobs).unwrap_or(1).max(1);
         let remote = self.open_remote(&pipeline)?;
         let opts = RunOptions {
             jobs,
-            threads: threads.unwrap_or((cores() / jobs).max(1)),
+            threads: match threads {
+                Some(t) => Threads::PerStage(t.max(1)),
+                None => Threads::Share(cores()),
+            },
             remote: remote.as_ref(),
             only: None,
             device,
@@ -273,7 +276,7 @@ impl Context {
         );
         let opts = RunOptions {
             jobs: 1,
-            threads,
+            threads: Threads::PerStage(threads),
             remote: Some(&remote),
             only: Some(target),
             device: None,

@@ -43,10 +43,10 @@ pub struct PipelineArgs {
 /// How `flow run` runs.
 #[derive(Args, Clone)]
 pub struct RunArgs {
-    /// Stages to run at once
-    #[arg(short, long, default_value_t = 1)]
-    pub jobs: usize,
-    /// Threads per stage [default: available cores / jobs]
+    /// Stages to run at once [default: `[executor] jobs`, else 1]
+    #[arg(short, long)]
+    pub jobs: Option<usize>,
+    /// Threads per stage [default: the available cores, shared among the stages running]
     #[arg(long)]
     pub threads: Option<usize>,
     /// Device of stages that name none: auto, cpu, wgpu, vulkan, metal, cuda [default: auto]

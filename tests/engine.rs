@@ -330,6 +330,81 @@ env = { V = "default" }
     );
 }
 
+/// `[executor] jobs` runs independent stages side by side, and the cores are shared: two
+/// stages started together split them, a stage running alone gets them all; `-j` overrides
+/// the file and `--threads` fixes the count.
+#[test]
+fn stages_started_together_share_the_cores_and_a_lone_stage_gets_them_all() {
+    let ws = Workspace::new();
+    let p = ws.write(
+        "p.toml",
+        r#"
+[executor]
+jobs = 2
+
+[stage.a]
+kind = "command"
+run = "echo $FLOW_THREADS > $FLOW_OUT/t; sleep 0.3"
+env = { RUN = "1" }
+
+[stage.b]
+kind = "command"
+run = "echo $FLOW_THREADS > $FLOW_OUT/t; sleep 0.3"
+
+[stage.c]
+kind = "command"
+run = "echo $FLOW_THREADS > $FLOW_OUT/t"
+inputs = { a = "a", b = "b" }
+"#,
+    );
+    let threads = |ws: &Workspace, p: &std::path::Path, stage: &str| -> usize {
+        let t = tree(&ws.output_dir(p, stage));
+        String::from_utf8_lossy(&t[0].1).trim().parse().unwrap()
+    };
+    ws.run_statuses(&p, &[]);
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let (a, b, c) = (
+        threads(&ws, &p, "a"),
+        threads(&ws, &p, "b"),
+        threads(&ws, &p, "c"),
+    );
+    assert_eq!(c, cores, "the join runs alone");
+    assert_eq!(a + b, cores.max(2), "a and b split the cores: {a} + {b}");
+    assert!(a.abs_diff(b) <= 1, "an even split: {a} and {b}");
+
+    // -j 1 runs one at a time: each stage alone, on every core.
+    let p1 = ws.write(
+        "p1.toml",
+        &std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("\"1\"", "\"2\""),
+    );
+    ws.run_statuses(&p1, &["-j", "1"]);
+    assert_eq!(threads(&ws, &p1, "a"), cores);
+    // --threads fixes it.
+    let p3 = ws.write(
+        "p3.toml",
+        &std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("\"1\"", "\"3\""),
+    );
+    ws.run_statuses(&p3, &["--threads", "3"]);
+    assert_eq!(threads(&ws, &p3, "a"), 3);
+
+    // A bad value names the field.
+    let bad = ws.write(
+        "bad.toml",
+        "[executor]\njobs = 0\n[stage.a]\nkind = \"command\"\nrun = \"true\"\n",
+    );
+    let out = ws.flow(&["plan", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("executor.jobs"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn a_new_key_with_identical_output_replaces_a_damaged_copy() {
     let ws = Workspace::new();

@@ -1,7 +1,7 @@
 //! The shipped study pipelines: every default profile and every `paper` profile validates and
 //! expands to the study's stages; shared stages have one key across studies; the paper plan
 //! states token budgets and step counts. The end-to-end runs of the default profiles are long
-//! (math_cpt alone about 17 minutes) and `#[ignore]`d: `cargo test --release --test pipelines -- --ignored`.
+//! (math_cpt alone about 15 minutes) and `#[ignore]`d: `cargo test --release --test pipelines -- --ignored`.
 
 mod common;
 
@@ -201,6 +201,15 @@ fn every_default_study_runs_end_to_end_and_resumes() {
         let out = ws.flow(&["run", path.to_str().unwrap()]);
         assert_ok(&out);
         let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // The run's summary line ("N ran, M cached, 0 failed in S s"), for the record.
+        if let Some(summary) = stdout
+            .lines()
+            .chain(stderr.lines())
+            .find(|l| l.contains(" ran, "))
+        {
+            eprintln!("{name}: {}", summary.trim());
+        }
         assert!(
             stdout.contains("report: ") && stdout.contains("method"),
             "{stdout}"

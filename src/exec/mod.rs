@@ -26,7 +26,7 @@ pub struct RunOptions<'a> {
     /// Stages run at once.
     pub jobs: usize,
     /// Threads each stage may use.
-    pub threads: usize,
+    pub threads: Threads,
     /// A shared remote cache: done keys are pulled from it instead of recomputed, and every
     /// key done here is pushed to it.
     pub remote: Option<&'a Remote>,
@@ -35,6 +35,19 @@ pub struct RunOptions<'a> {
     pub only: Option<usize>,
     /// The device of stages that use one and name none (`--device`; default `auto`).
     pub device: Option<String>,
+}
+
+/// How many threads a stage gets.
+#[derive(Debug, Clone, Copy)]
+pub enum Threads {
+    /// The same number for every stage (`--threads`, a cluster job's CPUs).
+    PerStage(usize),
+    /// This many cores, shared: the stages started together split the cores no running
+    /// stage holds, so a stage that runs alone (the base model's pretraining) gets all of
+    /// them and two that can run side by side get half each. A stage keeps its threads to
+    /// the end (the CPU engine sizes its pool once), and thread counts never change results:
+    /// the engine splits work over output blocks only.
+    Share(usize),
 }
 
 /// Counts of a finished run.
@@ -83,6 +96,10 @@ pub fn run(
     let mut outcome: Vec<Option<Status>> = vec![None; n];
     let mut push_failed = false;
     let mut running = 0usize;
+    // Threads each running stage holds, and the stages to start once this pass has found
+    // them all (so that the free cores are split among them).
+    let mut threads = vec![0usize; n];
+    let mut starting: Vec<(usize, ChildSpec)> = Vec::new();
     let (tx, rx) = mpsc::channel::<Msg>();
     let files = FileHashes::load(cache);
     let wanted = match opts.only {
@@ -165,7 +182,7 @@ pub fn run(
                 state[i] = State::Failed;
                 continue;
             }
-            if running >= opts.jobs {
+            if running + starting.len() >= opts.jobs {
                 continue;
             }
             let spec = ChildSpec {
@@ -199,15 +216,26 @@ pub fn run(
                     .dir
                     .canonicalize()
                     .unwrap_or_else(|_| pipeline.dir.clone()),
-                threads: opts.threads,
+                threads: 1,
                 remote: opts.remote.map(|r| r.url().to_string()),
                 device: stage.device.clone().or_else(|| opts.device.clone()),
             };
-            spawn_stage(i, spec, cache.log_path(&key), tx.clone());
             state[i] = State::Running;
+            starting.push((i, spec));
+        }
+        let shares = thread_shares(opts.threads, threads.iter().sum(), starting.len());
+        for ((i, mut spec), share) in starting.drain(..).zip(shares) {
+            spec.threads = share;
+            threads[i] = share;
+            spawn_stage(
+                i,
+                spec,
+                cache.log_path(&keys[i].clone().expect("keyed")),
+                tx.clone(),
+            );
             started[i] = Some(Instant::now());
             running += 1;
-            ui.started(&stage.name);
+            ui.started(&pipeline.stages[i].name);
         }
         if running == 0 {
             break;
@@ -232,6 +260,7 @@ pub fn run(
             },
             Msg::Exit(i, code) => {
                 running -= 1;
+                threads[i] = 0;
                 let name = pipeline.stages[i].name.clone();
                 let key = keys[i].clone().expect("running stages have keys");
                 let secs = started[i].map_or(0.0, |t| t.elapsed().as_secs_f64());
@@ -340,6 +369,19 @@ pub fn run(
         clock.elapsed().as_secs_f64(),
     );
     Ok(summary)
+}
+
+/// Threads for each of `starting` stages, given the threads running stages hold.
+fn thread_shares(policy: Threads, held: usize, starting: usize) -> Vec<usize> {
+    match policy {
+        Threads::PerStage(t) => vec![t.max(1); starting],
+        Threads::Share(cores) => {
+            let free = cores.saturating_sub(held).max(starting);
+            (0..starting)
+                .map(|j| (free / starting + usize::from(j < free % starting)).max(1))
+                .collect()
+        }
+    }
 }
 
 /// The outputs of a done key, rebuilding views that are missing; None when the key must run

@@ -4,6 +4,7 @@
 //! ```toml
 //! [executor]
 //! kind = "slurm"                 # or "local" (the default); `flow run --executor` overrides
+//! jobs = 2                       # local: stages at once [default 1]; `flow run -j` overrides
 //! partition = "gpu"
 //! account = "lab"
 //! time = "04:00:00"              # sbatch --time
@@ -38,6 +39,11 @@ pub enum ExecutorKind {
 #[derive(Debug, Clone, Default)]
 pub struct ExecutorSettings {
     pub kind: ExecutorKind,
+    /// Local executor: how many stages may run at once (the machine's cores are shared among
+    /// them). None: one. Independent CPU training stages on few cores finish sooner side by
+    /// side on a thread each than one after another on all of them (BENCHMARKS.md), but two
+    /// large models on one GPU may not fit: a pipeline says what suits it.
+    pub jobs: Option<usize>,
     /// Job resources for every stage.
     pub job: JobResources,
     /// The flow binary the jobs run (it must exist at that path on the nodes).
@@ -77,6 +83,7 @@ impl JobResources {
 
 const EXECUTOR_KEYS: &[&str] = &[
     "kind",
+    "jobs",
     "partition",
     "account",
     "time",
@@ -116,6 +123,10 @@ pub fn read(node: Option<&Node>, diags: &mut Diagnostics) -> ExecutorSettings {
                     &n.origin,
                     "executor.kind must be \"local\" or \"slurm\"",
                 )),
+            },
+            "jobs" => match n.value {
+                Value::Int(j) if (1..=1024).contains(&j) => out.jobs = Some(j as usize),
+                _ => diags.push(type_error(n, "an integer from 1 to 1024", "executor.jobs")),
             },
             "flow" => {
                 if let Some(s) = string(n, "executor.flow", diags) {

@@ -71,6 +71,17 @@ struct LayerCache {
     g: Vec<f32>,
     u: Vec<f32>,
     act: Vec<f32>,
+    /// Per projection (`Proj as usize`), what its adapter's forward pass kept.
+    lora: [Option<LoraKept>; 7],
+}
+
+/// What an adapted projection's forward pass keeps for the backward pass: the adapter's
+/// input after dropout (when there is dropout) and `xa = drop(x) A^T`. Without them the
+/// backward pass drew each dropout mask twice more, copied the input again and recomputed
+/// `xa`: LoRA with PEFT's dropout trained no faster than full finetuning (BENCHMARKS.md).
+struct LoraKept {
+    dropped: Option<Vec<f32>>,
+    xa: Vec<f32>,
 }
 
 /// A forward pass kept for the backward pass.
@@ -132,7 +143,8 @@ impl Llama<'_> {
         }
     }
 
-    /// `y = x W^T (+ scale * (drop(x) A^T) B^T)`.
+    /// `y = x W^T (+ scale * (drop(x) A^T) B^T)`; with `keep`, also what the adapter's
+    /// backward pass needs.
     fn proj(
         &self,
         layer: usize,
@@ -140,7 +152,8 @@ impl Llama<'_> {
         x: &[f32],
         n: usize,
         drop: Option<&Dropouts>,
-    ) -> Vec<f32> {
+        keep: bool,
+    ) -> (Vec<f32>, Option<LoraKept>) {
         let c = &self.w.config;
         let (out, inp) = p.shape(c);
         let w = &self.w.tensors[Weights::proj_index(layer, p)].data;
@@ -156,8 +169,7 @@ impl Llama<'_> {
             && let Some((a, b)) = lora.get(layer, p)
         {
             let r = lora.spec.rank;
-            let dropped;
-            let xin = match drop {
+            let dropped = match drop {
                 Some(d) if d.lora > 0.0 => {
                     let mut t = x.to_vec();
                     DropMask {
@@ -165,10 +177,9 @@ impl Llama<'_> {
                         p: d.lora,
                     }
                     .apply(&mut t, lora_site(layer, p));
-                    dropped = t;
-                    &dropped[..]
+                    Some(t)
                 }
-                _ => x,
+                _ => None,
             };
             let mut xa = vec![0.0f32; n * r];
             Dense {
@@ -177,18 +188,19 @@ impl Llama<'_> {
                 out: r,
                 threads: self.threads,
             }
-            .forward(xin, a, &mut xa, false);
+            .forward(dropped.as_deref().unwrap_or(x), a, &mut xa, false);
             let s = lora.spec.scale();
-            xa.iter_mut().for_each(|v| *v *= s);
+            let xas: Vec<f32> = xa.iter().map(|v| v * s).collect();
             Dense {
                 rows: n,
                 inp: r,
                 out,
                 threads: self.threads,
             }
-            .forward(&xa, b, &mut y, true);
+            .forward(&xas, b, &mut y, true);
+            return (y, keep.then_some(LoraKept { dropped, xa }));
         }
-        y
+        (y, None)
     }
 
     /// Backward of [`Self::proj`]: adds the input gradient into `dx` and the weight (or
@@ -203,6 +215,7 @@ impl Llama<'_> {
         dx: &mut [f32],
         n: usize,
         drop: Option<&Dropouts>,
+        kept: Option<&LoraKept>,
         train: &Trainable,
         grads: &mut [Vec<f32>],
     ) {
@@ -231,29 +244,13 @@ impl Llama<'_> {
         };
         let (a, b) = (&lora.tensors[ai].data, &lora.tensors[bi].data);
         let (r, s) = (lora.spec.rank, lora.spec.scale());
+        let kept = kept.expect("the forward pass kept every adapted projection");
         let mask = drop.filter(|d| d.lora > 0.0).map(|d| DropMask {
             seed: d.seed,
             p: d.lora,
         });
-        let dropped;
-        let xin: &[f32] = match mask {
-            Some(m) => {
-                let mut t = x.to_vec();
-                m.apply(&mut t, lora_site(layer, p));
-                dropped = t;
-                &dropped
-            }
-            None => x,
-        };
-        // xa = drop(x) A^T (recomputed: r columns, cheap)
-        let mut xa = vec![0.0f32; n * r];
-        Dense {
-            rows: n,
-            inp,
-            out: r,
-            threads: self.threads,
-        }
-        .forward(xin, a, &mut xa, false);
+        let xin: &[f32] = kept.dropped.as_deref().unwrap_or(x);
+        let xa = &kept.xa;
         // dxa = s * dy B
         let mut dxa = vec![0.0f32; n * r];
         Dense {
@@ -272,7 +269,7 @@ impl Llama<'_> {
                 out,
                 threads: self.threads,
             }
-            .dw(dy, &xa, &mut grads[bi], s, true);
+            .dw(dy, xa, &mut grads[bi], s, true);
             Dense {
                 rows: n,
                 inp,
@@ -293,7 +290,7 @@ impl Llama<'_> {
             Some(m) => {
                 let mut dxl = vec![0.0f32; n * inp];
                 back.dx(&dxa, a, &mut dxl, false);
-                m.apply(&mut dxl, lora_site(layer, p));
+                m.reapply(&mut dxl, x, xin, lora_site(layer, p));
                 ops::add_into(dx, &dxl);
             }
         }
@@ -320,14 +317,14 @@ impl Llama<'_> {
             let mut rstd1 = vec![0.0f32; n];
             let w1 = &self.w.tensors[Weights::layer_index(l, 0)].data;
             ops::rmsnorm(&x, w1, &mut h1, &mut rstd1, dm, eps);
-            let mut q = self.proj(l, Proj::Q, &h1, n, drop.as_ref());
-            let mut k = self.proj(l, Proj::K, &h1, n, drop.as_ref());
-            let v = self.proj(l, Proj::V, &h1, n, drop.as_ref());
+            let (mut q, kq) = self.proj(l, Proj::Q, &h1, n, drop.as_ref(), keep);
+            let (mut k, kk) = self.proj(l, Proj::K, &h1, n, drop.as_ref(), keep);
+            let (v, kv) = self.proj(l, Proj::V, &h1, n, drop.as_ref(), keep);
             self.rope.apply(&mut q, &batch.pos, dims.heads, false);
             self.rope.apply(&mut k, &batch.pos, dims.kv_heads, false);
             let adrop = attention_dropout(drop.as_ref(), l);
             let (attn, probs) = attention::forward(dims, &q, &k, &v, mask, adrop);
-            let mut ao = self.proj(l, Proj::O, &attn, n, drop.as_ref());
+            let (mut ao, ko) = self.proj(l, Proj::O, &attn, n, drop.as_ref(), keep);
             hidden_dropout(drop.as_ref(), &mut ao, l, 0);
             let mut x2 = x.clone();
             ops::add_into(&mut x2, &ao);
@@ -336,11 +333,11 @@ impl Llama<'_> {
             let mut rstd2 = vec![0.0f32; n];
             let w2 = &self.w.tensors[Weights::layer_index(l, 5)].data;
             ops::rmsnorm(&x2, w2, &mut h2, &mut rstd2, dm, eps);
-            let g = self.proj(l, Proj::Gate, &h2, n, drop.as_ref());
-            let u = self.proj(l, Proj::Up, &h2, n, drop.as_ref());
+            let (g, kg) = self.proj(l, Proj::Gate, &h2, n, drop.as_ref(), keep);
+            let (u, ku) = self.proj(l, Proj::Up, &h2, n, drop.as_ref(), keep);
             let mut act = vec![0.0f32; n * f];
             ops::swiglu(&g, &u, &mut act);
-            let mut m = self.proj(l, Proj::Down, &act, n, drop.as_ref());
+            let (mut m, kd) = self.proj(l, Proj::Down, &act, n, drop.as_ref(), keep);
             hidden_dropout(drop.as_ref(), &mut m, l, 1);
             let mut x3 = x2.clone();
             ops::add_into(&mut x3, &m);
@@ -361,6 +358,7 @@ impl Llama<'_> {
                     g,
                     u,
                     act,
+                    lora: [kq, kk, kv, ko, kg, ku, kd],
                 });
             }
         }
@@ -459,6 +457,7 @@ impl Llama<'_> {
                 &mut dact,
                 n,
                 drop.as_ref(),
+                lc.lora[Proj::Down as usize].as_ref(),
                 train,
                 grads,
             );
@@ -474,6 +473,7 @@ impl Llama<'_> {
                 &mut dh2,
                 n,
                 drop.as_ref(),
+                lc.lora[Proj::Gate as usize].as_ref(),
                 train,
                 grads,
             );
@@ -485,6 +485,7 @@ impl Llama<'_> {
                 &mut dh2,
                 n,
                 drop.as_ref(),
+                lc.lora[Proj::Up as usize].as_ref(),
                 train,
                 grads,
             );
@@ -510,6 +511,7 @@ impl Llama<'_> {
                 &mut dattn,
                 n,
                 drop.as_ref(),
+                lc.lora[Proj::O as usize].as_ref(),
                 train,
                 grads,
             );
@@ -529,6 +531,7 @@ impl Llama<'_> {
                 &mut dh1,
                 n,
                 drop.as_ref(),
+                lc.lora[Proj::Q as usize].as_ref(),
                 train,
                 grads,
             );
@@ -540,6 +543,7 @@ impl Llama<'_> {
                 &mut dh1,
                 n,
                 drop.as_ref(),
+                lc.lora[Proj::K as usize].as_ref(),
                 train,
                 grads,
             );
@@ -551,6 +555,7 @@ impl Llama<'_> {
                 &mut dh1,
                 n,
                 drop.as_ref(),
+                lc.lora[Proj::V as usize].as_ref(),
                 train,
                 grads,
             );
@@ -583,4 +588,120 @@ impl Llama<'_> {
 /// Frees a buffer at this point (documents intent where a large one dies early).
 fn drop_buf(v: Vec<f32>) {
     drop(v);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::lora::{LoraInit, LoraSpec};
+    use crate::model::config::LlamaConfig;
+
+    /// LoRA's adapter gradients under dropout are the derivatives of the loss the forward
+    /// pass computes with the same masks (central differences in f64 of the f32 loss): the
+    /// backward pass reads the masks back from what the forward pass kept, and a mask that
+    /// differed between the passes, on an adapter's input or on its input gradient (which
+    /// reaches the lower layer's adapters), would fail here.
+    #[test]
+    fn lora_gradients_under_dropout_match_finite_differences() {
+        let c = LlamaConfig::new(32, 16, 32, 2, 4, 2, 16, false);
+        let mut w = Weights::init(&c, 3);
+        // Weights of N(0, 0.2) rather than 0.02, so that gradients stand well above the
+        // rounding of the f32 loss in the differences.
+        for t in w.tensors.iter_mut().filter(|t| t.shape.len() == 2) {
+            t.data.iter_mut().for_each(|v| *v *= 10.0);
+        }
+        let spec = LoraSpec {
+            rank: 2,
+            alpha: 4.0,
+            rslora: false,
+            dropout: 0.3,
+            targets: Proj::ALL.to_vec(),
+        };
+        let mut lora = Adapters::init(&c, &spec, LoraInit::Gaussian, 4);
+        for (i, t) in lora.tensors.iter_mut().enumerate() {
+            if t.name.contains("lora_B") {
+                t.data = crate::model::weights::normal_vec(
+                    &mut crate::data::rng::Rng::new(i as u64),
+                    t.data.len(),
+                    0.5,
+                );
+            }
+        }
+        let (rows, seq) = (2, 8);
+        let batch = Batch {
+            rows,
+            seq,
+            ids: (0..rows * seq).map(|i| (i * 7 % 32) as u32).collect(),
+            targets: (0..rows * seq).map(|i| (i * 5 % 32) as i32).collect(),
+            pos: (0..rows * seq).map(|i| (i % seq) as u32).collect(),
+            seq_ids: None,
+        };
+        let rope = Rope::new(c.head_dim(), c.theta(), 16);
+        let drop = Dropouts {
+            lora: 0.3,
+            seed: 11,
+            ..Dropouts::default()
+        };
+        let loss = |lora: &Adapters| {
+            let m = Llama {
+                w: &w,
+                lora: Some(lora),
+                rope: &rope,
+                threads: 1,
+            };
+            let f = m.forward(&batch, Some(drop), false);
+            f.loss_sum / f.targets as f64
+        };
+        let m = Llama {
+            w: &w,
+            lora: Some(&lora),
+            rope: &rope,
+            threads: 1,
+        };
+        let fwd = m.forward(&batch, Some(drop), true);
+        let targets = fwd.targets;
+        let mut grads: Vec<Vec<f32>> = lora
+            .tensors
+            .iter()
+            .map(|t| vec![0.0; t.data.len()])
+            .collect();
+        m.backward(
+            fwd,
+            &batch,
+            1.0 / targets as f32,
+            &Trainable::Lora(&lora),
+            &mut grads,
+        );
+        let mut checked = 0;
+        for (ti, g) in grads.iter().enumerate() {
+            // Layer 0's factors get their gradient through layer 1's masked input gradients.
+            let j = g
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+                .map(|(j, _)| j)
+                .unwrap();
+            if g[j].abs() < 1e-3 {
+                continue;
+            }
+            let eps = 1e-3f32;
+            let mut plus = Adapters::from_tensors(spec.clone(), lora.tensors.clone());
+            plus.tensors[ti].data[j] += eps;
+            let mut minus = Adapters::from_tensors(spec.clone(), lora.tensors.clone());
+            minus.tensors[ti].data[j] -= eps;
+            let fd = (loss(&plus) - loss(&minus)) / (2.0 * eps as f64);
+            let rel = (fd - g[j] as f64).abs() / fd.abs().max(1e-3);
+            assert!(
+                rel < 0.02,
+                "{}[{j}]: backward {} vs finite differences {fd}",
+                lora.tensors[ti].name,
+                g[j]
+            );
+            checked += 1;
+        }
+        assert!(
+            checked >= 20,
+            "only {checked} of 28 factors had a gradient to check"
+        );
+    }
 }

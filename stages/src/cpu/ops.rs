@@ -299,6 +299,34 @@ impl DropMask {
             .enumerate()
             .for_each(|(c, x)| self.apply_serial(x, site, c * CHUNK));
     }
+
+    /// [`Self::apply`] to `g` with the mask read back from a buffer it was applied to:
+    /// `dropped = x * mask / (1 - p)` is non-zero exactly where the mask kept a non-zero
+    /// `x`, so only elements where `x` is 0 need their draw again. The backward pass of a
+    /// dropout thus costs no hashing; the factors, and so the bits, are the same.
+    pub fn reapply(&self, g: &mut [f32], x: &[f32], dropped: &[f32], site: u64) {
+        const CHUNK: usize = 4096;
+        assert!(g.len() == x.len() && x.len() == dropped.len());
+        if self.p <= 0.0 {
+            return;
+        }
+        let scale = 1.0 / (1.0 - self.p);
+        g.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(dropped.par_chunks(CHUNK)))
+            .enumerate()
+            .for_each(|(c, (g, (x, d)))| {
+                for (i, ((g, &x), &d)) in g.iter_mut().zip(x).zip(d).enumerate() {
+                    let kept = if d != 0.0 {
+                        true
+                    } else if x != 0.0 {
+                        false
+                    } else {
+                        self.keep(site, (c * CHUNK + i) as u64)
+                    };
+                    *g *= if kept { scale } else { 0.0 };
+                }
+            });
+    }
 }
 
 #[cfg(test)]
@@ -394,5 +422,14 @@ mod tests {
             m.apply_serial(&mut part, 3, at);
             assert_eq!(part[..], x[at..at + len], "{at}+{len}");
         }
+        // Read back from a dropped buffer (zeros in the input included), the mask is the same.
+        let input: Vec<f32> = (0..10_000)
+            .map(|i| if i % 7 == 0 { 0.0 } else { i as f32 - 5e3 })
+            .collect();
+        let mut dropped = input.clone();
+        m.apply(&mut dropped, 3);
+        let mut g = vec![1.0f32; 10_000];
+        m.reapply(&mut g, &input, &dropped, 3);
+        assert_eq!(g, x);
     }
 }

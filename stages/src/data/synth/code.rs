@@ -6,9 +6,12 @@
 use super::super::records::Record;
 use super::super::rng::Rng;
 
-/// One problem; `name` is its entry point and its identity (held-out split key).
+/// One problem: a template's function with its constants.
 pub struct Problem {
+    /// The entry point: the template's name, shared by every constant (see [`problem`]).
     pub name: String,
+    /// The held-out split key: the template and its constants.
+    pub identity: String,
     pub signature: String,
     pub doc: String,
     pub body: String,
@@ -85,10 +88,14 @@ const WORDS: &[&str] = &[
 ];
 
 /// One random problem.
+///
+/// The name is the template's, never the constant's (`add`, not `add_51`): with the constant
+/// in the name, the 4-layer default model learnt each trained name's body by heart (train
+/// loss 0.59 against 0.80 held out) and wrote a remembered constant for a held-out name
+/// (pass@1 3% after 614k tokens). With one name for all constants, only reading the constant
+/// off the docstring predicts the body, as in HumanEval. The identity (held-out key) is the
+/// template and its constants, so every template holds out about a tenth of its constants.
 pub fn problem(rng: &mut Rng) -> Problem {
-    // Constants range widely so that no name's body can be memorized: with k in 2..30 (290
-    // functions, each seen ~40 times) models recalled the nearest trained function instead of
-    // copying the constant from the prompt.
     let k = rng.range(2, 99);
     let list = |rng: &mut Rng| -> Vec<i64> {
         (0..rng.range(3, 6))
@@ -97,8 +104,9 @@ pub fn problem(rng: &mut Rng) -> Problem {
     };
     match rng.below(10) {
         0 => Problem {
-            name: format!("add_{k}"),
-            signature: format!("add_{k}(x: int) -> int"),
+            name: "add".into(),
+            identity: format!("add {k}"),
+            signature: "add(x: int) -> int".into(),
             doc: format!("Return x plus {k}."),
             body: format!("    return x + {k}\n"),
             cases: [3, -4, 10]
@@ -107,8 +115,9 @@ pub fn problem(rng: &mut Rng) -> Problem {
                 .collect(),
         },
         1 => Problem {
-            name: format!("times_{k}"),
-            signature: format!("times_{k}(x: int) -> int"),
+            name: "multiply".into(),
+            identity: format!("multiply {k}"),
+            signature: "multiply(x: int) -> int".into(),
             doc: format!("Return x multiplied by {k}."),
             body: format!("    return x * {k}\n"),
             cases: [2, -3, 7]
@@ -119,8 +128,9 @@ pub fn problem(rng: &mut Rng) -> Problem {
         2 => {
             let c = (b'a' + rng.below(26) as u8) as char;
             Problem {
-                name: format!("count_{c}"),
-                signature: format!("count_{c}(s: str) -> int"),
+                name: "count_letter".into(),
+                identity: format!("count_letter {c}"),
+                signature: "count_letter(s: str) -> int".into(),
                 doc: format!("Count how many times the letter '{c}' appears in s."),
                 body: format!("    return s.count('{c}')\n"),
                 cases: (0..3)
@@ -133,8 +143,9 @@ pub fn problem(rng: &mut Rng) -> Problem {
             }
         }
         3 => Problem {
-            name: format!("sum_above_{k}"),
-            signature: format!("sum_above_{k}(xs: list) -> int"),
+            name: "sum_above".into(),
+            identity: format!("sum_above {k}"),
+            signature: "sum_above(xs: list) -> int".into(),
             doc: format!("Return the sum of the numbers in xs that are greater than {k}."),
             body: format!("    return sum(x for x in xs if x > {k})\n"),
             cases: (0..3)
@@ -148,8 +159,9 @@ pub fn problem(rng: &mut Rng) -> Problem {
                 .collect(),
         },
         4 => Problem {
-            name: format!("count_below_{k}"),
-            signature: format!("count_below_{k}(xs: list) -> int"),
+            name: "count_below".into(),
+            identity: format!("count_below {k}"),
+            signature: "count_below(xs: list) -> int".into(),
             doc: format!("Return how many numbers in xs are smaller than {k}."),
             body: format!("    return len([x for x in xs if x < {k}])\n"),
             cases: (0..3)
@@ -165,8 +177,9 @@ pub fn problem(rng: &mut Rng) -> Problem {
         5 => {
             let n = k % 5 + 2;
             Problem {
-                name: format!("repeat_{n}"),
-                signature: format!("repeat_{n}(s: str) -> str"),
+                name: "repeat".into(),
+                identity: format!("repeat {n}"),
+                signature: "repeat(s: str) -> str".into(),
                 doc: format!("Return s repeated {n} times."),
                 body: format!("    return s * {n}\n"),
                 cases: (0..3)
@@ -180,8 +193,9 @@ pub fn problem(rng: &mut Rng) -> Problem {
         6 => {
             let c = (b'a' + rng.below(26) as u8) as char;
             Problem {
-                name: format!("starts_with_{c}"),
-                signature: format!("starts_with_{c}(s: str) -> bool"),
+                name: "starts_with_letter".into(),
+                identity: format!("starts_with_letter {c}"),
+                signature: "starts_with_letter(s: str) -> bool".into(),
                 doc: format!("Return True if s starts with the letter '{c}', else False."),
                 body: format!("    return s.startswith('{c}')\n"),
                 cases: (0..3)
@@ -197,8 +211,9 @@ pub fn problem(rng: &mut Rng) -> Problem {
         7 => {
             let hi = k + rng.range(5, 20);
             Problem {
-                name: format!("clamp_{k}_{hi}"),
-                signature: format!("clamp_{k}_{hi}(x: int) -> int"),
+                name: "clamp".into(),
+                identity: format!("clamp {k}"),
+                signature: "clamp(x: int) -> int".into(),
                 doc: format!("Return x limited to the range from {k} to {hi}."),
                 body: format!("    return max({k}, min({hi}, x))\n"),
                 cases: [k - 3, k + 2, hi + 4]
@@ -210,8 +225,9 @@ pub fn problem(rng: &mut Rng) -> Problem {
         8 => {
             let m = k % 6 + 2;
             Problem {
-                name: format!("multiples_of_{m}"),
-                signature: format!("multiples_of_{m}(xs: list) -> list"),
+                name: "multiples".into(),
+                identity: format!("multiples {m}"),
+                signature: "multiples(xs: list) -> list".into(),
                 doc: format!("Return the numbers in xs that are divisible by {m}, in order."),
                 body: format!("    return [x for x in xs if x % {m} == 0]\n"),
                 cases: (0..3)
@@ -224,8 +240,9 @@ pub fn problem(rng: &mut Rng) -> Problem {
             }
         }
         _ => Problem {
-            name: format!("max_plus_{k}"),
-            signature: format!("max_plus_{k}(xs: list) -> int"),
+            name: "max_plus".into(),
+            identity: format!("max_plus {k}"),
+            signature: "max_plus(xs: list) -> int".into(),
             doc: format!("Return the largest number in xs plus {k}."),
             body: format!("    return max(xs) + {k}\n"),
             cases: (0..3)

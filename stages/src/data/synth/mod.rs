@@ -1,9 +1,10 @@
 //! The `synthetic` kind: three small worlds generated from a seed, so that the whole study
 //! runs without internet or GPU.
 //!
-//! Every item has an identity (the story text, the problem text, the function name). One
-//! tenth of identities, chosen by blake3 of the identity, is held out: eval items and the
-//! `heldout` corpus are drawn only from it, training data (`cpt`, `ift`) never.
+//! Every item has an identity (the general world's fact, the math problem's text, the code
+//! template with its constants). One tenth of identities, chosen by blake3 of the identity, is
+//! held out: math and code eval items and the `heldout` corpus are drawn only from it,
+//! training data (`cpt`, `ift`) never; the general world's eval items ask about trained facts.
 
 pub mod code;
 pub mod general;
@@ -21,7 +22,7 @@ use crate::kind::{Default, Kind, Param, ParamType, StageContext, StageError, Sta
 /// Registered as `kind = "synthetic"`.
 pub static KIND: Kind = Kind {
     name: "synthetic",
-    version: 2,
+    version: 3,
     doc: "generates the general, math or code world: CPT corpus, IFT pairs, held-out eval items",
     params: &[
         Param {
@@ -252,7 +253,7 @@ fn code_world(rng: &Rng, p: &Params, w: &mut World) -> Result<(), StageError> {
     let mut index = 0;
     let source = |r: &mut Rng| {
         let f = code::problem(r);
-        (text(f.source()), Some(f.name))
+        (text(f.source()), Some(f.identity))
     };
     write_world(
         rng,
@@ -263,12 +264,12 @@ fn code_world(rng: &Rng, p: &Params, w: &mut World) -> Result<(), StageError> {
             Box::new(source),
             Box::new(|r| {
                 let f = code::problem(r);
-                (f.pair(), Some(f.name))
+                (f.pair(), Some(f.identity))
             }),
             Box::new(move |r| {
                 let f = code::problem(r);
                 index += 1;
-                (f.item(index - 1), Some(f.name))
+                (f.item(index - 1), Some(f.identity))
             }),
             Box::new(source),
         ],
