@@ -42,11 +42,12 @@ pub struct RunOptions<'a> {
 pub enum Threads {
     /// The same number for every stage (`--threads`, a cluster job's CPUs).
     PerStage(usize),
-    /// This many cores, shared: the stages started together split the cores no running
-    /// stage holds, so a stage that runs alone (the base model's pretraining) gets all of
-    /// them and two that can run side by side get half each. A stage keeps its threads to
-    /// the end (the CPU engine sizes its pool once), and thread counts never change results:
-    /// the engine splits work over output blocks only.
+    /// This many cores, shared among the stages that hold cores (training, eval, svd,
+    /// commands: [`holds_cores`]): those started together split the cores no running one holds, so the base
+    /// model's pretraining, alone, gets all of them and two finetuning runs side by side get
+    /// half each. Data stages use every core and hold none (they are short). A stage keeps
+    /// its threads to the end (the CPU engine sizes its pool once), and thread counts never
+    /// change results: the engine splits work over output blocks only.
     Share(usize),
 }
 
@@ -223,10 +224,21 @@ pub fn run(
             state[i] = State::Running;
             starting.push((i, spec));
         }
-        let shares = thread_shares(opts.threads, threads.iter().sum(), starting.len());
-        for ((i, mut spec), share) in starting.drain(..).zip(shares) {
+        let heavy = |i: usize| holds_cores(pipeline.stages[i].kind);
+        let heavy_starting = starting.iter().filter(|(i, _)| heavy(*i)).count();
+        let mut shares =
+            thread_shares(opts.threads, threads.iter().sum(), heavy_starting).into_iter();
+        for (i, mut spec) in starting.drain(..) {
+            // Data stages (tokenize, pack, ...) are short next to training and eval:
+            // they use every core for their moment and hold none, so that a training run
+            // started beside one is not left on a thread for its whole length.
+            let share = match (opts.threads, heavy(i)) {
+                (_, true) => shares.next().expect("one share per heavy stage"),
+                (Threads::PerStage(t), false) => t.max(1),
+                (Threads::Share(cores), false) => cores.max(1),
+            };
             spec.threads = share;
-            threads[i] = share;
+            threads[i] = if heavy(i) { share } else { 0 };
             spawn_stage(
                 i,
                 spec,
@@ -369,6 +381,13 @@ pub fn run(
         clock.elapsed().as_secs_f64(),
     );
     Ok(summary)
+}
+
+/// Whether a stage of this kind holds its share of the cores while it runs: training, eval,
+/// svd and commands (a user's own job) do; the data stages (generating, reading, tokenizing,
+/// packing, importing, the report) take seconds in a study, use every core and hold none.
+fn holds_cores(kind: &flow_stages::Kind) -> bool {
+    kind.uses_device || matches!(kind.name, "command" | "svd")
 }
 
 /// Threads for each of `starting` stages, given the threads running stages hold.
