@@ -193,11 +193,21 @@ fn general_items_ask_what_the_corpus_teaches_and_nothing_it_contradicts() {
 /// Runs HumanEval-shaped items the way the harness does (prompt + completion + test +
 /// `check(entry_point)`), each in a fresh namespace; prints `passed failed`.
 const RUN_ITEMS: &str = r#"
-import json, sys
+import json, re, sys
+SHIFTABLE = {"add", "multiply", "sum_above", "count_below", "clamp", "max_plus", "repeat"}
 passed = failed = 0
 for line in open(sys.argv[1]):
     item = json.loads(line)
-    body = item["canonical_solution"] if sys.argv[2] == "canonical" else "    return None\n"
+    body = item["canonical_solution"]
+    if sys.argv[2] == "broken":
+        body = "    return None\n"
+    elif sys.argv[2].startswith("shift"):
+        # The first constant of the body moved by +-1: a neighbour of the right answer.
+        m = re.search(r"\d+", body)
+        if not m or item["entry_point"] not in SHIFTABLE:
+            continue
+        delta = 1 if sys.argv[2] == "shift+1" else -1
+        body = body[:m.start()] + str(int(m.group()) + delta) + body[m.end():]
     program = item["prompt"] + body + item["test"] + "\ncheck(" + item["entry_point"] + ")\n"
     try:
         exec(compile(program, item["task_id"], "exec"), {})
@@ -226,6 +236,17 @@ fn code_items_pass_with_their_solution_and_fail_without() {
         format!("0 {n}"),
         "every test rejects a wrong solution"
     );
+    // The tests tell the stated constant from its neighbours (HumanEval's own tests are
+    // written to: a near-miss is wrong).
+    for shift in ["shift+1", "shift-1"] {
+        let out = python(RUN_ITEMS, &[eval.to_str().unwrap(), shift]);
+        let (passed, failed) = out.trim().split_once(' ').unwrap();
+        assert_eq!(passed, "0", "{shift}: a neighbouring constant passes");
+        assert!(
+            failed.parse::<usize>().unwrap() * 2 >= n,
+            "{shift}: {failed} of {n} checked"
+        );
+    }
 
     // The same harness on the real HumanEval read by the source kind: all 164 pass.
     let he = shared_data("humaneval/HumanEval.jsonl.gz");

@@ -230,24 +230,14 @@ fn every_default_study_runs_end_to_end_and_resumes() {
             let stage = cells[2].trim_start_matches('"');
             results.push((stage.to_string(), cells[1].to_string(), v));
         }
-        meaningful.push(study_outcome(name, &results));
+        let outcome = study_outcome(name, &results);
+        eprintln!("{}", outcome.0);
+        meaningful.push(outcome);
         // A rerun executes nothing.
         let events = ws.json(&["run", path.to_str().unwrap()], true);
         let ran = events.iter().filter(|e| e["status"] == "ran").count();
         assert_eq!(ran, 0, "{name}: a warm rerun ran stages");
     }
-
-    // The studies mean something: the base knows the general world far above chance (1/3), and
-    // full finetuning clearly improves the target metric over the base. All printed first.
-    for (line, _) in &meaningful {
-        eprintln!("{line}");
-    }
-    let failed: Vec<&String> = meaningful
-        .iter()
-        .filter(|(_, ok)| !ok)
-        .map(|(l, _)| l)
-        .collect();
-    assert!(failed.is_empty(), "studies without a finding: {failed:?}");
 
     // Kill math_cpt in the middle of a training stage (the in-DAG pretraining, checkpointed
     // every 50 steps), rerun: it resumes from the checkpoint, not from step 0.
@@ -296,6 +286,15 @@ fn every_default_study_runs_end_to_end_and_resumes() {
             t[at + 32..].split_whitespace().next()?.parse::<u64>().ok()
         });
     assert!(resumed.is_some_and(|s| s >= 100), "resumed at {resumed:?}");
+
+    // The studies mean something: the base knows the general world far above chance (1/3), and
+    // full finetuning clearly improves the target metric over the base (each printed above).
+    let failed: Vec<&String> = meaningful
+        .iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(l, _)| l)
+        .collect();
+    assert!(failed.is_empty(), "studies without a finding: {failed:?}");
 }
 
 /// One line on a study's outcome from its report's `results.csv` rows (stage, metric, value),

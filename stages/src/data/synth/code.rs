@@ -102,6 +102,17 @@ pub fn problem(rng: &mut Rng) -> Problem {
             .map(|_| rng.range(-5, 2 * k + 5))
             .collect()
     };
+    // A threshold's tests hold the values on both sides of it, so that only the stated
+    // constant passes: with random lists alone, 17 of 19 passing samples of a finetuned model
+    // had a constant a few off (`x > 68` for "greater than 72").
+    let straddling = |rng: &mut Rng, below: i64| -> Vec<i64> {
+        let mut xs = list(rng);
+        for v in [below, below + 1] {
+            let at = rng.below(xs.len() + 1);
+            xs.insert(at, v);
+        }
+        xs
+    };
     match rng.below(10) {
         0 => Problem {
             name: "add".into(),
@@ -150,7 +161,7 @@ pub fn problem(rng: &mut Rng) -> Problem {
             body: format!("    return sum(x for x in xs if x > {k})\n"),
             cases: (0..3)
                 .map(|_| {
-                    let xs = list(rng);
+                    let xs = straddling(rng, k);
                     (
                         py_list(&xs),
                         xs.iter().filter(|x| **x > k).sum::<i64>().to_string(),
@@ -166,7 +177,7 @@ pub fn problem(rng: &mut Rng) -> Problem {
             body: format!("    return len([x for x in xs if x < {k}])\n"),
             cases: (0..3)
                 .map(|_| {
-                    let xs = list(rng);
+                    let xs = straddling(rng, k - 1);
                     (
                         py_list(&xs),
                         xs.iter().filter(|x| **x < k).count().to_string(),
