@@ -108,6 +108,9 @@ fn landlock_abi() -> i64 {
     abi.max(0)
 }
 
+/// How a run that could not even start in the sandbox fails (so the probe can tell it).
+const SETUP_FAILED: &str = "sandbox setup: ";
+
 impl Sandbox {
     /// Finds python3 and probes namespaces and Landlock by running `pass` in the sandbox.
     pub fn new(limits: Limits) -> Result<Sandbox, StageError> {
@@ -118,17 +121,25 @@ impl Sandbox {
             namespaces: true,
             landlock_abi: landlock_abi(),
         };
-        if sandbox.run("pass\n")?.outcome != Outcome::Passed {
-            sandbox.namespaces = false;
-            let probe = sandbox.run("pass\n")?;
-            if probe.outcome != Outcome::Passed {
-                return Err(StageError::Failed(format!(
-                    "python3 cannot run in the sandbox: {:?}",
-                    probe.outcome
-                )));
+        // Namespaces go only when the kernel refuses them (the spawn fails): a probe that
+        // times out on a loaded machine said nothing about them, and turning them off then
+        // made one run's metrics differ from another's (seen with a test run beside a study).
+        for _ in 0..3 {
+            match sandbox.run("pass\n")?.outcome {
+                Outcome::Passed => return Ok(sandbox),
+                Outcome::Failed(why) if sandbox.namespaces && why.starts_with(SETUP_FAILED) => {
+                    sandbox.namespaces = false;
+                }
+                _ => {}
             }
         }
-        Ok(sandbox)
+        let probe = sandbox.run("pass\n")?;
+        match probe.outcome {
+            Outcome::Passed => Ok(sandbox),
+            other => Err(StageError::Failed(format!(
+                "python3 cannot run in the sandbox: {other:?}"
+            ))),
+        }
     }
 
     /// What containment is active, for the metrics file.
@@ -293,7 +304,7 @@ impl Sandbox {
             Err(e) if namespaces => {
                 // The probe in `new` turns namespaces off when the kernel refuses them.
                 return Ok(Execution {
-                    outcome: Outcome::Failed(format!("sandbox setup: {e}")),
+                    outcome: Outcome::Failed(format!("{SETUP_FAILED}{e}")),
                     program: path,
                 });
             }
