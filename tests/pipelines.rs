@@ -1,7 +1,8 @@
 //! The shipped study pipelines: every default profile and every `paper` profile validates and
 //! expands to the study's stages; shared stages have one key across studies; the paper plan
 //! states token budgets and step counts. The end-to-end runs of the default profiles are long
-//! (math_cpt alone about 12.5 minutes) and `#[ignore]`d: `cargo test --release --test pipelines -- --ignored`.
+//! (math_cpt alone about 12.5 minutes) and `#[ignore]`d:
+//! `cargo test --release --test pipelines -- --ignored`.
 
 mod common;
 
@@ -324,8 +325,8 @@ fn study_outcome(name: &str, results: &[(String, String, f64)]) -> (String, bool
     (
         format!(
             "{name}: base {learning} {base_learning:.3} forgetting {base_forgetting:.3}; \
-             best full {full_learning:.3} (forgetting up to {full_forgetting:.3}); \
-             best LoRA {lora_learning:.3} (forgetting up to {lora_forgetting:.3})"
+             best full {full_learning:.3} (best forgetting score {full_forgetting:.3}); \
+             best LoRA {lora_learning:.3} (best forgetting score {lora_forgetting:.3})"
         ),
         ok,
     )

@@ -239,12 +239,8 @@ pub fn run(
             };
             spec.threads = share;
             threads[i] = if heavy(i) { share } else { 0 };
-            spawn_stage(
-                i,
-                spec,
-                cache.log_path(&keys[i].clone().expect("keyed")),
-                tx.clone(),
-            );
+            let log = cache.log_path(&spec.key);
+            spawn_stage(i, spec, log, tx.clone());
             started[i] = Some(Instant::now());
             running += 1;
             ui.started(&pipeline.stages[i].name);

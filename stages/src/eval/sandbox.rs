@@ -124,8 +124,10 @@ impl Sandbox {
         // Namespaces go only when the kernel refuses them (the spawn fails): a probe that
         // times out on a loaded machine said nothing about them, and turning them off then
         // made one run's metrics differ from another's (seen with a test run beside a study).
-        for _ in 0..3 {
-            match sandbox.run("pass\n")?.outcome {
+        let mut outcome = Outcome::TimedOut;
+        for _ in 0..4 {
+            outcome = sandbox.run("pass\n")?.outcome;
+            match &outcome {
                 Outcome::Passed => return Ok(sandbox),
                 Outcome::Failed(why) if sandbox.namespaces && why.starts_with(SETUP_FAILED) => {
                     sandbox.namespaces = false;
@@ -133,13 +135,9 @@ impl Sandbox {
                 _ => {}
             }
         }
-        let probe = sandbox.run("pass\n")?;
-        match probe.outcome {
-            Outcome::Passed => Ok(sandbox),
-            other => Err(StageError::Failed(format!(
-                "python3 cannot run in the sandbox: {other:?}"
-            ))),
-        }
+        Err(StageError::Failed(format!(
+            "python3 cannot run in the sandbox: {outcome:?}"
+        )))
     }
 
     /// What containment is active, for the metrics file.
