@@ -221,7 +221,7 @@ fn tokens_match_python_tokenizers_and_packs_preserve_them() {
 #[test]
 fn overlong_examples_are_truncated_or_dropped_and_counted() {
     let (ws, p) = run_with(
-        "\n[stage.short]\nkind = \"pack\"\ntokens = \"ift_tokens[template=plain].tokens\"\nseq_len = 90\nmode = \"ift\"\noverlong = [\"truncate\", \"drop\"]\nsweep = [\"overlong\"]\n",
+        "\n[stage.short]\nkind = \"pack\"\ntokens = \"ift_tokens[template=plain].tokens\"\nseq_len = 110\nmode = \"ift\"\noverlong = [\"truncate\", \"drop\"]\nsweep = [\"overlong\"]\n",
     );
     let tf = TokenFile::open(&output_named(
         &ws,
@@ -231,7 +231,7 @@ fn overlong_examples_are_truncated_or_dropped_and_counted() {
     ))
     .unwrap();
     let long = (0..tf.docs())
-        .filter(|&d| tf.doc_range(d).len() > 90)
+        .filter(|&d| tf.doc_range(d).len() > 110)
         .count();
     assert!(
         long > 0 && long < tf.docs(),
@@ -264,6 +264,50 @@ fn a_saved_tokenizer_json_loads_as_a_file_and_encodes_identically() {
     let a = output_named(&ws, &p, "from_file", "tokens");
     let b = output_named(&ws, &p, "cpt_tokens", "tokens");
     assert_eq!(a, b, "same content, same artifact");
+}
+
+/// Pieces of the trained vocabulary that hold a digit, by how they hold it (Python tokenizers
+/// reads the file): digits alone, and pieces with a digit beside anything else.
+const PY_DIGIT_PIECES: &str = r####"
+import json, sys
+from tokenizers import Tokenizer
+tok = Tokenizer.from_file(sys.argv[1])
+pieces = [p for p in tok.get_vocab() if any(c in "0123456789" for c in p)]
+mixed = [p for p in pieces if len(p) > 1]
+print(json.dumps({"digits": len(pieces) - len(mixed), "mixed": len(mixed),
+                  "ids": tok.encode("Tom has 128 apples.").tokens}))
+"####;
+
+#[test]
+fn trained_tokenizers_split_digits_as_llama2_unless_told_not_to() {
+    let extra = "[stage.no_split]\nkind = \"tokenize\"\nvocab_size = 600\nsplit_digits = false\ntrain_data = [\"world.cpt\"]\n";
+    let (ws, p) = run_with(extra);
+    let pieces = |stage: &str| {
+        let json = output_named(&ws, &p, stage, "tokenizer").join("tokenizer.json");
+        let out = python(PY_DIGIT_PIECES, &[json.to_str().unwrap()]);
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()
+    };
+    let split = pieces("tok");
+    assert_eq!(split["digits"], 10, "{split}");
+    assert_eq!(
+        split["mixed"], 0,
+        "no piece joins a digit to anything: {split}"
+    );
+    let ids: Vec<&str> = split["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert!(
+        ids.windows(5).any(|w| w == ["Ġ", "1", "2", "8", "Ġapples"]),
+        "Llama-2's layout: the space alone, then one token per digit: {ids:?}"
+    );
+    let whole = pieces("no_split");
+    assert!(
+        whole["mixed"].as_u64().unwrap() > 20,
+        "the math corpus's numbers merge without the split: {whole}"
+    );
 }
 
 #[test]

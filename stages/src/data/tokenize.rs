@@ -8,7 +8,10 @@ use serde::Deserialize;
 use serde_json::json;
 use tokenizers::models::TrainerWrapper;
 use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, Tokenizer};
 
 use super::records::{Record, read_records};
@@ -18,7 +21,7 @@ use crate::kind::{Default, Kind, Param, ParamType, StageContext, StageError, Sta
 /// Registered as `kind = "tokenize"`.
 pub static KIND: Kind = Kind {
     name: "tokenize",
-    version: 1,
+    version: 2,
     doc: "trains a byte-level BPE (or loads a tokenizer.json) and encodes records into token files",
     params: &[
         Param {
@@ -32,6 +35,12 @@ pub static KIND: Kind = Kind {
             ty: ParamType::Int,
             default: Default::Value("2"),
             doc: "BPE training: least count of a merged pair",
+        },
+        Param {
+            name: "split_digits",
+            ty: ParamType::Bool,
+            default: Default::Value("true"),
+            doc: "BPE training: every digit its own token, as in Llama-2's tokenizer (numbers are then copied and computed digit by digit)",
         },
         Param {
             name: "train_data",
@@ -92,6 +101,7 @@ pub static KIND: Kind = Kind {
 struct Params {
     vocab_size: Option<i64>,
     min_frequency: i64,
+    split_digits: bool,
     tokenizer_file: Option<Vec<String>>,
     template: String,
     bos_token: String,
@@ -146,7 +156,15 @@ fn train(ctx: &StageContext, p: &Params, vocab: usize) -> Result<Tokenizer, Stag
         .build()
         .into();
     let mut tokenizer = Tokenizer::new(BPE::default());
-    tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    let byte_level = ByteLevel::new(false, true, true);
+    if p.split_digits {
+        tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![
+            PreTokenizerWrapper::Digits(Digits::new(true)),
+            PreTokenizerWrapper::ByteLevel(byte_level),
+        ])));
+    } else {
+        tokenizer.with_pre_tokenizer(Some(byte_level));
+    }
     tokenizer.with_decoder(Some(ByteLevel::default()));
     // Stream the records; the trainer only keeps word counts.
     let mut error = None;
