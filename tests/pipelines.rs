@@ -193,7 +193,7 @@ fn a_profile_removes_stages_and_a_bad_removal_is_named() {
 /// Every default study end to end in one cache (shared stages run once), then a rerun that
 /// runs nothing, then math_cpt killed during training and resumed from its checkpoint.
 #[test]
-#[ignore = "long: about an hour for the five studies on 2 cores; run with --ignored"]
+#[ignore = "long: about 90 minutes for the five studies on 2 cores; run with --ignored"]
 fn every_default_study_runs_end_to_end_and_resumes() {
     let ws = Workspace::new();
     let mut meaningful = Vec::new();
