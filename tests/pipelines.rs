@@ -1,7 +1,7 @@
 //! The shipped study pipelines: every default profile and every `paper` profile validates and
 //! expands to the study's stages; shared stages have one key across studies; the paper plan
 //! states token budgets and step counts. The end-to-end runs of the default profiles are long
-//! (math_cpt alone about 12.5 minutes) and `#[ignore]`d:
+//! (math_cpt alone about 13 minutes, all five about 90) and `#[ignore]`d:
 //! `cargo test --release --test pipelines -- --ignored`.
 
 mod common;

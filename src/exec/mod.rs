@@ -45,9 +45,9 @@ pub enum Threads {
     /// This many cores, shared among the stages that hold cores (training, eval, svd,
     /// commands): those started together split the cores no running one holds, so the
     /// base model's pretraining, alone, gets all of them and two finetuning runs side by
-    /// side get half each. Data stages use every core and hold none (they are short). A stage keeps
-    /// its threads to the end (the CPU engine sizes its pool once), and thread counts never
-    /// change results: the engine splits work over output blocks only.
+    /// side get half each. Data stages use every core and hold none (they are short). A
+    /// stage keeps its threads to the end (the CPU engine sizes its pool once), and thread
+    /// counts never change results: the engine splits work over output blocks only.
     Share(usize),
 }
 
