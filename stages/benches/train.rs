@@ -32,6 +32,10 @@ type Config = (
 
 const CONFIGS: &[Config] = &[
     ("small", 256, 4, 8, 256, 8, 8192, 704, 7),
+    // The shipped studies' model and batch (d=256, 4 layers, 16 rows of 128, their vocabulary).
+    ("study", 256, 4, 8, 128, 16, 1132, 704, 12),
+    // The same with the IFT studies' rows: one pair each, 75-128 tokens, padded to 128.
+    ("study-ift", 256, 4, 8, 128, 16, 1132, 704, 12),
     ("wide", 1024, 8, 16, 128, 2, 8192, 2816, 4),
     // GPU-sized (run with --one large ...; far too slow for a CPU run).
     ("large", 2048, 8, 16, 1024, 4, 32000, 5632, 6),
@@ -47,6 +51,10 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn one(config: &str, mode: &str, device: &str, threads: usize) {
+    // As the stage worker does (`flow __stage`); FLOW_BENCH_GLIBC_DEFAULTS measures without.
+    if std::env::var_os("FLOW_BENCH_GLIBC_DEFAULTS").is_none() {
+        flow_stages::cpu::alloc::keep_freed_memory();
+    }
     let &(_, d, layers, heads, seq, rows, vocab, ff, steps) = CONFIGS
         .iter()
         .find(|c| c.0 == config)
@@ -56,8 +64,17 @@ fn one(config: &str, mode: &str, device: &str, threads: usize) {
     let ids: Vec<u32> = (0..rows * seq)
         .map(|i| ((i * 7919) % vocab) as u32)
         .collect();
+    // `-ift`: row r trains on its first 75 + 23r mod 54 positions (mean 101 of 128, the IFT
+    // studies' fill); the rest is padding, which the CPU engine cuts.
+    let trained = |i: usize| !config.ends_with("-ift") || i % seq < 75 + (i / seq * 23) % 54;
     let targets: Vec<i32> = (0..rows * seq)
-        .map(|i| (((i + 1) * 7919) % vocab) as i32)
+        .map(|i| {
+            if trained(i) {
+                (((i + 1) * 7919) % vocab) as i32
+            } else {
+                -1
+            }
+        })
         .collect();
     let batch = Batch {
         rows,
@@ -66,6 +83,7 @@ fn one(config: &str, mode: &str, device: &str, threads: usize) {
         targets,
         pos: (0..rows).flat_map(|_| 0..seq as u32).collect(),
         seq_ids: None,
+        lens: None,
     };
     // `lora16-drop`: PEFT's lora_dropout 0.05 on every adapter input, the studies' default.
     let (mode_rank, lora_dropout) = match mode.strip_suffix("-drop") {

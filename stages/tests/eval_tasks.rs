@@ -190,3 +190,23 @@ fn gsm8k_gold_answers_score_strict_match_one_on_the_full_test_set() {
     let wrong = " 2+2=<<2+2=4>>4\n#### 5";
     assert!(!gsm8k::is_correct(&gsm8k::strict_match(wrong), "#### 4"));
 }
+
+/// Programs see the standard library only unless installed packages are asked for: an
+/// installed package (tokenizers, which the test setup installs) does not import by
+/// default and imports with `site_packages`.
+#[test]
+fn installed_packages_import_only_when_asked_for() {
+    let program = "import json\nimport tokenizers\n";
+    let plain = sandbox().run(program).unwrap().outcome;
+    match &plain {
+        Outcome::Failed(why) => assert!(why.contains("ModuleNotFoundError"), "{why}"),
+        other => panic!("imported an installed package without site: {other:?}"),
+    }
+    let with_site = Sandbox::new(Limits {
+        timeout: Duration::from_secs(10),
+        site_packages: true,
+        ..Limits::default()
+    })
+    .unwrap();
+    assert_eq!(with_site.run(program).unwrap().outcome, Outcome::Passed);
+}

@@ -31,6 +31,7 @@ fn batch(vocab: u32, rows: usize, seq: usize, salt: u32) -> Batch {
         targets,
         pos: (0..rows).flat_map(|_| 0..seq as u32).collect(),
         seq_ids: None,
+        lens: None,
     }
 }
 

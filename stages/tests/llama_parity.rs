@@ -67,6 +67,7 @@ fn batch(exp: &HashMap<String, (Vec<usize>, Vec<f32>)>, labels: &str) -> Batch {
         seq_ids: exp
             .get("seq_ids")
             .map(|(_, s)| s.iter().map(|v| *v as u16).collect()),
+        lens: None,
     }
 }
 

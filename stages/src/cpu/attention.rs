@@ -1,34 +1,42 @@
 //! Causal self-attention with grouped-query heads, an optional block-diagonal (per document)
-//! mask and attention dropout, forward and backward. One task per (batch row, key/value
+//! mask and attention dropout, forward and backward. Rows may differ in length (a batch
+//! without its untrained tails, see `Batch::without_untrained_tails`): each row is a span of
+//! the token axis and its attention a `len x len` problem. One task per (row, key/value
 //! head): the query heads sharing a key/value head run in order inside it, so their key and
 //! value gradients are summed without atomics and in a fixed order.
 
 use rayon::prelude::*;
 
 use super::matmul::{Layout, gemm_into};
-use super::ops::DropMask;
+use super::ops::{DropMask, exp};
 
 /// Which keys a query may attend to, besides the causal rule.
 #[derive(Debug, Clone, Copy)]
 pub enum Mask<'a> {
     /// Every earlier position of the row.
     Causal,
-    /// Earlier positions of the same document (`seq_ids`, one per row position; 0 is
+    /// Earlier positions of the same document (`seq_ids`, one per token of the batch; 0 is
     /// padding, which attends only to itself).
     Document(&'a [u16]),
 }
 
+/// One row of a batch: where its tokens start on the token axis and how many there are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub start: usize,
+    pub len: usize,
+}
+
 /// Shapes of one attention call.
 #[derive(Debug, Clone, Copy)]
-pub struct Dims {
-    pub batch: usize,
-    pub seq: usize,
+pub struct Dims<'a> {
+    pub rows: &'a [Span],
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
 }
 
-impl Dims {
+impl Dims<'_> {
     fn q_width(&self) -> usize {
         self.heads * self.head_dim
     }
@@ -38,26 +46,29 @@ impl Dims {
     fn rep(&self) -> usize {
         self.heads / self.kv_heads
     }
+    fn tokens(&self) -> usize {
+        self.rows.last().map_or(0, |r| r.start + r.len)
+    }
 
-    /// Query head `h` of row `b` as a `seq x head_dim` matrix inside q (or dO, dQ).
+    /// Query head `h` of row `b` as a `len x head_dim` matrix inside q (or dO, dQ).
     fn q_rows(&self, b: usize, h: usize) -> Layout {
         Layout {
-            off: b * self.seq * self.q_width() + h * self.head_dim,
+            off: self.rows[b].start * self.q_width() + h * self.head_dim,
             rs: self.q_width() as isize,
             cs: 1,
         }
     }
 
-    /// Key/value head `g` of row `b` as a `seq x head_dim` matrix inside k or v.
+    /// Key/value head `g` of row `b` as a `len x head_dim` matrix inside k or v.
     fn kv_rows(&self, b: usize, g: usize) -> Layout {
         Layout {
-            off: b * self.seq * self.kv_width() + g * self.head_dim,
+            off: self.rows[b].start * self.kv_width() + g * self.head_dim,
             rs: self.kv_width() as isize,
             cs: 1,
         }
     }
 
-    /// The same head transposed: `head_dim x seq` (for Q K^T and dO V^T).
+    /// The same head transposed: `head_dim x len` (for Q K^T and dO V^T).
     fn kv_cols(&self, b: usize, g: usize) -> Layout {
         Layout {
             rs: 1,
@@ -65,19 +76,66 @@ impl Dims {
             ..self.kv_rows(b, g)
         }
     }
+
+    /// Where row `b`'s probability matrices (`heads` of `len x len`) start in the buffer
+    /// of all of them; entry `rows.len()` is the buffer's length.
+    fn prob_offsets(&self) -> Vec<usize> {
+        let mut offs = Vec::with_capacity(self.rows.len() + 1);
+        let mut at = 0;
+        for r in self.rows {
+            offs.push(at);
+            at += self.heads * r.len * r.len;
+        }
+        offs.push(at);
+        offs
+    }
 }
 
-/// Whether query `i` of row `b` (rows of `t` positions) may attend to key `j`.
-pub fn allowed(mask: Mask, b: usize, t: usize, i: usize, j: usize) -> bool {
+/// Whether query `i` of the row starting at token `start` may attend to key `j` of it.
+pub fn allowed(mask: Mask, start: usize, i: usize, j: usize) -> bool {
     if j > i {
         return false;
     }
     match mask {
         Mask::Causal => true,
         Mask::Document(seq) => {
-            let (si, sj) = (seq[b * t + i], seq[b * t + j]);
+            let (si, sj) = (seq[start + i], seq[start + j]);
             i == j || (si != 0 && si == sj)
         }
+    }
+}
+
+/// Softmax of row `i` of a `t x t` score matrix over the keys query `i` may see; the
+/// others (every later key, and other documents' keys) become 0.
+fn masked_softmax_row(row: &mut [f32], mask: Mask, start: usize, i: usize) {
+    let (seen, later) = row.split_at_mut(i + 1);
+    later.fill(0.0);
+    match mask {
+        // Every earlier key: straight loops, so that the exponentials vectorize.
+        Mask::Causal => {
+            let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            seen.iter_mut().for_each(|s| *s = exp(*s - max));
+        }
+        Mask::Document(_) => {
+            let mut max = f32::NEG_INFINITY;
+            for (j, s) in seen.iter().enumerate() {
+                if allowed(mask, start, i, j) {
+                    max = max.max(*s);
+                }
+            }
+            for (j, s) in seen.iter_mut().enumerate() {
+                *s = if allowed(mask, start, i, j) {
+                    exp(*s - max)
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+    let sum: f32 = seen.iter().sum();
+    let inv = 1.0 / sum;
+    for s in seen.iter_mut() {
+        *s *= inv;
     }
 }
 
@@ -91,10 +149,10 @@ pub struct AttnDropout {
 
 impl AttnDropout {
     fn site(&self, d: &Dims, b: usize, h: usize) -> u64 {
-        (self.layer * d.batch as u64 + b as u64) * d.heads as u64 + h as u64
+        (self.layer * d.rows.len() as u64 + b as u64) * d.heads as u64 + h as u64
     }
 
-    /// `p *= keep / (1 - p)` over a T×T probability matrix of head (b, h).
+    /// `p *= keep / (1 - p)` over the `len x len` probability matrix of head (b, h).
     fn apply(&self, d: &Dims, b: usize, h: usize, p: &mut [f32]) {
         self.mask.apply_serial(p, self.site(d, b, h), 0);
     }
@@ -120,8 +178,9 @@ fn dropped<'a>(
     }
 }
 
-/// Forward: returns the attention output `[batch*seq, heads*head_dim]` and the
-/// probabilities before dropout, `[batch, heads, seq, seq]` (what the backward pass needs).
+/// Forward: returns the attention output `[tokens, heads*head_dim]` and the probabilities
+/// before dropout, per row `[heads, len, len]` one row after another (what the backward
+/// pass needs).
 pub fn forward(
     d: Dims,
     q: &[f32],
@@ -130,15 +189,24 @@ pub fn forward(
     mask: Mask,
     dropout: Option<AttnDropout>,
 ) -> (Vec<f32>, Vec<f32>) {
-    let (t, hd, rep) = (d.seq, d.head_dim, d.rep());
+    let (hd, rep) = (d.head_dim, d.rep());
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut probs = vec![0.0f32; d.batch * d.heads * t * t];
+    let offs = d.prob_offsets();
+    let mut probs = vec![0.0f32; offs[d.rows.len()]];
     // Task (b, g) owns the probability matrices of heads g*rep .. (g+1)*rep of row b.
-    let outs: Vec<Vec<f32>> = probs
-        .par_chunks_mut(rep * t * t)
-        .enumerate()
-        .map(|(task, probs)| {
-            let (b, g) = (task / d.kv_heads, task % d.kv_heads);
+    let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::with_capacity(d.rows.len() * d.kv_heads);
+    let mut rest = probs.as_mut_slice();
+    for (b, row) in d.rows.iter().enumerate() {
+        for g in 0..d.kv_heads {
+            let (mine, after) = std::mem::take(&mut rest).split_at_mut(rep * row.len * row.len);
+            tasks.push((b, g, mine));
+            rest = after;
+        }
+    }
+    let outs: Vec<Vec<f32>> = tasks
+        .into_par_iter()
+        .map(|(b, g, probs)| {
+            let Span { start, len: t } = d.rows[b];
             let mut out = vec![0.0f32; rep * t * hd];
             let mut used = if dropout.is_some() {
                 vec![0.0f32; t * t]
@@ -162,27 +230,8 @@ pub fn forward(
                     false,
                     1,
                 );
-                for i in 0..t {
-                    let row = &mut p[i * t..(i + 1) * t];
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, s) in row.iter().enumerate() {
-                        if allowed(mask, b, t, i, j) {
-                            max = max.max(*s);
-                        }
-                    }
-                    let mut sum = 0.0f32;
-                    for (j, s) in row.iter_mut().enumerate() {
-                        if allowed(mask, b, t, i, j) {
-                            *s = (*s - max).exp();
-                            sum += *s;
-                        } else {
-                            *s = 0.0;
-                        }
-                    }
-                    let inv = 1.0 / sum;
-                    for s in row.iter_mut() {
-                        *s *= inv;
-                    }
+                for (i, row) in p.chunks_exact_mut(t).enumerate() {
+                    masked_softmax_row(row, mask, start, i);
                 }
                 let pv = dropped(dropout.as_ref(), &d, b, h, p, &mut used);
                 gemm_into(
@@ -203,13 +252,14 @@ pub fn forward(
             out
         })
         .collect();
-    let mut o = vec![0.0f32; d.batch * t * d.q_width()];
+    let mut o = vec![0.0f32; d.tokens() * d.q_width()];
     for (task, out) in outs.iter().enumerate() {
         let (b, g) = (task / d.kv_heads, task % d.kv_heads);
+        let Span { start, len: t } = d.rows[b];
         for r in 0..rep {
             let h = g * rep + r;
             for i in 0..t {
-                let dst = (b * t + i) * d.q_width() + h * hd;
+                let dst = (start + i) * d.q_width() + h * hd;
                 o[dst..dst + hd].copy_from_slice(&out[(r * t + i) * hd..(r * t + i + 1) * hd]);
             }
         }
@@ -228,12 +278,14 @@ pub fn backward(
     d_out: &[f32],
     dropout: Option<AttnDropout>,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (t, hd, rep) = (d.seq, d.head_dim, d.rep());
+    let (hd, rep) = (d.head_dim, d.rep());
     let scale = 1.0 / (hd as f32).sqrt();
-    let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..d.batch * d.kv_heads)
+    let offs = d.prob_offsets();
+    let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..d.rows.len() * d.kv_heads)
         .into_par_iter()
         .map(|task| {
             let (b, g) = (task / d.kv_heads, task % d.kv_heads);
+            let t = d.rows[b].len;
             let kv_at = d.kv_rows(b, g);
             let mut dq = vec![0.0f32; rep * t * hd];
             let mut dk = vec![0.0f32; t * hd];
@@ -246,7 +298,7 @@ pub fn backward(
             };
             for r in 0..rep {
                 let h = g * rep + r;
-                let p = &probs[((b * d.heads) + h) * t * t..((b * d.heads) + h + 1) * t * t];
+                let p = &probs[offs[b] + h * t * t..offs[b] + (h + 1) * t * t];
                 let q_at = d.q_rows(b, h);
                 let pu = dropped(dropout.as_ref(), &d, b, h, p, &mut used);
                 // dV += Pu^T dO
@@ -324,18 +376,20 @@ pub fn backward(
             (dq, dk, dv)
         })
         .collect();
-    let mut dq = vec![0.0f32; d.batch * t * d.q_width()];
-    let mut dk = vec![0.0f32; d.batch * t * d.kv_width()];
-    let mut dv = vec![0.0f32; d.batch * t * d.kv_width()];
+    let n = d.tokens();
+    let mut dq = vec![0.0f32; n * d.q_width()];
+    let mut dk = vec![0.0f32; n * d.kv_width()];
+    let mut dv = vec![0.0f32; n * d.kv_width()];
     for (task, (pq, pk, pv)) in parts.iter().enumerate() {
         let (b, g) = (task / d.kv_heads, task % d.kv_heads);
+        let Span { start, len: t } = d.rows[b];
         for i in 0..t {
-            let kv = (b * t + i) * d.kv_width() + g * hd;
+            let kv = (start + i) * d.kv_width() + g * hd;
             dk[kv..kv + hd].copy_from_slice(&pk[i * hd..(i + 1) * hd]);
             dv[kv..kv + hd].copy_from_slice(&pv[i * hd..(i + 1) * hd]);
             for r in 0..rep {
                 let h = g * rep + r;
-                let qi = (b * t + i) * d.q_width() + h * hd;
+                let qi = (start + i) * d.q_width() + h * hd;
                 dq[qi..qi + hd].copy_from_slice(&pq[(r * t + i) * hd..(r * t + i + 1) * hd]);
             }
         }

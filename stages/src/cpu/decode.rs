@@ -194,7 +194,7 @@ impl<'a> Decoder<'a> {
                     }
                     let mut sum = 0.0f32;
                     for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
+                        *s = super::ops::exp(*s - max);
                         sum += *s;
                     }
                     let oh = &mut o[h * hd..(h + 1) * hd];
@@ -247,6 +247,7 @@ mod tests {
             targets: vec![-1; ids.len()],
             pos: (0..ids.len() as u32).collect(),
             seq_ids: None,
+            lens: None,
         };
         let full = llama.forward(&batch, None, false).logits;
         let vocab = w.config.vocab_size;

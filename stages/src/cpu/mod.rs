@@ -3,6 +3,7 @@
 //! at a quarter of PyTorch's speed on a 2-core machine (see BENCHMARKS.md); GPUs go through
 //! burn. The math is checked against Hugging Face's (logits, loss and every gradient).
 
+pub mod alloc;
 pub mod attention;
 pub mod decode;
 pub mod llama;

@@ -122,8 +122,31 @@ impl Rope {
     }
 }
 
+/// e^x by Cephes' `expf` (reduction by ln 2 in two parts, a degree-5 polynomial; within
+/// 2 ulp of the exact value for x in [-87.3, 88.3], tested), written without calls or
+/// branches so that loops over slices vectorize: libm's scalar `expf` was 8% of a training
+/// step (attention softmax, SwiGLU, cross-entropy). Inputs are clamped to that range, where
+/// e^x is a normal f32 (below it the result is 1e-38 instead of smaller; NaN stays NaN).
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    // Round to nearest by adding 1.5 * 2^23: exact for |k| < 2^22, and it vectorizes where
+    // `round` does not (SSE2).
+    const ROUND: f32 = 12_582_912.0;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.336_55, 88.376_26);
+    let k = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = x - k * LN2_HI - k * LN2_LO;
+    let p = ((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 0.5;
+    let y = p * r * r + r + 1.0;
+    y * f32::from_bits((((k as i32) + 127) as u32) << 23)
+}
+
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + exp(-x))
 }
 
 /// SwiGLU: `a = silu(g) * u`.
@@ -173,16 +196,14 @@ pub fn cross_entropy(logits: &mut [f32], targets: &[i32], vocab: usize, to_probs
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let target = row[t as usize];
             let sum: f32 = if to_probs {
-                let mut sum = 0.0f32;
-                for v in row.iter_mut() {
-                    *v = (*v - max).exp();
-                    sum += *v;
-                }
+                // The exponentials first (a loop that vectorizes), then their sum in order.
+                row.iter_mut().for_each(|v| *v = exp(*v - max));
+                let sum: f32 = row.iter().sum();
                 let inv = 1.0 / sum;
                 row.iter_mut().for_each(|v| *v *= inv);
                 sum
             } else {
-                row.iter().map(|v| (v - max).exp()).sum()
+                row.iter().map(|v| exp(v - max)).sum()
             };
             *loss = (max + sum.ln() - target) as f64;
         });
@@ -332,6 +353,24 @@ impl DropMask {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The vectorizable exp is within 2 ulp of the exact value (f64) over the range where
+    /// e^x is a normal f32, sampled densely, and exact at 0.
+    #[test]
+    fn exp_is_within_two_ulp_of_the_exact_value() {
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(f32::NAN).is_nan());
+        let mut worst = 0.0f64;
+        let n = 2_000_000;
+        for i in 0..=n {
+            let x = -87.3f32 + (88.3 + 87.3) * i as f32 / n as f32;
+            let exact = (x as f64).exp();
+            let ulp = (exact as f32).to_bits();
+            let ulp = (f32::from_bits(ulp + 1) - f32::from_bits(ulp)) as f64;
+            worst = worst.max((exp(x) as f64 - exact).abs() / ulp);
+        }
+        assert!(worst <= 2.0, "worst error {worst} ulp");
+    }
 
     #[test]
     fn rmsnorm_backward_matches_finite_differences() {

@@ -45,7 +45,7 @@ pub const FORGETTING_STYLES: [&str; 3] = ["hellaswag", "arc", "winogrande"];
 /// Registered as `kind = "eval"`.
 pub static KIND: Kind = Kind {
     name: "eval",
-    version: 2,
+    version: 3,
     doc: "evaluates a model: perplexity, GSM8K, HumanEval (sandboxed), multiple choice, forgetting",
     params: &[
         Param {
@@ -133,6 +133,12 @@ pub static KIND: Kind = Kind {
             doc: "humaneval: address-space limit per program",
         },
         Param {
+            name: "site_packages",
+            ty: ParamType::Bool,
+            default: Default::Value("false"),
+            doc: "humaneval: let programs import installed packages (Python's site); off, the standard library only",
+        },
+        Param {
             name: "choice",
             ty: ParamType::Inputs,
             default: Default::Optional,
@@ -192,6 +198,7 @@ struct Params {
     pass_k: Vec<i64>,
     timeout: f64,
     memory_mb: i64,
+    site_packages: bool,
     choice_shots: i64,
     forgetting_metric: String,
     max_new_tokens: i64,
@@ -588,6 +595,7 @@ fn run_humaneval(
     };
     let total = requests.len();
     let mut finished = 0;
+    let started = std::time::Instant::now();
     let generated = lm.generate(&requests, &opts, |_| {
         finished += 1;
         ctx.progress
@@ -600,9 +608,16 @@ fn run_humaneval(
     let sandbox = Sandbox::new(Limits {
         timeout: Duration::from_secs_f64(p.timeout),
         memory_bytes: (p.memory_mb.max(64) as u64) << 20,
+        site_packages: p.site_packages,
         ..Limits::default()
     })?;
+    let generating = started.elapsed().as_secs_f64();
     let outcomes = execute(&sandbox, &problems, &completions, n)?;
+    let _ = writeln!(
+        std::io::stderr(),
+        "humaneval: {total} completions generated in {generating:.1} s, run in {:.1} s",
+        started.elapsed().as_secs_f64() - generating
+    );
     let mut per_problem = Vec::new();
     let mut passed_total = 0;
     let ks: Vec<usize> = p

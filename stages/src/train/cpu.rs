@@ -55,6 +55,10 @@ impl Trainer for CpuTrainer {
     /// Adds the gradient of `scale * summed loss` of a micro-batch; returns (summed loss,
     /// targets).
     fn accumulate(&mut self, batch: &Batch, scale: f32, drop: Option<Dropouts>) -> (f64, usize) {
+        let batch = &batch.without_untrained_tails();
+        if batch.rows == 0 {
+            return (0.0, 0);
+        }
         let fwd = self.model().forward(batch, drop, true);
         let out = (fwd.loss_sum, fwd.targets);
         let mut grads = std::mem::take(&mut self.grads);
@@ -92,6 +96,10 @@ impl Trainer for CpuTrainer {
 
     /// Summed loss and target count of a batch, without dropout or gradients.
     fn eval(&self, batch: &Batch) -> (f64, usize) {
+        let batch = &batch.without_untrained_tails();
+        if batch.rows == 0 {
+            return (0.0, 0);
+        }
         let f = self.model().forward(batch, None, false);
         (f.loss_sum, f.targets)
     }

@@ -62,6 +62,7 @@ pub fn batch(rows: &[PackedRow], attention: Attention) -> Batch {
         ids: Vec::with_capacity(rows.len() * seq),
         targets: Vec::with_capacity(rows.len() * seq),
         pos: Vec::with_capacity(rows.len() * seq),
+        lens: None,
         seq_ids: (attention == Attention::Document).then(|| Vec::with_capacity(rows.len() * seq)),
     };
     for r in rows {
