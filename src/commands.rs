@@ -858,7 +858,6 @@ fn stage_default_output(pipeline: &Pipeline, i: usize) -> &'static str {
 
 /// The hidden `__stage` subcommand: one stage, spec on stdin.
 pub fn stage_child() -> i32 {
-    flow_stages::cpu::alloc::keep_freed_memory();
     let mut input = String::new();
     if let Err(e) = std::io::stdin().read_to_string(&mut input) {
         eprintln!("error: reading the stage spec: {e}");

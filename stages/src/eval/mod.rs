@@ -256,6 +256,7 @@ fn read<T>(
 }
 
 fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
+    crate::cpu::alloc::keep_freed_memory();
     let p: Params = ctx.typed_params()?;
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(ctx.threads.max(1))

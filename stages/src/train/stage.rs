@@ -210,6 +210,7 @@ fn input_dir<'a>(ctx: &'a StageContext, name: &str) -> Option<&'a Path> {
 }
 
 fn train(ctx: &StageContext, lora: bool) -> Result<StageOutcome, StageError> {
+    crate::cpu::alloc::keep_freed_memory();
     let p: TrainParams = ctx.typed_params()?;
     let mut log = Log(std::fs::OpenOptions::new()
         .create(true)
