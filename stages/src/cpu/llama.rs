@@ -656,17 +656,16 @@ mod tests {
     use crate::cpu::lora::{LoraInit, LoraSpec};
     use crate::model::config::LlamaConfig;
 
-    /// LoRA's adapter gradients under dropout are the derivatives of the loss the forward
-    /// pass computes with the same masks (central differences in f64 of the f32 loss): the
-    /// backward pass reads the masks back from what the forward pass kept, and a mask that
-    /// differed between the passes, on an adapter's input or on its input gradient (which
-    /// reaches the lower layer's adapters), would fail here.
-    #[test]
-    fn lora_gradients_under_dropout_match_finite_differences() {
-        let c = LlamaConfig::new(32, 16, 32, 2, 4, 2, 16, false);
-        let mut w = Weights::init(&c, 3);
-        // Weights of N(0, 0.2) rather than 0.02, so that gradients stand well above the
-        // rounding of the f32 loss in the differences.
+    /// A test model with weights of N(0, 0.2) rather than 0.02, so that gradients stand well
+    /// above the rounding of the f32 loss, and rank-2 adapters (alpha 4) on every projection
+    /// with B drawn non-zero, so that every factor has a gradient.
+    fn model_and_adapters(
+        c: &LlamaConfig,
+        weight_seed: u64,
+        lora_seed: u64,
+        dropout: f32,
+    ) -> (Weights, Adapters) {
+        let mut w = Weights::init(c, weight_seed);
         for t in w.tensors.iter_mut().filter(|t| t.shape.len() == 2) {
             t.data.iter_mut().for_each(|v| *v *= 10.0);
         }
@@ -674,10 +673,10 @@ mod tests {
             rank: 2,
             alpha: 4.0,
             rslora: false,
-            dropout: 0.3,
+            dropout,
             targets: Proj::ALL.to_vec(),
         };
-        let mut lora = Adapters::init(&c, &spec, LoraInit::Gaussian, 4);
+        let mut lora = Adapters::init(c, &spec, LoraInit::Gaussian, lora_seed);
         for (i, t) in lora.tensors.iter_mut().enumerate() {
             if t.name.contains("lora_B") {
                 t.data = crate::model::weights::normal_vec(
@@ -687,6 +686,19 @@ mod tests {
                 );
             }
         }
+        (w, lora)
+    }
+
+    /// LoRA's adapter gradients under dropout are the derivatives of the loss the forward
+    /// pass computes with the same masks (central differences in f64 of the f32 loss): the
+    /// backward pass reads the masks back from what the forward pass kept, and a mask that
+    /// differed between the passes, on an adapter's input or on its input gradient (which
+    /// reaches the lower layer's adapters), would fail here.
+    #[test]
+    fn lora_gradients_under_dropout_match_finite_differences() {
+        let c = LlamaConfig::new(32, 16, 32, 2, 4, 2, 16, false);
+        let (w, lora) = model_and_adapters(&c, 3, 4, 0.3);
+        let spec = lora.spec.clone();
         let (rows, seq) = (2, 8);
         let batch = Batch {
             rows,
@@ -772,27 +784,7 @@ mod tests {
     #[test]
     fn cutting_untrained_tails_changes_no_loss_or_gradient() {
         let c = LlamaConfig::new(40, 16, 32, 2, 4, 2, 16, false);
-        let mut w = Weights::init(&c, 5);
-        for t in w.tensors.iter_mut().filter(|t| t.shape.len() == 2) {
-            t.data.iter_mut().for_each(|v| *v *= 10.0);
-        }
-        let spec = LoraSpec {
-            rank: 2,
-            alpha: 4.0,
-            rslora: false,
-            dropout: 0.0,
-            targets: Proj::ALL.to_vec(),
-        };
-        let mut lora = Adapters::init(&c, &spec, LoraInit::Gaussian, 6);
-        for (i, t) in lora.tensors.iter_mut().enumerate() {
-            if t.name.contains("lora_B") {
-                t.data = crate::model::weights::normal_vec(
-                    &mut crate::data::rng::Rng::new(i as u64),
-                    t.data.len(),
-                    0.5,
-                );
-            }
-        }
+        let (w, lora) = model_and_adapters(&c, 5, 6, 0.0);
         let rope = Rope::new(c.head_dim(), c.theta(), 16);
         // Row 0 trains everywhere but its last position, row 1 up to position 6 (a prompt
         // masked at 0..2), row 2 nowhere.

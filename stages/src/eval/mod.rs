@@ -606,17 +606,17 @@ fn run_humaneval(
         .iter()
         .map(|g| humaneval::cut(&g.text).to_string())
         .collect();
+    let generating = started.elapsed().as_secs_f64();
     let sandbox = Sandbox::new(Limits {
         timeout: Duration::from_secs_f64(p.timeout),
         memory_bytes: (p.memory_mb.max(64) as u64) << 20,
         site_packages: p.site_packages,
         ..Limits::default()
     })?;
-    let generating = started.elapsed().as_secs_f64();
     let outcomes = execute(&sandbox, &problems, &completions, n)?;
     let _ = writeln!(
         std::io::stderr(),
-        "humaneval: {total} completions generated in {generating:.1} s, run in {:.1} s",
+        "humaneval: {total} completions generated in {generating:.1} s, run (sandbox probe included) in {:.1} s",
         started.elapsed().as_secs_f64() - generating
     );
     let mut per_problem = Vec::new();
