@@ -264,3 +264,64 @@ fn code_items_pass_with_their_solution_and_fail_without() {
         "164 0"
     );
 }
+
+/// The code world's IFT pairs train the task its eval asks: the request is an eval-shaped
+/// prompt (signature and docstring, trimmed as the harness trims it) and the answer is the
+/// body, and the prompts hold no number but the body's own constants (a doctest example's
+/// numbers were what the small model copied instead, see `code::Problem::prompt`).
+#[test]
+fn code_pairs_are_the_eval_task_and_prompts_hold_only_the_constants() {
+    let ws = Workspace::new();
+    let p = ws.write("p.toml", WORLDS);
+    ws.run_statuses(&p, &[]);
+    let digits = |s: &str| -> BTreeSet<String> {
+        s.split(|c: char| !c.is_ascii_digit())
+            .filter(|d| !d.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let pairs = records(&output_named(&ws, &p, "world[domain=code]", "ift"));
+    let sources: BTreeSet<String> = texts(&records(&output_named(
+        &ws,
+        &p,
+        "world[domain=code]",
+        "cpt",
+    )))
+    .into_iter()
+    .collect();
+    let mut in_corpus = 0;
+    for r in &pairs {
+        let (prompt, response) = (
+            r["prompt"].as_str().unwrap(),
+            r["response"].as_str().unwrap(),
+        );
+        assert!(
+            prompt.starts_with("def ") && prompt.ends_with("\"\"\""),
+            "{prompt:?}"
+        );
+        assert!(response.starts_with("\n    return "), "{response:?}");
+        assert!(
+            digits(prompt).is_subset(&digits(response)),
+            "{prompt:?} holds a number its body {response:?} does not"
+        );
+        in_corpus += sources.contains(&format!("{prompt}{response}")) as usize;
+    }
+    // Pairs and corpus draw from the same training functions: most pairs' text is a
+    // corpus document verbatim.
+    assert!(
+        in_corpus * 2 >= pairs.len(),
+        "{in_corpus} of {}",
+        pairs.len()
+    );
+    for item in records(&output_named(&ws, &p, "world[domain=code]", "eval")) {
+        let (prompt, body) = (
+            item["prompt"].as_str().unwrap(),
+            item["canonical_solution"].as_str().unwrap(),
+        );
+        assert!(!prompt.contains(">>>"), "{prompt:?}");
+        assert!(
+            digits(prompt).is_subset(&digits(body)),
+            "{prompt:?} / {body:?}"
+        );
+    }
+}

@@ -22,7 +22,7 @@ use crate::kind::{Default, Kind, Param, ParamType, StageContext, StageError, Sta
 /// Registered as `kind = "synthetic"`.
 pub static KIND: Kind = Kind {
     name: "synthetic",
-    version: 4,
+    version: 5,
     doc: "generates the general, math or code world: CPT corpus, IFT pairs, held-out eval items",
     params: &[
         Param {
