@@ -1,7 +1,7 @@
 //! The shipped study pipelines: every default profile and every `paper` profile validates and
 //! expands to the study's stages; shared stages have one key across studies; the paper plan
 //! states token budgets and step counts. The end-to-end runs of the default profiles are long
-//! (math_cpt alone about 13 minutes, all five about 90) and `#[ignore]`d:
+//! (math_cpt alone about 10 minutes, all five with the resume check about 50) and `#[ignore]`d:
 //! `cargo test --release --test pipelines -- --ignored`.
 
 mod common;
@@ -193,7 +193,7 @@ fn a_profile_removes_stages_and_a_bad_removal_is_named() {
 /// Every default study end to end in one cache (shared stages run once), then a rerun that
 /// runs nothing, then math_cpt killed during training and resumed from its checkpoint.
 #[test]
-#[ignore = "long: about 90 minutes for the five studies on 2 cores; run with --ignored"]
+#[ignore = "long: about 50 minutes for the five studies on 2 cores; run with --ignored"]
 fn every_default_study_runs_end_to_end_and_resumes() {
     let ws = Workspace::new();
     let mut meaningful = Vec::new();
