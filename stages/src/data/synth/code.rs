@@ -22,10 +22,11 @@ pub struct Problem {
 impl Problem {
     /// Signature and docstring, without HumanEval's usual `>>>` example: the example's
     /// argument and result were the only other numbers in the prompt, and the 4-layer model
-    /// copied digits from them into the body (`x * 93` for "multiplied by 92", whose example
-    /// read `>>> multiply(2)` / `184`). Measured on one base model: full finetuning on the
-    /// CPT corpus passed 4.1% of the held-out problems with the example and 94.9% without
-    /// it; on the IFT pairs (4 epochs) 9.8% and 34.2%.
+    /// wrote them in place of the constant (`x + 98` for "Return x plus 95." over
+    /// `>>> add(3)` / `98`: in 47 of 256 wrong samples the constant written was one of the
+    /// example's numbers). Measured on one base model: full finetuning on the CPT corpus
+    /// passed 4.1% of the held-out problems with the example and 94.9% without it; on the
+    /// IFT pairs (4 epochs) 9.8% and 34.2%.
     fn prompt(&self) -> String {
         format!(
             "def {}:\n    \"\"\"{}\n    \"\"\"\n",
