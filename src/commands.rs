@@ -1,7 +1,7 @@
 //! The subcommands: thin glue between the CLI and the engine library.
 
 use std::collections::BTreeSet;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -252,7 +252,15 @@ impl Context {
             profiles: spec.profiles.clone(),
             sets: spec.sets.clone(),
         };
-        let mut pipeline = match Pipeline::from_text(&spec.pipeline, spec.text, &overrides) {
+        anyhow::ensure!(
+            flow::store::hash::is_digest(&spec.text_blake3),
+            "invalid job spec: text_blake3 is not a blake3 digest"
+        );
+        let remote = Remote::open(&spec.remote)?;
+        let text = remote
+            .get_text(&spec.text_blake3)
+            .context("reading the submitted pipeline text from the remote")?;
+        let mut pipeline = match Pipeline::from_text(&spec.pipeline, text, &overrides) {
             Ok(p) => p,
             Err(diags) => {
                 eprintln!("{diags}");
@@ -262,7 +270,6 @@ impl Context {
         pipeline.salt = spec.salt;
         let target = find_stage(&pipeline, &spec.stage)?;
         let cache = self.open_cache(Some(&pipeline))?;
-        let remote = Remote::open(&spec.remote)?;
         let threads = std::env::var("SLURM_CPUS_PER_TASK")
             .ok()
             .and_then(|v| v.parse().ok())
@@ -309,6 +316,8 @@ impl Context {
     pub fn plan(&self, p: &PipelineArgs, json: bool) -> CmdResult {
         let pipeline = load_or_exit!(p, json);
         let cache = self.open_cache(Some(&pipeline))?;
+        // One write per 64 KiB, not per line: plans of 100,000 stages print 100,000 lines.
+        let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
         let states = resolve(&pipeline, &cache)?;
         let index = cache.read_index(&pipeline.name);
         let (mut would, mut cached) = (0, 0);
@@ -350,28 +359,31 @@ impl Context {
             }
             let budget = training_budget(&pipeline, stage);
             if json {
-                println!(
+                writeln!(
+                    out,
                     "{}",
                     json!({"event": "stage", "stage": stage.name, "status": status.as_str(),
                            "key": state.key(), "reason": reason, "budget": budget})
-                );
+                )?;
             } else if status != Status::Cached || self.verbose {
                 let k = state.key().map(short).unwrap_or("?");
                 let budget = budget.map(|b| format!("  [{b}]")).unwrap_or_default();
-                println!(
+                writeln!(
+                    out,
                     "{:>9}  {}  {k}  {reason}{budget}",
                     status.as_str(),
                     stage.name
-                );
+                )?;
             }
         }
         if json {
-            println!(
+            writeln!(
+                out,
                 "{}",
                 json!({"event": "summary", "would_run": would, "cached": cached})
-            );
+            )?;
         } else {
-            println!("{would} would run, {cached} cached");
+            writeln!(out, "{would} would run, {cached} cached")?;
         }
         Ok(ExitCode::SUCCESS)
     }
@@ -379,6 +391,8 @@ impl Context {
     pub fn status(&self, p: &PipelineArgs, json: bool) -> CmdResult {
         let pipeline = load_or_exit!(p, json);
         let cache = self.open_cache(Some(&pipeline))?;
+        // One write per 64 KiB, not per line: plans of 100,000 stages print 100,000 lines.
+        let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
         let remote = self.open_remote(&pipeline)?;
         let states = match &remote {
             Some(r) => slurm::resolve_remote(&pipeline, &cache, r)?,
@@ -436,13 +450,19 @@ impl Context {
                 let job = view.as_ref().map(|v| {
                     json!({"id": v.job, "state": v.state, "status": v.status, "detail": v.detail, "log": v.log})
                 });
-                println!(
+                writeln!(
+                    out,
                     "{}",
                     json!({"stage": stage.name, "status": status, "key": state.key(), "outputs": outs, "job": job})
-                );
+                )?;
             } else {
                 let paths: Vec<String> = outputs.iter().map(|(n, d)| format!("{n}={d}")).collect();
-                println!("{status:>8}  {}  {}{detail}", stage.name, paths.join(" "));
+                writeln!(
+                    out,
+                    "{status:>8}  {}  {}{detail}",
+                    stage.name,
+                    paths.join(" ")
+                )?;
             }
         }
         Ok(ExitCode::SUCCESS)
@@ -738,7 +758,7 @@ impl Context {
             let cache = self.open_cache(Some(&pipeline))?;
             // Keys as far as either cache knows them.
             let states = resolve_with(&pipeline, &cache, |_, key| -> anyhow::Result<_> {
-                Ok(remote.record(key)?)
+                Ok(remote.done_record(key)?)
             })?;
             live.extend(
                 states

@@ -10,8 +10,12 @@
 //! ```
 //! Pushing a key uploads its blobs, then its manifests, then its record: a reader that finds
 //! a record finds everything it names. Every download is re-hashed before it enters the local
-//! cache. S3 settings come from the standard `AWS_*` variables; object_store retries transient
-//! errors with backoff, and credentials never appear in its errors.
+//! cache. Whatever is read from a remote is untrusted (anyone who can write to the bucket can
+//! plant it): keys and digests must be 64 lowercase hex digits, a record must be filed under
+//! its own key, and names that become local paths must stay inside their directory. An
+//! object that fails a check is refused with an error naming it, before anything is written
+//! locally. S3 settings come from the standard `AWS_*` variables; object_store retries
+//! transient errors with backoff, and credentials never appear in its errors.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -21,6 +25,7 @@ use futures::StreamExt;
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload, WriteMultipart};
 
+use crate::store::hash::is_digest;
 use crate::store::{Cache, Manifest, RunRecord};
 
 /// Files above this size are uploaded in parts, never read into memory whole.
@@ -40,6 +45,14 @@ pub enum RemoteError {
         what: String,
         expected: String,
         found: String,
+    },
+    /// An object whose content flow refuses (a name that would leave the cache, a record
+    /// under another key...): anyone who can write to the bucket can plant one.
+    #[error("remote object {url}/{object}: {message}")]
+    Invalid {
+        url: String,
+        object: String,
+        message: String,
     },
     #[error("local cache: {0}")]
     Local(#[from] crate::store::StoreError),
@@ -161,16 +174,51 @@ impl Remote {
         }
     }
 
+    fn invalid(&self, object: &str, message: impl Into<String>) -> RemoteError {
+        RemoteError::Invalid {
+            url: self.url.trim_end_matches('/').to_string(),
+            object: object.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// Callers pass digests that were checked (by parsing) or computed here.
     fn object_rel(hash: &str) -> String {
+        debug_assert!(is_digest(hash), "{hash}");
         format!("objects/blake3/{}/{}", &hash[..2], &hash[2..])
     }
 
     fn manifest_rel(digest: &str) -> String {
+        debug_assert!(is_digest(digest), "{digest}");
         format!("artifacts/{}/{digest}.json", &digest[..2])
     }
 
     fn record_rel(key: &str) -> String {
         format!("runs/{key}.json")
+    }
+
+    /// Stores a text as a content-addressed object (create-only) and returns its blake3.
+    pub fn put_text(&self, text: &str) -> Result<String> {
+        let hash = blake3::hash(text.as_bytes()).to_hex().to_string();
+        self.put_small(&Self::object_rel(&hash), text.as_bytes().to_vec())?;
+        Ok(hash)
+    }
+
+    /// A text stored by [`Remote::put_text`], verified against its blake3.
+    pub fn get_text(&self, hash: &str) -> Result<String> {
+        let bad = |message: String| RemoteError::Store {
+            url: format!("{}/objects/blake3/{hash}", self.url),
+            message,
+        };
+        if !crate::store::hash::is_digest(hash) {
+            return Err(bad("not a blake3 digest".into()));
+        }
+        let rel = Self::object_rel(hash);
+        let bytes = self.get_bytes(&rel)?.ok_or_else(|| bad("missing".into()))?;
+        if blake3::hash(&bytes).to_hex().as_str() != hash {
+            return Err(bad("content does not match its blake3".into()));
+        }
+        String::from_utf8(bytes).map_err(|_| bad("not UTF-8 text".into()))
     }
 
     /// Whether an object exists.
@@ -341,11 +389,11 @@ impl Remote {
                     None => t.skipped += 1,
                 }
             }
-            let bytes =
-                std::fs::read(cache.manifest_path(digest)).map_err(|e| RemoteError::Io {
-                    path: cache.manifest_path(digest).display().to_string(),
-                    source: e,
-                })?;
+            let path = cache.manifest_path(digest)?;
+            let bytes = std::fs::read(&path).map_err(|e| RemoteError::Io {
+                path: path.display().to_string(),
+                source: e,
+            })?;
             self.put_small(&Self::manifest_rel(digest), bytes)?;
         }
         let bytes = serde_json::to_vec_pretty(record).expect("records serialize");
@@ -354,18 +402,20 @@ impl Remote {
     }
 
     /// Pulls a key the remote has finished into the local cache (verifying every byte) and
-    /// commits it locally. Ok(None) when the remote has no record for the key.
+    /// commits it locally. Ok(None) when the remote has no record for the key. The record and
+    /// every manifest it names are fetched and checked before anything is written here.
     pub fn pull(&self, cache: &Cache, key: &str) -> Result<Option<(RunRecord, Transfer)>> {
-        let Some(bytes) = self.get_bytes(&Self::record_rel(key))? else {
+        let Some(record) = self.record(key)? else {
             return Ok(None);
         };
-        let record: RunRecord = serde_json::from_slice(&bytes).map_err(|e| RemoteError::Store {
-            url: self.url.clone(),
-            message: format!("unreadable run record {key}: {e}"),
-        })?;
+        let manifests = record
+            .outputs
+            .values()
+            .map(|digest| Ok((digest, self.fetch_manifest(digest)?)))
+            .collect::<Result<Vec<_>>>()?;
         let mut t = Transfer::default();
-        for digest in record.outputs.values() {
-            t += self.pull_artifact(cache, digest)?;
+        for (digest, (bytes, manifest)) in manifests {
+            t += self.pull_artifact(cache, digest, &bytes, &manifest)?;
         }
         cache.write_record(&record)?;
         Ok(Some((record, t)))
@@ -405,14 +455,13 @@ impl Remote {
         })
     }
 
-    /// Fetches one artifact's manifest and missing blobs, then materializes its view.
-    fn pull_artifact(&self, cache: &Cache, digest: &str) -> Result<Transfer> {
-        let mut t = Transfer::default();
+    /// An artifact's manifest, checked: its bytes hash to `digest` and every entry names a
+    /// path inside the artifact and a blake3 digest (see `store::checked`).
+    fn fetch_manifest(&self, digest: &str) -> Result<(Vec<u8>, Manifest)> {
         let rel = Self::manifest_rel(digest);
-        let bytes = self.get_bytes(&rel)?.ok_or_else(|| RemoteError::Store {
-            url: self.url.clone(),
-            message: format!("manifest {digest} is missing"),
-        })?;
+        let bytes = self
+            .get_bytes(&rel)?
+            .ok_or_else(|| self.invalid(&rel, "missing (the run record names it)"))?;
         let found = blake3::hash(&bytes).to_hex().to_string();
         if found != digest {
             return Err(RemoteError::Corrupt {
@@ -422,18 +471,27 @@ impl Remote {
                 found,
             });
         }
-        let manifest: Manifest =
-            serde_json::from_slice(&bytes).map_err(|e| RemoteError::Store {
-                url: self.url.clone(),
-                message: format!("unreadable manifest {digest}: {e}"),
-            })?;
-        cache.put_manifest(digest, &bytes)?;
-        let missing: Vec<&str> = manifest
-            .files
-            .iter()
-            .map(|f| f.blake3.as_str())
-            .filter(|h| !cache.object_path(h).is_file())
-            .collect();
+        let manifest = serde_json::from_slice(&bytes)
+            .map_err(|e| self.invalid(&rel, format!("unreadable manifest: {e}")))?;
+        Ok((bytes, manifest))
+    }
+
+    /// Stores a checked manifest, fetches its missing blobs, then materializes its view.
+    fn pull_artifact(
+        &self,
+        cache: &Cache,
+        digest: &str,
+        bytes: &[u8],
+        manifest: &Manifest,
+    ) -> Result<Transfer> {
+        let mut t = Transfer::default();
+        cache.put_manifest(digest, bytes)?;
+        let mut missing = Vec::new();
+        for f in &manifest.files {
+            if !cache.object_path(&f.blake3)?.is_file() {
+                missing.push(f.blake3.as_str());
+            }
+        }
         t.skipped += (manifest.files.len() - missing.len()) as u64;
         let results: Vec<Result<u64>> = self.runtime.block_on(
             futures::stream::iter(missing)
@@ -605,47 +663,51 @@ impl Remote {
         Ok(t)
     }
 
-    /// The blobs a key's remote checkpoint snapshot names.
+    /// The files of a key's remote checkpoint snapshot, as (path in scratch, blob), every
+    /// one checked: a relative path inside the scratch directory and a blake3 digest.
     fn scratch_index(&self, key: &str) -> Result<std::collections::BTreeMap<String, String>> {
-        let Some(bytes) = self.get_bytes(&Self::scratch_rel(key, "index.json"))? else {
+        #[derive(serde::Deserialize)]
+        struct Entry {
+            blake3: String,
+        }
+        let rel = Self::scratch_rel(key, "index.json");
+        if !is_digest(key) {
+            return Err(self.invalid(&rel, format!("`{key}` is not a flow key")));
+        }
+        let Some(bytes) = self.get_bytes(&rel)? else {
             return Ok(Default::default());
         };
-        let index: std::collections::BTreeMap<String, serde_json::Value> =
-            serde_json::from_slice(&bytes).map_err(|e| RemoteError::Store {
-                url: self.url.clone(),
-                message: format!("unreadable checkpoint index of {key}: {e}"),
-            })?;
-        Ok(index
-            .into_iter()
-            .filter_map(|(rel, v)| v["blake3"].as_str().map(|h| (rel, h.to_string())))
-            .collect())
+        let index: std::collections::BTreeMap<String, Entry> = serde_json::from_slice(&bytes)
+            .map_err(|e| self.invalid(&rel, format!("unreadable checkpoint index: {e}")))?;
+        let mut out = std::collections::BTreeMap::new();
+        for (name, entry) in index {
+            flow_stages::relpath::checked_rel_path(&name)
+                .map_err(|e| self.invalid(&rel, format!("checkpoint file {e}")))?;
+            if !is_digest(&entry.blake3) {
+                let why = format!("`{name}`: blake3 `{}` is not a blake3 digest", entry.blake3);
+                return Err(self.invalid(&rel, why));
+            }
+            out.insert(name, entry.blake3);
+        }
+        Ok(out)
     }
 
     /// Restores a key's last pushed checkpoint snapshot into `dir` (a resume on this
-    /// machine); every file is blake3-verified, and copied (the stage may rewrite it).
+    /// machine); every file is blake3-verified, and copied (the stage may rewrite it). The
+    /// whole index is checked before the first file is written.
     pub fn pull_scratch(&self, cache: &Cache, key: &str, dir: &Path) -> Result<Transfer> {
         let mut t = Transfer::default();
         for (rel, hash) in self.scratch_index(key)? {
-            if !cache.object_path(&hash).is_file() {
+            let object = cache.object_path(&hash)?;
+            if !object.is_file() {
                 t.bytes += self
                     .runtime
                     .block_on(self.fetch_blob(cache, &hash, "a checkpoint"))?;
             }
             t.files += 1;
-            let dest = dir.join(&rel);
-            let io = |e: std::io::Error| RemoteError::Io {
-                path: dest.display().to_string(),
-                source: e,
-            };
-            if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent).map_err(io)?;
-            }
-            let tmp = dest.with_file_name(format!(".flow-pull-{}", std::process::id()));
-            std::fs::copy(cache.object_path(&hash), &tmp).map_err(io)?;
-            let mut perms = std::fs::metadata(&tmp).map_err(io)?.permissions();
-            std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
-            std::fs::set_permissions(&tmp, perms).map_err(io)?;
-            std::fs::rename(&tmp, &dest).map_err(io)?;
+            let dest = flow_stages::relpath::join_checked(dir, &rel)
+                .map_err(|e| self.invalid(&Self::scratch_rel(key, "index.json"), e))?;
+            restore_file(&object, &dest)?;
         }
         Ok(t)
     }
@@ -656,11 +718,40 @@ impl Remote {
         self.delete(&Self::scratch_rel(key, "index.json"))
     }
 
-    /// Reads a remote run record.
+    /// The record of a key the remote has done, for deciding what is done: a record flow
+    /// refuses (see [`Remote::record`]) means the key is not done there, with a warning,
+    /// rather than an error that stops `status`, a Slurm submission or `gc`.
+    pub fn done_record(&self, key: &str) -> Result<Option<RunRecord>> {
+        match self.record(key) {
+            Err(e @ RemoteError::Invalid { .. }) => {
+                eprintln!("warning: {e}; treating the key as not done");
+                Ok(None)
+            }
+            other => other,
+        }
+    }
+
+    /// Reads a remote run record, checked: `key` is a key, the record is the one for `key`
+    /// (a record filed under another name is refused, not written under its own), and it
+    /// names at least one output, each by a digest. Ok(None) when there is none.
     pub fn record(&self, key: &str) -> Result<Option<RunRecord>> {
-        Ok(self
-            .get_bytes(&Self::record_rel(key))?
-            .and_then(|b| serde_json::from_slice(&b).ok()))
+        let rel = Self::record_rel(key);
+        if !is_digest(key) {
+            return Err(self.invalid(&rel, format!("`{key}` is not a flow key")));
+        }
+        let Some(bytes) = self.get_bytes(&rel)? else {
+            return Ok(None);
+        };
+        let record: RunRecord = serde_json::from_slice(&bytes)
+            .map_err(|e| self.invalid(&rel, format!("unreadable run record: {e}")))?;
+        if record.key != key {
+            let why = format!("key `{}` is not the key it is filed under", record.key);
+            return Err(self.invalid(&rel, why));
+        }
+        if record.outputs.is_empty() {
+            return Err(self.invalid(&rel, "`outputs` is empty"));
+        }
+        Ok(Some(record))
     }
 
     /// Deletes everything no live key references. Returns (objects, bytes) removed (or that
@@ -758,9 +849,10 @@ impl Remote {
         let mut evicted = Vec::new();
         for (rel, _) in self.list("runs")? {
             let key = rel.trim_end_matches(".json").to_string();
-            let damaged = match self.record(&key)? {
-                Some(r) => r.outputs.values().any(|d| bad_digests.contains(d)),
-                None => true,
+            let damaged = match self.record(&key) {
+                Ok(Some(r)) => r.outputs.values().any(|d| bad_digests.contains(d)),
+                Ok(None) | Err(RemoteError::Invalid { .. }) => true,
+                Err(e) => return Err(e),
             };
             if damaged {
                 self.delete(&format!("runs/{rel}"))?;
@@ -769,6 +861,24 @@ impl Remote {
         }
         Ok((checked, bad.into_iter().collect(), evicted))
     }
+}
+
+/// Copies a verified blob to `dest` (through a temp name beside it), writable: checkpoints
+/// are rewritten by the stage that resumes from them.
+fn restore_file(object: &Path, dest: &Path) -> Result<()> {
+    let io = |e: std::io::Error| RemoteError::Io {
+        path: dest.display().to_string(),
+        source: e,
+    };
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
+    let tmp = dest.with_file_name(format!(".flow-pull-{}", std::process::id()));
+    std::fs::copy(object, &tmp).map_err(io)?;
+    let mut perms = std::fs::metadata(&tmp).map_err(io)?.permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
+    std::fs::set_permissions(&tmp, perms).map_err(io)?;
+    std::fs::rename(&tmp, dest).map_err(io)
 }
 
 /// The digest a manifest's path (`ab/<digest>.json`) names.

@@ -433,3 +433,90 @@ fn flip_byte(path: &std::path::Path) {
         .and_then(|mut f| std::io::Write::write_all(&mut f, &bytes))
         .unwrap();
 }
+
+/// A generated pipeline of `n` trivial command stages: a binary tree (stage i reads stage
+/// (i-1)/2) when `tree`, else `n` independent stages feeding one join. Each stage writes
+/// its input's lines and then its own number: its path from the root.
+fn generated(n: usize, tree: bool) -> String {
+    let mut text = format!("[pipeline]\nname = \"gen{n}\"\n");
+    for i in 0..n {
+        text.push_str(&format!(
+            "\n[stage.s{i}]\nkind = \"command\"\n\
+             run = \"{{ cat $FLOW_IN_UP/v 2>/dev/null; echo {i}; }} > $FLOW_OUT/v\"\n"
+        ));
+        if tree && i > 0 {
+            text.push_str(&format!("inputs = {{ up = \"s{}\" }}\n", (i - 1) / 2));
+        }
+    }
+    if !tree {
+        let all: Vec<String> = (0..n).map(|i| format!("\"s{i}\"")).collect();
+        text.push_str(&format!(
+            "\n[stage.join]\nkind = \"command\"\nrun = \"ls $FLOW_IN_ALL | wc -l > $FLOW_OUT/n\"\n\
+             inputs = {{ all = [{}] }}\n",
+            all.join(", ")
+        ));
+    }
+    text
+}
+
+/// The `--json` summary line of a run.
+fn run_summary(ws: &Workspace, pipeline: &std::path::Path, jobs: &str) -> serde_json::Value {
+    let events = ws.json(&["run", pipeline.to_str().unwrap(), "-j", jobs], true);
+    let summary = events.last().expect("a summary").clone();
+    assert_eq!(summary["event"], "summary", "{summary}");
+    summary
+}
+
+#[test]
+fn every_key_is_computed_once_per_run_even_with_the_job_slots_full() {
+    // 40 independent stages and a join on one job slot: the old executor recomputed the
+    // key of every ready stage that found no slot, each time a stage finished (~800 keys).
+    let ws = Workspace::new();
+    let p = ws.write("wide.toml", &generated(40, false));
+    let cold = run_summary(&ws, &p, "1");
+    assert_eq!(cold["ran"], 41, "{cold}");
+    assert_eq!(cold["keys_computed"], 41, "one key per stage, cold: {cold}");
+    let warm = run_summary(&ws, &p, "1");
+    assert_eq!(warm["cached"], 41, "{warm}");
+    assert_eq!(warm["keys_computed"], 41, "one key per stage, warm: {warm}");
+    let join = tree(&ws.output_dir(&p, "join"));
+    assert_eq!(join[0].1, b"40\n", "the join saw every input");
+
+    // A failure blocks exactly its descendants, once each, and the rest still runs.
+    let text = DIAMOND.replace("echo $X >> $FLOW_OUT/b.txt", "exit 3");
+    let p = ws.write("failing.toml", &text);
+    let events = ws.json(&["run", p.to_str().unwrap(), "-j", "1"], false);
+    let s = statuses(&events);
+    assert_eq!(with_status(&s, "failed"), names(&["b"]));
+    assert_eq!(with_status(&s, "blocked"), names(&["c"]));
+    assert_eq!(s.len(), 4, "one final status per stage: {s:?}");
+    let summary = events.last().unwrap();
+    assert_eq!(summary["keys_computed"], 3, "c never gets a key: {summary}");
+}
+
+#[test]
+fn twenty_thousand_stages_run_cold_and_warm_with_one_key_computation_each() {
+    let n = 20_000;
+    let ws = Workspace::new();
+    let p = ws.write("tree.toml", &generated(n, true));
+    let cold = run_summary(&ws, &p, "8");
+    assert_eq!(
+        (cold["ran"].as_u64(), cold["failed"].as_u64()),
+        (Some(n as u64), Some(0))
+    );
+    assert_eq!(cold["keys_computed"], n, "{cold}");
+    let warm = run_summary(&ws, &p, "8");
+    assert_eq!(
+        (warm["ran"].as_u64(), warm["cached"].as_u64()),
+        (Some(0), Some(n as u64))
+    );
+    assert_eq!(warm["keys_computed"], n, "{warm}");
+    // The last stage's output is its path from the root: every input reached its consumer.
+    let mut path = vec![n - 1];
+    while let Some(&i) = path.last().filter(|i| **i > 0) {
+        path.push((i - 1) / 2);
+    }
+    let want: String = path.iter().rev().map(|i| format!("{i}\n")).collect();
+    let last = tree(&ws.output_dir(&p, &format!("s{}", n - 1)));
+    assert_eq!(String::from_utf8_lossy(&last[0].1), want);
+}

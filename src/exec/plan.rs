@@ -5,6 +5,7 @@
 //! one has no key yet.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::key::{KEY_FORMAT, KeyParts, Val};
 use crate::pipeline::{Pipeline, Stage};
@@ -39,19 +40,29 @@ impl KeyState {
     }
 }
 
-/// The key parts of a stage, given its producers' output digests; Ok(Err(i)) names the first
-/// producer whose outputs are not known yet.
+/// How many keys this process has computed ([`key_parts`] calls that found every input):
+/// reported in `--json` summaries so that tests can hold the engine to one computation per
+/// stage and run, whatever the pipeline's size.
+static KEYS_COMPUTED: AtomicUsize = AtomicUsize::new(0);
+
+/// The number of keys computed so far by this process.
+pub fn keys_computed() -> usize {
+    KEYS_COMPUTED.load(Ordering::Relaxed)
+}
+
+/// The key parts of a stage, given its producers' output digests (`output(stage, name)`);
+/// Ok(Err(i)) names the first producer whose outputs are not known yet.
 pub fn key_parts(
     pipeline: &Pipeline,
     stage: &Stage,
-    outputs: &dyn Fn(usize) -> Option<BTreeMap<String, String>>,
+    output: &dyn Fn(usize, &str) -> Option<String>,
     files: &FileHashes,
 ) -> Result<std::result::Result<KeyParts, usize>> {
     let mut inputs = BTreeMap::new();
     for binding in &stage.inputs {
         let mut digests = Vec::new();
         for src in &binding.sources {
-            let Some(digest) = outputs(src.stage).and_then(|o| o.get(&src.output).cloned()) else {
+            let Some(digest) = output(src.stage, &src.output) else {
                 return Ok(Err(src.stage));
             };
             // The producer's name is part of the input: stages see it (list inputs are
@@ -79,6 +90,7 @@ pub fn key_parts(
         };
         params.insert(name.clone(), text);
     }
+    KEYS_COMPUTED.fetch_add(1, Ordering::Relaxed);
     Ok(Ok(KeyParts {
         format: KEY_FORMAT.to_string(),
         kind: stage.kind.name.to_string(),
@@ -104,14 +116,21 @@ pub fn resolve_with<E: From<crate::store::StoreError>>(
     let mut states: Vec<KeyState> = Vec::with_capacity(pipeline.stages.len());
     let files = FileHashes::load(cache);
     for stage in &pipeline.stages {
-        let lookup = |i: usize| states[i].record().map(|r| r.outputs.clone());
+        let lookup = |i: usize, name: &str| {
+            states[i]
+                .record()
+                .and_then(|r| r.outputs.get(name).cloned())
+        };
         let state = match key_parts(pipeline, stage, &lookup, &files)? {
             Ok(parts) => {
                 let key = parts.key();
                 let record = match cache.done(&key)? {
                     Some(r) => Some(r),
                     None => fallback(stage, &key)?,
-                };
+                }
+                // A record without every output of its kind does not make the key done:
+                // downstream keys could not be computed from it.
+                .filter(|r| super::has_every_output(&r.outputs, stage.kind));
                 KeyState::Known {
                     parts,
                     key,

@@ -37,8 +37,10 @@ pub struct ChildSpec {
 pub struct JobSpec {
     /// The pipeline file, absolute: relative paths in it resolve against its directory.
     pub pipeline: PathBuf,
-    /// The file's text when it was submitted.
-    pub text: String,
+    /// The blake3 of the file's text when it was submitted: the text itself is one object
+    /// on the remote (see `Remote::put_text`), so that 10,000 jobs do not each carry it in
+    /// their batch script, and the job runs exactly what was submitted (verified on read).
+    pub text_blake3: String,
     pub profiles: Vec<String>,
     pub sets: Vec<String>,
     pub salt: String,

@@ -49,10 +49,14 @@ impl Base {
 }
 
 /// Checks, orders and expands the `[stage.*]` tables.
-pub fn expand(tables: &Table, seed: i64, dir: &Path, diags: &mut Diagnostics) -> Vec<Stage> {
+///
+/// The tables are consumed, and each base table is dropped once its stages exist: at
+/// 100,000 stages the file's value tree, the checked tables and the stages would otherwise
+/// all be alive at once.
+pub fn expand(tables: Table, seed: i64, dir: &Path, diags: &mut Diagnostics) -> Vec<Stage> {
     let bases: Vec<Base> = tables
-        .iter()
-        .filter_map(|(name, (origin, node))| check_stage(name, origin, node, seed, dir, diags))
+        .into_iter()
+        .filter_map(|(name, (origin, node))| check_stage(&name, &origin, &node, seed, dir, diags))
         .collect();
     let index: HashMap<&str, usize> = bases
         .iter()
@@ -92,12 +96,16 @@ pub fn expand(tables: &Table, seed: i64, dir: &Path, diags: &mut Diagnostics) ->
 
     let mut stages: Vec<Stage> = Vec::new();
     let mut groups: HashMap<String, Vec<usize>> = HashMap::new();
-    for i in topological_order(&graph, &nodes) {
-        let base = &bases[i];
+    let order = topological_order(&graph, &nodes);
+    drop(graph);
+    let mut bases: Vec<Option<Base>> = bases.into_iter().map(Some).collect();
+    for i in order {
+        let base = bases[i].take().expect("each base is expanded once");
+        let name = base.name.clone();
         let first = stages.len();
         let members = expand_base(base, &stages, &groups, diags);
         stages.extend(members);
-        groups.insert(base.name.clone(), (first..stages.len()).collect());
+        groups.insert(name, (first..stages.len()).collect());
     }
     let mut seen: HashMap<&str, &Origin> = HashMap::new();
     for s in &stages {
@@ -427,15 +435,15 @@ struct Combo {
 }
 
 fn expand_base(
-    base: &Base,
+    mut base: Base,
     stages: &[Stage],
     groups: &HashMap<String, Vec<usize>>,
     diags: &mut Diagnostics,
 ) -> Vec<Stage> {
     let mut combos = vec![Combo {
         coords: Vec::new(),
-        params: base.fixed.clone(),
-        refs: base.fixed_refs.clone(),
+        params: std::mem::take(&mut base.fixed),
+        refs: std::mem::take(&mut base.fixed_refs),
         chosen: HashMap::new(),
     }];
     for sweep in &base.sweeps {
@@ -564,7 +572,9 @@ fn resolve(
     diags: &mut Diagnostics,
 ) -> Option<Vec<usize>> {
     if r.target.contains('[') {
-        match stages.iter().position(|s| s.name == r.target) {
+        // Only the group's own members can carry its name: no scan of every stage.
+        let group = groups.get(r.base()).map_or(&[][..], Vec::as_slice);
+        match group.iter().copied().find(|i| stages[*i].name == r.target) {
             Some(i) => Some(vec![i]),
             None => {
                 let members: Vec<&str> = groups

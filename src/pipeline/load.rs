@@ -53,6 +53,9 @@ pub fn parse(path: &Path, text: String, overrides: &Overrides) -> Result<Documen
         return Err(diags);
     }
     let mut root = table_from_toml(&source, parsed.get_ref());
+    // The parser's tree is several times the text's size: gone before expansion builds
+    // the stages.
+    drop(parsed);
 
     for (key, (origin, _)) in &root {
         if !TOP_LEVEL.contains(&key.as_str()) {

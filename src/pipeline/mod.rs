@@ -92,7 +92,7 @@ impl Pipeline {
         text: String,
         overrides: &Overrides,
     ) -> Result<Pipeline, Diagnostics> {
-        let doc = load::parse(path, text.clone(), overrides)?;
+        let mut doc = load::parse(path, text.clone(), overrides)?;
         let mut diags = Diagnostics::default();
         let dir = path
             .parent()
@@ -106,11 +106,12 @@ impl Pipeline {
             .unwrap_or(Path::new("."))
             .to_path_buf();
         let settings = read_settings(&doc.root, path, &dir, &mut diags);
-        let stages = match doc.root.get("stage") {
-            Some((_, node)) => match &node.value {
+        // Taken out of the document: expansion consumes the tables as it goes.
+        let stages = match doc.root.shift_remove("stage") {
+            Some((_, node)) => match node.value {
                 Value::Table(t) => expand::expand(t, settings.seed, &dir, &mut diags),
                 _ => {
-                    diags.push(type_error(node, "a table of stages", "`stage`"));
+                    diags.push(type_error(&node, "a table of stages", "`stage`"));
                     Vec::new()
                 }
             },
@@ -171,17 +172,28 @@ impl Pipeline {
         marked
     }
 
-    /// Stages that consume the given stage's outputs.
-    pub fn dependents(&self, index: usize) -> impl Iterator<Item = usize> + '_ {
-        self.stages
+    /// The distinct stages a stage reads, ascending.
+    pub fn producers(&self, index: usize) -> Vec<usize> {
+        let mut out: Vec<usize> = self.stages[index]
+            .inputs
             .iter()
-            .enumerate()
-            .filter(move |(_, s)| {
-                s.inputs
-                    .iter()
-                    .any(|b| b.sources.iter().any(|src| src.stage == index))
-            })
-            .map(|(i, _)| i)
+            .flat_map(|b| b.sources.iter().map(|s| s.stage))
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// For every stage, the distinct stages that read it, ascending: the reverse edges,
+    /// built in one pass so that a scheduler never scans all stages to find dependents.
+    pub fn consumers(&self) -> Vec<Vec<usize>> {
+        let mut out = vec![Vec::new(); self.stages.len()];
+        for i in 0..self.stages.len() {
+            for p in self.producers(i) {
+                out[p].push(i);
+            }
+        }
+        out
     }
 }
 

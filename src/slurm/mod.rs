@@ -54,7 +54,7 @@ pub fn resolve_remote(
     remote: &Remote,
 ) -> Result<Vec<KeyState>> {
     resolve_with(pipeline, cache, |_, key| -> Result<_> {
-        Ok(remote.record(key)?)
+        Ok(remote.done_record(key)?)
     })
 }
 
@@ -67,16 +67,9 @@ pub fn recipes(
 ) -> Result<Vec<String>> {
     let mut out: Vec<String> = Vec::with_capacity(pipeline.stages.len());
     for stage in &pipeline.stages {
-        let lookup = |j: usize| match states[j].record() {
-            Some(r) => Some(r.outputs.clone()),
-            None => Some(
-                pipeline.stages[j]
-                    .kind
-                    .outputs
-                    .iter()
-                    .map(|o| (o.to_string(), format!("recipe:{}/{o}", out[j])))
-                    .collect(),
-            ),
+        let lookup = |j: usize, name: &str| match states[j].record() {
+            Some(r) => r.outputs.get(name).cloned(),
+            None => Some(format!("recipe:{}/{name}", out[j])),
         };
         let parts = key_parts(pipeline, stage, &lookup, files)?
             .expect("every producer has outputs or a recipe");
@@ -229,7 +222,9 @@ pub fn submit(pipeline: &Pipeline, cache: &Cache, remote: &Remote, ui: &mut Ui) 
     std::fs::create_dir_all(&log_dir).map_err(|e| StoreError::io(&log_dir, e))?;
     let pipeline_path = absolute(&pipeline.path);
 
+    let text_blake3 = remote.put_text(&pipeline.text)?;
     let mut jobs: Jobs = vec![None; pipeline.stages.len()];
+    let mut saved = std::time::Instant::now();
     let (mut submitted, mut kept, mut done) = (0, 0, 0);
     for (i, stage) in pipeline.stages.iter().enumerate() {
         if let Some(record) = states[i].record() {
@@ -264,7 +259,7 @@ pub fn submit(pipeline: &Pipeline, cache: &Cache, remote: &Remote, ui: &mut Ui) 
         let log_pattern = log_dir.join(format!("{}.%j.log", stage.name));
         let spec = JobSpec {
             pipeline: pipeline_path.clone(),
-            text: pipeline.text.clone(),
+            text_blake3: text_blake3.clone(),
             profiles: pipeline.overrides.profiles.clone(),
             sets: pipeline.overrides.sets.clone(),
             salt: pipeline.salt.clone(),
@@ -273,10 +268,16 @@ pub fn submit(pipeline: &Pipeline, cache: &Cache, remote: &Remote, ui: &mut Ui) 
         };
         let script = job_script(&flow, &node_cache, pipeline, &stage.name, &spec);
         let args = sbatch_args(pipeline, i, &comment, &log_pattern, &deps);
-        let id = scheduler::sbatch(&args, &script).map_err(|source| Error::Submit {
-            stage: stage.name.clone(),
-            source,
-        })?;
+        let id = match scheduler::sbatch(&args, &script) {
+            Ok(id) => id,
+            Err(source) => {
+                ledger.save(cache, &pipeline.name)?;
+                return Err(Error::Submit {
+                    stage: stage.name.clone(),
+                    source,
+                });
+            }
+        };
         let log = log_dir.join(format!("{}.{id}.log", stage.name));
         let mut detail = format!("job {id}");
         if !deps.is_empty() {
@@ -303,11 +304,18 @@ pub fn submit(pipeline: &Pipeline, cache: &Cache, remote: &Remote, ui: &mut Ui) 
                 submitted: unix_now(),
             },
         );
-        // Saved after every job so that an interrupted submission still knows its jobs.
-        ledger.save(cache, &pipeline.name)?;
+        // Saved at most once a second (saving after every job rewrites the whole ledger
+        // each time: quadratic in a 10,000-job submission), and at the end. A submission
+        // killed in between forgets at most a second of jobs here; the next one still finds
+        // them queued through their comments.
+        if saved.elapsed() >= Duration::from_secs(1) {
+            ledger.save(cache, &pipeline.name)?;
+            saved = std::time::Instant::now();
+        }
         jobs[i] = Some(id);
         submitted += 1;
     }
+    ledger.save(cache, &pipeline.name)?;
     ui.json_line(&serde_json::json!({
         "event": "submitted", "submitted": submitted, "queued": kept, "done": done,
     }));
@@ -336,72 +344,60 @@ pub fn job_views(
     jobs: &BTreeMap<String, JobInfo>,
 ) -> Vec<Option<JobView>> {
     let mut views: Vec<Option<JobView>> = Vec::with_capacity(pipeline.stages.len());
-    for stage in &pipeline.stages {
-        let Some(entry) = ledger.jobs.get(&stage.name) else {
-            views.push(None);
-            continue;
-        };
-        let info = jobs.get(&entry.job);
-        let state = info.map_or("?".to_string(), |j| j.state.clone());
-        let (status, detail) = match info {
-            None => ("unknown", "no longer known to the scheduler".to_string()),
-            Some(j)
-                if j.never_runnable()
-                    || (j.state == "PENDING" && j.reason == "DependencyNeverSatisfied") =>
-            {
-                let why = failed_upstream(pipeline, stage, &views)
-                    .map(|(name, v)| {
-                        format!("upstream `{name}` failed (job {}; log: {})", v.job, v.log)
-                    })
-                    .unwrap_or_else(|| "an upstream job failed".into());
-                ("blocked", why)
-            }
-            Some(j) if j.state == "PENDING" => ("queued", format!("reason {}", j.reason)),
-            Some(j) if j.is_active() => ("running", format!("on {}", j.node)),
-            Some(j) if j.state == "COMPLETED" => ("finished", String::new()),
-            Some(j) if j.state == "CANCELLED" => ("cancelled", String::new()),
-            Some(j) => ("failed", format!("exit {}", j.exit_code)),
-        };
-        views.push(Some(JobView {
-            job: entry.job.clone(),
-            status,
-            state,
-            detail,
-            log: entry.log.clone(),
-        }));
+    // The nearest failed job upstream of each stage (itself included), found from its
+    // producers' in one pass (topological order): no walk up the DAG per blocked stage.
+    let mut blame: Vec<Option<usize>> = Vec::with_capacity(pipeline.stages.len());
+    for (i, stage) in pipeline.stages.iter().enumerate() {
+        let upstream = pipeline.producers(i).into_iter().find_map(|p| blame[p]);
+        let view = ledger
+            .jobs
+            .get(&stage.name)
+            .map(|entry| job_view(pipeline, entry, jobs.get(&entry.job), upstream, &views));
+        let failed = view
+            .as_ref()
+            .is_some_and(|v| matches!(v.status, "failed" | "cancelled"));
+        blame.push(if failed { Some(i) } else { upstream });
+        views.push(view);
     }
     views
 }
 
-/// The nearest upstream stage whose job failed (views of earlier stages only: topological order).
-fn failed_upstream<'a>(
-    pipeline: &'a Pipeline,
-    stage: &crate::pipeline::Stage,
-    views: &'a [Option<JobView>],
-) -> Option<(&'a str, &'a JobView)> {
-    let mut todo: Vec<usize> = stage
-        .inputs
-        .iter()
-        .flat_map(|b| b.sources.iter().map(|s| s.stage))
-        .collect();
-    let mut seen = vec![false; views.len()];
-    while let Some(j) = todo.pop() {
-        if std::mem::replace(&mut seen[j], true) {
-            continue;
+/// How one stage's job stands; `upstream` is the nearest failed stage above it.
+fn job_view(
+    pipeline: &Pipeline,
+    entry: &JobEntry,
+    info: Option<&JobInfo>,
+    upstream: Option<usize>,
+    views: &[Option<JobView>],
+) -> JobView {
+    let state = info.map_or("?".to_string(), |j| j.state.clone());
+    let (status, detail) = match info {
+        None => ("unknown", "no longer known to the scheduler".to_string()),
+        Some(j)
+            if j.never_runnable()
+                || (j.state == "PENDING" && j.reason == "DependencyNeverSatisfied") =>
+        {
+            let why = upstream
+                .and_then(|u| views[u].as_ref().map(|v| (&pipeline.stages[u].name, v)))
+                .map(|(name, v)| {
+                    format!("upstream `{name}` failed (job {}; log: {})", v.job, v.log)
+                })
+                .unwrap_or_else(|| "an upstream job failed".into());
+            ("blocked", why)
         }
-        match &views[j] {
-            Some(v) if matches!(v.status, "failed" | "cancelled") => {
-                return Some((&pipeline.stages[j].name, v));
-            }
-            _ => todo.extend(
-                pipeline.stages[j]
-                    .inputs
-                    .iter()
-                    .flat_map(|b| b.sources.iter().map(|s| s.stage)),
-            ),
-        }
+        Some(j) if j.state == "PENDING" => ("queued", format!("reason {}", j.reason)),
+        Some(j) if j.is_active() => ("running", format!("on {}", j.node)),
+        Some(j) if j.state == "COMPLETED" => ("finished", String::new()),
+        Some(j) if j.state == "CANCELLED" => ("cancelled", String::new()),
+        Some(j) => ("failed", format!("exit {}", j.exit_code)),
+    };
+    JobView {
+        job: entry.job.clone(),
+        status,
+        state,
+        detail,
+        log: entry.log.clone(),
     }
-    None
 }
 
 /// Follows the jobs until none is queued or running, printing each change; then reports

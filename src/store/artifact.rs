@@ -20,12 +20,15 @@ pub struct Manifest {
     pub files: Vec<ManifestEntry>,
 }
 
-/// One file of an artifact.
+/// One file of an artifact. Both names are checked when a manifest is parsed (see
+/// `checked`): a manifest read from disk or a remote can never name a file outside its view.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ManifestEntry {
-    /// Relative, `/`-separated.
+    /// Relative, `/`-separated, normalized.
+    #[serde(deserialize_with = "super::checked::rel_path")]
     pub path: String,
     pub size: u64,
+    #[serde(deserialize_with = "super::checked::blake3")]
     pub blake3: String,
 }
 
@@ -93,7 +96,7 @@ impl Cache {
         };
         let bytes = serde_json::to_vec(&manifest).expect("manifests serialize");
         let digest = blake3::hash(&bytes).to_hex().to_string();
-        let mpath = self.manifest_path(&digest);
+        let mpath = self.manifest_path(&digest)?;
         if !mpath.exists() {
             write_atomic(&mpath, &bytes, true)?;
         }
@@ -113,7 +116,7 @@ impl Cache {
     /// Makes the file at `path` (already hashed) the object for `hash`, or, if that object
     /// exists, replaces the file by a link to it, so identical outputs share storage.
     fn adopt_object(&self, path: &Path, hash: &str) -> Result<()> {
-        let object = self.object_path(hash);
+        let object = self.object_path(hash)?;
         let parent = object.parent().expect("objects have a parent");
         fs::create_dir_all(parent).map_err(|e| StoreError::io(parent, e))?;
         fs::set_permissions(path, fs::Permissions::from_mode(0o444))
@@ -143,7 +146,7 @@ impl Cache {
 
     /// Stores a manifest fetched from elsewhere (the caller checked its digest).
     pub fn put_manifest(&self, digest: &str, bytes: &[u8]) -> Result<()> {
-        let path = self.manifest_path(digest);
+        let path = self.manifest_path(digest)?;
         if path.exists() {
             return Ok(());
         }
@@ -152,7 +155,7 @@ impl Cache {
 
     /// Moves a verified download (a temp file under `tmp/`) into the object store.
     pub fn adopt_download(&self, tmp: &Path, hash: &str) -> Result<()> {
-        let object = self.object_path(hash);
+        let object = self.object_path(hash)?;
         let parent = object.parent().expect("objects have a parent");
         fs::create_dir_all(parent).map_err(|e| StoreError::io(parent, e))?;
         fs::set_permissions(tmp, fs::Permissions::from_mode(0o444))
@@ -165,7 +168,7 @@ impl Cache {
 
     /// Reads and checks a manifest (its bytes must hash to its name).
     pub fn read_manifest(&self, digest: &str) -> Result<Option<Manifest>> {
-        let path = self.manifest_path(digest);
+        let path = self.manifest_path(digest)?;
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -220,7 +223,7 @@ impl Cache {
     /// match its name. What produced it must then run again.
     pub fn evict_artifact(&self, digest: &str, bad: &[BadFile]) -> Result<()> {
         for f in bad {
-            let object = self.object_path(&f.expected);
+            let object = self.object_path(&f.expected)?;
             if object.exists() && hash_file(&object)? != f.expected {
                 remove_file_if_exists(&object)?;
             }
@@ -256,7 +259,7 @@ impl Cache {
 
     fn link_view(&self, manifest: &Manifest, staging: &Path) -> Result<bool> {
         for f in &manifest.files {
-            let object = self.object_path(&f.blake3);
+            let object = self.object_path(&f.blake3)?;
             if !object.is_file() {
                 return Ok(false);
             }

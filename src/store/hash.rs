@@ -25,3 +25,10 @@ pub fn hash_file(path: &Path) -> Result<String> {
     }
     Ok(hasher.finalize().to_hex().to_string())
 }
+
+/// Whether `s` is a blake3 digest as flow writes them: exactly 64 lowercase hex digits.
+/// Names that come from outside (remote objects, job specs) are checked with this before
+/// they become paths.
+pub fn is_digest(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}

@@ -87,15 +87,16 @@ impl Cache {
         Ok(out)
     }
 
-    /// Every manifest digest.
-    fn manifest_digests(&self) -> Result<Vec<String>> {
+    /// Every (manifest digest, path); a stray file's name need not be a digest, so its path
+    /// is the one listed, never one rebuilt from the name.
+    fn manifest_digests(&self) -> Result<Vec<(String, std::path::PathBuf)>> {
         let mut out = Vec::new();
         for shard in entries(&self.root().join("artifacts"))? {
             for m in entries(&shard.path())? {
                 if let Some(d) = name(&m).strip_suffix(".json")
                     && !d.starts_with('.')
                 {
-                    out.push(d.to_string());
+                    out.push((d.to_string(), m.path()));
                 }
             }
         }
@@ -143,14 +144,14 @@ impl Cache {
             }
         }
         let mut live_objects = HashSet::new();
-        for digest in self.manifest_digests()? {
+        for (digest, path) in self.manifest_digests()? {
             if live_digests.contains(&digest) {
                 if let Ok(Some(m)) = self.read_manifest(&digest) {
                     live_objects.extend(m.files.into_iter().map(|f| f.blake3));
                 }
             } else {
                 let mut ignored = 0;
-                remove_file(&self.manifest_path(&digest), &mut ignored)?;
+                remove_file(&path, &mut ignored)?;
                 report.manifests += 1;
             }
         }
@@ -212,11 +213,11 @@ impl Cache {
             }
         }
         let mut bad_artifacts = HashSet::new();
-        for digest in self.manifest_digests()? {
+        for (digest, path) in self.manifest_digests()? {
             let manifest = match self.read_manifest(&digest) {
                 Ok(Some(m)) => m,
                 _ => {
-                    remove_file_if_exists(&self.manifest_path(&digest))?;
+                    remove_file_if_exists(&path)?;
                     bad_artifacts.insert(digest);
                     continue;
                 }
@@ -224,7 +225,7 @@ impl Cache {
             let view = self.view_path(&digest);
             let mut ok = true;
             for f in &manifest.files {
-                let object = self.object_path(&f.blake3);
+                let object = self.object_path(&f.blake3)?;
                 if bad_objects.contains(&f.blake3) || !object.is_file() {
                     ok = false;
                     break;
@@ -246,7 +247,7 @@ impl Cache {
             if !ok {
                 remove_dir_all_if_exists(&view)?;
                 // Rewritten by the next ingest of the recomputed artifact.
-                remove_file_if_exists(&self.manifest_path(&digest))?;
+                remove_file_if_exists(&path)?;
                 bad_artifacts.insert(digest);
             }
         }

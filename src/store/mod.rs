@@ -16,6 +16,7 @@
 //! killed at any instant leaves either the old state or the new one.
 
 mod artifact;
+mod checked;
 mod filehash;
 pub mod fsutil;
 pub mod hash;
@@ -93,18 +94,19 @@ impl Cache {
         &self.root
     }
 
-    pub fn object_path(&self, hash: &str) -> PathBuf {
-        self.root
-            .join("objects/blake3")
-            .join(&hash[..2])
-            .join(&hash[2..])
+    /// Where the blob `hash` is stored. Err unless `hash` is a blake3 digest: the name is
+    /// sliced into a path, and anything else could panic or point outside the cache.
+    pub fn object_path(&self, hash: &str) -> Result<PathBuf> {
+        let objects = self.root.join("objects/blake3");
+        let hash = checked_digest(&objects, hash)?;
+        Ok(objects.join(&hash[..2]).join(&hash[2..]))
     }
 
-    pub fn manifest_path(&self, digest: &str) -> PathBuf {
-        self.root
-            .join("artifacts")
-            .join(&digest[..2])
-            .join(format!("{digest}.json"))
+    /// Where the manifest of artifact `digest` is stored; Err unless `digest` is a digest.
+    pub fn manifest_path(&self, digest: &str) -> Result<PathBuf> {
+        let artifacts = self.root.join("artifacts");
+        let digest = checked_digest(&artifacts, digest)?;
+        Ok(artifacts.join(&digest[..2]).join(format!("{digest}.json")))
     }
 
     /// The directory holding an artifact's files (exists once materialized).
@@ -184,6 +186,18 @@ impl Cache {
         index.extend(keys.iter().map(|(k, v)| (k.clone(), v.clone())));
         let bytes = serde_json::to_vec_pretty(&index).expect("maps serialize");
         fsutil::write_atomic(&self.index_path(pipeline), &bytes, false)
+    }
+}
+
+/// `name` if it is a blake3 digest, else an error naming the directory it was meant for.
+fn checked_digest<'a>(dir: &Path, name: &'a str) -> Result<&'a str> {
+    if hash::is_digest(name) {
+        Ok(name)
+    } else {
+        Err(StoreError::invalid(
+            dir,
+            format!("`{name}` is not a blake3 digest (64 lowercase hex digits)"),
+        ))
     }
 }
 

@@ -13,6 +13,8 @@ use crate::key::KeyParts;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunRecord {
     pub format: String,
+    /// Checked when parsed, like `outputs`: both become paths in the cache.
+    #[serde(deserialize_with = "super::checked::key")]
     pub key: String,
     pub parts: KeyParts,
     /// The pipeline and stage that first produced it (informational: keys are shared).
@@ -21,6 +23,7 @@ pub struct RunRecord {
     /// Input param path -> producing stage names, for `explain`.
     pub input_stages: BTreeMap<String, Vec<String>>,
     /// Output name -> artifact digest.
+    #[serde(deserialize_with = "super::checked::outputs")]
     pub outputs: BTreeMap<String, String>,
     pub metrics: serde_json::Map<String, serde_json::Value>,
     /// Unix seconds when the run started, and how long it took.
@@ -34,7 +37,11 @@ pub const RECORD_FORMAT: &str = "flow-run-v1";
 impl Cache {
     /// The record of a key, if the key is done. A record that cannot be parsed is treated as
     /// absent (and replaced by the next run), never trusted.
+    /// A name that is not a key (one listed by a remote, say) has no record.
     pub fn read_record(&self, key: &str) -> Result<Option<RunRecord>> {
+        if !super::hash::is_digest(key) {
+            return Ok(None);
+        }
         let path = self.record_path(key);
         match fs::read(&path) {
             Ok(bytes) => Ok(serde_json::from_slice::<RunRecord>(&bytes)
@@ -45,8 +52,42 @@ impl Cache {
         }
     }
 
+    /// Only the outputs of a key's record, if the key is done: what a run needs of a cached
+    /// stage. Parsing skips the key parts and metrics, which a no-op run of 100,000 stages
+    /// would otherwise build and drop for nothing. Same acceptance rules as [`Self::read_record`].
+    pub fn read_outputs(&self, key: &str) -> Result<Option<BTreeMap<String, String>>> {
+        /// The fields of a [`RunRecord`] a run needs; serde skips the rest unparsed.
+        #[derive(Deserialize)]
+        struct Head {
+            format: String,
+            #[serde(deserialize_with = "super::checked::key")]
+            key: String,
+            #[serde(deserialize_with = "super::checked::outputs")]
+            outputs: BTreeMap<String, String>,
+        }
+        if !super::hash::is_digest(key) {
+            return Ok(None);
+        }
+        let path = self.record_path(key);
+        match fs::read(&path) {
+            Ok(bytes) => Ok(serde_json::from_slice::<Head>(&bytes)
+                .ok()
+                .filter(|r| r.key == key && r.format == RECORD_FORMAT)
+                .map(|r| r.outputs)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::io(&path, e)),
+        }
+    }
+
     /// Commits a key: atomically and durably. Call only after every output is ingested.
+    /// A record whose key is not a digest is refused: the key names the file.
     pub fn write_record(&self, record: &RunRecord) -> Result<()> {
+        if !super::hash::is_digest(&record.key) {
+            return Err(StoreError::invalid(
+                &self.root().join("runs"),
+                format!("record key `{}` is not a flow key", record.key),
+            ));
+        }
         let bytes = serde_json::to_vec_pretty(record).expect("records serialize");
         write_atomic(&self.record_path(&record.key), &bytes, true)
     }

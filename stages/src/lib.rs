@@ -15,6 +15,7 @@ pub mod gpu;
 pub mod kind;
 pub mod model;
 pub mod process;
+pub mod relpath;
 pub mod report;
 pub mod svd;
 pub mod train;

@@ -245,10 +245,12 @@ fn import(files: &[String], scratch: &Path) -> Result<PathBuf, StageError> {
         let base = files[0].trim_end_matches('/');
         let dir = scratch.join("import");
         let get = |name: &str| -> Result<PathBuf, StageError> {
+            let dest = crate::relpath::join_checked(&dir, name)
+                .map_err(|e| StageError::Failed(format!("{base}: {e}")))?;
             let got = remote::fetch(&format!("{base}/{name}"), &dir.join("dl"))?;
-            let dest = dir.join(name);
             if !dest.is_file() {
-                std::fs::create_dir_all(&dir)
+                let parent = dest.parent().unwrap_or(&dir);
+                std::fs::create_dir_all(parent)
                     .map_err(|e| StageError::io("creating the import dir", e))?;
                 std::fs::rename(&got, &dest)
                     .map_err(|e| StageError::io(format!("moving {}", got.display()), e))?;
@@ -260,19 +262,11 @@ fn import(files: &[String], scratch: &Path) -> Result<PathBuf, StageError> {
             Ok(index) => {
                 let text = std::fs::read_to_string(&index)
                     .map_err(|e| StageError::io("reading the index", e))?;
-                let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                // Every shard name is checked before the first download: a name may not
+                // leave the import directory (nor the remote model directory).
+                let shards = super::weights::index_shards(&text).map_err(|e| {
                     StageError::Failed(format!("{base}/model.safetensors.index.json: {e}"))
                 })?;
-                let mut shards: Vec<String> = v["weight_map"]
-                    .as_object()
-                    .map(|m| {
-                        m.values()
-                            .filter_map(|s| s.as_str().map(str::to_string))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                shards.sort();
-                shards.dedup();
                 for s in shards {
                     get(&s)?;
                 }

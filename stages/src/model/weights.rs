@@ -11,6 +11,7 @@ use safetensors::tensor::{Dtype, SafeTensors, View};
 use super::config::LlamaConfig;
 use crate::data::rng::Rng;
 use crate::kind::StageError;
+use crate::relpath::checked_rel_path;
 
 /// One named parameter.
 #[derive(Debug, Clone, PartialEq)]
@@ -377,21 +378,9 @@ fn weight_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, StageError> {
     if index.is_file() {
         let text = std::fs::read_to_string(&index)
             .map_err(|e| StageError::io(format!("reading {}", index.display()), e))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
+        let shards = index_shards(&text)
             .map_err(|e| StageError::Failed(format!("{}: {e}", index.display())))?;
-        let map = v["weight_map"].as_object().ok_or_else(|| {
-            StageError::Failed(format!(
-                "{}: field `weight_map` is missing",
-                index.display()
-            ))
-        })?;
-        let mut files: Vec<String> = map
-            .values()
-            .filter_map(|f| f.as_str().map(str::to_string))
-            .collect();
-        files.sort();
-        files.dedup();
-        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+        return Ok(shards.into_iter().map(|f| dir.join(f)).collect());
     }
     let single = dir.join("model.safetensors");
     if single.is_file() {
@@ -401,6 +390,27 @@ fn weight_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, StageError> {
         "{}: no model.safetensors or model.safetensors.index.json",
         dir.display()
     )))
+}
+
+/// The shard files a `model.safetensors.index.json` names, sorted and deduplicated. The
+/// index may come from a download, so every name must be a relative path inside the model
+/// directory ([`checked_rel_path`]) before anything is fetched, read or written by it.
+pub(crate) fn index_shards(text: &str) -> Result<Vec<String>, String> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let map = v["weight_map"]
+        .as_object()
+        .ok_or("field `weight_map` is missing")?;
+    let mut files = Vec::with_capacity(map.len());
+    for (tensor, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| format!("weight_map.{tensor} is not a file name"))?;
+        checked_rel_path(file).map_err(|e| format!("weight_map.{tensor}: {e}"))?;
+        files.push(file.to_string());
+    }
+    files.sort();
+    files.dedup();
+    Ok(files)
 }
 
 /// Little-endian f32, bf16 or f16 tensor bytes as f32.
@@ -436,4 +446,50 @@ pub fn normal_vec(rng: &mut Rng, n: usize, std: f32) -> Vec<f32> {
     }
     out.truncate(n);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A model directory whose index names `shard` for its one tensor, beside a file
+    /// `outside.safetensors` one level up that the index must not reach.
+    fn model_dir(shard: &str) -> tempfile::TempDir {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("outside.safetensors"), b"secret").unwrap();
+        let dir = root.path().join("model");
+        std::fs::create_dir(&dir).unwrap();
+        let index = serde_json::json!({"weight_map": {"lm_head.weight": shard}});
+        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+        root
+    }
+
+    #[test]
+    fn shard_names_that_leave_the_model_directory_are_refused() {
+        for shard in ["../outside.safetensors", "/etc/passwd", "a/./b.safetensors"] {
+            let root = model_dir(shard);
+            let Err(e) = TensorFiles::open(&root.path().join("model")) else {
+                panic!("{shard}: a shard outside the model directory was opened");
+            };
+            let msg = e.to_string();
+            assert!(
+                msg.contains("model.safetensors.index.json")
+                    && msg.contains("weight_map.lm_head.weight")
+                    && msg.contains(shard),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn index_shards_are_sorted_and_deduplicated() {
+        let text = r#"{"weight_map": {"a": "m-2.safetensors", "b": "m-1.safetensors",
+                       "c": "m-2.safetensors"}}"#;
+        assert_eq!(
+            index_shards(text).unwrap(),
+            ["m-1.safetensors", "m-2.safetensors"]
+        );
+        assert!(index_shards(r#"{"weight_map": {"a": 3}}"#).is_err());
+        assert!(index_shards("{}").unwrap_err().contains("weight_map"));
+    }
 }
