@@ -55,10 +55,12 @@ fn load(p: &PipelineArgs, json: bool) -> Result<Pipeline, ExitCode> {
     }
 }
 
+/// The pipeline for the rest of the command, never dropped: a command runs once per
+/// process, and freeing 100,000 expanded stages before exiting was 9% of `flow plan`.
 macro_rules! load_or_exit {
     ($p:expr, $json:expr) => {
         match load($p, $json) {
-            Ok(p) => p,
+            Ok(p) => std::mem::ManuallyDrop::new(p),
             Err(code) => return Ok(code),
         }
     };
@@ -318,10 +320,12 @@ impl Context {
         let cache = self.open_cache(Some(&pipeline))?;
         // One write per 64 KiB, not per line: plans of 100,000 stages print 100,000 lines.
         let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
-        let states = resolve(&pipeline, &cache)?;
+        // Never dropped, like the pipeline: freeing 100,000 records and key parts at exit
+        // was 11% of planning 100,000 done stages.
+        let states = std::mem::ManuallyDrop::new(resolve(&pipeline, &cache)?);
         let index = cache.read_index(&pipeline.name);
         let (mut would, mut cached) = (0, 0);
-        for (stage, state) in pipeline.stages.iter().zip(&states) {
+        for (stage, state) in pipeline.stages.iter().zip(states.iter()) {
             let (status, reason) = match state {
                 KeyState::Known {
                     record: Some(_), ..

