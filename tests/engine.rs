@@ -129,6 +129,67 @@ fn a_flipped_byte_is_detected_and_healed_when_consumed() {
 }
 
 #[test]
+fn healing_two_producers_of_one_damaged_artifact_recomputes_them_in_order() {
+    // b copies a, so both outputs are one artifact (same digest); c reads both. Damage found
+    // by c names that digest: a and b are both recomputed, and b must wait for a.
+    let text = r#"
+[pipeline]
+name = "twins"
+
+[stage.a]
+kind = "command"
+run = "echo A > $FLOW_OUT/x.txt"
+
+[stage.b]
+kind = "command"
+run = "cp $FLOW_IN_A/x.txt $FLOW_OUT/x.txt"
+inputs = { a = "a" }
+
+[stage.c]
+kind = "command"
+run = "cat $FLOW_IN_A/x.txt $FLOW_IN_B/x.txt > $FLOW_OUT/c.txt; echo $N >> $FLOW_OUT/c.txt"
+inputs = { a = "a", b = "b" }
+env = { N = "1" }
+"#;
+    let ws = Workspace::new();
+    let p = ws.write("p.toml", text);
+    ws.run_statuses(&p, &[]);
+    assert_eq!(
+        ws.output_dir(&p, "a"),
+        ws.output_dir(&p, "b"),
+        "one artifact"
+    );
+    flip_byte(&ws.output_dir(&p, "a").join("x.txt"));
+    for jobs in ["1", "2"] {
+        let n = format!("stage.c.env.N=\"j{jobs}\"");
+        let out = ws.flow(&[
+            "run",
+            p.to_str().unwrap(),
+            "--set",
+            &n,
+            "-j",
+            jobs,
+            "--json",
+        ]);
+        common::assert_ok(&out);
+        let c = ws.output_dir_with(&p, "c", &["--set", &n]);
+        assert_eq!(tree(&c)[0].1, format!("A\nA\nj{jobs}\n").into_bytes());
+        if jobs == "1" {
+            let s = statuses(&parse_lines(&out.stdout));
+            for stage in ["a", "b", "c"] {
+                assert!(
+                    s.contains(&(stage.into(), "ran".into())),
+                    "{stage} ran: {s:?}"
+                );
+            }
+            // Damage it again for the two-slot run.
+            flip_byte(&ws.output_dir(&p, "a").join("x.txt"));
+        }
+    }
+    common::assert_cache_verifies(&ws, "after healing twins");
+}
+
+#[test]
 fn cache_verify_evicts_damaged_objects_and_the_next_run_recomputes() {
     let ws = Workspace::new();
     let p = ws.write("p.toml", DIAMOND);

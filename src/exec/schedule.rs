@@ -377,7 +377,12 @@ impl<'a> Scheduler<'a> {
         if healed.is_empty() {
             return Ok(false);
         }
+        // Every healed producer is pending before any count is taken, so that one healed
+        // producer feeding another makes the second wait for the first.
         self.state[i] = State::Pending;
+        for &p in &healed {
+            self.state[p] = State::Pending;
+        }
         for &p in &healed {
             // Consumers that have not started count the producer as missing again.
             for &c in &self.consumers[p] {
@@ -385,8 +390,11 @@ impl<'a> Scheduler<'a> {
                     self.waiting[c] += 1;
                 }
             }
-            self.state[p] = State::Pending;
-            self.ready.push(Reverse(p));
+        }
+        for &p in &healed {
+            if self.waiting[p] == 0 {
+                self.ready.push(Reverse(p));
+            }
         }
         Ok(true)
     }
