@@ -158,8 +158,18 @@ fn sh_expand(s: &str) -> String {
     out
 }
 
+/// A name for the batch script's comment line: control characters (a newline in a pipeline
+/// name or a sweep value would start a command) become `?`.
+fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
 /// The batch script: the job spec travels inside it (Slurm stores the script), so the job
-/// runs exactly what was submitted even if the pipeline file changes meanwhile.
+/// runs exactly what was submitted even if the pipeline file changes meanwhile. Every
+/// value in it is quoted (the flow binary, the cache), JSON inside a quoted heredoc (the
+/// spec: JSON escapes newlines) or made one line (the comment).
 fn job_script(
     flow: &Path,
     cache: &str,
@@ -173,7 +183,8 @@ fn job_script(
          # flow: stage `{stage}` of pipeline `{name}`\n\
          export FLOW_CACHE={cache}\n\
          exec {flow} __job <<'FLOW_JOB_SPEC'\n{json}\nFLOW_JOB_SPEC\n",
-        name = pipeline.name,
+        name = one_line(&pipeline.name),
+        stage = one_line(stage),
         cache = sh_expand(cache),
         flow = sh_quote(&flow.display().to_string()),
     )
@@ -256,7 +267,8 @@ pub fn submit(pipeline: &Pipeline, cache: &Cache, remote: &Remote, ui: &mut Ui) 
             .collect();
         deps.sort();
         deps.dedup();
-        let log_pattern = log_dir.join(format!("{}.%j.log", stage.name));
+        let log_name = crate::store::safe_name(&stage.name);
+        let log_pattern = log_dir.join(format!("{log_name}.%j.log"));
         let spec = JobSpec {
             pipeline: pipeline_path.clone(),
             text_blake3: text_blake3.clone(),
@@ -278,7 +290,7 @@ pub fn submit(pipeline: &Pipeline, cache: &Cache, remote: &Remote, ui: &mut Ui) 
                 });
             }
         };
-        let log = log_dir.join(format!("{}.{id}.log", stage.name));
+        let log = log_dir.join(format!("{log_name}.{id}.log"));
         let mut detail = format!("job {id}");
         if !deps.is_empty() {
             detail.push_str(&format!(" after {}", deps.join(",")));
@@ -531,6 +543,37 @@ mod tests {
             sh_expand(r#"/s/$USER/"x"`y`\"#),
             r#""/s/$USER/\"x\"\`y\`\\""#
         );
+    }
+
+    #[test]
+    fn names_with_newlines_or_slashes_stay_comments_and_file_names() {
+        let text = "[pipeline]\nname = \"p\\ntouch /tmp/owned\"\n\n[stage.gen]\n\
+                    kind = \"command\"\nrun = [\"true\\nrm -rf ~\", \"echo a/b%j\"]\n\
+                    sweep = [\"run\"]\n";
+        let p = Pipeline::from_text(Path::new("/p/x.toml"), text.into(), &Default::default())
+            .unwrap_or_else(|d| panic!("{d}"));
+        assert!(p.name.contains('\n') && p.stages.len() == 2);
+        assert!(p.stages.iter().any(|s| s.name.contains('\n')));
+        for stage in &p.stages {
+            let spec = JobSpec {
+                pipeline: "/p/x.toml".into(),
+                text_blake3: "0".repeat(64),
+                profiles: vec![],
+                sets: vec![],
+                salt: String::new(),
+                stage: stage.name.clone(),
+                remote: "file:///r".into(),
+            };
+            let script = job_script(Path::new("/bin/flow"), "/c", &p, &stage.name, &spec);
+            let lines: Vec<&str> = script.lines().collect();
+            assert_eq!(lines.len(), 6, "{script}");
+            assert!(lines[1].starts_with("# flow: stage"), "{script}");
+            for l in &lines {
+                assert!(!l.starts_with("touch") && !l.starts_with("rm "), "{script}");
+            }
+            let name = crate::store::safe_name(&stage.name);
+            assert!(!name.contains(['/', '%', '\n']), "{name}");
+        }
     }
 
     #[test]

@@ -201,8 +201,9 @@ fn checked_digest<'a>(dir: &Path, name: &'a str) -> Result<&'a str> {
     }
 }
 
-/// A pipeline name as a file name: anything but `[A-Za-z0-9_-]` becomes `_`.
-fn safe_name(pipeline: &str) -> String {
+/// A pipeline or stage name as a file name: anything but `[A-Za-z0-9_-]` becomes `_` (a
+/// sweep value with `/` must not make a path, nor `%` a Slurm filename pattern).
+pub fn safe_name(pipeline: &str) -> String {
     pipeline
         .chars()
         .map(|c| {
