@@ -254,10 +254,6 @@ impl Context {
             profiles: spec.profiles.clone(),
             sets: spec.sets.clone(),
         };
-        anyhow::ensure!(
-            flow::store::hash::is_digest(&spec.text_blake3),
-            "invalid job spec: text_blake3 is not a blake3 digest"
-        );
         let remote = Remote::open(&spec.remote)?;
         let text = remote
             .get_text(&spec.text_blake3)
@@ -395,7 +391,7 @@ impl Context {
     pub fn status(&self, p: &PipelineArgs, json: bool) -> CmdResult {
         let pipeline = load_or_exit!(p, json);
         let cache = self.open_cache(Some(&pipeline))?;
-        // One write per 64 KiB, not per line: plans of 100,000 stages print 100,000 lines.
+        // One write per 64 KiB, not per line, as in `plan`.
         let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
         let remote = self.open_remote(&pipeline)?;
         let states = match &remote {

@@ -204,21 +204,21 @@ impl Remote {
         Ok(hash)
     }
 
-    /// A text stored by [`Remote::put_text`], verified against its blake3.
+    /// A text stored by [`Remote::put_text`], verified against its blake3 (a job spec names
+    /// it, and the bucket is as untrusted as any other remote object).
     pub fn get_text(&self, hash: &str) -> Result<String> {
-        let bad = |message: String| RemoteError::Store {
-            url: format!("{}/objects/blake3/{hash}", self.url),
-            message,
-        };
-        if !crate::store::hash::is_digest(hash) {
-            return Err(bad("not a blake3 digest".into()));
+        if !is_digest(hash) {
+            let why = format!("`{hash}` is not a blake3 digest");
+            return Err(self.invalid(&format!("objects/blake3/{hash}"), why));
         }
         let rel = Self::object_rel(hash);
-        let bytes = self.get_bytes(&rel)?.ok_or_else(|| bad("missing".into()))?;
+        let bytes = self
+            .get_bytes(&rel)?
+            .ok_or_else(|| self.invalid(&rel, "missing"))?;
         if blake3::hash(&bytes).to_hex().as_str() != hash {
-            return Err(bad("content does not match its blake3".into()));
+            return Err(self.invalid(&rel, "content does not match its blake3"));
         }
-        String::from_utf8(bytes).map_err(|_| bad("not UTF-8 text".into()))
+        String::from_utf8(bytes).map_err(|_| self.invalid(&rel, "not UTF-8 text"))
     }
 
     /// Whether an object exists.
@@ -668,6 +668,7 @@ impl Remote {
     fn scratch_index(&self, key: &str) -> Result<std::collections::BTreeMap<String, String>> {
         #[derive(serde::Deserialize)]
         struct Entry {
+            #[serde(deserialize_with = "crate::store::checked::blake3")]
             blake3: String,
         }
         let rel = Self::scratch_rel(key, "index.json");
@@ -683,10 +684,6 @@ impl Remote {
         for (name, entry) in index {
             flow_stages::relpath::checked_rel_path(&name)
                 .map_err(|e| self.invalid(&rel, format!("checkpoint file {e}")))?;
-            if !is_digest(&entry.blake3) {
-                let why = format!("`{name}`: blake3 `{}` is not a blake3 digest", entry.blake3);
-                return Err(self.invalid(&rel, why));
-            }
             out.insert(name, entry.blake3);
         }
         Ok(out)

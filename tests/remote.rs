@@ -595,6 +595,21 @@ impl Victim {
         assert!(!bucket.has(&leaked), "{case}: a local file was uploaded");
     }
 
+    /// Runs the pipeline against a bucket holding a planted object: it must be refused with
+    /// an error naming it and its bad field, and nothing outside the cache may change.
+    fn run_planted(
+        &self,
+        bucket: &Bucket,
+        object: &str,
+        field: &str,
+        case: &str,
+    ) -> std::process::Output {
+        let out = bucket.run(&self.ws, &self.p);
+        self.assert_refused(&out, object, field, case);
+        self.assert_untouched(bucket, case);
+        out
+    }
+
     /// The planted object was refused with an error naming it, and no process panicked.
     fn assert_refused(&self, out: &std::process::Output, object: &str, field: &str, case: &str) {
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -628,12 +643,10 @@ fn a_planted_checkpoint_index_writes_nothing_outside_scratch() {
             let index = serde_json::json!({ &name: {"blake3": blob, "size": 6} });
             let rel = format!("scratch/{}/index.json", v.key);
             bucket.put(&rel, index.to_string().as_bytes());
-            let out = bucket.run(&v.ws, &v.p);
             let case = format!("{} checkpoint `{name}`", bucket.url());
+            let out = v.run_planted(&bucket, &rel, &name, &case);
             assert_eq!(out.status.code(), Some(1), "{case}: the stage must fail");
             assert_eq!(Victim::status(&out), "failed", "{case}");
-            v.assert_refused(&out, &rel, &name, &case);
-            v.assert_untouched(&bucket, &case);
         }
     }
 }
@@ -649,11 +662,9 @@ fn a_planted_checkpoint_digest_reads_and_uploads_no_local_file() {
             let index = serde_json::json!({"ckpt": {"blake3": &digest, "size": 1}});
             let rel = format!("scratch/{}/index.json", v.key);
             bucket.put(&rel, index.to_string().as_bytes());
-            let out = bucket.run(&v.ws, &v.p);
             let case = format!("{} checkpoint digest `{digest}`", bucket.url());
+            let out = v.run_planted(&bucket, &rel, "blake3", &case);
             assert_eq!(out.status.code(), Some(1), "{case}: the stage must fail");
-            v.assert_refused(&out, &rel, "blake3", &case);
-            v.assert_untouched(&bucket, &case);
         }
     }
 }
@@ -693,12 +704,10 @@ fn a_planted_manifest_links_and_deletes_nothing_outside_the_cache() {
                 &format!("runs/{}.json", v.key),
                 record.to_string().as_bytes(),
             );
-            let out = bucket.run(&v.ws, &v.p);
             let case = format!("{} manifest entry `{path}` / `{digest}`", bucket.url());
+            let out = v.run_planted(&bucket, &manifest_rel, field, &case);
             common::assert_ok(&out);
             assert_eq!(Victim::status(&out), "ran", "{case}: not pulled, computed");
-            v.assert_refused(&out, &manifest_rel, field, &case);
-            v.assert_untouched(&bucket, &case);
         }
     }
 }
@@ -728,12 +737,10 @@ fn a_planted_run_record_is_checked_against_the_key_it_was_asked_for() {
             let mut record = genuine.clone();
             record[field] = value.clone();
             bucket.put(&record_rel, record.to_string().as_bytes());
-            let out = bucket.run(&v.ws, &v.p);
             let case = format!("{} record with {field} = {value}", bucket.url());
+            let out = v.run_planted(&bucket, &record_rel, named, &case);
             common::assert_ok(&out);
             assert_eq!(Victim::status(&out), "ran", "{case}: not pulled, computed");
-            v.assert_refused(&out, &record_rel, named, &case);
-            v.assert_untouched(&bucket, &case);
             let runs = v.ws.cache().join("runs");
             assert!(
                 !runs.join(format!("{other_key}.json")).exists(),

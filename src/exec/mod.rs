@@ -109,13 +109,16 @@ fn cached_outputs(
     let Some(outputs) = cache.read_outputs(key)? else {
         return Ok(None);
     };
+    if !has_every_output(&outputs, kind) {
+        return Ok(None);
+    }
     for digest in outputs.values() {
         if !cache.materialize(digest)? {
             cache.remove_record(key)?;
             return Ok(None);
         }
     }
-    Ok(has_every_output(&outputs, kind).then_some(outputs))
+    Ok(Some(outputs))
 }
 
 /// Whether a record names every output its kind makes: one that lacks some (written by

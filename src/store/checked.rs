@@ -4,23 +4,37 @@
 //! [`super::Manifest`] or [`super::RunRecord`] can be handed a name that escapes the cache.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use serde::de::{Deserialize, Deserializer, Error};
 
 use super::hash::is_digest;
 
+/// Why `s` is refused as a digest.
+fn not_a_digest(s: &str) -> String {
+    format!("`{s}` is not a blake3 digest (64 lowercase hex digits)")
+}
+
 fn digest_or<E: Error>(field: &str, s: String) -> Result<String, E> {
     if is_digest(&s) {
         Ok(s)
     } else {
-        Err(E::custom(format!(
-            "{field} `{s}` is not a blake3 digest (64 lowercase hex digits)"
-        )))
+        Err(E::custom(format!("{field} {}", not_a_digest(&s))))
     }
 }
 
-/// A manifest entry's `blake3`.
-pub(super) fn blake3<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+/// `name` if it is a blake3 digest, else an error naming the directory it was meant for:
+/// digests are sliced into cache paths (`ab/cdef...`).
+pub(super) fn digest_in<'a>(dir: &Path, name: &'a str) -> super::Result<&'a str> {
+    if is_digest(name) {
+        Ok(name)
+    } else {
+        Err(super::StoreError::invalid(dir, not_a_digest(name)))
+    }
+}
+
+/// A manifest entry's (or a checkpoint index entry's) `blake3`.
+pub(crate) fn blake3<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     digest_or("blake3", String::deserialize(d)?)
 }
 

@@ -16,7 +16,7 @@
 //! killed at any instant leaves either the old state or the new one.
 
 mod artifact;
-mod checked;
+pub(crate) mod checked;
 mod filehash;
 pub mod fsutil;
 pub mod hash;
@@ -98,14 +98,14 @@ impl Cache {
     /// sliced into a path, and anything else could panic or point outside the cache.
     pub fn object_path(&self, hash: &str) -> Result<PathBuf> {
         let objects = self.root.join("objects/blake3");
-        let hash = checked_digest(&objects, hash)?;
+        let hash = checked::digest_in(&objects, hash)?;
         Ok(objects.join(&hash[..2]).join(&hash[2..]))
     }
 
     /// Where the manifest of artifact `digest` is stored; Err unless `digest` is a digest.
     pub fn manifest_path(&self, digest: &str) -> Result<PathBuf> {
         let artifacts = self.root.join("artifacts");
-        let digest = checked_digest(&artifacts, digest)?;
+        let digest = checked::digest_in(&artifacts, digest)?;
         Ok(artifacts.join(&digest[..2]).join(format!("{digest}.json")))
     }
 
@@ -186,18 +186,6 @@ impl Cache {
         index.extend(keys.iter().map(|(k, v)| (k.clone(), v.clone())));
         let bytes = serde_json::to_vec_pretty(&index).expect("maps serialize");
         fsutil::write_atomic(&self.index_path(pipeline), &bytes, false)
-    }
-}
-
-/// `name` if it is a blake3 digest, else an error naming the directory it was meant for.
-fn checked_digest<'a>(dir: &Path, name: &'a str) -> Result<&'a str> {
-    if hash::is_digest(name) {
-        Ok(name)
-    } else {
-        Err(StoreError::invalid(
-            dir,
-            format!("`{name}` is not a blake3 digest (64 lowercase hex digits)"),
-        ))
     }
 }
 

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::fsutil::{remove_file_if_exists, write_atomic};
@@ -34,46 +35,67 @@ pub struct RunRecord {
 
 pub const RECORD_FORMAT: &str = "flow-run-v1";
 
+/// The fields of a [`RunRecord`] a run needs of a cached stage; serde skips the rest
+/// unparsed.
+#[derive(Deserialize)]
+struct RecordHead {
+    format: String,
+    #[serde(deserialize_with = "super::checked::key")]
+    key: String,
+    #[serde(deserialize_with = "super::checked::outputs")]
+    outputs: BTreeMap<String, String>,
+}
+
+/// What [`Cache::read_record_as`] checks a parsed record by.
+trait Filed {
+    fn key(&self) -> &str;
+    fn format(&self) -> &str;
+}
+
+impl Filed for RunRecord {
+    fn key(&self) -> &str {
+        &self.key
+    }
+    fn format(&self) -> &str {
+        &self.format
+    }
+}
+
+impl Filed for RecordHead {
+    fn key(&self) -> &str {
+        &self.key
+    }
+    fn format(&self) -> &str {
+        &self.format
+    }
+}
+
 impl Cache {
     /// The record of a key, if the key is done. A record that cannot be parsed is treated as
     /// absent (and replaced by the next run), never trusted.
     /// A name that is not a key (one listed by a remote, say) has no record.
     pub fn read_record(&self, key: &str) -> Result<Option<RunRecord>> {
-        if !super::hash::is_digest(key) {
-            return Ok(None);
-        }
-        let path = self.record_path(key);
-        match fs::read(&path) {
-            Ok(bytes) => Ok(serde_json::from_slice::<RunRecord>(&bytes)
-                .ok()
-                .filter(|r| r.key == key && r.format == RECORD_FORMAT)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(StoreError::io(&path, e)),
-        }
+        self.read_record_as::<RunRecord>(key)
     }
 
     /// Only the outputs of a key's record, if the key is done: what a run needs of a cached
     /// stage. Parsing skips the key parts and metrics, which a no-op run of 100,000 stages
     /// would otherwise build and drop for nothing. Same acceptance rules as [`Self::read_record`].
     pub fn read_outputs(&self, key: &str) -> Result<Option<BTreeMap<String, String>>> {
-        /// The fields of a [`RunRecord`] a run needs; serde skips the rest unparsed.
-        #[derive(Deserialize)]
-        struct Head {
-            format: String,
-            #[serde(deserialize_with = "super::checked::key")]
-            key: String,
-            #[serde(deserialize_with = "super::checked::outputs")]
-            outputs: BTreeMap<String, String>,
-        }
+        Ok(self.read_record_as::<RecordHead>(key)?.map(|r| r.outputs))
+    }
+
+    /// Reads `runs/<key>.json` as `T` (the whole record or its head), accepted only when it
+    /// parses, is filed under its own key and has this build's record format.
+    fn read_record_as<T: DeserializeOwned + Filed>(&self, key: &str) -> Result<Option<T>> {
         if !super::hash::is_digest(key) {
             return Ok(None);
         }
         let path = self.record_path(key);
         match fs::read(&path) {
-            Ok(bytes) => Ok(serde_json::from_slice::<Head>(&bytes)
+            Ok(bytes) => Ok(serde_json::from_slice::<T>(&bytes)
                 .ok()
-                .filter(|r| r.key == key && r.format == RECORD_FORMAT)
-                .map(|r| r.outputs)),
+                .filter(|r| r.key() == key && r.format() == RECORD_FORMAT)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(StoreError::io(&path, e)),
         }
