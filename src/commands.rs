@@ -721,13 +721,12 @@ impl Context {
         let remote = self.global_remote()?;
         let mut total = Transfer::default();
         let mut count = 0;
-        for (rel, _) in remote.list("runs")? {
-            let key = rel.trim_end_matches(".json");
-            if cache.done(key)?.is_some() {
+        for key in remote.record_keys()? {
+            if cache.done(&key)?.is_some() {
                 continue;
             }
             if let Some((_, t)) = remote
-                .pull(&cache, key)
+                .pull(&cache, &key)
                 .with_context(|| format!("pulling {key}"))?
             {
                 total += t;
@@ -742,6 +741,7 @@ impl Context {
         &self,
         keep: &[PathBuf],
         profiles: &[String],
+        grace_seconds: u64,
         dry_run: bool,
         json: bool,
     ) -> CmdResult {
@@ -767,7 +767,7 @@ impl Context {
                     .filter_map(|s| s.key().map(str::to_string)),
             );
         }
-        let (objects, bytes) = remote.gc(&live, dry_run)?;
+        let (objects, bytes) = remote.gc(&live, grace_seconds, dry_run)?;
         if json {
             println!(
                 "{}",
@@ -792,20 +792,24 @@ impl Context {
     pub fn verify_remote(&self, json: bool) -> CmdResult {
         let remote = self.global_remote()?;
         let tmp = std::env::temp_dir();
-        let (checked, bad, evicted) = remote.verify(&tmp)?;
+        let report = remote.verify(&tmp)?;
         if json {
-            println!(
-                "{}",
-                json!({"objects_checked": checked, "bad_objects": bad, "evicted_records": evicted})
-            );
+            println!("{}", serde_json::to_string(&report)?);
         } else {
             println!(
-                "checked {checked} remote objects: {} damaged, {} run records evicted",
-                bad.len(),
-                evicted.len()
+                "checked {} remote objects: {} damaged, {} missing; {} damaged and {} missing manifests; {} run records evicted",
+                report.objects_checked,
+                report.bad_objects.len(),
+                report.missing_objects.len(),
+                report.bad_manifests.len(),
+                report.missing_manifests.len(),
+                report.evicted_records.len()
             );
+            for key in &report.evicted_records {
+                println!("  evicted {key} (`flow push` from a machine that has it repairs it)");
+            }
         }
-        Ok(if bad.is_empty() && evicted.is_empty() {
+        Ok(if report.is_clean() {
             ExitCode::SUCCESS
         } else {
             ExitCode::FAILURE

@@ -175,6 +175,10 @@ enum Cmd {
         /// With --remote-cache: really delete
         #[arg(long, requires = "remote_cache")]
         delete: bool,
+        /// With --remote-cache: spare unreferenced objects younger than this many seconds
+        /// (a push in flight uploads its objects before the record that references them)
+        #[arg(long, value_name = "SECONDS", default_value_t = flow::remote::GC_GRACE_SECONDS)]
+        grace: u64,
         #[arg(long)]
         json: bool,
     },
@@ -289,9 +293,10 @@ fn main() -> ExitCode {
             keep,
             profiles,
             delete,
+            grace,
             json,
             ..
-        } => ctx.gc_remote(&keep, &profiles, !delete, json),
+        } => ctx.gc_remote(&keep, &profiles, grace, !delete, json),
         Cmd::Cache {
             command:
                 CacheCmd::Verify {

@@ -581,3 +581,77 @@ fn twenty_thousand_stages_run_cold_and_warm_with_one_key_computation_each() {
     let last = tree(&ws.output_dir(&p, &format!("s{}", n - 1)));
     assert_eq!(String::from_utf8_lossy(&last[0].1), want);
 }
+
+/// Whether a process is gone (reaped, or a zombie waiting for a reaper that may never
+/// come in a container whose init does not reap).
+fn process_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+    }
+}
+
+/// Waits (up to 20 s: killed processes take a moment on a loaded machine) for a pid.
+fn gone_soon(pid: i32) -> bool {
+    (0..200).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        process_gone(pid)
+    })
+}
+
+/// A command stage's children run in the stage's own process group, which is killed when
+/// the stage ends and when flow dies, even by `kill -9` of flow alone: a backgrounded
+/// child used to survive both (`PR_SET_PDEATHSIG` reached only `sh`) and kept writing
+/// while the rerun wrote the same scratch directory.
+#[test]
+fn a_command_stages_background_children_die_with_the_stage_and_with_a_killed_flow() {
+    // The stage ends while its child runs on.
+    let ws = Workspace::new();
+    let p = ws.write(
+        "p.toml",
+        "[stage.a]\nkind = \"command\"\nrun = \"sleep 300 & echo $! > bg.pid; echo ok > $FLOW_OUT/o\"\n",
+    );
+    common::assert_ok(&ws.flow(&["run", p.to_str().unwrap()]));
+    let pid: i32 = std::fs::read_to_string(ws.path().join("bg.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(gone_soon(pid), "the background child outlived its stage");
+
+    // flow is killed while the stage and its child run.
+    let ws = Workspace::new();
+    let p = ws.write(
+        "p.toml",
+        "[stage.a]\nkind = \"command\"\nrun = \"sleep 300 & echo $! > bg.tmp; mv bg.tmp bg.pid; sleep 300\"\n",
+    );
+    let mut cmd = ws.command(&["run", p.to_str().unwrap()]);
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let pid_file = ws.path().join("bg.pid");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !pid_file.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stage never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Only flow itself: its stage process and the stage's processes must follow.
+    child.kill().unwrap();
+    let _ = child.wait();
+    let survived = !gone_soon(pid);
+    if survived {
+        // SAFETY: kill(2) of the test's own leftover.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    assert!(!survived, "a background child outlived a kill -9 of flow");
+}

@@ -153,3 +153,49 @@ fn full_finetuning_changes_are_high_rank_and_lora_changes_are_rank_r() {
     }
     assert_eq!(summary["finetuned"]["kind"], "model");
 }
+
+/// A model file from outside whose weight matrix is stored 1-D: a clear error naming the
+/// tensor, not an index panic.
+#[test]
+fn a_weight_that_is_not_a_matrix_is_an_error_naming_it() {
+    let ws = Workspace::new();
+    ws.write(
+        "flatten.py",
+        r#"import json, struct, sys
+path, name = sys.argv[1], sys.argv[2]
+data = open(path, "rb").read()
+n = struct.unpack("<Q", data[:8])[0]
+header = json.loads(data[8:8 + n])
+shape = header[name]["shape"]
+header[name]["shape"] = [shape[0] * shape[1]]
+text = json.dumps(header).encode()
+text += b" " * (-len(text) % 8)
+open(path, "wb").write(struct.pack("<Q", len(text)) + text + data[8 + n:])
+"#,
+    );
+    let head = PIPELINE.split("[stage.full]").next().unwrap();
+    let text = format!(
+        r#"{head}
+[stage.bad]
+kind = "command"
+run = "cp -r $FLOW_IN_M/. $FLOW_OUT/ && chmod -R u+w $FLOW_OUT && python3 flatten.py $FLOW_OUT/model.safetensors model.layers.0.self_attn.q_proj.weight"
+inputs = {{ m = "base" }}
+
+[stage.svd_bad]
+kind = "svd"
+base = "bad"
+finetuned = "base"
+controls = false
+"#
+    );
+    let p = ws.write("p.toml", &text);
+    let out = ws.flow(&["run", p.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains("model.layers.0.self_attn.q_proj.weight")
+            && stderr.contains("two non-zero dimensions"),
+        "{stderr}"
+    );
+}

@@ -11,7 +11,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use flow_stages::{InputArtifact, InputSlot, Progress, StageContext};
 
 use super::protocol::{ChildEvent, ChildSpec, EXIT_CORRUPT_INPUT};
-use crate::remote::Remote;
+use crate::remote::{LeaseAttempt, Remote, RemoteError};
 use crate::store::{Cache, KeyLock, RunRecord};
 
 fn env_secs(name: &str, default: u64) -> u64 {
@@ -31,8 +31,13 @@ fn holder() -> String {
 struct RemoteLease {
     remote: Arc<Remote>,
     key: String,
+    holder: String,
     stop: Arc<AtomicBool>,
-    renewer: Option<std::thread::JoinHandle<()>>,
+    /// Set when a renewal finds the lease taken over: another machine computes the key too,
+    /// so this one stops publishing checkpoints over that machine's.
+    lost: Arc<AtomicBool>,
+    /// Renews until stopped; returns the generation it holds then (each renewal makes one).
+    renewer: Option<std::thread::JoinHandle<u64>>,
 }
 
 impl RemoteLease {
@@ -46,7 +51,7 @@ impl RemoteLease {
         let ttl = env_secs("FLOW_LEASE_SECONDS", 60).max(2);
         let me = holder();
         let mut announced = false;
-        loop {
+        let taken = loop {
             match remote.pull(cache, key) {
                 Ok(Some(_)) => {
                     tracing::info!("pulled from the remote: done elsewhere");
@@ -56,8 +61,8 @@ impl RemoteLease {
                 Err(e) => tracing::warn!("pull failed, computing here: {e}"),
             }
             match remote.try_lease(key, &me, ttl)? {
-                None => break,
-                Some(other) => {
+                LeaseAttempt::Taken(generation) => break generation,
+                LeaseAttempt::HeldBy(other) => {
                     if !announced {
                         emit(&ChildEvent::Waiting {
                             holder: format!("{other}, through {}", remote.url()),
@@ -67,27 +72,38 @@ impl RemoteLease {
                     std::thread::sleep(std::time::Duration::from_secs(1));
                 }
             }
-        }
+        };
         let stop = Arc::new(AtomicBool::new(false));
+        let lost = Arc::new(AtomicBool::new(false));
         let renewer = {
-            let (remote, key, stop) = (remote.clone(), key.to_string(), stop.clone());
+            let (remote, key, me) = (remote.clone(), key.to_string(), me.clone());
+            let (stop, lost) = (stop.clone(), lost.clone());
             std::thread::spawn(move || {
+                let mut held = taken;
                 let mut last = Instant::now();
-                while !stop.load(Ordering::Relaxed) {
+                while !stop.load(Ordering::Relaxed) && !lost.load(Ordering::Relaxed) {
                     std::thread::sleep(std::time::Duration::from_millis(200));
                     if last.elapsed().as_secs() >= ttl / 3 {
-                        if let Err(e) = remote.renew_lease(&key, &me, ttl) {
-                            tracing::warn!("renewing the lease: {e}");
+                        match remote.renew_lease(&key, &me, held, ttl) {
+                            Ok(next) => held = next,
+                            Err(e @ RemoteError::LeaseLost { .. }) => {
+                                tracing::error!("{e}; this machine stops publishing checkpoints");
+                                lost.store(true, Ordering::Relaxed);
+                            }
+                            Err(e) => tracing::warn!("renewing the lease: {e}"),
                         }
                         last = Instant::now();
                     }
                 }
+                held
             })
         };
         Ok(Some(RemoteLease {
             remote: remote.clone(),
             key: key.to_string(),
+            holder: me,
             stop,
+            lost,
             renewer: Some(renewer),
         }))
     }
@@ -96,10 +112,16 @@ impl RemoteLease {
 impl Drop for RemoteLease {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.renewer.take() {
-            let _ = t.join();
+        let Some(Ok(generation)) = self.renewer.take().map(|t| t.join()) else {
+            return;
+        };
+        if self.lost.load(Ordering::Relaxed) {
+            return;
         }
-        if let Err(e) = self.remote.release_lease(&self.key) {
+        if let Err(e) = self
+            .remote
+            .release_lease(&self.key, &self.holder, generation)
+        {
             tracing::warn!("releasing the lease: {e}");
         }
     }
@@ -114,7 +136,13 @@ struct CheckpointSync {
 }
 
 impl CheckpointSync {
-    fn start(remote: Arc<Remote>, key: String, dir: std::path::PathBuf) -> CheckpointSync {
+    /// Starts the uploads; they stop for good once `lost` is set (the lease was taken over).
+    fn start(
+        remote: Arc<Remote>,
+        key: String,
+        dir: std::path::PathBuf,
+        lost: Arc<AtomicBool>,
+    ) -> CheckpointSync {
         let every = env_secs("FLOW_CHECKPOINT_SECONDS", 30).max(1);
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
@@ -123,6 +151,9 @@ impl CheckpointSync {
             let mut last = Instant::now();
             loop {
                 let stopping = flag.load(Ordering::Relaxed);
+                if lost.load(Ordering::Relaxed) {
+                    return;
+                }
                 if stopping || last.elapsed().as_secs() >= every {
                     match remote.push_scratch(&key, &dir, &mut seen) {
                         Ok(t) if t.files > 0 => {
@@ -216,7 +247,7 @@ fn run_inner(spec: &ChildSpec) -> anyhow::Result<i32> {
         Some(url) => Some(Arc::new(Remote::open(url)?)),
         None => None,
     };
-    let _lease = match &remote {
+    let lease = match &remote {
         Some(r) => match RemoteLease::acquire(r, &cache, &spec.key)? {
             Some(lease) => Some(lease),
             None => {
@@ -292,9 +323,14 @@ fn run_inner(spec: &ChildSpec) -> anyhow::Result<i32> {
             );
         }
     }
-    let sync = remote
-        .as_ref()
-        .map(|r| CheckpointSync::start(r.clone(), spec.key.clone(), scratch.clone()));
+    let sync = remote.as_ref().zip(lease.as_ref()).map(|(r, lease)| {
+        CheckpointSync::start(
+            r.clone(),
+            spec.key.clone(),
+            scratch.clone(),
+            lease.lost.clone(),
+        )
+    });
 
     emit(&ChildEvent::Started);
     let started_at = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();

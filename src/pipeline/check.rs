@@ -57,8 +57,25 @@ pub fn check_value_in(
     };
     match (ty, &node.value) {
         (ParamType::Str, Value::Str(s)) => Some(Val::Str(s.clone())),
+        (ParamType::NonEmptyStr, Value::Str(s)) if s.trim().is_empty() => {
+            diags.push(Diagnostic::new(
+                &node.origin,
+                format!("{what} must be a non-empty string, found a blank one"),
+            ));
+            None
+        }
+        (ParamType::NonEmptyStr, Value::Str(s)) => Some(Val::Str(s.clone())),
         (ParamType::Int, Value::Int(i)) => Some(Val::Int(*i)),
         (ParamType::Float, Value::Int(i)) => Some(Val::Float(*i as f64)),
+        // TOML has `inf` and `nan`; no param means them (a timeout of inf, a NaN
+        // temperature), and they panic or poison whatever reads them.
+        (ParamType::Float, Value::Float(f)) if !f.is_finite() => {
+            diags.push(Diagnostic::new(
+                &node.origin,
+                format!("{what} must be a finite number, found {f}"),
+            ));
+            None
+        }
         (ParamType::Float, Value::Float(f)) => Some(Val::Float(*f)),
         (ParamType::Bool, Value::Bool(b)) => Some(Val::Bool(*b)),
         (ParamType::Choice(options), Value::Str(s)) => {

@@ -12,6 +12,12 @@ const BUFFER: usize = 1 << 20;
 /// mapped pages of a multi-GB output would count against the stage's resident memory.
 pub fn hash_file(path: &Path) -> Result<String> {
     let mut file = std::fs::File::open(path).map_err(|e| StoreError::io(path, e))?;
+    hash_open_file(&mut file, path)
+}
+
+/// The blake3 of an open file from where it is read to its end (`path` is for errors):
+/// hashing and then uploading through one descriptor sends the bytes that were hashed.
+pub fn hash_open_file(file: &mut std::fs::File, path: &Path) -> Result<String> {
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; BUFFER];
     loop {

@@ -20,7 +20,7 @@ pub static KIND: Kind = Kind {
     params: &[
         Param {
             name: "run",
-            ty: ParamType::Str,
+            ty: ParamType::NonEmptyStr,
             default: Default::Required,
             doc: "the shell command, run by `sh -c` in the pipeline file's directory",
         },
@@ -119,9 +119,9 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
         cmd.env(format!("FLOW_IN_{}", var.to_uppercase()), value);
     }
     cmd.envs(&params.env);
-    crate::process::kill_with_parent(&mut cmd);
-
-    let status = cmd.status().map_err(|e| StageError::io("starting sh", e))?;
+    let status = crate::process::GroupChild::spawn(&mut cmd)
+        .and_then(|child| child.wait())
+        .map_err(|e| StageError::io("running sh", e))?;
     if !status.success() {
         return Err(StageError::Failed(format!("command exited with {status}")));
     }

@@ -63,6 +63,9 @@ pub enum Default {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParamType {
     Str,
+    /// A string that must not be empty or blank (a shell command: `sh -c ""` succeeds
+    /// doing nothing, which is never what a stage meant).
+    NonEmptyStr,
     Int,
     /// Accepts integers too (`lr = 1` is `lr = 1.0`).
     Float,
@@ -92,6 +95,7 @@ impl ParamType {
     pub fn describe(&self) -> String {
         match self {
             ParamType::Str => "a string".into(),
+            ParamType::NonEmptyStr => "a non-empty string".into(),
             ParamType::Int => "an integer".into(),
             ParamType::Float => "a number".into(),
             ParamType::Bool => "a boolean".into(),

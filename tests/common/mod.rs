@@ -352,6 +352,36 @@ impl S3 {
         }
     }
 
+    /// Deletes an object (a signed DELETE).
+    pub fn delete(&self, key: &str) {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-f",
+                "-X",
+                "DELETE",
+                "--aws-sigv4",
+                "aws:amz:us-east-1:s3",
+                "--user",
+            ])
+            .arg(format!("{}:{}", self.key, self.secret))
+            .arg(format!("{}/{}/{key}", self.endpoint, self.bucket))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "deleting {key}: {out:?}");
+    }
+
+    /// The settings `flow::remote::Remote::open_with` needs to reach this server.
+    pub fn options(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("aws_access_key_id", self.key.clone()),
+            ("aws_secret_access_key", self.secret.clone()),
+            ("aws_endpoint", self.endpoint.clone()),
+            ("aws_allow_http", "true".into()),
+            ("aws_region", "us-east-1".into()),
+        ]
+    }
+
     /// The environment a flow process needs to reach this server.
     pub fn env(&self) -> Vec<(&'static str, String)> {
         vec![

@@ -212,6 +212,14 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
         .map(|&(layer, proj)| -> Result<Row, StageError> {
             let name = hf_name(layer, proj);
             let b = base.read(&name)?;
+            // The files are outside data: a 1-D or 3-D tensor under a matrix's name must be
+            // an error naming it, not an index panic below.
+            if b.shape.len() != 2 || b.shape.contains(&0) {
+                return Err(StageError::Failed(format!(
+                    "tensor `{name}` of the base model has shape {:?}; a weight matrix has two non-zero dimensions",
+                    b.shape
+                )));
+            }
             let (w_ft, delta) = change.matrices(&name, layer, proj, &b)?;
             if let Some(bad) = [&b.data, &w_ft, &delta]
                 .iter()

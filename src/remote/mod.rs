@@ -5,7 +5,7 @@
 //! PREFIX/objects/blake3/ab/cdef...   blobs, uploaded once (multipart above 8 MiB)
 //! PREFIX/artifacts/ab/<digest>.json  manifests
 //! PREFIX/runs/<key>.json             run records, put last and create-only
-//! PREFIX/leases/<key>.json           who is computing a key, until when (create-only)
+//! PREFIX/leases/<key>/<generation>.json  who is computing a key, until when (lease.rs)
 //! PREFIX/scratch/<key>/index.json   the last checkpoint snapshot: path -> blob
 //! ```
 //! Pushing a key uploads its blobs, then its manifests, then its record: a reader that finds
@@ -28,9 +28,30 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload, WriteMultip
 use crate::store::hash::is_digest;
 use crate::store::{Cache, Manifest, RunRecord};
 
+mod lease;
+mod maintenance;
+pub use lease::LeaseAttempt;
+pub use maintenance::VerifyReport;
+
+/// An object found by listing a prefix.
+struct Listed {
+    /// The path below the prefix.
+    rel: String,
+    size: u64,
+    /// Seconds since it was last modified.
+    age: u64,
+}
+
 /// Files above this size are uploaded in parts, never read into memory whole.
 const MULTIPART_ABOVE: u64 = 8 << 20;
 const PART: usize = 8 << 20;
+/// Objects a push reuses that are older than this are uploaded again (see
+/// `Remote::is_fresh_async`); `gc`'s grace period must be longer than this plus the longest
+/// push.
+pub const FRESHEN_AFTER_SECONDS: u64 = 3600;
+/// How old an unreferenced remote object must be before `gc` deletes it, by default: a push
+/// in flight uploads blobs and manifests before the record that references them.
+pub const GC_GRACE_SECONDS: u64 = 24 * 3600;
 /// Blob transfers in flight at once (many small files are latency-bound).
 const CONCURRENCY: usize = 16;
 
@@ -53,6 +74,14 @@ pub enum RemoteError {
         url: String,
         object: String,
         message: String,
+    },
+    /// A lease renewal found the lease taken over (it had expired: this machine stalled
+    /// longer than the lease time); another machine computes the key now.
+    #[error("remote {url}: the lease on {key} expired and was taken over by {holder}")]
+    LeaseLost {
+        url: String,
+        key: String,
+        holder: String,
     },
     #[error("local cache: {0}")]
     Local(#[from] crate::store::StoreError),
@@ -101,6 +130,13 @@ impl Remote {
     /// Opens `s3://bucket/prefix` (settings from `AWS_*`), `gs://bucket/prefix`
     /// (`GOOGLE_*`), `az://container/prefix` (`AZURE_*`) or `file:///dir`.
     pub fn open(url: &str) -> Result<Remote> {
+        Remote::open_with(url, &[])
+    }
+
+    /// [`Remote::open`] with S3 settings given here rather than in the environment
+    /// (object_store's config keys: `aws_endpoint`, `aws_access_key_id`, ...), for a
+    /// program that talks to more than one store; ignored for other schemes.
+    pub fn open_with(url: &str, s3_options: &[(&str, &str)]) -> Result<Remote> {
         let fail = |message: String| RemoteError::Store {
             url: url.to_string(),
             message,
@@ -108,10 +144,12 @@ impl Remote {
         let parsed = url::Url::parse(url).map_err(|e| fail(format!("not a URL: {e}")))?;
         let (store, prefix): (Arc<dyn ObjectStore>, String) = match parsed.scheme() {
             "s3" => {
-                let store = object_store::aws::AmazonS3Builder::from_env()
-                    .with_url(url)
-                    .build()
-                    .map_err(|e| fail(e.to_string()))?;
+                let mut builder = object_store::aws::AmazonS3Builder::from_env().with_url(url);
+                for (name, value) in s3_options {
+                    let key = name.parse().map_err(|e| fail(format!("{e}")))?;
+                    builder = builder.with_config(key, *value);
+                }
+                let store = builder.build().map_err(|e| fail(e.to_string()))?;
                 (Arc::new(store), parsed.path().trim_matches('/').to_string())
             }
             "file" => {
@@ -254,16 +292,35 @@ impl Remote {
     }
 
     /// Uploads a local file; large files stream in parts, and a failed upload is aborted.
-    /// Small files are put create-only (`create_only`, for content-addressed blobs) or
-    /// overwritten (checkpoints).
+    /// Small files are put create-only (`create_only`) or overwritten.
     async fn put_file_async(&self, rel: &str, file: &Path, create_only: bool) -> Result<u64> {
-        let io = |e: std::io::Error| RemoteError::Io {
+        let f = std::fs::File::open(file).map_err(|e| RemoteError::Io {
             path: file.display().to_string(),
             source: e,
+        })?;
+        self.put_open_file_async(rel, f, file, create_only).await
+    }
+
+    /// Uploads an open file from its start (`name` is for errors). Reading through one
+    /// descriptor means the bytes are those of the file that was opened, even if the path
+    /// is renamed over meanwhile (a checkpoint's `latest.json`).
+    async fn put_open_file_async(
+        &self,
+        rel: &str,
+        mut f: std::fs::File,
+        name: &Path,
+        create_only: bool,
+    ) -> Result<u64> {
+        use std::io::Seek;
+        let io = |e: std::io::Error| RemoteError::Io {
+            path: name.display().to_string(),
+            source: e,
         };
-        let size = std::fs::metadata(file).map_err(io)?.len();
+        f.seek(std::io::SeekFrom::Start(0)).map_err(io)?;
+        let size = f.metadata().map_err(io)?.len();
         if size <= MULTIPART_ABOVE {
-            let bytes = std::fs::read(file).map_err(io)?;
+            let mut bytes = Vec::with_capacity(size as usize);
+            f.read_to_end(&mut bytes).map_err(io)?;
             if create_only {
                 self.put_small_async(rel, bytes).await?;
             } else {
@@ -280,7 +337,6 @@ impl Remote {
             .await
             .map_err(|e| self.err(e))?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, PART);
-        let mut f = std::fs::File::open(file).map_err(io)?;
         let mut buf = vec![0u8; PART];
         let result: Result<()> = async {
             loop {
@@ -346,59 +402,173 @@ impl Remote {
         })
     }
 
+    /// The keys the remote has run records for; other names under `runs/` are not flow's
+    /// and are skipped with a warning (a bucket is shared, and untrusted).
+    pub fn record_keys(&self) -> Result<Vec<String>> {
+        let mut keys = Vec::new();
+        for (rel, _) in self.list("runs")? {
+            if maintenance::is_record_name(&rel) {
+                keys.push(rel.trim_end_matches(".json").to_string());
+            } else {
+                tracing::warn!("{}/runs/{rel} is not a run record; skipped", self.url);
+            }
+        }
+        Ok(keys)
+    }
+
     /// Whether the remote has a run record for `key`.
     pub fn has_record(&self, key: &str) -> Result<bool> {
         self.exists(&Self::record_rel(key))
     }
 
-    /// Pushes a committed key: blobs (those missing remotely), manifests, then the record.
+    /// Pushes a committed key so that the remote holds all of it: the blobs it lacks, then
+    /// the manifests, then the record, so a reader that finds the record finds everything.
+    /// A key the remote already has is checked and repaired, not skipped: the blobs and
+    /// manifests its record names that are missing there are uploaded again from here
+    /// (after `cache verify --remote-cache` evicted damage, or a half-finished push). A
+    /// record the remote holds under the key wins over ours (a stage that is not
+    /// bit-reproducible may have produced other digests there); one flow refuses is
+    /// replaced.
     pub fn push(&self, cache: &Cache, record: &RunRecord) -> Result<Transfer> {
+        let rel = Self::record_rel(&record.key);
+        let mut theirs = match self.record(&record.key) {
+            Ok(r) => r,
+            Err(e @ RemoteError::Invalid { .. }) => {
+                tracing::warn!("{e}; replacing it");
+                self.delete(&rel)?;
+                None
+            }
+            Err(e) => return Err(e),
+        };
         let mut t = Transfer::default();
-        if self.has_record(&record.key)? {
-            return Ok(t);
-        }
-        for digest in record.outputs.values() {
-            let manifest = cache
-                .read_manifest(digest)?
-                .ok_or_else(|| RemoteError::Store {
-                    url: self.url.clone(),
-                    message: format!("the local cache lacks manifest {digest}"),
-                })?;
-            let view = cache.view_path(digest);
-            let jobs = manifest
-                .files
-                .iter()
-                .map(|f| (Self::object_rel(&f.blake3), view.join(&f.path)));
-            let results: Vec<Result<Option<u64>>> = self.runtime.block_on(
-                futures::stream::iter(jobs)
-                    .map(|(rel, file)| async move {
-                        if self.exists_async(&rel).await? {
-                            return Ok(None);
-                        }
-                        self.put_file_async(&rel, &file, true).await.map(Some)
-                    })
-                    .buffer_unordered(CONCURRENCY)
-                    .collect(),
-            );
-            for r in results {
-                match r? {
-                    Some(n) => {
-                        t.files += 1;
-                        t.bytes += n;
-                    }
-                    None => t.skipped += 1,
+        if let Some(other) = theirs.as_ref().filter(|r| r.outputs != record.outputs) {
+            let mut whole = true;
+            for digest in other.outputs.values() {
+                match self.push_artifact(cache, &record.key, digest)? {
+                    Some(moved) => t += moved,
+                    None => whole = false,
                 }
             }
+            if whole {
+                return Ok(t);
+            }
+            // Theirs names what neither side can supply: ours replaces it.
+            tracing::warn!(
+                "{url}/{rel} names artifacts the remote lacks; replacing it with this machine's",
+                url = self.url
+            );
+            self.delete(&rel)?;
+            theirs = None;
+        }
+        for digest in record.outputs.values() {
+            t += self
+                .push_artifact(cache, &record.key, digest)?
+                .ok_or_else(|| RemoteError::Store {
+                    url: self.url.clone(),
+                    message: format!(
+                        "the local cache lacks artifact {digest} of key {}",
+                        record.key
+                    ),
+                })?;
+        }
+        if theirs.is_none() {
+            let bytes = serde_json::to_vec_pretty(record).expect("records serialize");
+            self.put_small(&rel, bytes)?;
+        }
+        Ok(t)
+    }
+
+    /// Makes one artifact whole on the remote: its blobs, then its manifest, from the local
+    /// cache. Without it here, whether the remote's copy is whole already: None when it is
+    /// not (missing, damaged or refused), which only the machine that made it can repair.
+    fn push_artifact(&self, cache: &Cache, key: &str, digest: &str) -> Result<Option<Transfer>> {
+        let Some(manifest) = cache.read_manifest(digest)? else {
+            let manifest = match self.fetch_manifest(digest) {
+                Ok((_, m)) => m,
+                Err(e @ (RemoteError::Invalid { .. } | RemoteError::Corrupt { .. })) => {
+                    tracing::warn!("key {key}: {e}");
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            };
+            for f in &manifest.files {
+                let rel = Self::object_rel(&f.blake3);
+                if self.runtime.block_on(self.head_async(&rel))?.is_none() {
+                    tracing::warn!("key {key}: artifact {digest} lacks {} ({rel})", f.path);
+                    return Ok(None);
+                }
+            }
+            return Ok(Some(Transfer::default()));
+        };
+        let mut t = Transfer::default();
+        let mut jobs = Vec::new();
+        for f in &manifest.files {
+            jobs.push((Self::object_rel(&f.blake3), cache.object_path(&f.blake3)?));
+        }
+        let results: Vec<Result<Option<u64>>> = self.runtime.block_on(
+            futures::stream::iter(jobs)
+                .map(|(rel, file)| async move {
+                    if self.is_fresh_async(&rel).await? {
+                        return Ok(None);
+                    }
+                    self.put_file_async(&rel, &file, false).await.map(Some)
+                })
+                .buffer_unordered(CONCURRENCY)
+                .collect(),
+        );
+        for r in results {
+            match r? {
+                Some(n) => {
+                    t.files += 1;
+                    t.bytes += n;
+                }
+                None => t.skipped += 1,
+            }
+        }
+        let rel = Self::manifest_rel(digest);
+        if !self.runtime.block_on(self.is_fresh_async(&rel))? {
             let path = cache.manifest_path(digest)?;
             let bytes = std::fs::read(&path).map_err(|e| RemoteError::Io {
                 path: path.display().to_string(),
                 source: e,
             })?;
-            self.put_small(&Self::manifest_rel(digest), bytes)?;
+            self.put_overwrite(&rel, bytes)?;
         }
-        let bytes = serde_json::to_vec_pretty(record).expect("records serialize");
-        self.put_small(&Self::record_rel(&record.key), bytes)?;
-        Ok(t)
+        Ok(Some(t))
+    }
+
+    /// Whether a content-addressed object exists and was written recently enough that no
+    /// `gc` will take it while a push that relies on it is in flight. An older one is
+    /// uploaded again ("freshened", as git does with the loose objects a push reuses):
+    /// `gc` removes only unreferenced objects older than its grace period, and an object
+    /// a push reuses is unreferenced until the push's record lands.
+    async fn is_fresh_async(&self, rel: &str) -> Result<bool> {
+        Ok(self
+            .head_async(rel)
+            .await?
+            .is_some_and(|modified| age_seconds(modified) < FRESHEN_AFTER_SECONDS))
+    }
+
+    /// An object's last-modified time, None when it does not exist.
+    async fn head_async(&self, rel: &str) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+        match self.store.head(&self.path(rel)).await {
+            Ok(meta) => Ok(Some(meta.last_modified)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    /// Puts small bytes, replacing what is there (content-addressed objects being
+    /// freshened, whose bytes cannot differ).
+    fn put_overwrite(&self, rel: &str, bytes: Vec<u8>) -> Result<()> {
+        let path = self.path(rel);
+        self.runtime.block_on(async {
+            self.store
+                .put(&path, PutPayload::from(bytes))
+                .await
+                .map(|_| ())
+                .map_err(|e| self.err(e))
+        })
     }
 
     /// Pulls a key the remote has finished into the local cache (verifying every byte) and
@@ -512,62 +682,8 @@ impl Remote {
         Ok(t)
     }
 
-    fn lease_rel(key: &str) -> String {
-        format!("leases/{key}.json")
-    }
-
     fn scratch_rel(key: &str, rel: &str) -> String {
         format!("scratch/{key}/{rel}")
-    }
-
-    /// Tries to take the lease on a key for `ttl` seconds. Ok(None) when taken; Ok(Some(holder))
-    /// when another live holder has it. An expired lease is taken over.
-    pub fn try_lease(&self, key: &str, holder: &str, ttl: u64) -> Result<Option<String>> {
-        let rel = Self::lease_rel(key);
-        for _ in 0..3 {
-            let body = serde_json::json!({"holder": holder, "expires": now() + ttl}).to_string();
-            if self.put_small(&rel, body.into_bytes())? {
-                return Ok(None);
-            }
-            let Some(bytes) = self.get_bytes(&rel)? else {
-                continue; // released meanwhile
-            };
-            let lease: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-            let expires = lease["expires"].as_u64().unwrap_or(0);
-            if expires > now() {
-                return Ok(Some(lease["holder"].as_str().unwrap_or("?").to_string()));
-            }
-            // Expired: its holder died. Delete and race for a fresh create-only put.
-            self.delete(&rel)?;
-        }
-        Ok(Some("another process (lease contended)".into()))
-    }
-
-    /// Who holds a key's lease, if anyone does and it has not expired.
-    pub fn lease_holder(&self, key: &str) -> Result<Option<String>> {
-        let Some(bytes) = self.get_bytes(&Self::lease_rel(key))? else {
-            return Ok(None);
-        };
-        let lease: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-        Ok((lease["expires"].as_u64().unwrap_or(0) > now())
-            .then(|| lease["holder"].as_str().unwrap_or("?").to_string()))
-    }
-
-    /// Extends a lease we hold.
-    pub fn renew_lease(&self, key: &str, holder: &str, ttl: u64) -> Result<()> {
-        let body = serde_json::json!({"holder": holder, "expires": now() + ttl}).to_string();
-        let path = self.path(&Self::lease_rel(key));
-        self.runtime.block_on(async {
-            self.store
-                .put(&path, PutPayload::from(body.into_bytes()))
-                .await
-                .map(|_| ())
-                .map_err(|e| self.err(e))
-        })
-    }
-
-    pub fn release_lease(&self, key: &str) -> Result<()> {
-        self.delete(&Self::lease_rel(key))
     }
 
     fn delete(&self, rel: &str) -> Result<()> {
@@ -583,6 +699,15 @@ impl Remote {
     /// Every object under a prefix (`runs`, `artifacts`, `objects/blake3`, `scratch`), as
     /// (path below the prefix, size).
     pub fn list(&self, rel_prefix: &str) -> Result<Vec<(String, u64)>> {
+        Ok(self
+            .list_aged(rel_prefix)?
+            .into_iter()
+            .map(|o| (o.rel, o.size))
+            .collect())
+    }
+
+    /// Every object under a prefix with its size and age.
+    fn list_aged(&self, rel_prefix: &str) -> Result<Vec<Listed>> {
         let prefix = self.path(rel_prefix);
         let strip = format!("{prefix}/");
         self.runtime.block_on(async {
@@ -591,10 +716,11 @@ impl Remote {
             while let Some(meta) = stream.next().await {
                 let meta = meta.map_err(|e| self.err(e))?;
                 let loc = meta.location.to_string();
-                out.push((
-                    loc.strip_prefix(&strip).unwrap_or(&loc).to_string(),
-                    meta.size,
-                ));
+                out.push(Listed {
+                    rel: loc.strip_prefix(&strip).unwrap_or(&loc).to_string(),
+                    size: meta.size,
+                    age: age_seconds(meta.last_modified),
+                });
             }
             Ok(out)
         })
@@ -603,7 +729,11 @@ impl Remote {
     /// Pushes a snapshot of a scratch directory: changed files go up as content-addressed
     /// blobs (large ones in parts), then `scratch/<key>/index.json` (path -> blake3, size) is
     /// overwritten last. A reader sees a whole earlier snapshot or a whole later one, never a
-    /// checkpoint half from each, whatever order or timestamps the files have.
+    /// checkpoint half from each, whatever order or timestamps the files have. Paths with a
+    /// component ending in `.tmp` are work in progress by the stage's convention (a
+    /// checkpoint being written, or being deleted) and are left out; each file is hashed
+    /// and uploaded through one descriptor, so a file renamed over meanwhile cannot put
+    /// one file's bytes under another's digest.
     pub fn push_scratch(
         &self,
         key: &str,
@@ -616,6 +746,7 @@ impl Remote {
         let mut files: Vec<_> = walkdir::WalkDir::new(dir)
             .min_depth(1)
             .into_iter()
+            .filter_entry(|e| !e.file_name().to_string_lossy().ends_with(".tmp"))
             .filter_map(|e| e.ok())
             .filter(|e| e.file_type().is_file())
             .collect();
@@ -627,16 +758,21 @@ impl Remote {
                 .expect("child")
                 .to_string_lossy()
                 .replace('\\', "/");
-            let Ok(meta) = entry.metadata() else { continue };
+            // Gone since the listing (a checkpoint replaced): not part of this snapshot.
+            let Ok(mut file) = std::fs::File::open(entry.path()) else {
+                continue;
+            };
+            let Ok(meta) = file.metadata() else { continue };
             let (size, mtime) = (meta.len(), meta.modified().unwrap_or(std::time::UNIX_EPOCH));
             let hash = match seen.get(&rel) {
                 Some((s, m, h)) if (*s, *m) == (size, mtime) => h.clone(),
                 _ => {
-                    let hash = crate::store::hash::hash_file(entry.path())?;
+                    let hash = crate::store::hash::hash_open_file(&mut file, entry.path())?;
                     let blob = Self::object_rel(&hash);
                     if !self.exists(&blob)? {
-                        t.bytes += self.runtime.block_on(self.put_file_async(
+                        t.bytes += self.runtime.block_on(self.put_open_file_async(
                             &blob,
+                            file,
                             entry.path(),
                             true,
                         ))?;
@@ -650,15 +786,10 @@ impl Remote {
             };
             index.insert(rel, serde_json::json!({"blake3": hash, "size": size}));
         }
-        if changed {
+        if changed || seen.len() != index.len() {
+            seen.retain(|rel, _| index.contains_key(rel));
             let body = serde_json::to_vec(&index).expect("index serializes");
-            let path = self.path(&Self::scratch_rel(key, "index.json"));
-            self.runtime.block_on(async {
-                self.store
-                    .put(&path, PutPayload::from(body))
-                    .await
-                    .map_err(|e| self.err(e))
-            })?;
+            self.put_overwrite(&Self::scratch_rel(key, "index.json"), body)?;
         }
         Ok(t)
     }
@@ -750,114 +881,6 @@ impl Remote {
         }
         Ok(Some(record))
     }
-
-    /// Deletes everything no live key references. Returns (objects, bytes) removed (or that
-    /// would be, with `dry_run`).
-    pub fn gc(
-        &self,
-        live_keys: &std::collections::BTreeSet<String>,
-        dry_run: bool,
-    ) -> Result<(u64, u64)> {
-        let mut live_digests = std::collections::HashSet::new();
-        let mut doomed: Vec<(String, u64)> = Vec::new();
-        for (rel, size) in self.list("runs")? {
-            let key = rel.trim_end_matches(".json");
-            if live_keys.contains(key) {
-                if let Some(r) = self.record(key)? {
-                    live_digests.extend(r.outputs.into_values());
-                }
-            } else {
-                doomed.push((format!("runs/{rel}"), size));
-            }
-        }
-        let mut live_blobs = std::collections::HashSet::new();
-        for (rel, size) in self.list("artifacts")? {
-            let digest = manifest_digest(&rel);
-            if live_digests.contains(&digest) {
-                if let Some(bytes) = self.get_bytes(&format!("artifacts/{rel}"))?
-                    && let Ok(m) = serde_json::from_slice::<Manifest>(&bytes)
-                {
-                    live_blobs.extend(m.files.into_iter().map(|f| f.blake3));
-                }
-            } else {
-                doomed.push((format!("artifacts/{rel}"), size));
-            }
-        }
-        for (rel, _) in self.list("scratch")? {
-            if let Some(key) = rel.strip_suffix("/index.json") {
-                live_blobs.extend(self.scratch_index(key)?.into_values());
-            }
-        }
-        for (rel, size) in self.list("objects/blake3")? {
-            let hash = rel.replace('/', "");
-            if !live_blobs.contains(&hash) {
-                doomed.push((format!("objects/blake3/{rel}"), size));
-            }
-        }
-        for (rel, size) in self.list("scratch")? {
-            let key = rel.split('/').next().unwrap_or("");
-            if !live_keys.contains(key) {
-                doomed.push((format!("scratch/{rel}"), size));
-            }
-        }
-        let bytes = doomed.iter().map(|(_, s)| s).sum();
-        if !dry_run {
-            for (rel, _) in &doomed {
-                self.delete(rel)?;
-            }
-        }
-        Ok((doomed.len() as u64, bytes))
-    }
-
-    /// Re-hashes every remote blob and manifest; deletes damaged ones and the run records
-    /// that need them, so the next run recomputes instead of pulling bad bytes. Returns
-    /// (objects checked, damaged objects, evicted records).
-    pub fn verify(&self, scratch: &Path) -> Result<(u64, Vec<String>, Vec<String>)> {
-        let mut bad = std::collections::HashSet::new();
-        let mut checked = 0;
-        for (rel, _) in self.list("objects/blake3")? {
-            let hash = rel.replace('/', "");
-            let tmp = scratch.join(format!("verify-{}", std::process::id()));
-            if let Some((found, _)) = self.get_to_file(&format!("objects/blake3/{rel}"), &tmp)? {
-                checked += 1;
-                if found != hash {
-                    self.delete(&format!("objects/blake3/{rel}"))?;
-                    bad.insert(hash);
-                }
-            }
-            let _ = std::fs::remove_file(&tmp);
-        }
-        let mut bad_digests = std::collections::HashSet::new();
-        for (rel, _) in self.list("artifacts")? {
-            let digest = manifest_digest(&rel);
-            let ok = match self.get_bytes(&format!("artifacts/{rel}"))? {
-                Some(bytes) if blake3::hash(&bytes).to_hex().as_str() == digest => {
-                    serde_json::from_slice::<Manifest>(&bytes)
-                        .map(|m| m.files.iter().all(|f| !bad.contains(&f.blake3)))
-                        .unwrap_or(false)
-                }
-                _ => false,
-            };
-            if !ok {
-                self.delete(&format!("artifacts/{rel}"))?;
-                bad_digests.insert(digest);
-            }
-        }
-        let mut evicted = Vec::new();
-        for (rel, _) in self.list("runs")? {
-            let key = rel.trim_end_matches(".json").to_string();
-            let damaged = match self.record(&key) {
-                Ok(Some(r)) => r.outputs.values().any(|d| bad_digests.contains(d)),
-                Ok(None) | Err(RemoteError::Invalid { .. }) => true,
-                Err(e) => return Err(e),
-            };
-            if damaged {
-                self.delete(&format!("runs/{rel}"))?;
-                evicted.push(key);
-            }
-        }
-        Ok((checked, bad.into_iter().collect(), evicted))
-    }
 }
 
 /// Copies a verified blob to `dest` (through a temp name beside it), writable: checkpoints
@@ -885,6 +908,11 @@ fn manifest_digest(rel: &str) -> String {
         .unwrap_or("")
         .trim_end_matches(".json")
         .to_string()
+}
+
+/// Seconds since an object was last modified (0 for a time in the future: clocks differ).
+fn age_seconds(modified: chrono::DateTime<chrono::Utc>) -> u64 {
+    now().saturating_sub(modified.timestamp().max(0) as u64)
 }
 
 fn now() -> u64 {
