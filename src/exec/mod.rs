@@ -129,10 +129,15 @@ pub(crate) fn has_every_output(outputs: &Outputs, kind: &flow_stages::Kind) -> b
 }
 
 /// Makes sure the remote has a done key (pushing it if not); false after a failure, which is
-/// reported: the local result stands, but the team would not see it.
+/// reported: the local result stands, but the team would not see it. A key the remote has a
+/// record of costs one request here; `flow push` is what checks and repairs such keys.
 fn sync_push(remote: &Remote, cache: &Cache, key: &str, stage: &str, ui: &Ui) -> bool {
     let result = match cache.read_record(key) {
-        Ok(Some(record)) => remote.push(cache, &record).map(|_| ()),
+        Ok(Some(record)) => match remote.has_record(key) {
+            Ok(true) => Ok(()),
+            Ok(false) => remote.push(cache, &record).map(|_| ()),
+            Err(e) => Err(e),
+        },
         Ok(None) => return true,
         Err(e) => Err(e.into()),
     };
