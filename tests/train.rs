@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{Workspace, assert_ok};
@@ -118,66 +118,187 @@ fn training_learns_and_is_deterministic() {
     );
 }
 
-#[test]
-fn a_killed_training_run_resumes_from_its_checkpoint_bit_exactly() {
-    let whole = Workspace::new();
-    let pw = whole.write("p.toml", &pipeline(FULL));
-    assert_ok(&whole.flow(&["run", pw.to_str().unwrap()]));
-
-    let ws = Workspace::new();
-    let p = ws.write("p.toml", &pipeline(FULL));
+/// Starts `flow run` on a pipeline and kills it (-9, the whole process group) once the
+/// stage's `latest.json` names a checkpoint at step 10 or later. Returns the stage's scratch
+/// directory and the checkpoint `latest.json` named.
+fn kill_at_a_checkpoint(ws: &Workspace, p: &Path) -> (PathBuf, String) {
     let mut cmd = ws.command(&["run", p.to_str().unwrap()]);
     cmd.stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn().unwrap();
-    // Kill -9 once a checkpoint past step 5 exists.
     let deadline = Instant::now() + Duration::from_secs(120);
     let scratch = ws.cache().join("scratch");
-    'wait: loop {
+    let found = 'wait: loop {
         assert!(Instant::now() < deadline, "no checkpoint appeared");
-        if let Ok(entries) = std::fs::read_dir(&scratch) {
-            for e in entries.flatten() {
-                let ckpts = std::fs::read_dir(e.path())
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .filter(|c| c.file_name().to_string_lossy().starts_with("ckpt-0"))
-                    .map(|c| c.file_name().to_string_lossy().into_owned())
-                    .collect::<Vec<_>>();
-                if ckpts.iter().any(|c| c.as_str() >= "ckpt-00000010") {
-                    break 'wait;
-                }
+        for e in std::fs::read_dir(&scratch).into_iter().flatten().flatten() {
+            if let Some(name) = latest_checkpoint(&e.path())
+                && name.as_str() >= "ckpt-00000010"
+            {
+                break 'wait (e.path(), name);
             }
         }
         if let Ok(Some(_)) = child.try_wait() {
             panic!("the run finished before it could be killed");
         }
         std::thread::sleep(Duration::from_millis(10));
-    }
+    };
     // SAFETY: kill(2) of the process group this test started.
     unsafe {
         libc::kill(-(child.id() as i32), libc::SIGKILL);
     }
     let _ = child.wait();
+    found
+}
 
-    let out = ws.flow(&["run", p.to_str().unwrap()]);
-    assert_ok(&out);
-    let logs: String = std::fs::read_dir(ws.cache().join("logs"))
+/// The checkpoint a stage scratch directory's `latest.json` names, if it names one.
+fn latest_checkpoint(scratch: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(scratch.join("latest.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    Some(v["dir"].as_str()?.to_string())
+}
+
+/// Every stage log of a workspace, concatenated.
+fn logs(ws: &Workspace) -> String {
+    std::fs::read_dir(ws.cache().join("logs"))
         .unwrap()
         .flatten()
         .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-        .collect();
+        .collect()
+}
+
+/// The step the log says training resumed at.
+fn resumed_step(logs: &str) -> u64 {
     let resumed = logs
         .lines()
         .find_map(|l| l.strip_prefix("resumed from checkpoint at step "))
-        .expect("the log says it resumed");
-    let step: u64 = resumed.split_whitespace().next().unwrap().parse().unwrap();
+        .unwrap_or_else(|| panic!("the log says it resumed:\n{logs}"));
+    resumed.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// Runs a pipeline uninterrupted in a fresh workspace; returns it and the pipeline's path.
+fn uninterrupted(toml: &str) -> (Workspace, PathBuf) {
+    let ws = Workspace::new();
+    let p = ws.write("p.toml", toml);
+    assert_ok(&ws.flow(&["run", p.to_str().unwrap()]));
+    (ws, p)
+}
+
+#[test]
+fn a_killed_training_run_resumes_from_its_checkpoint_bit_exactly() {
+    let (whole, pw) = uninterrupted(&pipeline(FULL));
+
+    let ws = Workspace::new();
+    let p = ws.write("p.toml", &pipeline(FULL));
+    kill_at_a_checkpoint(&ws, &p);
+    assert_ok(&ws.flow(&["run", p.to_str().unwrap()]));
+    let step = resumed_step(&logs(&ws));
     assert!(step >= 10, "resumed at step {step}, not from 0");
     assert_eq!(
         model_bytes(&ws, &p, "train"),
         model_bytes(&whole, &pw, "train"),
         "the resumed run ends with the uninterrupted run's weights"
+    );
+}
+
+#[test]
+fn a_damaged_checkpoint_is_skipped_for_the_previous_good_one_with_the_same_bits() {
+    let (whole, pw) = uninterrupted(&pipeline(FULL));
+    let reference = model_bytes(&whole, &pw, "train");
+
+    // The newest checkpoint's weights with bytes flipped, its size kept.
+    let ws = Workspace::new();
+    let p = ws.write("p.toml", &pipeline(FULL));
+    let (scratch, newest) = kill_at_a_checkpoint(&ws, &p);
+    let weights = scratch.join(&newest).join("trainable.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let n = bytes.len();
+    for b in &mut bytes[n - 64..] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&weights, &bytes).unwrap();
+    assert_ok(&ws.flow(&["run", p.to_str().unwrap()]));
+    let log = logs(&ws);
+    let skipped = format!(
+        "checkpoint {newest} is damaged (trainable.safetensors: blake3 mismatch); resuming from ckpt-"
+    );
+    assert!(log.lines().any(|l| l.starts_with(&skipped)), "{log}");
+    let step = resumed_step(&log);
+    assert!(
+        step >= 5 && format!("ckpt-{step:08}") != newest,
+        "resumed at step {step}, past the damaged {newest}"
+    );
+    assert_eq!(
+        model_bytes(&ws, &p, "train"),
+        reference,
+        "the run resumed from the previous checkpoint ends with the uninterrupted run's weights"
+    );
+
+    // Garbage in latest.json: the checkpoints are found without it.
+    let ws = Workspace::new();
+    let p = ws.write("p.toml", &pipeline(FULL));
+    let (scratch, _) = kill_at_a_checkpoint(&ws, &p);
+    std::fs::write(scratch.join("latest.json"), "{\"dir\": \"ckpt-0000").unwrap();
+    assert_ok(&ws.flow(&["run", p.to_str().unwrap()]));
+    let log = logs(&ws);
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with("latest.json is unreadable (")
+                && l.contains("); resuming from ckpt-")),
+        "{log}"
+    );
+    let step = resumed_step(&log);
+    assert!(step >= 10, "resumed at step {step}, not from 0");
+    assert_eq!(model_bytes(&ws, &p, "train"), reference);
+}
+
+const LORA: &str = r#"[stage.lora]
+kind = "train-lora"
+model = "base"
+data = "rows"
+heldout = "held_rows"
+lr = 1e-2
+optimizer = "adamw"
+rank = 4
+targets = ["attention", "down"]
+steps = 40
+global_batch = 8
+micro_batch = 4
+checkpoint_every = 5
+lora_dropout = 0.1
+hidden_dropout = 0.1
+"#;
+
+#[test]
+fn a_killed_lora_run_resumes_from_its_checkpoint_bit_exactly() {
+    let (whole, pw) = uninterrupted(&pipeline(LORA));
+
+    let ws = Workspace::new();
+    let p = ws.write("p.toml", &pipeline(LORA));
+    kill_at_a_checkpoint(&ws, &p);
+    assert_ok(&ws.flow(&["run", p.to_str().unwrap()]));
+    let step = resumed_step(&logs(&ws));
+    assert!(step >= 10, "resumed at step {step}, not from 0");
+    let adapter = |ws: &Workspace, p: &Path| {
+        std::fs::read(
+            common::output_named(ws, p, "lora", "adapter").join("adapter_model.safetensors"),
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        adapter(&ws, &p),
+        adapter(&whole, &pw),
+        "the resumed run ends with the uninterrupted run's adapters"
+    );
+    assert_eq!(
+        model_bytes(&ws, &p, "lora"),
+        model_bytes(&whole, &pw, "lora"),
+        "and the same merged model"
+    );
+    assert_ne!(
+        model_bytes(&ws, &p, "lora"),
+        model_bytes(&ws, &p, "base"),
+        "the adapters trained"
     );
 }
 

@@ -360,7 +360,23 @@ fn train(ctx: &StageContext, lora: bool) -> Result<StageOutcome, StageError> {
         tokens: 0,
         curve: Vec::new(),
     };
-    if let Some(ck) = checkpoint::load(ctx.scratch)? {
+    let loaded = checkpoint::load(ctx.scratch)?;
+    let resuming_from = loaded.checkpoint.as_ref().map(|ck| {
+        ck.dir.file_name().map_or_else(
+            || ck.dir.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        )
+    });
+    for why in &loaded.skipped {
+        match &resuming_from {
+            Some(name) => log.line(&format!("{why}; resuming from {name}")),
+            None => log.line(why),
+        }
+    }
+    if resuming_from.is_none() && !loaded.skipped.is_empty() {
+        log.line("no checkpoint is usable (every one was damaged); training starts from step 0");
+    }
+    if let Some(ck) = loaded.checkpoint {
         trainer
             .restore(ck.trainable, ck.opt)
             .map_err(|e| StageError::Failed(format!("{}: {e}", ck.dir.display())))?;
