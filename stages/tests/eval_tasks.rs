@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use flow_stages::eval::gsm8k;
 use flow_stages::eval::humaneval;
-use flow_stages::eval::sandbox::{Limits, Outcome, Sandbox};
+use flow_stages::eval::sandbox::{Level, Limits, Outcome, Sandbox};
 use rayon::prelude::*;
 use serde_json::Value;
 
@@ -38,10 +38,13 @@ fn jsonl(path: &Path) -> Vec<Value> {
 static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn sandbox() -> Sandbox {
-    Sandbox::new(Limits {
-        timeout: Duration::from_secs(3),
-        ..Limits::default()
-    })
+    Sandbox::new(
+        Limits {
+            timeout: Duration::from_secs(3),
+            ..Limits::default()
+        },
+        Level::Strict,
+    )
     .unwrap()
 }
 
@@ -202,11 +205,181 @@ fn installed_packages_import_only_when_asked_for() {
         Outcome::Failed(why) => assert!(why.contains("ModuleNotFoundError"), "{why}"),
         other => panic!("imported an installed package without site: {other:?}"),
     }
-    let with_site = Sandbox::new(Limits {
-        timeout: Duration::from_secs(10),
-        site_packages: true,
-        ..Limits::default()
-    })
+    let with_site = Sandbox::new(
+        Limits {
+            timeout: Duration::from_secs(10),
+            site_packages: true,
+            ..Limits::default()
+        },
+        Level::Strict,
+    )
     .unwrap();
     assert_eq!(with_site.run(program).unwrap().outcome, Outcome::Passed);
+}
+
+fn first_problem() -> Value {
+    jsonl(&shared_data("humaneval/HumanEval.jsonl.gz")).swap_remove(0)
+}
+
+/// A program passes only if it ran to its end: exits with status 0 before `check` finished
+/// (as a completion of a real problem, and as bare programs) fail, as in OpenAI's
+/// human-eval. `exit()` exists only with `site`, so both sandboxes are tried.
+#[test]
+fn a_program_passes_only_if_it_ran_to_its_end() {
+    let p = first_problem();
+    let program = |completion: &str| {
+        humaneval::program(
+            s(&p, "prompt"),
+            completion,
+            s(&p, "test"),
+            s(&p, "entry_point"),
+        )
+    };
+    let with_site = Sandbox::new(
+        Limits {
+            timeout: Duration::from_secs(10),
+            site_packages: true,
+            ..Limits::default()
+        },
+        Level::Strict,
+    )
+    .unwrap();
+    let mut passed = Vec::new();
+    for (site, sb) in [(false, sandbox()), (true, with_site)] {
+        // The canonical solution passes, and so does one that prints without a newline.
+        let canonical = s(&p, "canonical_solution");
+        assert_eq!(
+            sb.run(&program(canonical)).unwrap().outcome,
+            Outcome::Passed
+        );
+        let chatty = format!("    print('no newline', end='')\n{canonical}");
+        assert_eq!(sb.run(&program(&chatty)).unwrap().outcome, Outcome::Passed);
+        for completion in [
+            "    raise SystemExit\n",
+            "    import sys\n    sys.exit(0)\n",
+            "    import os\n    os._exit(0)\n",
+            "    return True\nexit()\n",
+        ] {
+            let o = sb.run(&program(completion)).unwrap().outcome;
+            if o == Outcome::Passed {
+                passed.push(format!("site {site}: completion {completion:?}"));
+            }
+        }
+        for bare in [
+            "raise SystemExit\n",
+            "import sys\nsys.exit(0)\n",
+            "import os\nos._exit(0)\n",
+            "exit()\n",
+        ] {
+            let o = sb.run(bare).unwrap().outcome;
+            if o == Outcome::Passed {
+                passed.push(format!("site {site}: program {bare:?}"));
+            }
+        }
+    }
+    assert!(passed.is_empty(), "early exits passed: {passed:?}");
+}
+
+/// Every process a program starts dies with it: children that left the session (`setsid`)
+/// or double-forked into daemons are gone when `run` returns, whether the program exited or
+/// timed out; and a program that exits while a child still runs is not kept waiting for it.
+#[test]
+fn the_whole_process_tree_dies_with_the_program() {
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let sb = sandbox();
+    let setsid_child = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n    os._exit(0)\n";
+    let cases = [
+        ("a setsid child, the program exits", setsid_child.to_string(), Outcome::Passed),
+        (
+            "a setsid child, the program loops",
+            format!("{setsid_child}while True:\n    pass\n"),
+            Outcome::TimedOut,
+        ),
+        (
+            "a double-forked daemon",
+            "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(60)\n    os._exit(0)\nos.wait()\n"
+                .to_string(),
+            Outcome::Passed,
+        ),
+        (
+            "a child still running when the program exits",
+            "import os, time\nif os.fork() == 0:\n    time.sleep(60)\n    os._exit(0)\n".to_string(),
+            Outcome::Passed,
+        ),
+    ];
+    for (what, program, want) in cases {
+        let e = sb.run(&program).unwrap();
+        assert_eq!(e.outcome, want, "{what}");
+        assert!(!leftover(&e.program), "{what}: a process survived the run");
+    }
+}
+
+/// Under `strict`, a program reads only its directory and what Python needs: a secret file
+/// beside the test, /etc/hostname and this crate's Cargo.toml are out of reach, and
+/// `describe` says so.
+#[test]
+fn strict_limits_reads_to_the_programs_directory_and_python() {
+    let sb = sandbox();
+    let d = sb.describe();
+    assert_eq!(d["level"], "strict");
+    assert_eq!(d["reads_limited"], true, "{d}");
+    assert!(d["namespaces"].as_str().unwrap().contains("pid"), "{d}");
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret.txt");
+    std::fs::write(&secret, "hunter2").unwrap();
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+    for path in [secret.as_path(), Path::new("/etc/hostname"), &manifest] {
+        assert!(path.exists(), "{}", path.display());
+        let program = format!("print(open({:?}).read())\n", path.to_str().unwrap());
+        match sb.run(&program).unwrap().outcome {
+            Outcome::Failed(why) => assert!(why.contains("PermissionError"), "{why}"),
+            other => panic!("read {}: {other:?}", path.display()),
+        }
+    }
+    let e = sb
+        .run("open('mine.txt', 'w').write('x')\nassert open('mine.txt').read() == 'x'\nimport os\nos.listdir('.')\n")
+        .unwrap();
+    assert_eq!(e.outcome, Outcome::Passed);
+}
+
+/// The `rlimits` level runs programs too, with reads not limited (the way out for programs
+/// that must read elsewhere), and says what it has in force.
+#[test]
+fn rlimits_runs_with_what_the_kernel_allows() {
+    let sb = Sandbox::new(Limits::default(), Level::Rlimits).unwrap();
+    let d = sb.describe();
+    assert_eq!(d["level"], "rlimits");
+    assert_eq!(d["reads_limited"], false, "{d}");
+    let read = sb.run("open('/etc/hostname').read()\n").unwrap().outcome;
+    assert_eq!(read, Outcome::Passed);
+    assert_eq!(
+        sb.run("assert 1 + 1 == 2\n").unwrap().outcome,
+        Outcome::Passed
+    );
+    assert_ne!(
+        sb.run("import sys\nsys.exit(0)\n").unwrap().outcome,
+        Outcome::Passed
+    );
+}
+
+/// A sandbox that cannot start a program fails the stage (Err), never a sample: a missing
+/// interpreter at run time, at probe time, and a strict setup that cannot work (an address
+/// space too small for Python to start).
+#[test]
+fn setup_errors_are_errors_not_failed_samples() {
+    let missing = PathBuf::from("/nonexistent/python3");
+    let run = Sandbox::unprobed(missing.clone(), Limits::default()).run("pass\n");
+    match run {
+        Err(e) => assert!(e.to_string().contains("/nonexistent/python3"), "{e}"),
+        Ok(e) => panic!("a missing interpreter gave an outcome: {:?}", e.outcome),
+    }
+    assert!(Sandbox::with_python(missing, Limits::default(), Level::Strict).is_err());
+    let tiny = Limits {
+        memory_bytes: 1 << 20,
+        ..Limits::default()
+    };
+    match Sandbox::new(tiny, Level::Strict) {
+        Err(e) => assert!(e.to_string().contains("rlimits"), "{e}"),
+        Ok(sb) => panic!("python started in 1 MiB: {}", sb.describe()),
+    }
 }

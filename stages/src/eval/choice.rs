@@ -20,6 +20,42 @@ pub struct Item {
 }
 
 impl Item {
+    /// An item of one of the two shapes: one context and k continuations, or k contexts and
+    /// one continuation, with `gold` < k. Anything else is refused with why (an empty side
+    /// would panic in scoring; a `gold` out of range would score as a silent miss).
+    pub fn new(
+        style: String,
+        contexts: Vec<String>,
+        continuations: Vec<String>,
+        gold: usize,
+    ) -> Result<Item, String> {
+        let (x, y) = (contexts.len(), continuations.len());
+        if x == 0 || y == 0 {
+            return Err(format!(
+                "a `choice` record needs at least one context and one continuation, found {x} contexts and {y} continuations"
+            ));
+        }
+        if x > 1 && y > 1 {
+            return Err(format!(
+                "a `choice` record has one context or one continuation, found {x} contexts and {y} continuations"
+            ));
+        }
+        let item = Item {
+            style,
+            contexts,
+            continuations,
+            gold,
+        };
+        if gold >= item.choices() {
+            return Err(format!(
+                "`gold` is {gold}, but the `choice` record has {} choices",
+                item.choices()
+            ));
+        }
+        Ok(item)
+    }
+
+    /// How many choices the item has: the longer of its two sides.
     pub fn choices(&self) -> usize {
         self.contexts.len().max(self.continuations.len())
     }

@@ -17,7 +17,9 @@ pub fn cut(completion: &str) -> &str {
     &completion[..end]
 }
 
-/// The program the sandbox runs.
+/// The program the sandbox runs, shaped as the reference's: prompt + completion + test +
+/// `check(entry_point)`. The sandbox appends its own last line (printing the run's token,
+/// see [`super::sandbox`]), so that passing means `check` returned.
 pub fn program(prompt: &str, completion: &str, test: &str, entry_point: &str) -> String {
     format!("{prompt}{completion}\n{test}\ncheck({entry_point})\n")
 }

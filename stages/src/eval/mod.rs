@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 
 use self::choice::{Item, Tally};
 use self::lm::{GenOptions, GenRequest, Lm};
-use self::sandbox::{Limits, Outcome, Sandbox};
+use self::sandbox::{Level, Limits, Outcome, Sandbox};
 use crate::cpu::llama::Llama;
 use crate::cpu::ops::Rope;
 use crate::data::pack::Packed;
@@ -45,7 +45,7 @@ pub const FORGETTING_STYLES: [&str; 3] = ["hellaswag", "arc", "winogrande"];
 /// Registered as `kind = "eval"`.
 pub static KIND: Kind = Kind {
     name: "eval",
-    version: 3,
+    version: 4,
     doc: "evaluates a model: perplexity, GSM8K, HumanEval (sandboxed), multiple choice, forgetting",
     params: &[
         Param {
@@ -124,7 +124,7 @@ pub static KIND: Kind = Kind {
             name: "timeout",
             ty: ParamType::Float,
             default: Default::Value("3.0"),
-            doc: "humaneval: seconds per program",
+            doc: "humaneval: seconds per program (at most a day)",
         },
         Param {
             name: "memory_mb",
@@ -137,6 +137,12 @@ pub static KIND: Kind = Kind {
             ty: ParamType::Bool,
             default: Default::Value("false"),
             doc: "humaneval: let programs import installed packages (Python's site); off, the standard library only",
+        },
+        Param {
+            name: "sandbox",
+            ty: ParamType::Choice(Level::NAMES),
+            default: Default::Value("\"strict\""),
+            doc: "humaneval: strict (user, network and PID namespaces and Landlock limiting reads and writes, or the stage fails) or rlimits (the namespaces the kernel allows and Landlock limiting writes only, where it can, besides the rlimits)",
         },
         Param {
             name: "choice",
@@ -193,12 +199,16 @@ struct Params {
     attention: String,
     gsm8k_shots: i64,
     samples: i64,
+    #[serde(deserialize_with = "number")]
     temperature: f64,
+    #[serde(deserialize_with = "number")]
     top_p: f64,
     pass_k: Vec<i64>,
+    #[serde(deserialize_with = "number")]
     timeout: f64,
     memory_mb: i64,
     site_packages: bool,
+    sandbox: String,
     choice_shots: i64,
     forgetting_metric: String,
     max_new_tokens: i64,
@@ -209,6 +219,81 @@ struct Params {
 
 fn bad(msg: impl Into<String>) -> StageError {
     StageError::Params(msg.into())
+}
+
+/// A float param. The engine passes a non-finite TOML float (`inf`, `nan`) as null, which
+/// becomes NaN here, so that [`Params::check`] names the param instead of serde failing
+/// with a message that names none.
+fn number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+/// The longest `timeout` accepted: a day (anything longer is a typo, and a timeout of 1e300
+/// seconds is no `Duration`).
+const MAX_TIMEOUT_S: f64 = 86_400.0;
+
+impl Params {
+    /// Checks what the schema cannot (ranges, finiteness), naming the param; returns the
+    /// sandbox level.
+    fn check(&self) -> Result<Level, StageError> {
+        if self.tasks.is_empty() {
+            return Err(bad("`tasks` is empty"));
+        }
+        if self.batch < 1 || self.samples < 1 || self.max_new_tokens < 1 {
+            return Err(bad("batch, samples and max_new_tokens must be positive"));
+        }
+        if self.gsm8k_shots < 0 || self.choice_shots < 0 || self.limit.is_some_and(|l| l < 1) {
+            return Err(bad("gsm8k_shots and choice_shots must be >= 0, limit >= 1"));
+        }
+        let number = |v: f64| {
+            if v.is_finite() {
+                format!("{v}")
+            } else {
+                "a non-finite number (inf or nan)".into()
+            }
+        };
+        if !(self.top_p.is_finite() && self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(bad(format!(
+                "`top_p` must be in (0, 1], found {}",
+                number(self.top_p)
+            )));
+        }
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(bad(format!(
+                "`temperature` must be a finite number >= 0, found {}",
+                number(self.temperature)
+            )));
+        }
+        if !(self.timeout.is_finite() && self.timeout > 0.0 && self.timeout <= MAX_TIMEOUT_S) {
+            return Err(bad(format!(
+                "`timeout` must be a number of seconds in (0, {MAX_TIMEOUT_S}], found {}",
+                number(self.timeout)
+            )));
+        }
+        if !(1..=1 << 40).contains(&self.memory_mb) {
+            return Err(bad(format!(
+                "`memory_mb` must be in [1, 2^40], found {}",
+                self.memory_mb
+            )));
+        }
+        Level::parse(&self.sandbox).ok_or_else(|| {
+            bad(format!(
+                "`sandbox` must be one of {}, found `{}`",
+                Level::NAMES.join(", "),
+                self.sandbox
+            ))
+        })
+    }
+
+    /// The sandbox's resource limits.
+    fn limits(&self) -> Limits {
+        Limits {
+            timeout: Duration::from_secs_f64(self.timeout),
+            memory_bytes: (self.memory_mb.max(64) as u64) << 20,
+            site_packages: self.site_packages,
+            ..Limits::default()
+        }
+    }
 }
 
 /// The stage's `samples.jsonl`, one JSON object per scored item.
@@ -226,13 +311,13 @@ fn one<'a>(ctx: &'a StageContext, name: &str, task: &str) -> Result<&'a InputArt
         .ok_or_else(|| bad(format!("task `{task}` needs the `{name}` input")))
 }
 
-/// Reads every record of an artifact through `pick`, which names what it needs when a
-/// record is of the wrong type; errors carry file and line.
+/// Reads every record of an artifact through `pick`, which returns None for a record of the
+/// wrong type and an error for one it cannot use; errors carry file and line.
 fn read<T>(
     dir: &Path,
     limit: Option<usize>,
     what: &str,
-    pick: impl Fn(Record) -> Option<T>,
+    pick: impl Fn(Record) -> Option<Result<T, String>>,
 ) -> Result<Vec<T>, StageError> {
     let mut out = Vec::new();
     let path = dir.join(crate::data::records::RECORDS_FILE);
@@ -240,7 +325,13 @@ fn read<T>(
         let (line, record) = r?;
         let found = record.type_name();
         match pick(record) {
-            Some(t) => out.push(t),
+            Some(Ok(t)) => out.push(t),
+            Some(Err(why)) => {
+                return Err(StageError::Failed(format!(
+                    "{}:{line}: {why}",
+                    path.display()
+                )));
+            }
             None => {
                 return Err(StageError::Failed(format!(
                     "{}:{line}: {what} needs {what} records, found a `{found}` record",
@@ -258,23 +349,17 @@ fn read<T>(
 fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
     crate::cpu::alloc::keep_freed_memory();
     let p: Params = ctx.typed_params()?;
+    let level = p.check()?;
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(ctx.threads.max(1))
         .build_global();
-    if p.tasks.is_empty() {
-        return Err(bad("`tasks` is empty"));
-    }
-    if p.batch < 1 || p.samples < 1 || p.max_new_tokens < 1 {
-        return Err(bad("batch, samples and max_new_tokens must be positive"));
-    }
-    if p.gsm8k_shots < 0 || p.choice_shots < 0 || p.limit.is_some_and(|l| l < 1) {
-        return Err(bad("gsm8k_shots and choice_shots must be >= 0, limit >= 1"));
-    }
-    if !(p.top_p > 0.0 && p.top_p <= 1.0) || p.temperature < 0.0 || p.timeout <= 0.0 {
-        return Err(bad(
-            "top_p must be in (0, 1], temperature >= 0, timeout > 0",
-        ));
-    }
+    // The sandbox is probed before the model loads: a strict one that cannot be set up
+    // fails the stage at once.
+    let sandbox = if p.tasks.iter().any(|t| t == "humaneval") {
+        Some(Sandbox::new(p.limits(), level)?)
+    } else {
+        None
+    };
     let model = one(ctx, "model", "eval")?;
     let lm = Lm::load(&model.dir, p.batch as usize, ctx.threads)?;
     let out_dir = ctx.output("results")?;
@@ -339,7 +424,8 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
             }
             "humaneval" => {
                 let a = one(ctx, "humaneval", task)?;
-                let r = run_humaneval(&lm, &p, &a.dir, ctx, &mut samples)?;
+                let sandbox = sandbox.as_ref().expect("probed for humaneval");
+                let r = run_humaneval(&lm, &p, sandbox, &a.dir, ctx, &mut samples)?;
                 outcome
                     .metrics
                     .insert("humaneval".into(), json!(r["pass@1"]));
@@ -455,10 +541,10 @@ fn perplexity(
     Ok(json!({"loss": mean, "perplexity": mean.exp(), "tokens": tokens, "rows": rows}))
 }
 
-fn qa(r: Record) -> Option<(String, String)> {
+fn qa(r: Record) -> Option<Result<(String, String), String>> {
     match r {
-        Record::Gsm8k { question, answer } => Some((question, answer)),
-        Record::Pair { prompt, response } => Some((prompt, response)),
+        Record::Gsm8k { question, answer } => Some(Ok((question, answer))),
+        Record::Pair { prompt, response } => Some(Ok((prompt, response))),
         _ => None,
     }
 }
@@ -554,6 +640,7 @@ struct Problem {
 fn run_humaneval(
     lm: &Lm,
     p: &Params,
+    sandbox: &Sandbox,
     dir: &Path,
     ctx: &StageContext,
     samples: &mut Samples,
@@ -566,14 +653,14 @@ fn run_humaneval(
             test,
             entry_point,
             ..
-        } => Some(Problem {
+        } => Some(Ok(Problem {
             task_id,
             // bigcode strips the prompt: a trailing newline left alone would be a token the
             // model never saw there (BPE merges it with the next line's indentation).
             prompt: prompt.trim().to_string(),
             test,
             entry_point,
-        }),
+        })),
         _ => None,
     })?;
     let n = p.samples as usize;
@@ -607,16 +694,10 @@ fn run_humaneval(
         .map(|g| humaneval::cut(&g.text).to_string())
         .collect();
     let generating = started.elapsed().as_secs_f64();
-    let sandbox = Sandbox::new(Limits {
-        timeout: Duration::from_secs_f64(p.timeout),
-        memory_bytes: (p.memory_mb.max(64) as u64) << 20,
-        site_packages: p.site_packages,
-        ..Limits::default()
-    })?;
-    let outcomes = execute(&sandbox, &problems, &completions, n)?;
+    let outcomes = execute(sandbox, &problems, &completions, n)?;
     let _ = writeln!(
         std::io::stderr(),
-        "humaneval: {total} completions generated in {generating:.1} s, run (sandbox probe included) in {:.1} s",
+        "humaneval: {total} completions generated in {generating:.1} s, run in {:.1} s",
         started.elapsed().as_secs_f64() - generating
     );
     let mut per_problem = Vec::new();
@@ -710,20 +791,7 @@ fn run_choice(
     let limit = p.limit.map(|l| l as usize);
     let mut items = Vec::new();
     for a in inputs {
-        items.extend(read(&a.dir, limit, "multiple_choice", |r| match r {
-            Record::Choice {
-                style,
-                contexts,
-                continuations,
-                gold,
-            } => Some(Item {
-                style,
-                contexts,
-                continuations,
-                gold,
-            }),
-            _ => None,
-        })?);
+        items.extend(choice_items(&a.dir, limit)?);
     }
     let shots = p.choice_shots as usize;
     let rng = Rng::new(p.seed as u64).fork("choice-shots");
@@ -761,6 +829,20 @@ fn run_choice(
     Ok(tallies)
 }
 
+/// The multiple-choice items of one artifact; a record of the wrong shape is an error
+/// naming its file and line.
+fn choice_items(dir: &Path, limit: Option<usize>) -> Result<Vec<Item>, StageError> {
+    read(dir, limit, "multiple_choice", |r| match r {
+        Record::Choice {
+            style,
+            contexts,
+            continuations,
+            gold,
+        } => Some(Item::new(style, contexts, continuations, gold)),
+        _ => None,
+    })
+}
+
 /// The paper's forgetting score: the plain mean of the three styles' accuracies.
 fn forgetting(tallies: &BTreeMap<String, Tally>, metric: &str) -> Result<Value, StageError> {
     let mut parts = serde_json::Map::new();
@@ -775,4 +857,113 @@ fn forgetting(tallies: &BTreeMap<String, Tally>, metric: &str) -> Result<Value, 
     }
     let score = parts.values().filter_map(Value::as_f64).sum::<f64>() / 3.0;
     Ok(json!({"score": score, "metric": metric, "parts": parts}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The params as the engine passes them with every default filled in, `edit` applied.
+    fn params(edit: impl FnOnce(&mut Value)) -> Result<Params, StageError> {
+        let mut v = json!({
+            "tasks": ["humaneval"], "attention": "causal", "gsm8k_shots": 5, "samples": 1,
+            "temperature": 0.2, "top_p": 0.95, "pass_k": [1], "timeout": 3.0,
+            "memory_mb": 1024, "site_packages": false, "sandbox": "strict",
+            "choice_shots": 0, "forgetting_metric": "acc", "max_new_tokens": 256,
+            "batch": 16, "seed": 1,
+        });
+        edit(&mut v);
+        serde_json::from_value::<Params>(v).map_err(|e| bad(e.to_string()))
+    }
+
+    fn error(p: Result<Params, StageError>) -> String {
+        match p.and_then(|p| p.check()) {
+            Err(e) => e.to_string(),
+            Ok(level) => panic!("accepted (sandbox {level:?})"),
+        }
+    }
+
+    /// Non-finite numbers are errors naming the param, not a panic in `Duration` or a
+    /// sampler fed NaN: directly, and as the engine passes `inf`/`nan` (null).
+    #[test]
+    fn non_finite_and_out_of_range_numbers_are_errors_naming_the_param() {
+        assert_eq!(params(|_| {}).unwrap().check().unwrap(), Level::Strict);
+        for (field, value) in [
+            ("timeout", f64::INFINITY),
+            ("timeout", f64::NAN),
+            ("timeout", 1e300),
+            ("timeout", 0.0),
+            ("temperature", f64::NAN),
+            ("temperature", f64::INFINITY),
+            ("temperature", -1.0),
+            ("top_p", f64::NAN),
+            ("top_p", 1.5),
+        ] {
+            let mut p = params(|_| {}).unwrap();
+            match field {
+                "timeout" => p.timeout = value,
+                "temperature" => p.temperature = value,
+                _ => p.top_p = value,
+            }
+            let why = error(Ok(p));
+            assert!(
+                why.contains(&format!("`{field}`")),
+                "{field} = {value}: {why}"
+            );
+            // What the engine passes for `inf` or `nan`: null.
+            let why = error(params(|v| v[field] = Value::Null));
+            assert!(why.contains(&format!("`{field}`")), "{field} = null: {why}");
+        }
+    }
+
+    #[test]
+    fn the_sandbox_level_is_checked_and_named() {
+        let p = params(|v| v["sandbox"] = json!("rlimits")).unwrap();
+        assert_eq!(p.check().unwrap(), Level::Rlimits);
+        let why = error(params(|v| v["sandbox"] = json!("none")));
+        assert!(why.contains("`sandbox`") && why.contains("`none`"), "{why}");
+        assert!(KIND.param("sandbox").is_some());
+    }
+
+    /// A `choice` record with an empty side, two sides of several entries or a `gold` out of
+    /// range is an error naming the file and line (an empty side panicked in scoring; a
+    /// `gold` out of range scored as a silent miss).
+    #[test]
+    fn malformed_choice_records_are_errors_naming_file_and_line() {
+        let good = json!({"type": "choice", "style": "arc", "contexts": ["Q:"],
+            "continuations": [" a", " b"], "gold": 1});
+        for (bad, what) in [
+            (json!({"contexts": []}), "contexts"),
+            (json!({"continuations": []}), "continuations"),
+            (json!({"gold": 2}), "`gold` is 2"),
+            (
+                json!({"contexts": ["x", "y"], "continuations": [" a", " b", " c"]}),
+                "one context",
+            ),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut record = good.clone();
+            for (k, v) in bad.as_object().unwrap() {
+                record[k] = v.clone();
+            }
+            let text = format!("{good}\n{record}\n");
+            std::fs::write(dir.path().join(crate::data::records::RECORDS_FILE), text).unwrap();
+            let why = match choice_items(dir.path(), None) {
+                Err(e) => e.to_string(),
+                Ok(items) => panic!("accepted {record}: {} items", items.len()),
+            };
+            assert!(why.contains("records.jsonl:2:"), "{why}");
+            assert!(why.contains(what), "{record}: {why}");
+        }
+        // WinoGrande's shape (two contexts, one continuation) is fine.
+        let dir = tempfile::tempdir().unwrap();
+        let wino = json!({"type": "choice", "style": "winogrande", "contexts": ["A", "B"],
+            "continuations": [" c"], "gold": 1});
+        std::fs::write(
+            dir.path().join(crate::data::records::RECORDS_FILE),
+            format!("{wino}\n"),
+        )
+        .unwrap();
+        assert_eq!(choice_items(dir.path(), None).unwrap()[0].choices(), 2);
+    }
 }

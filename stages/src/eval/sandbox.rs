@@ -1,36 +1,67 @@
 //! Runs untrusted Python (model-written HumanEval completions) in a sandbox.
 //!
 //! Each program runs as `python3 -I -B -S program.py` (`-S` unless installed packages are
-//! asked for) in a fresh temporary directory, with:
-//! - its own session and process group, killed as a whole at the timeout and after exit;
-//! - rlimits on address space, CPU time, processes, file size and core dumps;
-//! - a new user and network namespace where the kernel allows it (no network at all, and
-//!   the process loses its privileges: as root, rlimits would not bind otherwise);
-//! - Landlock where the kernel has it: writes only beneath the temporary directory, no TCP
-//!   bind or connect (ABI 4+), no signals to processes outside the sandbox (ABI 6+);
-//! - an environment scrubbed to PATH, HOME, TMPDIR and LANG.
+//! asked for) in a fresh temporary directory, with an environment scrubbed to PATH, HOME,
+//! TMPDIR and LANG, and passes only if it ran to its end: the sandbox appends a line that
+//! prints a token drawn afresh for the run (128 bits), and a run passes when its exit status
+//! is 0 *and* its stdout holds that token as a line. A program that exits early with status 0
+//! (`sys.exit(0)`, `raise SystemExit`, `os._exit(0)`, `exit()` before `check` ran) fails, as
+//! it does in OpenAI's human-eval. (The token guards against such exits, not against a
+//! program that reads its own source to find it.)
+//!
+//! What is in force depends on the [`Level`] (the eval stage's `sandbox` param), and
+//! [`Sandbox::describe`] records it in `metrics.json`:
+//! - both levels: the program's own session and process group, killed at the timeout;
+//!   rlimits on address space, CPU time, processes, file size and core dumps; the death of
+//!   every process of the program if the parent dies (`PR_SET_PDEATHSIG`);
+//! - `strict` (the default): also new user, network and PID namespaces (privileges dropped:
+//!   as root, rlimits would not bind otherwise; no network at all; the program is init of its
+//!   PID namespace, so every process it forks, even one that left the session with
+//!   `setsid` or double-forked, dies with it), and Landlock: writes only beneath the
+//!   temporary directory, reads and execs only there and beneath what Python needs to start
+//!   (its prefix and `sys.path`, the system libraries), no TCP bind or connect (ABI 4+), no
+//!   signals to processes outside the sandbox (ABI 6+). If any of these cannot be set up,
+//!   [`Sandbox::new`] fails and says what is missing;
+//! - `rlimits`: what the kernel allows of the namespaces (all three, or user and network
+//!   only, or none), and Landlock limiting writes only (or nothing), as before the levels
+//!   existed: reads are limited only under `strict`, so this level is also the way out for
+//!   programs that must read elsewhere (installed packages' data, say). Without the PID
+//!   namespace a process that leaves the group survives the kill.
+//!
+//! A sandbox that cannot start a program is an error of the stage, never a failed sample:
+//! a broken sandbox must not look like a bad model.
 //!
 //! Written against raw syscalls (libc) rather than the `landlock` crate because the
 //! restriction must be applied between fork and exec, where only async-signal-safe calls
-//! are allowed: the ruleset is built in the parent and only `landlock_restrict_self` runs
-//! in the child.
+//! are allowed: the ruleset is built in the parent (`landlock.rs`) and only
+//! `landlock_restrict_self` runs in the child (`child.rs`).
 
-use std::ffi::CString;
-use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+mod child;
+mod landlock;
+mod python;
+
+use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use self::child::Namespaces;
+use self::landlock::Files;
+use self::python::{find_python, python_paths, system_readable};
 use crate::kind::StageError;
 
 /// Resource limits of one program.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// Wall-clock time before the program is killed (CPU time is limited to this + 2 s).
     pub timeout: Duration,
+    /// Address-space limit (RLIMIT_AS), so a runaway allocation fails instead of swapping.
     pub memory_bytes: u64,
+    /// Process limit (RLIMIT_NPROC), which bounds a fork bomb.
     pub processes: u64,
+    /// Largest file the program may write (RLIMIT_FSIZE), its stdout and stderr included.
     pub file_bytes: u64,
     /// Whether programs see installed packages: Python's `site` (site-packages and the
     /// `.pth` files, which run code at every start). Off (`python3 -S`), a program has the
@@ -51,108 +82,326 @@ impl Default for Limits {
     }
 }
 
+/// How much containment a sandbox insists on: explicit, so that a kernel without
+/// namespaces or Landlock never silently runs untrusted code with less.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Level {
+    /// Namespaces (user, network, PID) and Landlock (reads and writes) or an error.
+    #[default]
+    Strict,
+    /// Whatever the kernel allows on top of the rlimits.
+    Rlimits,
+}
+
+impl Level {
+    /// The names the `sandbox` param accepts.
+    pub const NAMES: &'static [&'static str] = &["strict", "rlimits"];
+
+    /// The level of a `sandbox` param value.
+    pub fn parse(name: &str) -> Option<Level> {
+        match name {
+            "strict" => Some(Level::Strict),
+            "rlimits" => Some(Level::Rlimits),
+            _ => None,
+        }
+    }
+
+    /// The level's name, as the param and `metrics.json` write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Strict => "strict",
+            Level::Rlimits => "rlimits",
+        }
+    }
+}
+
 /// How a program ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
+    /// Exit status 0 after its last line ran.
     Passed,
-    /// Non-zero exit or a signal, with the last line of stderr (e.g. `AssertionError`).
+    /// Non-zero exit, a signal, or an exit before the end, with the last line of stderr
+    /// (e.g. `AssertionError`) where there is one.
     Failed(String),
+    /// Still running at the timeout (then killed).
     TimedOut,
 }
 
 /// One run: the outcome and the path the program had (for audits of leftovers).
 #[derive(Debug, Clone)]
 pub struct Execution {
+    /// How it ended.
     pub outcome: Outcome,
+    /// Where `program.py` was (removed since): the processes' command lines name it.
     pub program: PathBuf,
 }
 
 /// A configured sandbox; probes once what the kernel allows.
+#[derive(Debug, Clone)]
 pub struct Sandbox {
     python: PathBuf,
     limits: Limits,
-    namespaces: bool,
+    level: Level,
+    namespaces: Namespaces,
     landlock_abi: i64,
+    files: Files,
+    /// Where programs may read and exec besides their directory (with reads limited).
+    readable: Vec<PathBuf>,
 }
 
-// Landlock's ABI (include/uapi/linux/landlock.h).
-const CREATE_RULESET_VERSION: u32 = 1;
-const RULE_PATH_BENEATH: u32 = 1;
-const FS_WRITE_FILE: u64 = 1 << 1;
-const FS_REMOVE_DIR: u64 = 1 << 4;
-const FS_REMOVE_FILE: u64 = 1 << 5;
-const FS_MAKE_ALL: u64 = 0x7f << 6; // char, dir, reg, sock, fifo, block, sym
-const FS_REFER: u64 = 1 << 13; // ABI 2
-const FS_TRUNCATE: u64 = 1 << 14; // ABI 3
-const NET_BIND_TCP: u64 = 1;
-const NET_CONNECT_TCP: u64 = 2;
-const SCOPE_ABSTRACT_UNIX: u64 = 1;
-const SCOPE_SIGNAL: u64 = 2;
+/// What the probe runs: Python's start and the standard modules HumanEval's problems
+/// import (hashlib loads libcrypto), so that limited reads are known to be enough.
+const PROBE: &str = "import collections, copy, functools, hashlib, heapq, itertools, math, random, re, string, typing\nhashlib.md5(b'flow').hexdigest()\n";
 
-#[repr(C)]
-struct RulesetAttr {
-    handled_access_fs: u64,
-    handled_access_net: u64,
-    scoped: u64,
+/// Why a run did not produce an outcome: starting it failed (what the probe tries the next
+/// configuration on), or something else did.
+enum RunError {
+    Spawn(std::io::Error),
+    Other(StageError),
 }
 
-#[repr(C, packed)]
-struct PathBeneathAttr {
-    allowed_access: u64,
-    parent_fd: i32,
+impl From<StageError> for RunError {
+    fn from(e: StageError) -> RunError {
+        RunError::Other(e)
+    }
 }
 
-fn landlock_abi() -> i64 {
-    // SAFETY: the documented version query: null attribute, size 0.
-    let abi = unsafe {
-        libc::syscall(
-            libc::SYS_landlock_create_ruleset,
-            std::ptr::null::<RulesetAttr>(),
-            0usize,
-            CREATE_RULESET_VERSION,
-        )
+/// Appended to every program: only a run that reaches it prints the token, and only a run
+/// that printed it passes. The leading newline ends a last line without one.
+fn epilogue(token: &str) -> String {
+    format!(
+        "\n# flow's sandbox: reached only when everything above ran to its end.\n__import__('os').write(1, b'\\n{token}\\n')\n"
+    )
+}
+
+/// A fresh 128-bit token in hex, from the kernel's random source. It never enters an
+/// outcome, so results stay deterministic.
+fn token() -> Result<String, StageError> {
+    let mut bytes = [0u8; 16];
+    let mut filled = 0;
+    while filled < bytes.len() {
+        // SAFETY: writes at most the rest of the buffer.
+        let n = unsafe {
+            libc::getrandom(bytes[filled..].as_mut_ptr().cast(), bytes.len() - filled, 0)
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(StageError::io("sandbox: getrandom", e));
+            }
+        } else {
+            filled += n as usize;
+        }
+    }
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Whether stdout (its last 64 KiB) holds the token as a line of its own.
+fn printed(stdout: &Path, token: &str) -> bool {
+    let Ok(mut f) = std::fs::File::open(stdout) else {
+        return false;
     };
-    abi.max(0)
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if f.seek(SeekFrom::Start(len.saturating_sub(64 << 10)))
+        .is_err()
+    {
+        return false;
+    }
+    let mut tail = Vec::new();
+    if f.take(64 << 10).read_to_end(&mut tail).is_err() {
+        return false;
+    }
+    tail.split(|&b| b == b'\n').any(|l| l == token.as_bytes())
 }
 
-/// How a run that could not even start in the sandbox fails (so the probe can tell it).
-const SETUP_FAILED: &str = "sandbox setup: ";
+/// Whether our child `pid` has exited, without reaping it (so its pid, which is also its
+/// process group's id, stays ours to signal).
+fn exited(pid: libc::pid_t) -> Result<bool, StageError> {
+    // SAFETY: waitid writes the siginfo; WNOWAIT leaves the child waitable.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let rc = libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        );
+        if rc < 0 {
+            return Err(StageError::io(
+                "sandbox: waiting",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(info.si_pid() != 0)
+    }
+}
+
+/// What to say after what `strict` could not set up.
+const OPT_OUT: &str =
+    "; `sandbox = \"rlimits\"` opts in to running with what the kernel allows instead";
 
 impl Sandbox {
-    /// Finds python3 and probes namespaces and Landlock by running `pass` in the sandbox.
-    pub fn new(limits: Limits) -> Result<Sandbox, StageError> {
-        let python = find_python()?;
+    /// Finds python3 and probes the kernel by running [`PROBE`] in the sandbox: `strict`
+    /// fails naming what is unavailable, `rlimits` takes the most protection that works.
+    pub fn new(limits: Limits, level: Level) -> Result<Sandbox, StageError> {
+        Sandbox::with_python(find_python()?, limits, level)
+    }
+
+    /// [`Sandbox::new`] with a given interpreter (tests give a broken one).
+    #[doc(hidden)]
+    pub fn with_python(
+        python: PathBuf,
+        limits: Limits,
+        level: Level,
+    ) -> Result<Sandbox, StageError> {
+        let readable = python_paths(&python, limits.site_packages)?;
         let mut sandbox = Sandbox {
             python,
             limits,
-            namespaces: true,
-            landlock_abi: landlock_abi(),
+            level,
+            namespaces: Namespaces::UserNetPid,
+            landlock_abi: landlock::abi(),
+            files: Files::ReadsAndWrites,
+            readable,
         };
-        // Namespaces go only when the kernel refuses them (the spawn fails): a probe that
-        // times out on a loaded machine said nothing about them, and turning them off then
-        // made one run's metrics differ from another's (seen with a test run beside a study).
+        match level {
+            Level::Strict => sandbox.probe_strict()?,
+            Level::Rlimits => sandbox.probe_rlimits()?,
+        }
+        Ok(sandbox)
+    }
+
+    /// A strict sandbox that was never probed, reading only the system paths besides its
+    /// interpreter's directory: what the tests of setup errors in [`Sandbox::run`] need.
+    #[doc(hidden)]
+    pub fn unprobed(python: PathBuf, limits: Limits) -> Sandbox {
+        let mut readable = system_readable();
+        readable.extend(
+            python
+                .parent()
+                .filter(|d| d.is_dir())
+                .map(Path::to_path_buf),
+        );
+        Sandbox {
+            python,
+            limits,
+            level: Level::Strict,
+            namespaces: Namespaces::UserNetPid,
+            landlock_abi: landlock::abi(),
+            files: Files::ReadsAndWrites,
+            readable,
+        }
+    }
+
+    /// Runs the probe, again after timeouts (a loaded machine says nothing about the
+    /// kernel): the outcome, or the error that kept it from starting.
+    fn probe(&self, program: &str) -> Result<Result<Outcome, std::io::Error>, StageError> {
         let mut outcome = Outcome::TimedOut;
         for _ in 0..4 {
-            outcome = sandbox.run("pass\n")?.outcome;
-            match &outcome {
-                Outcome::Passed => return Ok(sandbox),
-                Outcome::Failed(why) if sandbox.namespaces && why.starts_with(SETUP_FAILED) => {
-                    sandbox.namespaces = false;
+            outcome = match self.execute(program) {
+                Ok(e) => e.outcome,
+                Err(RunError::Spawn(e)) => return Ok(Err(e)),
+                Err(RunError::Other(e)) => return Err(e),
+            };
+            if outcome != Outcome::TimedOut {
+                break;
+            }
+        }
+        Ok(Ok(outcome))
+    }
+
+    /// Probes the full setup; fails naming what of it is unavailable.
+    fn probe_strict(&self) -> Result<(), StageError> {
+        let fail = |what: String| Err(StageError::Failed(format!("sandbox: {what}{OPT_OUT}")));
+        if self.landlock_abi < 1 {
+            return fail(
+                "level `strict` needs Landlock, which this kernel does not offer (not built in, or not in its `lsm=` list)".into(),
+            );
+        }
+        match self.probe(PROBE)? {
+            Ok(Outcome::Passed) => Ok(()),
+            Ok(other) => fail(format!(
+                "python3 ({}) does not run in the strict sandbox (reads limited to {}): {other:?}",
+                self.python.display(),
+                self.readable_list()
+            )),
+            Err(e) => {
+                // Which part failed: the namespaces alone, or Landlock on top of them?
+                let bare = Sandbox {
+                    files: Files::Unrestricted,
+                    ..self.clone()
+                };
+                match bare.probe("pass\n")? {
+                    Err(ns) => fail(format!(
+                        "python3 cannot start in new user, network and PID namespaces: {ns}"
+                    )),
+                    Ok(_) => fail(format!("Landlock could not be applied: {e}")),
                 }
-                _ => {}
+            }
+        }
+    }
+
+    /// Takes the first configuration that runs the probe, from the most protection to the
+    /// least (reads are never limited at this level).
+    fn probe_rlimits(&mut self) -> Result<(), StageError> {
+        let files: &[Files] = if self.landlock_abi >= 1 {
+            &[Files::Writes, Files::Unrestricted]
+        } else {
+            &[Files::Unrestricted]
+        };
+        let mut last = String::new();
+        for namespaces in [
+            Namespaces::UserNetPid,
+            Namespaces::UserNet,
+            Namespaces::None,
+        ] {
+            for &f in files {
+                self.namespaces = namespaces;
+                self.files = f;
+                match self.probe(PROBE)? {
+                    Ok(Outcome::Passed) => return Ok(()),
+                    Ok(other) => last = format!("{other:?}"),
+                    Err(e) => last = e.to_string(),
+                }
             }
         }
         Err(StageError::Failed(format!(
-            "python3 cannot run in the sandbox: {outcome:?}"
+            "sandbox: python3 ({}) cannot run in the sandbox, even with rlimits only: {last}",
+            self.python.display()
         )))
     }
 
-    /// What containment is active, for the metrics file.
+    /// The readable paths, for messages.
+    fn readable_list(&self) -> String {
+        let paths: Vec<String> = self
+            .readable
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        paths.join(", ")
+    }
+
+    /// What containment is in force, for the metrics file.
     pub fn describe(&self) -> serde_json::Value {
+        let pid = self.namespaces == Namespaces::UserNetPid;
+        let reads = self.files == Files::ReadsAndWrites;
         serde_json::json!({
+            "level": self.level.name(),
             "python": self.python.display().to_string(),
-            "namespaces": if self.namespaces { "user+net (no network)" } else { "unavailable" },
+            "namespaces": self.namespaces.describe(),
+            "network": if self.namespaces != Namespaces::None {
+                "none (own namespace)"
+            } else if self.landlock_abi >= 4 && self.files != Files::Unrestricted {
+                "no TCP (Landlock)"
+            } else {
+                "the host's"
+            },
+            "kill": if pid { "the PID namespace: every process of the program" } else { "the process group" },
             "landlock_abi": self.landlock_abi,
+            "landlock": self.files.describe(),
+            "reads_limited": reads,
+            "readable": if reads { self.readable.iter().map(|p| p.display().to_string()).collect() } else { Vec::new() },
+            "passes": "exit status 0 and the run's token printed after the program's last line",
             "timeout_s": self.limits.timeout.as_secs_f64(),
             "memory_bytes": self.limits.memory_bytes,
             "processes": self.limits.processes,
@@ -160,104 +409,44 @@ impl Sandbox {
         })
     }
 
-    /// Builds the Landlock ruleset allowing writes beneath `dir` only (None without Landlock).
-    fn ruleset(&self, dir: &Path) -> Result<Option<OwnedFd>, StageError> {
-        let abi = self.landlock_abi;
-        if abi < 1 {
-            return Ok(None);
-        }
-        let mut fs = FS_WRITE_FILE | FS_REMOVE_DIR | FS_REMOVE_FILE | FS_MAKE_ALL;
-        if abi >= 2 {
-            fs |= FS_REFER;
-        }
-        if abi >= 3 {
-            fs |= FS_TRUNCATE;
-        }
-        let attr = RulesetAttr {
-            handled_access_fs: fs,
-            handled_access_net: if abi >= 4 {
-                NET_BIND_TCP | NET_CONNECT_TCP
-            } else {
-                0
-            },
-            scoped: if abi >= 6 {
-                SCOPE_ABSTRACT_UNIX | SCOPE_SIGNAL
-            } else {
-                0
-            },
-        };
-        let size = match abi {
-            1..=3 => 8,
-            4 | 5 => 16,
-            _ => 24,
-        };
-        let err = |what: &str| {
-            StageError::Failed(format!(
-                "sandbox: {what}: {}",
-                std::io::Error::last_os_error()
-            ))
-        };
-        // SAFETY: attr outlives the call; size never exceeds the struct.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_landlock_create_ruleset,
-                &attr as *const RulesetAttr,
-                size,
-                0u32,
-            )
-        };
-        if fd < 0 {
-            return Err(err("landlock_create_ruleset"));
-        }
-        // SAFETY: a fresh descriptor we own.
-        let ruleset = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        let path = CString::new(dir.as_os_str().as_encoded_bytes())
-            .map_err(|_| StageError::Failed("sandbox: temp path has a NUL".into()))?;
-        // SAFETY: a valid C string; O_PATH opens no data.
-        let dir_fd = unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
-        if dir_fd < 0 {
-            return Err(err("open temp dir"));
-        }
-        // SAFETY: as above.
-        let dir_fd = unsafe { OwnedFd::from_raw_fd(dir_fd) };
-        let rule = PathBeneathAttr {
-            allowed_access: fs,
-            parent_fd: dir_fd.as_raw_fd(),
-        };
-        // SAFETY: both descriptors are open; rule outlives the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_landlock_add_rule,
-                ruleset.as_raw_fd(),
-                RULE_PATH_BENEATH,
-                &rule as *const PathBeneathAttr,
-                0u32,
-            )
-        };
-        if rc < 0 {
-            return Err(err("landlock_add_rule"));
-        }
-        Ok(Some(ruleset))
+    /// Runs one program to completion, timeout or kill; never leaves a process behind (with
+    /// the PID namespace). A program that cannot be started is an error, not an outcome.
+    pub fn run(&self, program: &str) -> Result<Execution, StageError> {
+        self.execute(program).map_err(|e| match e {
+            RunError::Spawn(e) => StageError::Failed(format!(
+                "sandbox: starting {} (namespaces {}, Landlock {}) failed: {e}",
+                self.python.display(),
+                self.namespaces.describe(),
+                self.files.describe()
+            )),
+            RunError::Other(e) => e,
+        })
     }
 
-    /// Runs one program to completion, timeout or kill; never leaves a process behind.
-    pub fn run(&self, program: &str) -> Result<Execution, StageError> {
-        let io = |what: &str, e| StageError::io(format!("sandbox: {what}"), e);
+    fn execute(&self, program: &str) -> Result<Execution, RunError> {
+        let io = |what: &str, e| RunError::Other(StageError::io(format!("sandbox: {what}"), e));
+        let token = token()?;
         let dir = tempfile::Builder::new()
             .prefix("flow-sandbox-")
             .tempdir()
             .map_err(|e| io("creating a temp dir", e))?;
         let path = dir.path().join("program.py");
-        std::fs::write(&path, program).map_err(|e| io("writing the program", e))?;
+        std::fs::write(&path, format!("{program}{}", epilogue(&token)))
+            .map_err(|e| io("writing the program", e))?;
+        let stdout_path = dir.path().join("stdout.txt");
+        let stdout = std::fs::File::create(&stdout_path).map_err(|e| io("stdout file", e))?;
         let stderr_path = dir.path().join("stderr.txt");
         let stderr = std::fs::File::create(&stderr_path).map_err(|e| io("stderr file", e))?;
-        let ruleset = self.ruleset(dir.path())?;
-        let ruleset_fd = ruleset.as_ref().map(|f| f.as_raw_fd());
-        let limits = self.limits;
-        let namespaces = self.namespaces;
+        let ruleset = landlock::ruleset(self.landlock_abi, self.files, dir.path(), &self.readable)?;
+        let setup = child::Setup {
+            limits: self.limits,
+            namespaces: self.namespaces,
+            ruleset: ruleset.as_ref().map(|f| f.as_raw_fd()),
+            parent: std::process::id() as libc::pid_t,
+        };
         let mut cmd = Command::new(&self.python);
         cmd.arg("-I").arg("-B");
-        if !limits.site_packages {
+        if !self.limits.site_packages {
             cmd.arg("-S");
         }
         cmd.arg(&path)
@@ -268,98 +457,67 @@ impl Sandbox {
             .env("TMPDIR", dir.path())
             .env("LANG", "C.UTF-8")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(stderr);
-        // SAFETY: only async-signal-safe calls (setsid, setrlimit, unshare, prctl, syscall)
-        // run between fork and exec; nothing allocates.
+        // SAFETY: `child::enter` makes only async-signal-safe calls and allocates nothing;
+        // the ruleset descriptor stays open until spawn has returned.
         unsafe {
-            cmd.pre_exec(move || {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let cpu = limits.timeout.as_secs() + 2;
-                for (resource, value) in [
-                    (libc::RLIMIT_AS, limits.memory_bytes),
-                    (libc::RLIMIT_CPU, cpu),
-                    (libc::RLIMIT_NPROC, limits.processes),
-                    (libc::RLIMIT_FSIZE, limits.file_bytes),
-                    (libc::RLIMIT_CORE, 0),
-                ] {
-                    let lim = libc::rlimit {
-                        rlim_cur: value,
-                        rlim_max: value,
-                    };
-                    if libc::setrlimit(resource, &lim) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                if namespaces && libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if let Some(fd) = ruleset_fd {
-                    if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    if libc::syscall(libc::SYS_landlock_restrict_self, fd, 0u32) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
+            cmd.pre_exec(move || child::enter(&setup));
         }
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) if namespaces => {
-                // The probe in `new` turns namespaces off when the kernel refuses them.
-                return Ok(Execution {
-                    outcome: Outcome::Failed(format!("{SETUP_FAILED}{e}")),
-                    program: path,
-                });
-            }
-            Err(e) => return Err(io("starting python3", e)),
-        };
+        let mut child = cmd.spawn().map_err(RunError::Spawn)?;
         drop(ruleset);
-        let pgid = child.id() as i32;
+        let pid = child.id() as libc::pid_t;
         let start = Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait().map_err(|e| io("waiting", e))? {
-                break Some(status);
+        let finished = loop {
+            if exited(pid)? {
+                break true;
             }
-            if start.elapsed() >= limits.timeout {
-                break None;
+            if start.elapsed() >= self.limits.timeout {
+                break false;
             }
             std::thread::sleep(Duration::from_millis(2));
         };
-        // The whole group goes, whether the leader exited or timed out.
-        // SAFETY: signalling our child's process group.
-        unsafe {
-            libc::kill(-pgid, libc::SIGKILL);
+        if !finished && self.namespaces == Namespaces::UserNetPid {
+            // The keeper kills init on SIGTERM and exits once the namespace is empty.
+            // SAFETY: signalling our unreaped child.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+            let asked = Instant::now();
+            while !exited(pid)? && asked.elapsed() < Duration::from_secs(2) {
+                std::thread::sleep(Duration::from_millis(2));
+            }
         }
+        // The whole group goes, whether the leader exited or timed out (without a PID
+        // namespace the only kill; with one, what is left if the keeper did not exit).
+        // SAFETY: signalling the process group of our unreaped child.
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+        }
+        let status = child.wait().map_err(|e| io("waiting", e))?;
         // Wait (up to 2 s) until the group is gone, so no straggler outlives the call.
         let killed = Instant::now();
         // SAFETY: signal 0 only checks for existence.
-        while unsafe { libc::kill(-pgid, 0) } == 0 && killed.elapsed() < Duration::from_secs(2) {
-            let _ = child.try_wait();
+        while unsafe { libc::kill(-pid, 0) } == 0 && killed.elapsed() < Duration::from_secs(2) {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let outcome = match status {
-            None => {
-                let _ = child.wait();
-                Outcome::TimedOut
+        let outcome = if !finished {
+            Outcome::TimedOut
+        } else if status.success() && printed(&stdout_path, &token) {
+            Outcome::Passed
+        } else if status.success() {
+            Outcome::Failed("exited with status 0 before the end of the program".into())
+        } else {
+            let mut text = String::new();
+            if let Ok(f) = std::fs::File::open(&stderr_path) {
+                let _ = f.take(64 << 10).read_to_string(&mut text);
             }
-            Some(s) if s.success() => Outcome::Passed,
-            Some(s) => {
-                let mut text = String::new();
-                if let Ok(f) = std::fs::File::open(&stderr_path) {
-                    let _ = f.take(64 << 10).read_to_string(&mut text);
-                }
-                let last = text.lines().rev().find(|l| !l.trim().is_empty());
-                Outcome::Failed(match (last, s.code()) {
-                    (Some(l), _) => l.chars().take(200).collect(),
-                    (None, Some(c)) => format!("exit status {c}"),
-                    (None, None) => format!("killed ({s})"),
-                })
-            }
+            let last = text.lines().rev().find(|l| !l.trim().is_empty());
+            Outcome::Failed(match (last, status.code()) {
+                (Some(l), _) => l.chars().take(200).collect(),
+                (None, Some(c)) => format!("exit status {c}"),
+                (None, None) => format!("killed ({status})"),
+            })
         };
         Ok(Execution {
             outcome,
@@ -368,52 +526,45 @@ impl Sandbox {
     }
 }
 
-fn find_python() -> Result<PathBuf, StageError> {
-    find_python_in(&std::env::var_os("PATH").unwrap_or_default())
-}
-
-/// The first python3 on `path`, resolved to the interpreter it runs (`sys.executable`).
-/// Version managers put a shell-script shim first on PATH (pyenv, asdf): starting Python
-/// through pyenv's took 116 ms against 56 ms for the interpreter itself on the 2-core
-/// machine, most of a HumanEval program's time, paid for every sample.
-fn find_python_in(path: &std::ffi::OsStr) -> Result<PathBuf, StageError> {
-    let first = std::env::split_paths(path)
-        .map(|d| d.join("python3"))
-        .find(|p| p.is_file())
-        .ok_or_else(|| StageError::Failed("humaneval needs python3 on PATH".into()))?;
-    let resolved = Command::new(&first)
-        .args(["-I", "-c", "import sys; print(sys.executable)"])
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
-        .filter(|p| p.is_absolute() && p.is_file());
-    Ok(resolved.unwrap_or(first))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A shim first on PATH (a shell script that execs the interpreter, as pyenv's does) is
-    /// looked through: programs start the interpreter itself.
+    /// Every configuration the `rlimits` level can fall back to judges programs alike: a
+    /// program that ran to its end passes, an early exit with status 0 fails, a loop times
+    /// out (the fallbacks are not what this kernel picks, so they are tried here directly).
     #[test]
-    fn python_is_resolved_past_a_shim() {
-        let real = find_python().expect("python3 on PATH");
-        let dir = tempfile::tempdir().unwrap();
-        let shim = dir.path().join("python3");
-        std::fs::write(
-            &shim,
-            format!("#!/bin/sh\nexec '{}' \"$@\"\n", real.display()),
-        )
-        .unwrap();
-        std::fs::set_permissions(&shim, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        let path = std::env::join_paths([dir.path(), Path::new("/usr/bin")]).unwrap();
-        let found = find_python_in(&path).unwrap();
-        assert_ne!(found, shim, "the shim itself was taken");
-        assert_eq!(found, real);
+    fn every_fallback_configuration_judges_alike() {
+        let limits = Limits {
+            timeout: Duration::from_secs(1),
+            ..Limits::default()
+        };
+        let strongest = Sandbox::new(limits, Level::Rlimits).unwrap();
+        for (namespaces, files) in [
+            (Namespaces::UserNet, Files::Writes),
+            (Namespaces::None, Files::Writes),
+            (Namespaces::None, Files::Unrestricted),
+        ] {
+            let sb = Sandbox {
+                namespaces,
+                files,
+                ..strongest.clone()
+            };
+            let what = format!("{namespaces:?} {files:?}");
+            assert_eq!(sb.run(PROBE).unwrap().outcome, Outcome::Passed, "{what}");
+            let early = sb.run("import sys\nsys.exit(0)\n").unwrap().outcome;
+            assert!(matches!(early, Outcome::Failed(_)), "{what}: {early:?}");
+            let looping = sb.run("while True:\n    pass\n").unwrap().outcome;
+            assert_eq!(looping, Outcome::TimedOut, "{what}");
+        }
+    }
+
+    /// Tokens are fresh for every run and of the full length.
+    #[test]
+    fn tokens_are_fresh_128_bit_hex() {
+        let (a, b) = (token().unwrap(), token().unwrap());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()), "{a}");
     }
 }
