@@ -317,17 +317,7 @@ impl S3 {
 
     /// Whether an object exists (a signed HEAD).
     pub fn exists(&self, key: &str) -> bool {
-        Command::new("curl")
-            .args([
-                "-s",
-                "-f",
-                "-I",
-                "--aws-sigv4",
-                "aws:amz:us-east-1:s3",
-                "--user",
-            ])
-            .arg(format!("{}:{}", self.key, self.secret))
-            .arg(format!("{}/{}/{key}", self.endpoint, self.bucket))
+        self.signed_curl(key, &["-I"])
             .output()
             .map(|o| o.status.success())
             .unwrap_or(false)
@@ -337,12 +327,9 @@ impl S3 {
     pub fn put_bytes(&self, key: &str, bytes: &[u8]) -> Result<(), String> {
         let tmp = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(tmp.path(), bytes).unwrap();
-        let out = Command::new("curl")
-            .args(["-s", "-f", "--aws-sigv4", "aws:amz:us-east-1:s3", "--user"])
-            .arg(format!("{}:{}", self.key, self.secret))
-            .arg("-T")
-            .arg(tmp.path())
-            .arg(format!("{}/{}/{key}", self.endpoint, self.bucket))
+        let upload = tmp.path().to_str().expect("a UTF-8 temp path");
+        let out = self
+            .signed_curl(key, &["-T", upload])
             .output()
             .map_err(|e| e.to_string())?;
         if out.status.success() {
@@ -352,22 +339,20 @@ impl S3 {
         }
     }
 
+    /// `curl` with SigV4 signing against an object of this server, as any S3 client would.
+    fn signed_curl(&self, key: &str, flags: &[&str]) -> Command {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "-f"])
+            .args(flags)
+            .args(["--aws-sigv4", "aws:amz:us-east-1:s3", "--user"])
+            .arg(format!("{}:{}", self.key, self.secret))
+            .arg(format!("{}/{}/{key}", self.endpoint, self.bucket));
+        cmd
+    }
+
     /// Deletes an object (a signed DELETE).
     pub fn delete(&self, key: &str) {
-        let out = Command::new("curl")
-            .args([
-                "-s",
-                "-f",
-                "-X",
-                "DELETE",
-                "--aws-sigv4",
-                "aws:amz:us-east-1:s3",
-                "--user",
-            ])
-            .arg(format!("{}:{}", self.key, self.secret))
-            .arg(format!("{}/{}/{key}", self.endpoint, self.bucket))
-            .output()
-            .unwrap();
+        let out = self.signed_curl(key, &["-X", "DELETE"]).output().unwrap();
         assert!(out.status.success(), "deleting {key}: {out:?}");
     }
 
