@@ -258,7 +258,9 @@ impl Context {
         let text = remote
             .get_text(&spec.text_blake3)
             .context("reading the submitted pipeline text from the remote")?;
-        let mut pipeline = match Pipeline::from_text(&spec.pipeline, text, &overrides) {
+        let sources: flow::pipeline::Sources =
+            serde_json::from_str(&text).context("the submitted pipeline files are not valid")?;
+        let mut pipeline = match Pipeline::from_sources(&spec.pipeline, &sources, &overrides) {
             Ok(p) => p,
             Err(diags) => {
                 eprintln!("{diags}");

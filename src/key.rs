@@ -38,6 +38,9 @@ pub struct FileRef {
     pub shown: String,
     /// The absolute local path; None for URLs.
     pub local: Option<std::path::PathBuf>,
+    /// For a URL a remote glob matched: the version the store listed (e-tag or content
+    /// hash, and size), which enters the key. None for URLs named one by one.
+    pub version: Option<String>,
 }
 
 impl Val {

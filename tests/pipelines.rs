@@ -19,6 +19,14 @@ const STUDIES: [&str; 5] = [
     "regularization",
 ];
 
+/// The studies as they were written before `include` and templates: every stage and
+/// profile setting spelled out (tests/fixtures/flat_pipelines).
+fn flat(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/flat_pipelines")
+        .join(format!("{name}.toml"))
+}
+
 fn shipped(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("pipelines")
@@ -27,10 +35,18 @@ fn shipped(name: &str) -> PathBuf {
 
 /// stage name -> (key or "?", budget) from `flow plan --json`.
 fn plan(ws: &Workspace, name: &str, extra: &[&str]) -> BTreeMap<String, (String, String)> {
-    let path = shipped(name);
+    plan_file(ws, &shipped(name), extra, &Hub::shared().env)
+}
+
+fn plan_file(
+    ws: &Workspace,
+    path: &Path,
+    extra: &[&str],
+    env: &[(&str, String)],
+) -> BTreeMap<String, (String, String)> {
     let mut args = vec!["plan", path.to_str().unwrap()];
     args.extend_from_slice(extra);
-    ws.json(&args, true)
+    ws.json_with(&args, env, true)
         .into_iter()
         .filter(|e| e["event"] == "stage")
         .map(|e| {
@@ -58,22 +74,13 @@ fn default_profiles_share_their_common_stages() {
         assert!(keys[0] != "?", "{shared} has a key before anything runs");
         assert!(keys.iter().all(|k| *k == keys[0]), "{shared}: {keys:?}");
     }
-    // Downstream keys exist only once the worlds ran; the shared block (worlds, tokenizer,
-    // base model, pretraining) is the same text in every file, so its keys are the same too.
-    let block = |name: &str| {
+    // The worlds, tokenizer and base model are said once, in common.toml, for every study.
+    for name in STUDIES {
         let text = std::fs::read_to_string(shipped(name)).unwrap();
-        let start = text
-            .find("# ------------------------------------------------------------- shared")
-            .or_else(|| text.find("shared by every study"))
-            .unwrap();
-        let end = text.find("the study's data").unwrap();
-        text[start..end].to_string()
-    };
-    for name in &STUDIES[1..] {
-        assert_eq!(
-            block(name),
-            block(STUDIES[0]),
-            "{name}: shared stages differ"
+        assert!(text.contains("include = [\"common.toml\"]"), "{name}");
+        assert!(
+            !text.contains("[stage.world]"),
+            "{name} repeats the shared stages"
         );
     }
     // Each study: full finetuning, LoRA at three ranks (two in regularization), an eval of
@@ -107,6 +114,164 @@ fn default_profiles_share_their_common_stages() {
             .count(),
         4
     );
+}
+
+/// A stand-in for the Hub holding the file names (not the data) of the two corpora the
+/// paper profiles list by glob: OpenWebMath's 114 parquet shards and StarCoder-Python's 59.
+struct Hub {
+    _root: tempfile::TempDir,
+    _server: common::HttpServer,
+    env: Vec<(&'static str, String)>,
+}
+
+impl Hub {
+    fn shared() -> &'static Hub {
+        static HUB: std::sync::OnceLock<Hub> = std::sync::OnceLock::new();
+        HUB.get_or_init(|| {
+            let root = tempfile::tempdir().unwrap();
+            let owm = root.path().join(
+                "datasets/open-web-math/open-web-math/resolve/refs/convert/parquet/default/train",
+            );
+            std::fs::create_dir_all(&owm).unwrap();
+            for i in 0..114 {
+                std::fs::write(owm.join(format!("{i:04}.parquet")), format!("owm {i}")).unwrap();
+            }
+            let star = root
+                .path()
+                .join("datasets/bigcode/starcoderdata/resolve/main/python");
+            std::fs::create_dir_all(&star).unwrap();
+            for i in 0..59 {
+                let name = format!("train-{i:05}-of-00059.parquet");
+                std::fs::write(star.join(name), format!("star {i}")).unwrap();
+            }
+            let server = common::HttpServer::start(root.path(), "hf_test_token");
+            let env = vec![
+                ("HF_ENDPOINT", server.base.clone()),
+                ("HF_TOKEN", "hf_test_token".to_string()),
+            ];
+            Hub {
+                _root: root,
+                _server: server,
+                env,
+            }
+        })
+    }
+}
+
+/// The `files` of the paper profile's `corpus` in a study file, as written (one URL per
+/// entry) or as a glob expands (`flow explain`).
+fn corpus_files(ws: &Workspace, path: &Path) -> Vec<String> {
+    let out = ws
+        .command(&[
+            "explain",
+            path.to_str().unwrap(),
+            "corpus",
+            "--profile",
+            "paper",
+            "--json",
+        ])
+        .envs(Hub::shared().env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let text = common::parse_lines(&out.stdout)[0]["params"]["files"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    serde_json::from_str(text.strip_prefix("@files").unwrap()).unwrap()
+}
+
+/// Every stage of a plan with what its key is made of, as `flow explain --json` shows it:
+/// kind and version, every param's canonical value, and every input's producer and output
+/// (digests are not known before the producers run, but a key is a function of exactly
+/// these, the producers' keys and the salt, so equal parts of every stage mean equal keys).
+fn key_parts(
+    ws: &Workspace,
+    path: &Path,
+    extra: &[&str],
+    env: &[(&str, String)],
+) -> BTreeMap<String, serde_json::Value> {
+    plan_file(ws, path, extra, env)
+        .into_iter()
+        .map(|(stage, (key, _))| {
+            let mut args = vec!["explain", path.to_str().unwrap(), stage.as_str()];
+            args.extend_from_slice(extra);
+            let e = &ws.json_with(&args, env, true)[0];
+            let parts = serde_json::json!({
+                "key": key, "kind": e["kind"], "kind_version": e["kind_version"],
+                "params": e["params"], "inputs": e["inputs"], "salt": e["salt"],
+            });
+            (stage, parts)
+        })
+        .collect()
+}
+
+/// The rewrite with `include`, templates and globs plans exactly the stages and keys the
+/// spelled-out studies did, for the default and the paper profile. The one intended change:
+/// the CPT corpora are globs (whose listed versions enter the key), so the flat file is
+/// planned with the same glob for `corpus.files`, and the glob is checked to name the very
+/// shards the flat file listed.
+#[test]
+fn the_rewritten_studies_plan_the_same_stages_and_keys_as_before() {
+    let ws = Workspace::new();
+    let env = &Hub::shared().env;
+    for name in STUDIES {
+        let (new, old) = (shipped(name), flat(name));
+        let default = key_parts(&ws, &new, &[], env);
+        assert_eq!(
+            default,
+            key_parts(&ws, &old, &[], env),
+            "{name}: default profile"
+        );
+        let text = std::fs::read_to_string(&new).unwrap();
+        let glob = text
+            .lines()
+            .find(|l| l.starts_with("\"stage.corpus\"") && l.contains('*'))
+            .map(|l| {
+                l.split("files = \"")
+                    .nth(1)
+                    .unwrap()
+                    .split('"')
+                    .next()
+                    .unwrap()
+            });
+        let mut extra = vec!["--profile", "paper"];
+        let set;
+        if let Some(glob) = glob {
+            set = format!("stage.corpus.files={glob}");
+            extra.extend(["--set", set.as_str()]);
+            let listed: Vec<String> = corpus_files(&ws, &old);
+            let expanded: Vec<String> = corpus_files(&ws, &new)
+                .iter()
+                .map(|u| {
+                    if listed[0].starts_with("https://") {
+                        flow_stages::data::remote::hf_to_https(u, "https://huggingface.co").unwrap()
+                    } else {
+                        u.clone()
+                    }
+                })
+                .collect();
+            assert_eq!(expanded, listed, "{name}: the glob names the listed shards");
+        }
+        let paper = key_parts(&ws, &new, &["--profile", "paper"], env);
+        assert_eq!(
+            paper,
+            key_parts(&ws, &old, &extra, env),
+            "{name}: paper profile"
+        );
+        assert!(default.len() > 20 && paper.len() > 20, "{name}");
+        // The parts are the real thing: a changed template value shows in them.
+        if name == "code_ift" {
+            let changed = key_parts(
+                &ws,
+                &new,
+                &["--profile", "paper", "--set", "template.eval.batch=9"],
+                env,
+            );
+            assert_ne!(changed["eval_base"], paper["eval_base"]);
+            assert_eq!(changed["full[epochs=1]"], paper["full[epochs=1]"]);
+        }
+    }
 }
 
 #[test]

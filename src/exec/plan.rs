@@ -79,9 +79,10 @@ pub fn key_parts(
                 let mut parts = Vec::new();
                 for f in refs {
                     let shown = serde_json::to_string(&f.shown).expect("strings serialize");
-                    match &f.local {
-                        Some(path) => parts.push(format!("{shown}={}", files.hash(path)?)),
-                        None => parts.push(shown),
+                    match (&f.local, &f.version) {
+                        (Some(path), _) => parts.push(format!("{shown}={}", files.hash(path)?)),
+                        (None, Some(version)) => parts.push(format!("{shown}#{version}")),
+                        (None, None) => parts.push(shown),
                     }
                 }
                 format!("@files[{}]", parts.join(","))

@@ -37,9 +37,10 @@ pub struct ChildSpec {
 pub struct JobSpec {
     /// The pipeline file, absolute: relative paths in it resolve against its directory.
     pub pipeline: PathBuf,
-    /// The blake3 of the file's text when it was submitted: the text itself is one object
-    /// on the remote (see `Remote::put_text`), so that 10,000 jobs do not each carry it in
-    /// their batch script, and the job runs exactly what was submitted (verified on read).
+    /// The blake3 of the submitted files (the pipeline and its includes, as JSON
+    /// [`crate::pipeline::Sources`]): one object on the remote (see `Remote::put_text`), so
+    /// that 10,000 jobs do not each carry it in their batch script, and the job runs exactly
+    /// what was submitted (verified on read), whatever the files say by then.
     pub text_blake3: String,
     pub profiles: Vec<String>,
     pub sets: Vec<String>,

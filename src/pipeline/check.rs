@@ -187,9 +187,13 @@ fn expand_files(pattern: &str, dir: &Path) -> Result<Vec<FileRef>, String> {
                 URL_SCHEMES.join(", ")
             ));
         }
+        if super::remote_glob::is_glob(pattern) {
+            return super::remote_glob::expand(pattern);
+        }
         return Ok(vec![FileRef {
             shown: pattern.to_string(),
             local: None,
+            version: None,
         }]);
     }
     let full = dir.join(pattern);
@@ -208,6 +212,7 @@ fn expand_files(pattern: &str, dir: &Path) -> Result<Vec<FileRef>, String> {
             found.push(FileRef {
                 shown,
                 local: Some(local),
+                version: None,
             });
         }
     }

@@ -10,14 +10,16 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 use flow_stages::{Default as ParamDefault, Kind};
 use indexmap::IndexMap;
 use petgraph::graph::{DiGraph, NodeIndex};
 
 use super::check::{RefExpr, STAGE_KEYS, check_value, check_value_in, is_stage_name, known_keys};
+use super::template::Uses;
 use super::value::{Node, Table, Value, type_error};
-use super::{Binding, Source, Stage};
+use super::{Binding, ParamOrigin, Source, Stage};
 use crate::diag::{Diagnostic, Diagnostics, Origin};
 use crate::key::Val;
 
@@ -30,6 +32,7 @@ struct Base {
     fixed_refs: Vec<RefExpr>,
     sweeps: Vec<Sweep>,
     device: Option<String>,
+    param_origins: Arc<BTreeMap<String, ParamOrigin>>,
 }
 
 /// One swept param: its values, each with its display text and references.
@@ -53,10 +56,19 @@ impl Base {
 /// The tables are consumed, and each base table is dropped once its stages exist: at
 /// 100,000 stages the file's value tree, the checked tables and the stages would otherwise
 /// all be alive at once.
-pub fn expand(tables: Table, seed: i64, dir: &Path, diags: &mut Diagnostics) -> Vec<Stage> {
+pub fn expand(
+    tables: Table,
+    uses: &Uses,
+    seed: i64,
+    dir: &Path,
+    diags: &mut Diagnostics,
+) -> Vec<Stage> {
     let bases: Vec<Base> = tables
         .into_iter()
-        .filter_map(|(name, (origin, node))| check_stage(&name, &origin, &node, seed, dir, diags))
+        .filter_map(|(name, (origin, node))| {
+            let template = uses.get(&name);
+            check_stage(&name, &origin, &node, template, seed, dir, diags)
+        })
         .collect();
     let index: HashMap<&str, usize> = bases
         .iter()
@@ -127,6 +139,7 @@ fn check_stage(
     name: &str,
     origin: &Origin,
     node: &Node,
+    template: Option<&(String, std::collections::BTreeSet<String>)>,
     seed: i64,
     dir: &Path,
     diags: &mut Diagnostics,
@@ -174,10 +187,20 @@ fn check_stage(
     let mut fixed = BTreeMap::new();
     let mut fixed_refs = Vec::new();
     let mut sweeps = Vec::new();
+    let mut param_origins = BTreeMap::new();
     for (key, (key_origin, value)) in table {
         if STAGE_KEYS.contains(&key.as_str()) {
             continue;
         }
+        param_origins.insert(
+            key.clone(),
+            ParamOrigin {
+                origin: value.origin.clone(),
+                template: template
+                    .filter(|(_, keys)| keys.contains(key))
+                    .map(|(t, _)| t.clone()),
+            },
+        );
         let Some(param) = kind.param(key) else {
             diags.push(
                 Diagnostic::new(
@@ -230,6 +253,18 @@ fn check_stage(
         if table.contains_key(param.name) {
             continue;
         }
+        if !matches!(
+            param.default,
+            ParamDefault::Required | ParamDefault::Optional
+        ) {
+            param_origins.insert(
+                param.name.to_string(),
+                ParamOrigin {
+                    origin: Origin::Default,
+                    template: None,
+                },
+            );
+        }
         match &param.default {
             ParamDefault::Required => diags.push(Diagnostic::new(
                 origin,
@@ -262,6 +297,7 @@ fn check_stage(
         fixed_refs,
         sweeps,
         device,
+        param_origins: Arc::new(param_origins),
     })
 }
 
@@ -558,6 +594,7 @@ fn expand_base(
             inputs,
             coords: c.coords,
             origin: base.origin.clone(),
+            param_origins: base.param_origins.clone(),
             device: base.device.clone(),
         });
     }

@@ -3,10 +3,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use toml::de::DeTable;
-
-use super::value::{Node, Table, Value, parse_arg_value, table_from_toml};
-use crate::diag::{Diagnostic, Diagnostics, Origin, SourceFile};
+use super::include::{self, Sources, flatten};
+use super::value::{Node, Table, Value, parse_arg_value};
+use crate::diag::{Diagnostic, Diagnostics, Origin, SourceFile, names_or_none};
 
 /// What the command line changes in a pipeline before it is validated.
 #[derive(Debug, Clone, Default)]
@@ -17,59 +16,28 @@ pub struct Overrides {
     pub sets: Vec<String>,
 }
 
-/// The pipeline file as a value tree, overlays applied.
+/// The pipeline file and its includes as one value tree, overlays applied.
 pub struct Document {
+    /// The main file.
     pub source: Arc<SourceFile>,
     pub root: Table,
+    /// Every file read (the main one first).
+    pub sources: Sources,
 }
 
-const TOP_LEVEL: &[&str] = &["pipeline", "stage", "profile", "executor"];
-
-/// Reads the pipeline file's text.
-pub fn read(path: &Path) -> Result<String, Diagnostics> {
-    std::fs::read_to_string(path).map_err(|e| {
-        let origin = Origin::Arg(Arc::from(path.display().to_string()));
-        Diagnostics(vec![Diagnostic::new(
-            &origin,
-            format!("cannot read the pipeline file: {e}"),
-        )])
-    })
-}
-
-/// Parses the text of the file at `path`, then applies the overrides. Parse errors and bad
-/// overrides are all reported together.
-pub fn parse(path: &Path, text: String, overrides: &Overrides) -> Result<Document, Diagnostics> {
+/// Reads the pipeline at `path` and its includes (texts in `given` take the place of the
+/// disk's; with `disk = false` nothing else is read), then applies the overrides. Parse errors
+/// and bad overrides are all reported together.
+pub fn parse(
+    path: &Path,
+    given: &Sources,
+    disk: bool,
+    overrides: &Overrides,
+) -> Result<Document, Diagnostics> {
+    let merged = include::read(path, given, disk)?;
+    let source = merged.main;
+    let mut root = merged.root;
     let mut diags = Diagnostics::default();
-    let source = SourceFile::new(path.to_path_buf(), text);
-    let (parsed, errors) = DeTable::parse_recoverable(&source.text);
-    for e in &errors {
-        let span = e.span().unwrap_or(0..0);
-        diags.push(Diagnostic::new(
-            &Origin::File(source.clone(), span),
-            format!("invalid TOML: {}", e.message()),
-        ));
-    }
-    if !diags.is_empty() {
-        return Err(diags);
-    }
-    let mut root = table_from_toml(&source, parsed.get_ref());
-    // The parser's tree is several times the text's size: gone before expansion builds
-    // the stages.
-    drop(parsed);
-
-    for (key, (origin, _)) in &root {
-        if !TOP_LEVEL.contains(&key.as_str()) {
-            diags.push(
-                Diagnostic::new(
-                    origin,
-                    format!(
-                        "unknown top-level table `{key}` (expected pipeline, stage, executor or profile)"
-                    ),
-                )
-                .with_suggestion(key, TOP_LEVEL.iter().copied()),
-            );
-        }
-    }
 
     let profiles = root.shift_remove("profile").map(|(_, n)| n);
     for name in &overrides.profiles {
@@ -88,11 +56,7 @@ pub fn parse(path: &Path, text: String, overrides: &Overrides) -> Result<Documen
                 &arg,
                 format!(
                     "no profile `{name}` in the pipeline (profiles: {})",
-                    if available.is_empty() {
-                        "none".to_string()
-                    } else {
-                        available.join(", ")
-                    }
+                    names_or_none(&available)
                 ),
             ));
             continue;
@@ -127,35 +91,30 @@ pub fn parse(path: &Path, text: String, overrides: &Overrides) -> Result<Documen
     }
 
     if diags.is_empty() {
-        Ok(Document { source, root })
+        Ok(Document {
+            source,
+            root,
+            sources: merged.sources,
+        })
     } else {
         Err(diags)
     }
 }
 
-/// Turns a profile table into (dotted path, leaf) pairs. Keys may themselves be dotted
-/// strings (`"stage.base.source" = ...`) or nested tables; both mean the same path.
-fn flatten(table: &Table, prefix: &mut Vec<String>, out: &mut Vec<(Vec<String>, Node)>) {
-    for (key, (_, node)) in table {
-        let depth = prefix.len();
-        prefix.extend(key.split('.').map(str::to_string));
-        match &node.value {
-            Value::Table(inner) if !inner.is_empty() => flatten(inner, prefix, out),
-            _ => out.push((prefix.clone(), node.clone())),
-        }
-        prefix.truncate(depth);
-    }
-}
-
-/// Sets `root[path] = node`, creating tables on the way. Only `pipeline.*`, `executor.*` and
-/// `stage.*` may be overridden: profiles cannot add profiles.
+/// Sets `root[path] = node`, creating tables on the way. Only `pipeline.*`, `executor.*`,
+/// `stage.*` and `template.*` may be overridden: profiles cannot add profiles.
 fn set_path(root: &mut Table, path: &[String], node: Node) -> Result<(), Diagnostic> {
     let origin = node.origin.clone();
-    if path.len() < 2 || !matches!(path[0].as_str(), "pipeline" | "stage" | "executor") {
+    if path.len() < 2
+        || !matches!(
+            path[0].as_str(),
+            "pipeline" | "stage" | "template" | "executor"
+        )
+    {
         return Err(Diagnostic::new(
             &origin,
             format!(
-                "cannot override `{}`: paths start with `pipeline.`, `executor.` or `stage.NAME.`",
+                "cannot override `{}`: paths start with `pipeline.`, `executor.`, `stage.NAME.` or `template.NAME.`",
                 path.join(".")
             ),
         ));

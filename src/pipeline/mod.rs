@@ -4,7 +4,10 @@
 pub mod check;
 pub mod executor;
 mod expand;
+pub mod include;
 pub mod load;
+mod remote_glob;
+pub mod template;
 pub mod value;
 
 use std::collections::BTreeMap;
@@ -13,6 +16,7 @@ use std::path::{Path, PathBuf};
 use flow_stages::Kind;
 
 pub use executor::{ExecutorKind, ExecutorSettings, JobResources};
+pub use include::Sources;
 pub use load::Overrides;
 
 use crate::diag::{Diagnostic, Diagnostics, Origin};
@@ -37,8 +41,9 @@ pub struct Pipeline {
     /// `[executor]`: where the stages run (never part of a key).
     pub executor: ExecutorSettings,
     pub stages: Vec<Stage>,
-    /// The file's text as read, so a cluster job runs exactly what was submitted.
-    pub text: String,
+    /// The text of the file and of every file it includes, as read, so that a cluster job
+    /// runs exactly what was submitted.
+    pub sources: Sources,
     /// The overrides applied to the text.
     pub overrides: Overrides,
 }
@@ -58,8 +63,34 @@ pub struct Stage {
     pub coords: Vec<(String, String)>,
     /// Where the stage is declared.
     pub origin: Origin,
+    /// Where each param's value was written (shared by the members of a sweep), for
+    /// `flow show` and `flow explain`.
+    pub param_origins: std::sync::Arc<BTreeMap<String, ParamOrigin>>,
     /// `device = "..."` of the stage table (scheduling only: not part of the key).
     pub device: Option<String>,
+}
+
+/// Where a param's value came from.
+#[derive(Debug, Clone)]
+pub struct ParamOrigin {
+    /// The value's text (a file and span, a `--set`, or the kind's default).
+    pub origin: Origin,
+    /// The template that supplied it, when the stage did not set it itself.
+    pub template: Option<String>,
+}
+
+impl ParamOrigin {
+    /// "pipelines/common.toml:40:9 (template `eval`)", "--set ...", "default".
+    pub fn describe(&self) -> String {
+        let place = match &self.origin {
+            Origin::Default => "default".to_string(),
+            other => include::place(other),
+        };
+        match &self.template {
+            Some(t) => format!("{place} (template `{t}`)"),
+            None => place,
+        }
+    }
 }
 
 /// The artifacts bound to one reference param.
@@ -80,20 +111,41 @@ pub struct Source {
 }
 
 impl Pipeline {
-    /// Loads, overlays, validates and expands a pipeline file; all problems at once.
+    /// Loads, overlays, validates and expands a pipeline file and its includes; all
+    /// problems at once.
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, Diagnostics> {
-        Pipeline::from_text(path, load::read(path)?, overrides)
+        Pipeline::read(path, &Sources::default(), true, overrides)
     }
 
     /// Like [`Pipeline::load`], for the text of the file at `path` as read earlier (relative
-    /// paths in it still resolve against `path`'s directory).
+    /// paths in it still resolve against `path`'s directory; its includes are read from disk).
     pub fn from_text(
         path: &Path,
         text: String,
         overrides: &Overrides,
     ) -> Result<Pipeline, Diagnostics> {
-        let mut doc = load::parse(path, text.clone(), overrides)?;
+        Pipeline::read(path, &Sources::single(path, text), true, overrides)
+    }
+
+    /// Like [`Pipeline::load`], from exactly the files a submission read (a cluster job):
+    /// nothing is read from disk.
+    pub fn from_sources(
+        path: &Path,
+        sources: &Sources,
+        overrides: &Overrides,
+    ) -> Result<Pipeline, Diagnostics> {
+        Pipeline::read(path, sources, false, overrides)
+    }
+
+    fn read(
+        path: &Path,
+        given: &Sources,
+        disk: bool,
+        overrides: &Overrides,
+    ) -> Result<Pipeline, Diagnostics> {
+        let mut doc = load::parse(path, given, disk, overrides)?;
         let mut diags = Diagnostics::default();
+        let uses = template::apply(&mut doc.root, &mut diags);
         let dir = path
             .parent()
             .map(|p| {
@@ -109,7 +161,7 @@ impl Pipeline {
         // Taken out of the document: expansion consumes the tables as it goes.
         let stages = match doc.root.shift_remove("stage") {
             Some((_, node)) => match node.value {
-                Value::Table(t) => expand::expand(t, settings.seed, &dir, &mut diags),
+                Value::Table(t) => expand::expand(t, &uses, settings.seed, &dir, &mut diags),
                 _ => {
                     diags.push(type_error(&node, "a table of stages", "`stage`"));
                     Vec::new()
@@ -145,7 +197,7 @@ impl Pipeline {
             remote: settings.remote,
             executor,
             stages,
-            text,
+            sources: doc.sources,
             overrides: overrides.clone(),
         })
     }

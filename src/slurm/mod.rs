@@ -233,7 +233,9 @@ pub fn submit(pipeline: &Pipeline, cache: &Cache, remote: &Remote, ui: &mut Ui) 
     std::fs::create_dir_all(&log_dir).map_err(|e| StoreError::io(&log_dir, e))?;
     let pipeline_path = absolute(&pipeline.path);
 
-    let text_blake3 = remote.put_text(&pipeline.text)?;
+    // The pipeline and every file it includes, so the jobs run what was submitted.
+    let sources = serde_json::to_string(&pipeline.sources).expect("texts serialize");
+    let text_blake3 = remote.put_text(&sources)?;
     let mut jobs: Jobs = vec![None; pipeline.stages.len()];
     let mut saved = std::time::Instant::now();
     let (mut submitted, mut kept, mut done) = (0, 0, 0);

@@ -46,6 +46,7 @@ impl Workspace {
     /// Writes a file (a pipeline, say) into the workspace and returns its path.
     pub fn write(&self, name: &str, text: &str) -> PathBuf {
         let p = self.path().join(name);
+        std::fs::create_dir_all(p.parent().expect("a file in the workspace")).expect("mkdir");
         std::fs::write(&p, text).expect("write");
         p
     }
@@ -67,9 +68,23 @@ impl Workspace {
     /// Runs `flow ARGS --json` and returns the parsed lines; panics with stderr on failure
     /// unless `expect_ok` is false.
     pub fn json(&self, args: &[&str], expect_ok: bool) -> Vec<serde_json::Value> {
+        self.json_with(args, &[], expect_ok)
+    }
+
+    /// [`Workspace::json`] with extra environment variables (a store's endpoint, a token).
+    pub fn json_with(
+        &self,
+        args: &[&str],
+        env: &[(&str, String)],
+        expect_ok: bool,
+    ) -> Vec<serde_json::Value> {
         let mut all: Vec<&str> = args.to_vec();
         all.push("--json");
-        let out = self.flow(&all);
+        let out = self
+            .command(&all)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .output()
+            .expect("flow runs");
         if expect_ok {
             assert!(
                 out.status.success(),
@@ -379,8 +394,12 @@ impl S3 {
     }
 }
 
-/// A Python HTTP server on 127.0.0.1 serving `root`; paths under `/datasets/` require
-/// `Authorization: Bearer <token>`, like a gated Hub repository. Killed on drop.
+/// A Python HTTP server on 127.0.0.1 serving `root`, standing in for the Hugging Face Hub:
+/// paths under `/datasets/` and `/api/datasets/` require `Authorization: Bearer <token>`,
+/// like a gated repository, and `/api/{datasets|models}/OWNER/NAME/tree/REV[/DIR]` lists
+/// `root/[datasets/]OWNER/NAME/resolve/REV/DIR` as the Hub's tree API does (`recursive`,
+/// pages of `page` entries linked by `Link: <...>; rel="next"`, git blob `oid`s, an `lfs`
+/// sha256 for `.parquet` files). Killed on drop.
 pub struct HttpServer {
     pub base: String,
     child: std::process::Child,
@@ -388,15 +407,70 @@ pub struct HttpServer {
 
 impl HttpServer {
     pub fn start(root: &Path, token: &str) -> HttpServer {
+        HttpServer::with_page(root, token, 1000)
+    }
+
+    /// [`HttpServer::start`] with tree listings cut into pages of `page` entries.
+    pub fn with_page(root: &Path, token: &str, page: usize) -> HttpServer {
         let script = r#"
-import functools, http.server, sys
-root, token = sys.argv[1], sys.argv[2]
+import functools, hashlib, http.server, json, os, sys, threading, urllib.parse
+root, token, page = sys.argv[1], sys.argv[2], int(sys.argv[3])
+# Gone with the test process, even one kept in a static that is never dropped: stdin is a
+# pipe from the test, closed when it exits.
+threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
+def entry(base, rel):
+    full = os.path.join(base, rel)
+    if os.path.isdir(full):
+        return {"type": "directory", "oid": "0" * 40, "size": 0, "path": rel}
+    data = open(full, "rb").read()
+    e = {"type": "file", "size": len(data), "path": rel,
+         "oid": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()}
+    if rel.endswith(".parquet"):
+        e["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+    return e
 class H(http.server.SimpleHTTPRequestHandler):
+    def authorized(self):
+        gated = self.path.startswith("/datasets/") or self.path.startswith("/api/datasets/")
+        return not gated or self.headers.get("Authorization") == "Bearer " + token
     def do_GET(self):
-        if self.path.startswith("/datasets/") and self.headers.get("Authorization") != "Bearer " + token:
+        if not self.authorized():
             self.send_error(401)
             return
+        if self.path.startswith("/api/"):
+            return self.tree()
         super().do_GET()
+    def tree(self):
+        url = urllib.parse.urlsplit(self.path)
+        parts = url.path.split("/")[2:]  # [datasets|models, owner, name, "tree", rev, dir...]
+        kind, owner, name, verb, rev = parts[:5]
+        sub = "/".join(parts[5:])
+        prefix = "datasets/" if kind == "datasets" else ""
+        base = os.path.join(root, prefix + owner, name, "resolve", urllib.parse.unquote(rev))
+        where = os.path.join(base, sub)
+        if verb != "tree" or not os.path.isdir(where):
+            self.send_error(404)
+            return
+        query = urllib.parse.parse_qs(url.query)
+        if query.get("recursive", ["false"])[0] == "true":
+            rels = []
+            for d, dirs, files in os.walk(where):
+                for f in dirs + files:
+                    rels.append(os.path.relpath(os.path.join(d, f), base))
+        else:
+            rels = [os.path.relpath(os.path.join(where, f), base) for f in os.listdir(where)]
+        rels.sort()
+        cursor = int(query.get("cursor", ["0"])[0])
+        body = json.dumps([entry(base, r) for r in rels[cursor:cursor + page]]).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if cursor + page < len(rels):
+            query["cursor"] = [str(cursor + page)]
+            nxt = "http://%s:%d%s?%s" % (self.server.server_address[0], self.server.server_address[1],
+                                         url.path, urllib.parse.urlencode(query, doseq=True))
+            self.send_header("Link", '<%s>; rel="next"' % nxt)
+        self.end_headers()
+        self.wfile.write(body)
     def log_message(self, *a):
         pass
 s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(H, directory=root))
@@ -408,6 +482,8 @@ s.serve_forever()
             .arg(script)
             .arg(root)
             .arg(token)
+            .arg(page.to_string())
+            .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("python3 runs");

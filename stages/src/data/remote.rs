@@ -17,26 +17,83 @@ use object_store::{ClientOptions, ObjectStore, ObjectStoreExt};
 
 use crate::kind::StageError;
 
+/// The parts of an `hf://` URL: `hf://datasets/OWNER/NAME[@REVISION]/PATH` (a dataset) or
+/// `hf://OWNER/NAME[@REVISION]/PATH` (a model repository).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HubUrl<'a> {
+    /// `"datasets/"` or `""` (models), as the Hub prefixes its URLs.
+    pub prefix: &'static str,
+    pub owner: &'a str,
+    pub name: &'a str,
+    /// `main` when not given; kept as written (URL-encoded, as `refs%2Fconvert%2Fparquet`).
+    pub revision: &'a str,
+    pub path: &'a str,
+}
+
+impl<'a> HubUrl<'a> {
+    /// Splits an `hf://` URL; one without owner, name and path is a parameter error.
+    pub fn parse(url: &'a str) -> Result<HubUrl<'a>, StageError> {
+        let rest = url
+            .strip_prefix("hf://")
+            .ok_or_else(|| StageError::Params(format!("not an hf:// URL: {url}")))?;
+        let (prefix, rest) = match rest.strip_prefix("datasets/") {
+            Some(r) => ("datasets/", r),
+            None => ("", rest),
+        };
+        let mut parts = rest.splitn(3, '/');
+        let (Some(owner), Some(name), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(StageError::Params(format!(
+                "{url}: expected hf://datasets/OWNER/NAME[@REVISION]/PATH"
+            )));
+        };
+        if owner.is_empty() || name.is_empty() || path.is_empty() {
+            return Err(StageError::Params(format!(
+                "{url}: expected hf://datasets/OWNER/NAME[@REVISION]/PATH"
+            )));
+        }
+        let (name, revision) = name.split_once('@').unwrap_or((name, "main"));
+        Ok(HubUrl {
+            prefix,
+            owner,
+            name,
+            revision,
+            path,
+        })
+    }
+}
+
+/// The Hub's base URL: `HF_ENDPOINT`, else huggingface.co.
+pub fn hub_endpoint() -> String {
+    std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into())
+}
+
 /// The http(s) URL a `hf://` URL stands for.
 pub fn hf_to_https(url: &str, endpoint: &str) -> Result<String, StageError> {
-    let rest = url
-        .strip_prefix("hf://")
-        .ok_or_else(|| StageError::Params(format!("not an hf:// URL: {url}")))?;
-    let (prefix, rest) = match rest.strip_prefix("datasets/") {
-        Some(r) => ("datasets/", r),
-        None => ("", rest),
-    };
-    let mut parts = rest.splitn(3, '/');
-    let (Some(owner), Some(name), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(StageError::Params(format!(
-            "{url}: expected hf://datasets/OWNER/NAME[@REVISION]/PATH"
-        )));
-    };
-    let (name, revision) = name.split_once('@').unwrap_or((name, "main"));
+    let u = HubUrl::parse(url)?;
     Ok(format!(
-        "{}/{prefix}{owner}/{name}/resolve/{revision}/{path}",
-        endpoint.trim_end_matches('/')
+        "{}/{}{}/{}/resolve/{}/{}",
+        endpoint.trim_end_matches('/'),
+        u.prefix,
+        u.owner,
+        u.name,
+        u.revision,
+        u.path
     ))
+}
+
+/// `Authorization: Bearer $HF_TOKEN` when `host` is the Hub's (the token goes nowhere else).
+pub fn hub_auth_header(host: &str) -> Result<Option<http::HeaderValue>, StageError> {
+    if !is_hub(host) {
+        return Ok(None);
+    }
+    let Ok(token) = std::env::var("HF_TOKEN") else {
+        return Ok(None);
+    };
+    let mut value = http::HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|_| StageError::Params("HF_TOKEN is not a valid header value".into()))?;
+    value.set_sensitive(true);
+    Ok(Some(value))
 }
 
 fn fail(url: &str) -> impl Fn(object_store::Error) -> StageError + '_ {
@@ -59,16 +116,8 @@ fn open(url: &str) -> Result<(Box<dyn ObjectStore>, StorePath), StageError> {
         "http" | "https" => {
             let base = &parsed[..url::Position::BeforePath];
             let mut options = ClientOptions::new().with_allow_http(parsed.scheme() == "http");
-            if let Some(host) = parsed.host_str()
-                && is_hub(host)
-                && let Ok(token) = std::env::var("HF_TOKEN")
-            {
+            if let Some(value) = hub_auth_header(parsed.host_str().unwrap_or(""))? {
                 let mut headers = http::HeaderMap::new();
-                let mut value =
-                    http::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
-                        StageError::Params("HF_TOKEN is not a valid header value".into())
-                    })?;
-                value.set_sensitive(true);
                 headers.insert(http::header::AUTHORIZATION, value);
                 options = options.with_default_headers(headers);
             }
@@ -89,8 +138,7 @@ fn open(url: &str) -> Result<(Box<dyn ObjectStore>, StorePath), StageError> {
 
 /// The host of the Hub (or of `HF_ENDPOINT`), which alone receives `HF_TOKEN`.
 fn is_hub(host: &str) -> bool {
-    let endpoint = std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
-    url::Url::parse(&endpoint)
+    url::Url::parse(&hub_endpoint())
         .ok()
         .and_then(|u| u.host_str().map(|h| h == host))
         .unwrap_or(false)
@@ -100,9 +148,7 @@ fn is_hub(host: &str) -> bool {
 /// path, whose name keeps the URL's file name so its type can be recognized.
 pub fn fetch(url: &str, dir: &Path) -> Result<PathBuf, StageError> {
     let resolved = if url.starts_with("hf://") {
-        let endpoint =
-            std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
-        hf_to_https(url, &endpoint)?
+        hf_to_https(url, &hub_endpoint())?
     } else {
         url.to_string()
     };
