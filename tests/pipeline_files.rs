@@ -212,11 +212,26 @@ fn templates_resolve_stage_first_then_template_and_profiles_reach_every_user() {
         "{origins}"
     );
     assert!(
-        origins["seed"].as_str().unwrap().contains("t/p.toml:11:")
+        origins["seed"].as_str().unwrap().contains("t/p.toml:12:")
             && !origins["seed"].as_str().unwrap().contains("template"),
         "{origins}"
     );
     assert_eq!(origins["workdir"], serde_json::Value::Null, "{origins}");
+    assert_eq!(origins["outputs"], "default", "{origins}");
+    // `flow show` of the finished stage prints the same, with a profile's template override
+    // located at the profile's line.
+    ws.run_statuses(&templated, &["--profile", "p"]);
+    let shown = ws.json(
+        &["show", templated.to_str().unwrap(), "one", "--profile", "p"],
+        true,
+    );
+    let seed = &shown[0]["params"]["seed"];
+    assert_eq!(seed["value"], "i:7", "{seed}");
+    assert!(
+        seed["from"].as_str().unwrap().contains("t/p.toml:15:")
+            && seed["from"].as_str().unwrap().contains("template `t`"),
+        "{seed}"
+    );
     // Located errors: an unknown template (with a hint), and a template using a template.
     let bad = ws.write(
         "bad/p.toml",

@@ -31,16 +31,21 @@ impl Context {
             KeyState::Known { parts, key, record } => (Some(parts), Some(key), record.is_some()),
             KeyState::Waiting { .. } => (None, None, false),
         };
-        let params: serde_json::Map<_, _> = stage
-            .params
+        let described = stage.described_params();
+        let params: serde_json::Map<_, _> = described
             .iter()
-            .map(|(k, v)| (k.clone(), json!(v.canonical())))
+            .map(|(k, v, _)| (k.clone(), json!(v)))
+            .collect();
+        let origins: serde_json::Map<_, _> = described
+            .iter()
+            .map(|(k, _, o)| (k.clone(), json!(o)))
             .collect();
         if json {
             println!(
                 "{}",
                 json!({"stage": stage.name, "kind": stage.kind.name, "kind_version": stage.kind.version,
-                       "format": flow::key::KEY_FORMAT, "params": params, "inputs": inputs,
+                       "format": flow::key::KEY_FORMAT, "params": params, "origins": origins,
+                       "inputs": inputs,
                        "salt": pipeline.salt, "key": key, "done": done, "parts": parts})
             );
             return Ok(ExitCode::SUCCESS);
@@ -51,8 +56,8 @@ impl Context {
             "kind         {} (version {})",
             stage.kind.name, stage.kind.version
         );
-        for (k, v) in &params {
-            println!("param        {k} = {}", v.as_str().unwrap_or_default());
+        for (k, v, origin) in &described {
+            println!("param        {k} = {v}  ({origin})");
         }
         for b in &stage.inputs {
             for s in &b.sources {

@@ -1,5 +1,5 @@
-//! `flow show`: the output files and metrics of a finished stage, checking its outputs
-//! first (a damaged one is evicted).
+//! `flow show`: the output files, metrics and resolved params (with where each was written)
+//! of a finished stage, checking its outputs first (a damaged one is evicted).
 
 use std::process::ExitCode;
 
@@ -58,11 +58,17 @@ impl Context {
             .get(default)
             .cloned()
             .unwrap_or(serde_json::Value::Null);
+        let described = pipeline.stages[i].described_params();
         if json {
+            let params: serde_json::Map<_, _> = described
+                .iter()
+                .map(|(k, v, o)| (k.clone(), json!({"value": v, "from": o})))
+                .collect();
             println!(
                 "{}",
                 json!({"stage": name, "key": key, "output": output, "outputs": outputs,
-                       "files": files, "metrics": record.metrics, "duration_s": record.duration_s})
+                       "files": files, "metrics": record.metrics, "duration_s": record.duration_s,
+                       "params": params})
             );
         } else {
             println!("stage    {name}\nkey      {key}");
@@ -79,6 +85,9 @@ impl Context {
             }
             for (k, v) in &record.metrics {
                 println!("metric   {k} = {v}");
+            }
+            for (k, v, origin) in &described {
+                println!("param    {k} = {v}  ({origin})");
             }
         }
         Ok(ExitCode::SUCCESS)

@@ -8,7 +8,7 @@
 //! nothing unless both carry the coordinate).
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -63,11 +63,17 @@ pub fn expand(
     dir: &Path,
     diags: &mut Diagnostics,
 ) -> Vec<Stage> {
+    // Stages whose own table was wrong: references to them are not reported again.
+    let mut rejected: HashSet<String> = HashSet::new();
     let bases: Vec<Base> = tables
         .into_iter()
         .filter_map(|(name, (origin, node))| {
             let template = uses.get(&name);
-            check_stage(&name, &origin, &node, template, seed, dir, diags)
+            let base = check_stage(&name, &origin, &node, template, seed, dir, diags);
+            if base.is_none() {
+                rejected.insert(name);
+            }
+            base
         })
         .collect();
     let index: HashMap<&str, usize> = bases
@@ -85,6 +91,7 @@ pub fn expand(
                 Some(&j) => {
                     graph.add_edge(nodes[j], nodes[i], r.origin.clone());
                 }
+                None if rejected.contains(r.base()) => {}
                 None => {
                     diags.push(
                         Diagnostic::new(

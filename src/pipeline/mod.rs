@@ -110,6 +110,23 @@ pub struct Source {
     pub output: String,
 }
 
+impl Stage {
+    /// The resolved params with where each was written, for `flow show` and `explain`:
+    /// (name, canonical value, origin such as `pipelines/common.toml:40:9 (template `eval`)`).
+    pub fn described_params(&self) -> Vec<(String, String, String)> {
+        self.params
+            .iter()
+            .map(|(k, v)| {
+                let origin = self
+                    .param_origins
+                    .get(k)
+                    .map_or_else(|| "default".to_string(), ParamOrigin::describe);
+                (k.clone(), v.canonical(), origin)
+            })
+            .collect()
+    }
+}
+
 impl Pipeline {
     /// Loads, overlays, validates and expands a pipeline file and its includes; all
     /// problems at once.

@@ -138,11 +138,11 @@ async fn hub(url: &str) -> Result<Vec<FileRef>, String> {
         if pages > MAX_PAGES {
             return Err(format!("listing `{url}`: more than {MAX_PAGES} pages"));
         }
-        let response = client
-            .get(&page)
-            .send()
-            .await
-            .map_err(|e| format!("listing `{url}`: {e}"))?;
+        let response = client.get(&page).send().await.map_err(|e| {
+            format!(
+                "listing `{url}`: {e} (a glob is listed when the pipeline loads: without the Hub, point `files` at a local copy)"
+            )
+        })?;
         let status = response.status();
         if !status.is_success() {
             let hint = if status.as_u16() == 401 || status.as_u16() == 403 {
