@@ -32,7 +32,7 @@ struct Base {
     fixed_refs: Vec<RefExpr>,
     sweeps: Vec<Sweep>,
     device: Option<String>,
-    param_origins: Arc<BTreeMap<String, ParamOrigin>>,
+    param_origins: Arc<[(&'static str, ParamOrigin)]>,
 }
 
 /// One swept param: its values, each with its display text and references.
@@ -146,7 +146,7 @@ fn check_stage(
     name: &str,
     origin: &Origin,
     node: &Node,
-    template: Option<&(String, std::collections::BTreeSet<String>)>,
+    template: Option<&(Arc<str>, std::collections::BTreeSet<String>)>,
     seed: i64,
     dir: &Path,
     diags: &mut Diagnostics,
@@ -194,20 +194,13 @@ fn check_stage(
     let mut fixed = BTreeMap::new();
     let mut fixed_refs = Vec::new();
     let mut sweeps = Vec::new();
-    let mut param_origins = BTreeMap::new();
+    // Only params written somewhere: a default is described as such without an entry (at
+    // 100,000 stages every byte per stage counts; see BENCHMARKS.md).
+    let mut param_origins: Vec<(&'static str, ParamOrigin)> = Vec::new();
     for (key, (key_origin, value)) in table {
         if STAGE_KEYS.contains(&key.as_str()) {
             continue;
         }
-        param_origins.insert(
-            key.clone(),
-            ParamOrigin {
-                origin: value.origin.clone(),
-                template: template
-                    .filter(|(_, keys)| keys.contains(key))
-                    .map(|(t, _)| t.clone()),
-            },
-        );
         let Some(param) = kind.param(key) else {
             diags.push(
                 Diagnostic::new(
@@ -226,6 +219,15 @@ fn check_stage(
             );
             continue;
         };
+        param_origins.push((
+            param.name,
+            ParamOrigin {
+                origin: value.origin.clone(),
+                template: template
+                    .filter(|(_, keys)| keys.contains(key))
+                    .map(|(t, _)| t.clone()),
+            },
+        ));
         if sweep_names.contains(key) {
             let Value::List(items) = &value.value else {
                 continue; // reported by sweep_list
@@ -260,18 +262,6 @@ fn check_stage(
         if table.contains_key(param.name) {
             continue;
         }
-        if !matches!(
-            param.default,
-            ParamDefault::Required | ParamDefault::Optional
-        ) {
-            param_origins.insert(
-                param.name.to_string(),
-                ParamOrigin {
-                    origin: Origin::Default,
-                    template: None,
-                },
-            );
-        }
         match &param.default {
             ParamDefault::Required => diags.push(Diagnostic::new(
                 origin,
@@ -304,7 +294,10 @@ fn check_stage(
         fixed_refs,
         sweeps,
         device,
-        param_origins: Arc::new(param_origins),
+        param_origins: {
+            param_origins.sort_unstable_by_key(|(name, _)| *name);
+            param_origins.into()
+        },
     })
 }
 

@@ -65,7 +65,8 @@ pub struct Stage {
     pub origin: Origin,
     /// Where each param's value was written (shared by the members of a sweep), for
     /// `flow show` and `flow explain`.
-    pub param_origins: std::sync::Arc<BTreeMap<String, ParamOrigin>>,
+    /// Sorted by name; params left to their default have no entry.
+    pub param_origins: std::sync::Arc<[(&'static str, ParamOrigin)]>,
     /// `device = "..."` of the stage table (scheduling only: not part of the key).
     pub device: Option<String>,
 }
@@ -76,7 +77,7 @@ pub struct ParamOrigin {
     /// The value's text (a file and span, a `--set`, or the kind's default).
     pub origin: Origin,
     /// The template that supplied it, when the stage did not set it itself.
-    pub template: Option<String>,
+    pub template: Option<std::sync::Arc<str>>,
 }
 
 impl ParamOrigin {
@@ -119,8 +120,11 @@ impl Stage {
             .map(|(k, v)| {
                 let origin = self
                     .param_origins
-                    .get(k)
-                    .map_or_else(|| "default".to_string(), ParamOrigin::describe);
+                    .binary_search_by_key(&k.as_str(), |(name, _)| name)
+                    .map_or_else(
+                        |_| "default".to_string(),
+                        |i| self.param_origins[i].1.describe(),
+                    );
                 (k.clone(), v.canonical(), origin)
             })
             .collect()

@@ -9,12 +9,13 @@
 //! studies need, and a chain would make "where did this value come from" a search).
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use super::value::{Table, Value, type_error};
 use crate::diag::{Diagnostic, Diagnostics, names_or_none};
 
 /// For each stage table that uses a template: the template's name and the params it gave.
-pub type Uses = HashMap<String, (String, BTreeSet<String>)>;
+pub type Uses = HashMap<String, (Arc<str>, BTreeSet<String>)>;
 
 /// Removes `template` from the document and applies it to the stages that `use` one.
 pub fn apply(root: &mut Table, diags: &mut Diagnostics) -> Uses {
@@ -84,7 +85,7 @@ pub fn apply(root: &mut Table, diags: &mut Diagnostics) -> Uses {
             merged.insert(key, entry);
         }
         *table = merged;
-        uses.insert(stage.clone(), (tname.to_string(), given));
+        uses.insert(stage.clone(), (Arc::from(tname), given));
     }
     uses
 }
