@@ -338,6 +338,7 @@ fn run_inner(spec: &ChildSpec) -> anyhow::Result<i32> {
     let progress = EventProgress {
         last: Mutex::new(None),
     };
+    let live_logs = cache.live_log_dir(&spec.pipeline, &spec.stage);
     let ctx = StageContext {
         stage: &spec.stage,
         params: &spec.params,
@@ -348,6 +349,7 @@ fn run_inner(spec: &ChildSpec) -> anyhow::Result<i32> {
         threads: spec.threads,
         device: spec.device.as_deref().unwrap_or("auto"),
         progress: &progress,
+        live_logs: Some(&live_logs),
     };
     std::env::set_current_dir(&spec.workdir)
         .map_err(|e| anyhow::anyhow!("cannot enter {}: {e}", spec.workdir.display()))?;

@@ -176,6 +176,13 @@ impl Cache {
             }
         }
         for log in entries(&self.root().join("logs"))? {
+            // Only plain files are per-key logs. The directories are kept: `tb/` holds the
+            // live TensorBoard runs by pipeline and stage name (what someone may be
+            // watching, and a run by name outlives any one key; `rm -r logs/tb` clears it),
+            // `slurm/` the job logs of a pipeline.
+            if !log.file_type().is_ok_and(|t| t.is_file()) {
+                continue;
+            }
             let n = name(&log);
             let key = n.trim_end_matches(".log");
             if !live_keys.contains(key) && !live_scratch.contains(key) && !busy(key) {

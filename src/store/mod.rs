@@ -8,6 +8,7 @@
 //! runs/<key>.json              run records, written last: a key is done iff its record exists
 //! scratch/<key>/               checkpoints of unfinished runs; removed after the record
 //! logs/<key>.log               one log per key, appended by each attempt
+//! logs/tb/<pipeline>/<stage>/  live TensorBoard event files, by name (kept by `flow gc`)
 //! locks/<key>.lock             flock(2) per key: one writer per key across processes
 //! index/<pipeline>.json        the last key of each stage, so `plan` can say what changed
 //! tmp/                         staging; anything here is garbage once its lock is free
@@ -151,6 +152,19 @@ impl Cache {
             .join(safe_name(pipeline))
     }
 
+    /// Where a stage's live logs go (TensorBoard event files while it trains), so that
+    /// `tensorboard --logdir <cache>/logs/tb` names each run `<pipeline>/<stage>`. By name,
+    /// not key: a rerun or a resume of the stage adds to the same run directory. Sweep
+    /// members keep their names (`lora[rank=16]`: brackets, `=` and `,` are fine in Linux
+    /// file names); only what would change the path's shape is replaced (see [`dir_name`]).
+    pub fn live_log_dir(&self, pipeline: &str, stage: &str) -> PathBuf {
+        self.root
+            .join("logs")
+            .join("tb")
+            .join(dir_name(pipeline))
+            .join(dir_name(stage))
+    }
+
     pub fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")
     }
@@ -202,4 +216,56 @@ pub fn safe_name(pipeline: &str) -> String {
             }
         })
         .collect()
+}
+
+/// A name as one path component that still reads as the name: `/`, `\`, NUL and other
+/// control characters become `_`, a name that is empty or all dots (`.`, `..`, which would
+/// point elsewhere) gets a `_` in front, and one longer than 200 bytes (file names stop at
+/// 255) is cut there and ends in `~` and 16 hex digits of its blake3, so it stays distinct.
+/// Unlike [`safe_name`] it keeps `[`, `]`, `=`, `,` and spaces: `lora[rank=16]` stays
+/// `lora[rank=16]`.
+pub fn dir_name(name: &str) -> String {
+    let mut out: String = name
+        .chars()
+        .map(|c| {
+            if c == '/' || c == '\\' || c.is_control() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    if out.chars().all(|c| c == '.') {
+        out.insert(0, '_');
+    }
+    if out.len() > 200 {
+        let mut cut = 183;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let hash = blake3::hash(name.as_bytes()).to_hex();
+        out.truncate(cut);
+        out.push('~');
+        out.push_str(&hash[..16]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dir_name;
+
+    #[test]
+    fn dir_names_keep_sweep_names_and_stay_one_component() {
+        assert_eq!(dir_name("lora[rank=16,lr=0.001]"), "lora[rank=16,lr=0.001]");
+        assert_eq!(dir_name("math cpt"), "math cpt");
+        assert_eq!(dir_name("a/b\\c\0d\ne"), "a_b_c_d_e");
+        assert_eq!(dir_name(""), "_");
+        assert_eq!(dir_name(".."), "_..");
+        assert_eq!(dir_name("..a"), "..a");
+        let long = format!("lora[targets={}]", "é".repeat(300));
+        let (a, b) = (dir_name(&long), dir_name(&format!("{long}x")));
+        assert!(a.len() <= 200 && a.starts_with("lora[targets=é"), "{a}");
+        assert_ne!(a, b, "cut names stay distinct");
+    }
 }

@@ -172,6 +172,12 @@ pub struct StageContext<'a> {
     pub device: &'a str,
     /// Where to report progress.
     pub progress: &'a dyn Progress,
+    /// A directory for logs meant to be watched while the stage runs (training's TensorBoard
+    /// event files), or None when the engine keeps none. It is named by pipeline and stage,
+    /// not by key, and it outlives the run, so a tool watching it (`tensorboard --logdir`)
+    /// shows a study's runs by name: a stage only ever adds new files there and never reads
+    /// them back, and nothing in it may change the outputs (it is not part of the key).
+    pub live_logs: Option<&'a Path>,
 }
 
 impl StageContext<'_> {

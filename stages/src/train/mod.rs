@@ -1,5 +1,5 @@
 //! Training: the `train-full` and `train-lora` kinds, their loop, optimizers, schedules,
-//! data order and checkpoints.
+//! data order, checkpoints and TensorBoard event files.
 
 pub mod checkpoint;
 pub mod cpu;
@@ -7,4 +7,5 @@ pub mod data;
 pub mod optim;
 pub mod schedule;
 pub mod stage;
+pub mod tensorboard;
 pub mod trainer;

@@ -1,6 +1,10 @@
 //! The `train-full` and `train-lora` kinds: one training loop, two ways of choosing what
 //! trains. Regularized baselines are `train-full` with `weight_decay`, `attention_dropout`
 //! and `hidden_dropout`.
+//!
+//! The curve output holds `curve.csv`, `summary.json` and a TensorBoard event file of the
+//! same rows (see [`super::tensorboard`]); while the loop runs, each step is also appended to
+//! a TensorBoard file in the engine's live log directory, when it gives one.
 
 use std::io::Write;
 use std::path::Path;
@@ -14,6 +18,7 @@ use super::cpu::CpuTrainer;
 use super::data::{self, Attention, Order};
 use super::optim::{Optimizer, Rule};
 use super::schedule::Schedule;
+use super::tensorboard::{self, CurveRow, LiveWriter};
 use super::trainer::Trainer;
 use crate::cpu::llama::Dropouts;
 use crate::cpu::lora::{Adapters, LoraInit, LoraSpec};
@@ -61,7 +66,7 @@ macro_rules! train_params {
 /// Registered as `kind = "train-full"`.
 pub static FULL: Kind = Kind {
     name: "train-full",
-    version: 2,
+    version: 3,
     doc: "full finetuning (or pretraining from a fresh model): every weight trains",
     params: train_params![],
     outputs: &["model", "curve"],
@@ -72,7 +77,7 @@ pub static FULL: Kind = Kind {
 /// Registered as `kind = "train-lora"`.
 pub static LORA: Kind = Kind {
     name: "train-lora",
-    version: 2,
+    version: 3,
     doc: "LoRA: low-rank adapters on the chosen projections train, the base stays frozen; writes the PEFT adapter and the merged model",
     params: train_params![
         Param {
@@ -202,6 +207,20 @@ struct Log(std::fs::File);
 impl Log {
     fn line(&mut self, text: &str) {
         let _ = writeln!(self.0, "{text}");
+    }
+}
+
+/// Appends one step's scalars to the live TensorBoard file, if there is one; on an I/O
+/// error the live file is dropped (and the log says so): watching is not worth a failed run.
+fn live_event(live: &mut Option<LiveWriter>, log: &mut Log, step: u64, scalars: &[(&str, f64)]) {
+    if let Some(w) = live
+        && let Err(e) = w.scalars(step, scalars)
+    {
+        log.line(&format!(
+            "live TensorBoard events off: {}: {e}",
+            w.path().display()
+        ));
+        *live = None;
     }
 }
 
@@ -405,6 +424,22 @@ fn train(ctx: &StageContext, lora: bool) -> Result<StageOutcome, StageError> {
     ));
     ctx.progress.set_length(steps);
     ctx.progress.set_position(state.step);
+    // Live curves are for watching: a failure to write them is logged, never fatal.
+    let mut live = ctx
+        .live_logs
+        .and_then(|dir| match LiveWriter::create(dir, state.step + 1) {
+            Ok(w) => {
+                log.line(&format!("live TensorBoard events: {}", w.path().display()));
+                Some(w)
+            }
+            Err(e) => {
+                log.line(&format!(
+                    "live TensorBoard events off: {}: {e}",
+                    dir.display()
+                ));
+                None
+            }
+        });
 
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -427,6 +462,7 @@ fn train(ctx: &StageContext, lora: bool) -> Result<StageOutcome, StageError> {
     let mut last_loss = f64::NAN;
     let result: Result<(), StageError> = pool.install(|| {
         for step in state.step..steps {
+            let step_clock = Instant::now();
             let lr = schedule.lr(p.lr, step, steps);
             let rows = data::read_rows(&reader, &mut order, step * global as u64, global)?;
             if let Some(bad_id) = rows.iter().flat_map(|r| &r.ids).find(|&&id| id as usize >= max_id) {
@@ -478,6 +514,19 @@ fn train(ctx: &StageContext, lora: bool) -> Result<StageOutcome, StageError> {
                 state.tokens,
                 heldout_loss.map(|h| h.to_string()).unwrap_or_default()
             ));
+            let mut scalars = vec![
+                ("loss", loss),
+                ("lr", lr),
+                ("grad_norm", norm),
+                (
+                    "tokens_per_s",
+                    tokens_per_step as f64 / step_clock.elapsed().as_secs_f64().max(1e-9),
+                ),
+            ];
+            if let Some(h) = heldout_loss {
+                scalars.push(("heldout_loss", h));
+            }
+            live_event(&mut live, &mut log, state.step, &scalars);
             window.1 += tokens_per_step;
             if state.step.is_multiple_of(p.log_every.max(1) as u64) || state.step == steps {
                 let tps = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
@@ -507,6 +556,7 @@ fn train(ctx: &StageContext, lora: bool) -> Result<StageOutcome, StageError> {
         && last.ends_with(',')
     {
         last.push_str(&h.to_string());
+        live_event(&mut live, &mut log, state.step, &[("heldout_loss", h)]);
     }
 
     // Outputs.
@@ -532,6 +582,19 @@ fn train(ctx: &StageContext, lora: bool) -> Result<StageOutcome, StageError> {
     }
     std::fs::write(curve_dir.join("curve.csv"), csv)
         .map_err(|e| StageError::io("writing curve.csv", e))?;
+    let mut rows = Vec::with_capacity(state.curve.len());
+    for line in &state.curve {
+        rows.push(CurveRow::parse(line).ok_or_else(|| {
+            StageError::Failed(format!(
+                "curve row `{line}` is not step,tokens,lr,loss,grad_norm,heldout_loss"
+            ))
+        })?);
+    }
+    std::fs::write(
+        curve_dir.join(tensorboard::CURVE_FILE),
+        tensorboard::curve_events(&rows),
+    )
+    .map_err(|e| StageError::io(format!("writing {}", tensorboard::CURVE_FILE), e))?;
     let summary = json!({
         "method": if lora { "lora" } else { "full" },
         "steps": steps,
