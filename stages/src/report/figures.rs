@@ -41,7 +41,34 @@ pub struct Series {
     pub line: bool,
     /// A reference point (drawn black, as a cross).
     pub reference: bool,
+    /// Per point, the 95% interval of x (horizontal whisker), if any: empty or one per point.
+    pub x_err: Vec<Option<(f64, f64)>>,
+    /// Per point, the 95% interval of y (vertical whisker), if any: empty or one per point.
+    pub y_err: Vec<Option<(f64, f64)>>,
 }
+
+impl Series {
+    /// A series without error bars (curves, spectra, ranks: no sampling noise to show).
+    pub fn plain(label: String, points: Vec<(f64, f64)>, sizes: Option<Vec<f64>>) -> Series {
+        Series {
+            label,
+            points,
+            sizes,
+            line: true,
+            reference: false,
+            x_err: Vec::new(),
+            y_err: Vec::new(),
+        }
+    }
+}
+
+/// Whiskers (an SVG polyline for the bar, one for each end cap) are drawn at this opacity and
+/// one pixel wide, which no other line of a figure uses: readers see them as secondary to the
+/// points, and tests can find them in the SVG.
+pub const WHISKER_OPACITY: f64 = 0.7;
+
+/// Width of a whisker's end cap, pixels.
+pub const WHISKER_CAP: u32 = 6;
 
 /// One chart panel.
 #[derive(Debug, Clone)]
@@ -101,10 +128,25 @@ fn trim(v: f64) -> String {
     s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
+/// A whisker: from, to (data coordinates), vertical.
+type Bar = ((f64, f64), (f64, f64), bool);
+
 fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> Result<(), String> {
     let err = |e: &dyn std::fmt::Display| e.to_string();
-    let xs = range(p.series.iter().flat_map(|s| s.points.iter().map(|q| q.0)));
-    let mut ys = range(p.series.iter().flat_map(|s| s.points.iter().map(|q| q.1)));
+    // The axes cover the whiskers too, so no interval is clipped.
+    let ends = |e: &[Option<(f64, f64)>]| -> Vec<f64> {
+        e.iter().flatten().flat_map(|&(a, b)| [a, b]).collect()
+    };
+    let xs = range(
+        p.series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|q| q.0).chain(ends(&s.x_err))),
+    );
+    let mut ys = range(
+        p.series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|q| q.1).chain(ends(&s.y_err))),
+    );
     let integer_x = p
         .series
         .iter()
@@ -163,6 +205,39 @@ fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> R
         };
         anno.label(s.label.clone())
             .legend(move |(x, y)| Rectangle::new([(x, y - 4), (x + 16, y + 4)], color.filled()));
+        let whisker = color.mix(WHISKER_OPACITY).stroke_width(1);
+        let finite = |&(lo, hi): &(f64, f64)| lo.is_finite() && hi.is_finite();
+        // (from, to, vertical) in data coordinates, one per interval.
+        let bars: Vec<Bar> = s
+            .points
+            .iter()
+            .zip(&s.y_err)
+            .filter_map(|(&(x, _), e)| {
+                let (lo, hi) = e.filter(finite)?;
+                Some(((x, lo), (x, hi), true))
+            })
+            .chain(s.points.iter().zip(&s.x_err).filter_map(|(&(_, y), e)| {
+                let (lo, hi) = e.filter(finite)?;
+                Some(((lo, y), (hi, y), false))
+            }))
+            .collect();
+        chart
+            .draw_series(
+                bars.iter()
+                    .map(|&(a, b, _)| PathElement::new(vec![a, b], whisker)),
+            )
+            .map_err(|e| err(&e))?;
+        let h = WHISKER_CAP as i32 / 2;
+        chart
+            .draw_series(bars.iter().flat_map(|&(a, b, vertical)| {
+                let cap = if vertical {
+                    vec![(-h, 0), (h, 0)]
+                } else {
+                    vec![(0, -h), (0, h)]
+                };
+                [a, b].map(|end| EmptyElement::at(end) + PathElement::new(cap.clone(), whisker))
+            }))
+            .map_err(|e| err(&e))?;
         if s.reference {
             chart
                 .draw_series(
