@@ -382,6 +382,7 @@ fn report(
         log: &dir.join("log"),
         threads: 1,
         device: "cpu",
+        live_logs: None,
         progress: &Quiet,
     };
     (flow_stages::report::KIND.run)(&ctx).unwrap_or_else(|e| panic!("report failed: {e}"));
