@@ -19,54 +19,10 @@ const STEPS: u64 = 40;
 
 /// A tiny world, tokenizer and fresh model, and a one-member LoRA sweep.
 fn pipeline() -> String {
-    format!(
-        r#"[pipeline]
-name = "{PIPELINE}"
-seed = 5
-
-[stage.world]
-kind = "synthetic"
-domain = "general"
-docs = 600
-pairs = 50
-eval = 20
-heldout = 40
-
-[stage.tokenizer]
-kind = "tokenize"
-vocab_size = 512
-train_data = ["world.cpt"]
-
-[stage.tokens]
-kind = "tokenize"
-tokenizer = "tokenizer.tokenizer"
-data = ["world.cpt"]
-
-[stage.rows]
-kind = "pack"
-tokens = "tokens.tokens"
-seq_len = 64
-
-[stage.held_tokens]
-kind = "tokenize"
-tokenizer = "tokenizer.tokenizer"
-data = ["world.heldout"]
-
-[stage.held_rows]
-kind = "pack"
-tokens = "held_tokens.tokens"
-seq_len = 64
-
-[stage.base]
-kind = "model"
-tokenizer = "tokenizer.tokenizer"
-hidden_size = 64
-layers = 2
-heads = 4
-kv_heads = 2
-max_positions = 64
-
-[stage.lora]
+    common::tiny_training_pipeline(
+        PIPELINE,
+        &format!(
+            r#"[stage.lora]
 kind = "train-lora"
 model = "base"
 data = "rows"
@@ -82,6 +38,7 @@ micro_batch = 4
 checkpoint_every = 5
 eval_every = 15
 "#
+        ),
     )
 }
 

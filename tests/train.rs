@@ -11,56 +11,7 @@ use common::{Workspace, assert_ok};
 
 /// Data, a tiny fresh model, and a training stage given as TOML.
 fn pipeline(train: &str) -> String {
-    format!(
-        r#"[pipeline]
-name = "train-test"
-seed = 5
-
-[stage.world]
-kind = "synthetic"
-domain = "general"
-docs = 600
-pairs = 50
-eval = 20
-heldout = 40
-
-[stage.tokenizer]
-kind = "tokenize"
-vocab_size = 512
-train_data = ["world.cpt"]
-
-[stage.tokens]
-kind = "tokenize"
-tokenizer = "tokenizer.tokenizer"
-data = ["world.cpt"]
-
-[stage.rows]
-kind = "pack"
-tokens = "tokens.tokens"
-seq_len = 64
-
-[stage.held_tokens]
-kind = "tokenize"
-tokenizer = "tokenizer.tokenizer"
-data = ["world.heldout"]
-
-[stage.held_rows]
-kind = "pack"
-tokens = "held_tokens.tokens"
-seq_len = 64
-
-[stage.base]
-kind = "model"
-tokenizer = "tokenizer.tokenizer"
-hidden_size = 64
-layers = 2
-heads = 4
-kv_heads = 2
-max_positions = 64
-
-{train}
-"#
-    )
+    common::tiny_training_pipeline("train-test", train)
 }
 
 const FULL: &str = r#"[stage.train]

@@ -506,3 +506,58 @@ impl Drop for HttpServer {
         let _ = self.child.wait();
     }
 }
+
+/// A tiny study for training tests: a synthetic world, a tokenizer, packed train and held-out
+/// rows of 64 tokens, and a fresh 2-layer model `base`, then `train` (TOML stages) on top.
+pub fn tiny_training_pipeline(name: &str, train: &str) -> String {
+    format!(
+        r#"[pipeline]
+name = "{name}"
+seed = 5
+
+[stage.world]
+kind = "synthetic"
+domain = "general"
+docs = 600
+pairs = 50
+eval = 20
+heldout = 40
+
+[stage.tokenizer]
+kind = "tokenize"
+vocab_size = 512
+train_data = ["world.cpt"]
+
+[stage.tokens]
+kind = "tokenize"
+tokenizer = "tokenizer.tokenizer"
+data = ["world.cpt"]
+
+[stage.rows]
+kind = "pack"
+tokens = "tokens.tokens"
+seq_len = 64
+
+[stage.held_tokens]
+kind = "tokenize"
+tokenizer = "tokenizer.tokenizer"
+data = ["world.heldout"]
+
+[stage.held_rows]
+kind = "pack"
+tokens = "held_tokens.tokens"
+seq_len = 64
+
+[stage.base]
+kind = "model"
+tokenizer = "tokenizer.tokenizer"
+hidden_size = 64
+layers = 2
+heads = 4
+kv_heads = 2
+max_positions = 64
+
+{train}
+"#
+    )
+}

@@ -219,7 +219,19 @@ pub fn wilson(p: f64, n: usize) -> (f64, f64) {
     let z2 = Z * Z;
     let centre = (p + z2 / (2.0 * n)) / (1.0 + z2 / n);
     let half = Z / (1.0 + z2 / n) * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
-    ((centre - half).max(0.0), (centre + half).min(1.0))
+    // At p = 0 (p = 1) the lower (upper) bound is exactly 0 (1); the formula leaves a
+    // rounding residue there (1.7e-18 at n = 150) that a report would print.
+    let lo = if p <= 0.0 {
+        0.0
+    } else {
+        (centre - half).max(0.0)
+    };
+    let hi = if p >= 1.0 {
+        1.0
+    } else {
+        (centre + half).min(1.0)
+    };
+    (lo, hi)
 }
 
 /// The percentile bootstrap of one run's items with `replicates` resamples: (mean, lo, hi).
