@@ -279,19 +279,7 @@ fn merge(into: &mut Table, from: Table, diags: &mut Diagnostics) {
     for (key, (origin, node)) in from {
         match key.as_str() {
             "stage" | "template" | "pipeline" | "executor" => {
-                let what = match key.as_str() {
-                    "stage" => "stage",
-                    "template" => "template",
-                    "pipeline" => "setting pipeline.",
-                    _ => "setting executor.",
-                };
-                merge_named(into, key, origin, node, diags, |name| {
-                    if what.ends_with('.') {
-                        format!("{what}{name}")
-                    } else {
-                        format!("{what} `{name}`")
-                    }
-                });
+                merge_named(into, key, origin, node, diags);
             }
             "profile" => {
                 let profiles = match node.value {
@@ -333,15 +321,13 @@ fn merge(into: &mut Table, from: Table, diags: &mut Diagnostics) {
     }
 }
 
-/// Merges the entries of table `key`, each name once.
-fn merge_named(
-    into: &mut Table,
-    key: String,
-    origin: Origin,
-    node: Node,
-    diags: &mut Diagnostics,
-    describe: impl Fn(&str) -> String,
-) {
+/// Merges the entries of table `key` (`stage`, `template`, `pipeline`, `executor`), each
+/// name once.
+fn merge_named(into: &mut Table, key: String, origin: Origin, node: Node, diags: &mut Diagnostics) {
+    let describe = |name: &str| match key.as_str() {
+        "stage" | "template" => format!("{key} `{name}`"),
+        _ => format!("setting {key}.{name}"),
+    };
     let entries = match node.value {
         Value::Table(t) => t,
         other => {
