@@ -86,25 +86,36 @@ fn default_profiles_share_their_common_stages() {
     // Each study: full finetuning, LoRA at three ranks (two in regularization), an eval of
     // every model and of the base, svd of the full-finetuning changes, and a report.
     for (name, p) in STUDIES.iter().zip(&plans) {
-        let count = |prefix: &str| p.keys().filter(|k| k.starts_with(prefix)).count();
+        // The members of a group: `g` itself or `g[...]` (not `g_x` nor the trunks `g-trunk`).
+        let members = |g: &str| {
+            p.keys()
+                .filter(|k| *k == g || k.starts_with(&format!("{g}[")))
+                .count()
+        };
         let ranks = if *name == "regularization" { 2 } else { 3 };
-        assert_eq!(count("lora["), ranks, "{name}");
-        assert_eq!(count("eval_lora["), ranks, "{name}");
-        assert_eq!(
-            count("full") - count("full_"),
-            count("eval_full") - count("eval_full_"),
-            "{name}"
-        );
-        assert_eq!(count("svd_full"), count("full") - count("full_"), "{name}");
+        let lora_ranks: std::collections::BTreeSet<&str> = p
+            .keys()
+            .filter_map(|k| k.strip_prefix("lora[rank="))
+            .map(|r| r.split([',', ']']).next().unwrap())
+            .collect();
+        assert_eq!(lora_ranks.len(), ranks, "{name}: {lora_ranks:?}");
+        assert_eq!(members("eval_lora"), members("lora"), "{name}");
+        assert_eq!(members("full"), members("eval_full"), "{name}");
+        assert_eq!(members("svd_full"), members("full"), "{name}");
         assert!(
             p.contains_key("eval_base") && p.contains_key("report"),
             "{name}"
         );
     }
-    // CPT studies train full finetuning at three durations and svd each.
+    // CPT studies train full finetuning at three durations and svd each, the durations as
+    // cooldown branches of one trunk (300 steps of 16 x 128, the cooldown its last 20%).
+    assert_eq!(
+        plans[0]["full-trunk[tokens=614400]"].1,
+        "trunk: steps 120..240 of 300 = 245760 tokens"
+    );
     assert_eq!(
         plans[0]["full[tokens=614400]"].1,
-        "614400 tokens = 300 steps x 16 rows x 128"
+        "cooldown branch: steps 240..300 of 300 = 122880 tokens"
     );
     assert!(plans[0].contains_key("svd_full[tokens=153600]"));
     assert_eq!(
@@ -311,9 +322,14 @@ fn paper_profiles_plan_the_papers_study() {
     let cpt = &plans[0];
     let fulls: Vec<_> = cpt.keys().filter(|k| k.starts_with("full[")).collect();
     assert_eq!(fulls.len(), 8);
+    // Cooldown branches: one trunk to 80% of 20B, each duration's last 20% from there.
+    assert_eq!(
+        cpt["full-trunk[tokens=20000000000]"].1,
+        "trunk: steps 16277..20346 of 25432 = 3.20B tokens"
+    );
     assert_eq!(
         cpt["full[tokens=20000000000]"].1,
-        "20.00B tokens = 25432 steps x 192 rows x 4096"
+        "cooldown branch: steps 20346..25432 of 25432 = 4.00B tokens"
     );
     assert_eq!(cpt.keys().filter(|k| k.starts_with("svd_full[")).count(), 8);
     // IFT: epochs 1..16 at global batch 768 (math) and 192 (code).

@@ -80,45 +80,162 @@ impl Context {
                 )?;
             }
         }
+        let savings = branching_savings(&pipeline);
         if json {
-            writeln!(
-                out,
-                "{}",
-                json!({"event": "summary", "would_run": would, "cached": cached})
-            )?;
+            let mut summary = json!({"event": "summary", "would_run": would, "cached": cached});
+            if let Some((planned, scratch)) = savings {
+                summary["train_tokens"] = json!(planned);
+                summary["train_tokens_from_scratch"] = json!(scratch);
+            }
+            writeln!(out, "{summary}")?;
         } else {
             writeln!(out, "{would} would run, {cached} cached")?;
+            if let Some((planned, scratch)) = savings {
+                writeln!(
+                    out,
+                    "training: {} tokens with cooldown branches, {} with every duration from scratch ({:.0}%)",
+                    human(planned as f64),
+                    human(scratch as f64),
+                    100.0 * planned as f64 / scratch.max(1) as f64
+                )?;
+            }
         }
         Ok(ExitCode::SUCCESS)
     }
 }
 
-/// What a training stage will do, for `flow plan`: its duration in tokens, steps and
-/// epochs where the rows' length is known from the `pack` stage that feeds it.
-fn training_budget(pipeline: &Pipeline, stage: &flow::pipeline::Stage) -> Option<String> {
-    if !matches!(stage.kind.name, "train-full" | "train-lora") {
-        return None;
-    }
-    let int = |s: &flow::pipeline::Stage, k: &str| match s.params.get(k) {
+/// The kinds that train, with their cooldown trunks.
+const TRAINING_KINDS: [&str; 4] = [
+    "train-full",
+    "train-lora",
+    "train-full-trunk",
+    "train-lora-trunk",
+];
+
+fn int(stage: &flow::pipeline::Stage, k: &str) -> Option<i64> {
+    match stage.params.get(k) {
         Some(flow::key::Val::Int(v)) => Some(*v),
         _ => None,
-    };
-    let global = int(stage, "global_batch")?;
-    let seq = stage
+    }
+}
+
+fn float(stage: &flow::pipeline::Stage, k: &str) -> Option<f64> {
+    match stage.params.get(k) {
+        Some(flow::key::Val::Int(v)) => Some(*v as f64),
+        Some(flow::key::Val::Float(v)) => Some(*v),
+        _ => None,
+    }
+}
+
+/// The stage an input param of `stage` reads (the first source).
+fn input_stage<'a>(
+    pipeline: &'a Pipeline,
+    stage: &flow::pipeline::Stage,
+    path: &str,
+) -> Option<&'a flow::pipeline::Stage> {
+    stage
         .inputs
         .iter()
-        .find(|b| b.path == "data")
+        .find(|b| b.path == path)
         .and_then(|b| b.sources.first())
-        .and_then(|s| int(&pipeline.stages[s.stage], "seq_len"));
-    let human = |t: f64| {
-        if t >= 1e9 {
-            format!("{:.2}B", t / 1e9)
-        } else if t >= 1e6 {
-            format!("{:.1}M", t / 1e6)
-        } else {
-            format!("{t:.0}")
-        }
+        .map(|s| &pipeline.stages[s.stage])
+}
+
+/// Where a training stage's steps lie when the rows' length is known from the `pack` stage
+/// that feeds it (durations in steps or tokens): the steps it trains, from where (its
+/// `resume` trunk's end) to where (its cooldown start, for a trunk), of how many in all.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    from: u64,
+    to: u64,
+    total: u64,
+    tokens_per_step: u64,
+}
+
+fn span(pipeline: &Pipeline, stage: &flow::pipeline::Stage) -> Option<Span> {
+    if !TRAINING_KINDS.contains(&stage.kind.name) {
+        return None;
+    }
+    let global = int(stage, "global_batch")? as u64;
+    let seq = int(input_stage(pipeline, stage, "data")?, "seq_len")? as u64;
+    let tokens_per_step = global * seq;
+    let total = match (int(stage, "steps"), int(stage, "tokens")) {
+        (Some(s), _) => s as u64,
+        (_, Some(t)) => (t as u64).div_ceil(tokens_per_step.max(1)),
+        _ => return None,
     };
+    let cooldown = float(stage, "cooldown").unwrap_or(0.0);
+    let to = if stage.kind.name.ends_with("-trunk") {
+        flow_stages::train::schedule::cooldown_start(total, cooldown)
+    } else {
+        total
+    };
+    let from = match input_stage(pipeline, stage, "resume") {
+        Some(trunk) => span(pipeline, trunk)?.to,
+        None => 0,
+    };
+    Some(Span {
+        from,
+        to,
+        total,
+        tokens_per_step,
+    })
+}
+
+/// Tokens the pipeline's training stages train as planned, and what they would train with
+/// every duration from scratch; None unless some stage is a cooldown branch and every
+/// span is known.
+fn branching_savings(pipeline: &Pipeline) -> Option<(u64, u64)> {
+    let (mut planned, mut scratch, mut branched) = (0u64, 0u64, false);
+    for stage in &pipeline.stages {
+        if !TRAINING_KINDS.contains(&stage.kind.name) {
+            continue;
+        }
+        let s = span(pipeline, stage)?;
+        planned += (s.to - s.from.min(s.to)) * s.tokens_per_step;
+        if !stage.kind.name.ends_with("-trunk") {
+            scratch += s.total * s.tokens_per_step;
+        }
+        branched |= stage.kind.name.ends_with("-trunk");
+    }
+    branched.then_some((planned, scratch))
+}
+
+fn human(t: f64) -> String {
+    if t >= 1e9 {
+        format!("{:.2}B", t / 1e9)
+    } else if t >= 1e6 {
+        format!("{:.1}M", t / 1e6)
+    } else {
+        format!("{t:.0}")
+    }
+}
+
+/// What a training stage will do, for `flow plan`: its duration in tokens, steps and
+/// epochs where the rows' length is known from the `pack` stage that feeds it; for a trunk
+/// or a cooldown branch, the steps it trains of its duration.
+fn training_budget(pipeline: &Pipeline, stage: &flow::pipeline::Stage) -> Option<String> {
+    if !TRAINING_KINDS.contains(&stage.kind.name) {
+        return None;
+    }
+    let global = int(stage, "global_batch")?;
+    if let Some(s) = span(pipeline, stage)
+        && (s.from > 0 || s.to < s.total)
+    {
+        let what = if s.to < s.total {
+            "trunk"
+        } else {
+            "cooldown branch"
+        };
+        return Some(format!(
+            "{what}: steps {}..{} of {} = {} tokens",
+            s.from,
+            s.to,
+            s.total,
+            human(((s.to - s.from.min(s.to)) * s.tokens_per_step) as f64)
+        ));
+    }
+    let seq = input_stage(pipeline, stage, "data").and_then(|s| int(s, "seq_len"));
     let per_step = seq.map(|s| (global * s) as f64);
     let text = match (
         int(stage, "steps"),

@@ -16,6 +16,7 @@ use flow_stages::{Default as ParamDefault, Kind};
 use indexmap::IndexMap;
 use petgraph::graph::{DiGraph, NodeIndex};
 
+use super::branch::{self, Branching};
 use super::check::{RefExpr, STAGE_KEYS, check_value, check_value_in, is_stage_name, known_keys};
 use super::template::Uses;
 use super::value::{Node, Table, Value, type_error};
@@ -33,6 +34,8 @@ struct Base {
     sweeps: Vec<Sweep>,
     device: Option<String>,
     param_origins: Arc<[(&'static str, ParamOrigin)]>,
+    /// `branch = "cooldown"`: trunk stages are added for the members.
+    branching: Option<Branching>,
 }
 
 /// One swept param: its values, each with its display text and references.
@@ -85,9 +88,16 @@ pub fn expand(
     // The DAG of stage tables; an edge producer -> consumer per reference.
     let mut graph = DiGraph::<usize, Origin>::new();
     let nodes: Vec<NodeIndex> = (0..bases.len()).map(|i| graph.add_node(i)).collect();
+    // A reference to a branched table's trunks (`full-trunk[steps=16]`) is an edge to it.
+    let trunk_of: HashMap<String, usize> = bases
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.branching.is_some())
+        .map(|(i, b)| (branch::trunk_group(&b.name), i))
+        .collect();
     for (i, base) in bases.iter().enumerate() {
         for r in base.all_refs() {
-            match index.get(r.base()) {
+            match index.get(r.base()).or_else(|| trunk_of.get(r.base())) {
                 Some(&j) => {
                     graph.add_edge(nodes[j], nodes[i], r.origin.clone());
                 }
@@ -108,6 +118,13 @@ pub fn expand(
             }
         }
     }
+    branch::check_names(
+        bases
+            .iter()
+            .filter_map(|b| b.branching.as_ref().map(|br| (b.name.as_str(), br))),
+        |name| index.contains_key(name),
+        diags,
+    );
     report_cycles(&graph, &bases, diags);
     if !diags.is_empty() {
         return Vec::new();
@@ -119,10 +136,18 @@ pub fn expand(
     drop(graph);
     let mut bases: Vec<Option<Base>> = bases.into_iter().map(Some).collect();
     for i in order {
-        let base = bases[i].take().expect("each base is expanded once");
+        let mut base = bases[i].take().expect("each base is expanded once");
         let name = base.name.clone();
+        let branching = base.branching.take();
+        let mut members = expand_base(base, &stages, &groups, diags);
+        if let Some(b) = branching {
+            let (trunks, branches) = branch::add_trunks(&b, &name, members, stages.len());
+            let first = stages.len();
+            stages.extend(trunks);
+            groups.insert(branch::trunk_group(&name), (first..stages.len()).collect());
+            members = branches;
+        }
         let first = stages.len();
-        let members = expand_base(base, &stages, &groups, diags);
         stages.extend(members);
         groups.insert(name, (first..stages.len()).collect());
     }
@@ -191,6 +216,7 @@ fn check_stage(
     let before = diags.0.len();
     let device = stage_device(table, kind, diags);
     let sweep_names = sweep_list(table, kind, diags);
+    let branching = branch::read(table, kind, &sweep_names, diags);
     let mut fixed = BTreeMap::new();
     let mut fixed_refs = Vec::new();
     let mut sweeps = Vec::new();
@@ -294,6 +320,7 @@ fn check_stage(
         fixed_refs,
         sweeps,
         device,
+        branching,
         param_origins: {
             param_origins.sort_unstable_by_key(|(name, _)| *name);
             param_origins.into()

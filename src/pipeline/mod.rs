@@ -1,6 +1,7 @@
 //! Pipelines: the TOML file, validated against the stage kinds, expanded into a DAG of
 //! concrete stages (sweeps and fan-outs unrolled) before anything runs.
 
+mod branch;
 pub mod check;
 pub mod executor;
 mod expand;

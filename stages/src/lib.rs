@@ -39,6 +39,8 @@ pub fn registry() -> Vec<&'static Kind> {
         &model::kind::KIND,
         &train::stage::FULL,
         &train::stage::LORA,
+        &train::stage::FULL_TRUNK,
+        &train::stage::LORA_TRUNK,
         &eval::KIND,
         &svd::KIND,
         &report::KIND,

@@ -519,6 +519,23 @@ pub fn load(scratch: &Path) -> Result<Loaded, StageError> {
     })
 }
 
+/// Reads the checkpoint a finished artifact holds (a trunk stage's `checkpoint` output: the
+/// directory [`save`] wrote into, with its `latest.json`). Unlike [`load`] it never writes
+/// (inputs share storage with the cache) and never falls back: an artifact's files are
+/// verified by the engine, so anything wrong here is an error, not a reason to start over.
+pub fn read_artifact(dir: &Path) -> Result<Checkpoint, StageError> {
+    let damaged = |why: String| {
+        StageError::Failed(format!(
+            "{}: not a usable training checkpoint ({why})",
+            dir.display()
+        ))
+    };
+    let name = read_latest(dir)
+        .map_err(damaged)?
+        .ok_or_else(|| damaged(format!("no {LATEST}")))?;
+    read_ckpt(dir, &name).map_err(|why| damaged(format!("{name}: {why}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
-//! Training: the `train-full` and `train-lora` kinds, their loop, optimizers, schedules,
+//! Training: the `train-full` and `train-lora` kinds (and their cooldown trunks), their loop, optimizers, schedules,
 //! data order, checkpoints and TensorBoard event files.
 
+pub mod branch;
 pub mod checkpoint;
 pub mod cpu;
 pub mod data;

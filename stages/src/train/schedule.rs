@@ -16,6 +16,21 @@ pub enum Schedule {
     Constant { warmup: u64 },
 }
 
+/// A warmup or cooldown param in steps: a fraction of `total` when below 1, else a count.
+pub fn steps_or_fraction(v: f64, total: u64) -> u64 {
+    if v < 1.0 {
+        (v * total as f64).round() as u64
+    } else {
+        v as u64
+    }
+}
+
+/// The first step of the trapezoid's cooldown in a run of `total` steps, for a `cooldown`
+/// param (fraction or count): where a cooldown branch starts.
+pub fn cooldown_start(total: u64, cooldown: f64) -> u64 {
+    total.saturating_sub(steps_or_fraction(cooldown, total))
+}
+
 impl Schedule {
     /// The learning rate of step `step` (0-based) of `total`.
     pub fn lr(&self, peak: f64, step: u64, total: u64) -> f64 {

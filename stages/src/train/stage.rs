@@ -13,11 +13,12 @@ use std::time::Instant;
 use serde::Deserialize;
 use serde_json::json;
 
+use super::branch;
 use super::checkpoint::{self, LoopState};
 use super::cpu::CpuTrainer;
 use super::data::{self, Attention, Order};
 use super::optim::{Optimizer, Rule};
-use super::schedule::Schedule;
+use super::schedule::{Schedule, cooldown_start, steps_or_fraction};
 use super::tensorboard::{self, CurveRow, LiveWriter};
 use super::trainer::Trainer;
 use crate::cpu::llama::Dropouts;
@@ -29,7 +30,18 @@ use crate::kind::{Default, Kind, Param, ParamType, StageContext, StageError, Sta
 use crate::model::weights::{Proj, Weights};
 
 macro_rules! train_params {
-    ($($extra:expr),* $(,)?) => {
+    (lora) => {
+        train_params!(@with
+            Param { name: "rank", ty: ParamType::Int, default: Default::Required, doc: "r" },
+            Param { name: "alpha", ty: ParamType::Float, default: Default::Optional, doc: "scale numerator: the update is (alpha/r) B A [default: 2 * rank]" },
+            Param { name: "use_rslora", ty: ParamType::Bool, default: Default::Value("false"), doc: "scale by alpha/sqrt(r) (rsLoRA)" },
+            Param { name: "lora_dropout", ty: ParamType::Float, default: Default::Value("0.05"), doc: "dropout on the LoRA input" },
+            Param { name: "targets", ty: ParamType::List(&ParamType::Str), default: Default::Value("[\"all\"]"), doc: "projections to adapt: any of q, k, v, o, gate, up, down, or the presets all, attention, mlp" },
+            Param { name: "init", ty: ParamType::Choice(&["kaiming", "gaussian"]), default: Default::Value("\"kaiming\""), doc: "A's init, as PEFT's (B starts at zero)" },
+        )
+    };
+    () => { train_params!(@with) };
+    (@with $($extra:expr),* $(,)?) => {
         &[
             Param { name: "model", ty: ParamType::Input, default: Default::Required, doc: "the model to start from (a `model` stage or another training stage)" },
             Param { name: "data", ty: ParamType::Input, default: Default::Required, doc: "a `pack` stage's rows" },
@@ -58,6 +70,7 @@ macro_rules! train_params {
             Param { name: "eval_rows", ty: ParamType::Int, default: Default::Value("64"), doc: "held-out rows per evaluation" },
             Param { name: "checkpoint_every", ty: ParamType::Int, default: Default::Value("50"), doc: "checkpoint into scratch every N steps (a rerun resumes from the last one)" },
             Param { name: "seed", ty: ParamType::Int, default: Default::PipelineSeed, doc: "data order of later epochs, dropout and LoRA init" },
+            Param { name: "resume", ty: ParamType::Input, default: Default::Optional, doc: "start from a trunk's checkpoint (cooldown branches; `branch = \"cooldown\"` wires it)" },
             $($extra),*
         ]
     };
@@ -68,7 +81,7 @@ pub static FULL: Kind = Kind {
     name: "train-full",
     version: 3,
     doc: "full finetuning (or pretraining from a fresh model): every weight trains",
-    params: train_params![],
+    params: train_params!(),
     outputs: &["model", "curve"],
     uses_device: true,
     run: run_full,
@@ -79,48 +92,44 @@ pub static LORA: Kind = Kind {
     name: "train-lora",
     version: 3,
     doc: "LoRA: low-rank adapters on the chosen projections train, the base stays frozen; writes the PEFT adapter and the merged model",
-    params: train_params![
-        Param {
-            name: "rank",
-            ty: ParamType::Int,
-            default: Default::Required,
-            doc: "r"
-        },
-        Param {
-            name: "alpha",
-            ty: ParamType::Float,
-            default: Default::Optional,
-            doc: "scale numerator: the update is (alpha/r) B A [default: 2 * rank]"
-        },
-        Param {
-            name: "use_rslora",
-            ty: ParamType::Bool,
-            default: Default::Value("false"),
-            doc: "scale by alpha/sqrt(r) (rsLoRA)"
-        },
-        Param {
-            name: "lora_dropout",
-            ty: ParamType::Float,
-            default: Default::Value("0.05"),
-            doc: "dropout on the LoRA input"
-        },
-        Param {
-            name: "targets",
-            ty: ParamType::List(&ParamType::Str),
-            default: Default::Value("[\"all\"]"),
-            doc: "projections to adapt: any of q, k, v, o, gate, up, down, or the presets all, attention, mlp"
-        },
-        Param {
-            name: "init",
-            ty: ParamType::Choice(&["kaiming", "gaussian"]),
-            default: Default::Value("\"kaiming\""),
-            doc: "A's init, as PEFT's (B starts at zero)"
-        },
-    ],
+    params: train_params!(lora),
     outputs: &["model", "adapter", "curve"],
     uses_device: true,
     run: run_lora,
 };
+
+/// Registered as `kind = "train-full-trunk"`: the shared part of full finetuning runs that
+/// differ only in duration (see [`super::branch`]).
+pub static FULL_TRUNK: Kind = Kind {
+    name: "train-full-trunk",
+    version: 1,
+    doc: "the steps before the cooldown of a `train-full` duration, as a checkpoint that cooldown branches start from (written by `branch = \"cooldown\"`)",
+    params: train_params!(),
+    outputs: &["checkpoint"],
+    uses_device: true,
+    run: run_full_trunk,
+};
+
+/// Registered as `kind = "train-lora-trunk"`: [`FULL_TRUNK`] for LoRA.
+pub static LORA_TRUNK: Kind = Kind {
+    name: "train-lora-trunk",
+    version: 1,
+    doc: "the steps before the cooldown of a `train-lora` duration, as a checkpoint that cooldown branches start from (written by `branch = \"cooldown\"`)",
+    params: train_params!(lora),
+    outputs: &["checkpoint"],
+    uses_device: true,
+    run: run_lora_trunk,
+};
+
+/// The trunk kind of a training kind (`train-full` -> `train-full-trunk`), for the engine's
+/// `branch = "cooldown"`; None for every other kind.
+pub fn trunk_kind(kind: &Kind) -> Option<&'static Kind> {
+    match kind.name {
+        "train-full" => Some(&FULL_TRUNK),
+        "train-lora" => Some(&LORA_TRUNK),
+        _ => None,
+    }
+}
 
 #[derive(Deserialize)]
 struct TrainParams {
@@ -157,12 +166,29 @@ struct TrainParams {
     init: Option<String>,
 }
 
+/// Where a run stops and what it writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// The whole duration (or, with `resume`, the rest of it): the model and curve.
+    Whole,
+    /// Up to the duration's cooldown start: the checkpoint.
+    Trunk,
+}
+
 fn run_full(ctx: &StageContext) -> Result<StageOutcome, StageError> {
-    train(ctx, false)
+    train(ctx, false, Phase::Whole)
 }
 
 fn run_lora(ctx: &StageContext) -> Result<StageOutcome, StageError> {
-    train(ctx, true)
+    train(ctx, true, Phase::Whole)
+}
+
+fn run_full_trunk(ctx: &StageContext) -> Result<StageOutcome, StageError> {
+    train(ctx, false, Phase::Trunk)
+}
+
+fn run_lora_trunk(ctx: &StageContext) -> Result<StageOutcome, StageError> {
+    train(ctx, true, Phase::Trunk)
 }
 
 fn bad(msg: impl Into<String>) -> StageError {
@@ -193,14 +219,6 @@ fn lora_targets(names: &[String]) -> Result<Vec<Proj>, StageError> {
     Ok(out)
 }
 
-fn steps_or_fraction(v: f64, total: u64) -> u64 {
-    if v < 1.0 {
-        (v * total as f64).round() as u64
-    } else {
-        v as u64
-    }
-}
-
 /// Appends lines to the stage's log.
 struct Log(std::fs::File);
 
@@ -228,7 +246,7 @@ fn input_dir<'a>(ctx: &'a StageContext, name: &str) -> Option<&'a Path> {
     ctx.artifact(name).map(|a| a.dir.as_path())
 }
 
-fn train(ctx: &StageContext, lora: bool) -> Result<StageOutcome, StageError> {
+fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, StageError> {
     crate::cpu::alloc::keep_freed_memory();
     let p: TrainParams = ctx.typed_params()?;
     let mut log = Log(std::fs::OpenOptions::new()
@@ -300,6 +318,28 @@ fn train(ctx: &StageContext, lora: bool) -> Result<StageOutcome, StageError> {
             warmup: steps_or_fraction(p.warmup, steps),
         },
     };
+    // A trunk stops where its duration's cooldown starts; with `resume` a run starts from a
+    // trunk's checkpoint. Both are sound only when the steps before the cooldown are the same
+    // for every duration (see super::branch).
+    let shares_trunk = phase == Phase::Trunk || ctx.artifact("resume").is_some();
+    if shares_trunk {
+        branch::check_schedule(&p.schedule, p.warmup).map_err(|e| {
+            bad(format!(
+                "{}: {e}",
+                if phase == Phase::Trunk {
+                    "trunk"
+                } else {
+                    "resume"
+                }
+            ))
+        })?;
+    }
+    let cooldown_from = cooldown_start(steps, p.cooldown);
+    let stop = match phase {
+        Phase::Whole => steps,
+        Phase::Trunk => cooldown_from,
+    };
+    let fingerprint = shares_trunk.then(|| branch::fingerprint(ctx, lora));
     let attention = if p.attention == "document" {
         Attention::Document
     } else {
@@ -395,16 +435,33 @@ fn train(ctx: &StageContext, lora: bool) -> Result<StageOutcome, StageError> {
     if resuming_from.is_none() && !loaded.skipped.is_empty() {
         log.line("no checkpoint is usable (every one was damaged); training starts from step 0");
     }
-    if let Some(ck) = loaded.checkpoint {
+    // The stage's own scratch checkpoint first (it continues the trunk, if there is one).
+    let (start, from) = match loaded.checkpoint {
+        Some(ck) => (Some(ck), None),
+        None => match &fingerprint {
+            Some(f) => match branch::read_resume(ctx, f, cooldown_from)? {
+                Some((ck, stage)) => (Some(ck), Some(stage)),
+                None => (None, None),
+            },
+            None => (None, None),
+        },
+    };
+    if let Some(ck) = start {
         trainer
             .restore(ck.trainable, ck.opt)
             .map_err(|e| StageError::Failed(format!("{}: {e}", ck.dir.display())))?;
         state = ck.state;
-        log.line(&format!(
-            "resumed from checkpoint at step {} ({})",
-            state.step,
-            ck.dir.display()
-        ));
+        match from {
+            Some(stage) => log.line(&format!(
+                "starting at step {} from the checkpoint of trunk {stage}",
+                state.step
+            )),
+            None => log.line(&format!(
+                "resumed from checkpoint at step {} ({})",
+                state.step,
+                ck.dir.display()
+            )),
+        }
     }
     let heldout = match input_dir(ctx, "heldout") {
         Some(d) => {
@@ -417,12 +474,16 @@ fn train(ctx: &StageContext, lora: bool) -> Result<StageOutcome, StageError> {
         None => None,
     };
     log.line(&format!(
-        "training {} ({} params{}) for {steps} steps: {global} rows x {seq_len} tokens per step, micro-batch {micro}, {threads} threads, device {device_name}",
+        "training {} ({} params{}) for {}: {global} rows x {seq_len} tokens per step, micro-batch {micro}, {threads} threads, device {device_name}",
         if lora { "LoRA" } else { "all weights" },
         trainer.trainable_count(),
         if lora { " trainable" } else { "" },
+        match phase {
+            Phase::Whole => format!("{steps} steps"),
+            Phase::Trunk => format!("the trunk of a {steps}-step run, up to its cooldown at step {stop}"),
+        },
     ));
-    ctx.progress.set_length(steps);
+    ctx.progress.set_length(stop);
     ctx.progress.set_position(state.step);
     // Live curves are for watching: a failure to write them is logged, never fatal.
     let mut live = ctx
@@ -461,7 +522,7 @@ fn train(ctx: &StageContext, lora: bool) -> Result<StageOutcome, StageError> {
     let mut window = (Instant::now(), 0u64);
     let mut last_loss = f64::NAN;
     let result: Result<(), StageError> = pool.install(|| {
-        for step in state.step..steps {
+        for step in state.step..stop {
             let step_clock = Instant::now();
             let lr = schedule.lr(p.lr, step, steps);
             let rows = data::read_rows(&reader, &mut order, step * global as u64, global)?;
@@ -528,10 +589,10 @@ fn train(ctx: &StageContext, lora: bool) -> Result<StageOutcome, StageError> {
             }
             live_event(&mut live, &mut log, state.step, &scalars);
             window.1 += tokens_per_step;
-            if state.step.is_multiple_of(p.log_every.max(1) as u64) || state.step == steps {
+            if state.step.is_multiple_of(p.log_every.max(1) as u64) || state.step == stop {
                 let tps = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
                 log.line(&format!(
-                    "step {}/{steps} loss {loss:.4} lr {lr:.3e} grad_norm {norm:.4} tokens/s {tps:.0}{}",
+                    "step {}/{stop} loss {loss:.4} lr {lr:.3e} grad_norm {norm:.4} tokens/s {tps:.0}{}",
                     state.step,
                     heldout_loss.map(|h| format!(" heldout {h:.4}")).unwrap_or_default()
                 ));
@@ -539,7 +600,7 @@ fn train(ctx: &StageContext, lora: bool) -> Result<StageOutcome, StageError> {
             }
             ctx.progress.set_position(state.step);
             ctx.progress.set_message(&format!("loss {loss:.3}"));
-            if p.checkpoint_every > 0 && state.step.is_multiple_of(p.checkpoint_every as u64) && state.step < steps {
+            if p.checkpoint_every > 0 && state.step.is_multiple_of(p.checkpoint_every as u64) && state.step < stop {
                 let (tensors, opt) = trainer.snapshot();
                 checkpoint::save(ctx.scratch, &tensors, &opt, &state)?;
             }
@@ -548,6 +609,30 @@ fn train(ctx: &StageContext, lora: bool) -> Result<StageOutcome, StageError> {
     });
     result?;
     let secs = clock.elapsed().as_secs_f64();
+    let ran = state.step - start_step;
+    let tps = (ran * tokens_per_step) as f64 / secs.max(1e-9);
+    let mut outcome = StageOutcome::default();
+    outcome
+        .metrics
+        .insert("final_loss".into(), json!(last_loss));
+    outcome
+        .metrics
+        .insert("tokens_per_s".into(), json!(tps.round()));
+    if phase == Phase::Trunk {
+        let out = ctx.output("checkpoint")?;
+        let (tensors, opt) = trainer.snapshot();
+        checkpoint::save(out, &tensors, &opt, &state)?;
+        branch::write_trunk(
+            out,
+            fingerprint.as_ref().expect("a trunk has a fingerprint"),
+        )?;
+        log.line(&format!(
+            "trunk done at step {stop}: {ran} steps in {secs:.1}s ({tps:.0} tokens/s)"
+        ));
+        outcome.metrics.insert("steps".into(), json!(stop));
+        outcome.metrics.insert("tokens".into(), json!(state.tokens));
+        return Ok(outcome);
+    }
     let final_heldout = heldout
         .as_ref()
         .map(|rows| pool.install(|| eval(trainer.as_ref(), rows)));
@@ -612,22 +697,13 @@ fn train(ctx: &StageContext, lora: bool) -> Result<StageOutcome, StageError> {
         serde_json::to_string_pretty(&summary).expect("json"),
     )
     .map_err(|e| StageError::io("writing summary.json", e))?;
-    let ran = state.step - start_step;
-    let tps = (ran * tokens_per_step) as f64 / secs.max(1e-9);
     log.line(&format!(
         "done: {ran} steps in {secs:.1}s ({tps:.0} tokens/s)"
     ));
-    let mut outcome = StageOutcome::default();
-    outcome
-        .metrics
-        .insert("final_loss".into(), json!(last_loss));
     if let Some(h) = final_heldout {
         outcome.metrics.insert("heldout_loss".into(), json!(h));
     }
     outcome.metrics.insert("steps".into(), json!(steps));
     outcome.metrics.insert("tokens".into(), json!(state.tokens));
-    outcome
-        .metrics
-        .insert("tokens_per_s".into(), json!(tps.round()));
     Ok(outcome)
 }
