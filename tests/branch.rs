@@ -359,3 +359,33 @@ fn branching_needs_a_duration_sweep_and_the_trapezoid_with_whole_step_warmup() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_killed_branch_resumes_from_its_own_checkpoint_with_the_same_bits() {
+    // One duration of 120 steps with a half-length cooldown: the trunk stops at 60, so a
+    // checkpoint at step 64 or later is the branch's own.
+    let text = pipeline(&full(true, &[120]).replace(
+        "branch = \"cooldown\"",
+        "branch = \"cooldown\"\ncooldown = 0.5",
+    ));
+    let whole = Workspace::new();
+    let pw = whole.write("p.toml", &text);
+    assert_ok(&whole.flow(&["run", pw.to_str().unwrap()]));
+
+    let ws = Workspace::new();
+    let p = ws.write("p.toml", &text);
+    let (_, killed_at) = common::kill_at_a_checkpoint(&ws, &p, 64);
+    assert_ok(&ws.flow(&["run", p.to_str().unwrap()]));
+    let l = log(&ws, &p, "full[steps=120]");
+    let step: u64 = killed_at.trim_start_matches("ckpt-").parse().unwrap();
+    assert!(
+        l.contains("starting at step 60 from the checkpoint of trunk full-trunk[steps=120]")
+            && l.contains(&format!("resumed from checkpoint at step {step}")),
+        "the first attempt started from the trunk, the second from its own checkpoint: {l}"
+    );
+    assert_eq!(
+        outputs(&ws, &p, "full[steps=120]"),
+        outputs(&whole, &pw, "full[steps=120]"),
+        "the resumed branch ends in the uninterrupted one's bits"
+    );
+}

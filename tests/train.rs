@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use common::{Workspace, assert_ok};
 
@@ -69,46 +68,6 @@ fn training_learns_and_is_deterministic() {
     );
 }
 
-/// Starts `flow run` on a pipeline and kills it (-9, the whole process group) once the
-/// stage's `latest.json` names a checkpoint at step 10 or later. Returns the stage's scratch
-/// directory and the checkpoint `latest.json` named.
-fn kill_at_a_checkpoint(ws: &Workspace, p: &Path) -> (PathBuf, String) {
-    let mut cmd = ws.command(&["run", p.to_str().unwrap()]);
-    cmd.stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let mut child = cmd.spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let scratch = ws.cache().join("scratch");
-    let found = 'wait: loop {
-        assert!(Instant::now() < deadline, "no checkpoint appeared");
-        for e in std::fs::read_dir(&scratch).into_iter().flatten().flatten() {
-            if let Some(name) = latest_checkpoint(&e.path())
-                && name.as_str() >= "ckpt-00000010"
-            {
-                break 'wait (e.path(), name);
-            }
-        }
-        if let Ok(Some(_)) = child.try_wait() {
-            panic!("the run finished before it could be killed");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    // SAFETY: kill(2) of the process group this test started.
-    unsafe {
-        libc::kill(-(child.id() as i32), libc::SIGKILL);
-    }
-    let _ = child.wait();
-    found
-}
-
-/// The checkpoint a stage scratch directory's `latest.json` names, if it names one.
-fn latest_checkpoint(scratch: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(scratch.join("latest.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    Some(v["dir"].as_str()?.to_string())
-}
-
 /// Every stage log of a workspace, concatenated.
 fn logs(ws: &Workspace) -> String {
     std::fs::read_dir(ws.cache().join("logs"))
@@ -141,7 +100,7 @@ fn a_killed_training_run_resumes_from_its_checkpoint_bit_exactly() {
 
     let ws = Workspace::new();
     let p = ws.write("p.toml", &pipeline(FULL));
-    kill_at_a_checkpoint(&ws, &p);
+    common::kill_at_a_checkpoint(&ws, &p, 10);
     assert_ok(&ws.flow(&["run", p.to_str().unwrap()]));
     let step = resumed_step(&logs(&ws));
     assert!(step >= 10, "resumed at step {step}, not from 0");
@@ -160,7 +119,7 @@ fn a_damaged_checkpoint_is_skipped_for_the_previous_good_one_with_the_same_bits(
     // The newest checkpoint's weights with bytes flipped, its size kept.
     let ws = Workspace::new();
     let p = ws.write("p.toml", &pipeline(FULL));
-    let (scratch, newest) = kill_at_a_checkpoint(&ws, &p);
+    let (scratch, newest) = common::kill_at_a_checkpoint(&ws, &p, 10);
     let weights = scratch.join(&newest).join("trainable.safetensors");
     let mut bytes = std::fs::read(&weights).unwrap();
     let n = bytes.len();
@@ -188,7 +147,7 @@ fn a_damaged_checkpoint_is_skipped_for_the_previous_good_one_with_the_same_bits(
     // Garbage in latest.json: the checkpoints are found without it.
     let ws = Workspace::new();
     let p = ws.write("p.toml", &pipeline(FULL));
-    let (scratch, _) = kill_at_a_checkpoint(&ws, &p);
+    let (scratch, _) = common::kill_at_a_checkpoint(&ws, &p, 10);
     std::fs::write(scratch.join("latest.json"), "{\"dir\": \"ckpt-0000").unwrap();
     assert_ok(&ws.flow(&["run", p.to_str().unwrap()]));
     let log = logs(&ws);
@@ -226,7 +185,7 @@ fn a_killed_lora_run_resumes_from_its_checkpoint_bit_exactly() {
 
     let ws = Workspace::new();
     let p = ws.write("p.toml", &pipeline(LORA));
-    kill_at_a_checkpoint(&ws, &p);
+    common::kill_at_a_checkpoint(&ws, &p, 10);
     assert_ok(&ws.flow(&["run", p.to_str().unwrap()]));
     let step = resumed_step(&logs(&ws));
     assert!(step >= 10, "resumed at step {step}, not from 0");

@@ -19,7 +19,7 @@ use flow_stages::train::branch::DURATION_PARAMS;
 use indexmap::IndexMap;
 
 use super::value::{Table, Value, type_error};
-use super::{Binding, Source, Stage};
+use super::{Binding, ParamOrigin, Source, Stage};
 use crate::diag::{Diagnostic, Diagnostics, Origin};
 use crate::key::Val;
 
@@ -188,6 +188,19 @@ pub fn add_trunks(
         _ => f64::NAN,
     };
     let trunk_group = trunk_group(group);
+    // `flow explain` says `resume` comes from the `branch` line (the members share one list).
+    let origins: Option<Arc<[(&'static str, ParamOrigin)]>> = members.first().map(|m| {
+        let mut v = m.param_origins.to_vec();
+        v.push((
+            "resume",
+            ParamOrigin {
+                origin: branching.origin.clone(),
+                template: None,
+            },
+        ));
+        v.sort_unstable_by_key(|(name, _)| *name);
+        v.into()
+    });
     let mut trunks: Vec<Stage> = Vec::with_capacity(members.len());
     for (_, mut chain) in chains {
         chain.sort_by(|a, b| duration(&members[*a]).total_cmp(&duration(&members[*b])));
@@ -202,7 +215,9 @@ pub fn add_trunks(
                 inputs: m.inputs.clone(),
                 coords: m.coords.clone(),
                 origin: m.origin.clone(),
-                param_origins: Arc::clone(&m.param_origins),
+                param_origins: origins
+                    .clone()
+                    .unwrap_or_else(|| Arc::clone(&m.param_origins)),
                 device: m.device.clone(),
             };
             if let Some(p) = previous {
@@ -211,6 +226,9 @@ pub fn add_trunks(
             let index = first + trunks.len();
             trunks.push(trunk);
             resume_from(m, index);
+            if let Some(o) = &origins {
+                m.param_origins = Arc::clone(o);
+            }
             previous = Some(index);
         }
     }

@@ -561,3 +561,46 @@ max_positions = 64
 "#
     )
 }
+
+/// Starts `flow run` on a pipeline and kills it (-9, the whole process group) once the
+/// stage's `latest.json` names a checkpoint at step `min_step` or later. Returns the stage's scratch
+/// directory and the checkpoint `latest.json` named.
+pub fn kill_at_a_checkpoint(ws: &Workspace, p: &Path, min_step: u64) -> (PathBuf, String) {
+    let mut cmd = ws.command(&["run", p.to_str().unwrap()]);
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = cmd.spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let scratch = ws.cache().join("scratch");
+    let found = 'wait: loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint appeared"
+        );
+        for e in std::fs::read_dir(&scratch).into_iter().flatten().flatten() {
+            if let Some(name) = latest_checkpoint(&e.path())
+                && name.as_str() >= format!("ckpt-{min_step:08}").as_str()
+            {
+                break 'wait (e.path(), name);
+            }
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            panic!("the run finished before it could be killed");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    // SAFETY: kill(2) of the process group this test started.
+    unsafe {
+        libc::kill(-(child.id() as i32), libc::SIGKILL);
+    }
+    let _ = child.wait();
+    found
+}
+
+/// The checkpoint a stage scratch directory's `latest.json` names, if it names one.
+pub fn latest_checkpoint(scratch: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(scratch.join("latest.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    Some(v["dir"].as_str()?.to_string())
+}
