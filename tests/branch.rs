@@ -309,9 +309,9 @@ fn branching_needs_a_duration_sweep_and_the_trapezoid_with_whole_step_warmup() {
             "need `warmup` as a step count",
         ),
         (
-            "sweep = [\"steps\"]",
-            "sweep = []",
-            "needs a sweep over one duration (steps, tokens, epochs)",
+            "steps = [10, 16]",
+            "epochs = 2.0\nsteps = [10, 16]",
+            "needs one duration (steps, tokens, epochs), swept or not",
         ),
         (
             "branch = \"cooldown\"",

@@ -1,4 +1,4 @@
-//! `branch = "cooldown"`: a training stage swept over durations trains one trunk and a
+//! `branch = "cooldown"`: a training stage over one or more durations trains one trunk and a
 //! cooldown branch per duration, as the paper did (each method trained once to the longest
 //! duration; each shorter one re-ran only its last 20% from the checkpoint where that
 //! cooldown starts).
@@ -75,19 +75,24 @@ pub fn read(
         ));
         return None;
     };
-    let swept: Vec<&String> = sweep_names
-        .iter()
-        .filter(|n| DURATION_PARAMS.contains(&n.as_str()))
+    // The duration the branches end at: swept (one branch per value) or fixed (one trunk
+    // and branch now; a duration added later reuses the trunk).
+    let set: Vec<&str> = DURATION_PARAMS
+        .into_iter()
+        .filter(|n| table.contains_key(*n))
         .collect();
-    let [duration] = swept.as_slice() else {
-        diags.push(Diagnostic::new(
-            key_origin,
-            format!(
-                "`branch = \"cooldown\"` needs a sweep over one duration ({}), the durations the branches end at",
-                DURATION_PARAMS.join(", ")
-            ),
-        ));
-        return None;
+    let duration = match set.as_slice() {
+        [d] => *d,
+        _ => {
+            diags.push(Diagnostic::new(
+                key_origin,
+                format!(
+                    "`branch = \"cooldown\"` needs one duration ({}), swept or not: where the branches end",
+                    DURATION_PARAMS.join(", ")
+                ),
+            ));
+            return None;
+        }
     };
     let before = diags.0.len();
     if let Some((o, _)) = table.get("resume") {
