@@ -278,7 +278,7 @@ fn is_identifier(s: &str) -> bool {
 }
 
 /// The names a stage table may hold besides its kind's params.
-pub const STAGE_KEYS: &[&str] = &["kind", "sweep", "doc", "device", "branch"];
+pub const STAGE_KEYS: &[&str] = &["kind", "sweep", "doc", "device", "branch", "per"];
 
 /// Params of a kind plus the generic stage keys, for "did you mean" hints.
 pub fn known_keys(kind: &Kind) -> Vec<&'static str> {

@@ -18,6 +18,7 @@ use petgraph::graph::{DiGraph, NodeIndex};
 
 use super::branch::{self, Branching};
 use super::check::{RefExpr, STAGE_KEYS, check_value, check_value_in, is_stage_name, known_keys};
+use super::per::{self, Per};
 use super::template::Uses;
 use super::value::{Node, Table, Value, type_error};
 use super::{Binding, ParamOrigin, Source, Stage};
@@ -29,6 +30,8 @@ struct Base {
     name: String,
     origin: Origin,
     kind: &'static Kind,
+    /// `per = [...]`: one copy per value of these coordinates among the list references.
+    per: Option<Per>,
     fixed: BTreeMap<String, Val>,
     fixed_refs: Vec<RefExpr>,
     sweeps: Vec<Sweep>,
@@ -214,6 +217,7 @@ fn check_stage(
     };
 
     let before = diags.0.len();
+    let per = per::read(table, diags);
     let device = stage_device(table, kind, diags);
     let sweep_names = sweep_list(table, kind, diags);
     let branching = branch::read(table, kind, &sweep_names, diags);
@@ -316,6 +320,7 @@ fn check_stage(
         name: name.to_string(),
         origin: origin.clone(),
         kind,
+        per,
         fixed,
         fixed_refs,
         sweeps,
@@ -489,10 +494,10 @@ fn topological_order(graph: &DiGraph<usize, Origin>, nodes: &[NodeIndex]) -> Vec
 
 /// One concrete combination while expanding a stage table.
 #[derive(Clone)]
-struct Combo {
-    coords: Vec<(String, String)>,
+pub(super) struct Combo {
+    pub(super) coords: Vec<(String, String)>,
     params: BTreeMap<String, Val>,
-    refs: Vec<RefExpr>,
+    pub(super) refs: Vec<RefExpr>,
     /// For each fanned-out reference (index into `refs`), the chosen member.
     chosen: HashMap<usize, usize>,
 }
@@ -522,6 +527,12 @@ fn expand_base(
                 })
             })
             .collect();
+    }
+    if let Some(p) = &base.per {
+        let Some(copies) = per::split(p, &base.name, combos, stages, groups, diags) else {
+            return Vec::new();
+        };
+        combos = copies;
     }
 
     // Resolve every reference to its members; single references to groups fan out.
@@ -579,6 +590,7 @@ fn expand_base(
                 Some(m) => vec![*m],
                 None => resolve(r, stages, groups, diags).unwrap_or_default(),
             };
+            let members = per::members(base.per.as_ref(), r.in_list, &c.coords, members, stages);
             let binding = bindings.entry(r.path.clone()).or_insert_with(|| Binding {
                 path: r.path.clone(),
                 list: r.in_list,
@@ -629,7 +641,7 @@ fn expand_base(
 }
 
 /// The members a reference names: one member by exact name, or all of a group.
-fn resolve(
+pub(super) fn resolve(
     r: &RefExpr,
     stages: &[Stage],
     groups: &HashMap<String, Vec<usize>>,

@@ -7,6 +7,7 @@ pub mod executor;
 mod expand;
 pub mod include;
 pub mod load;
+mod per;
 mod remote_glob;
 pub mod template;
 pub mod value;

@@ -17,6 +17,7 @@ pub mod model;
 pub mod process;
 pub mod relpath;
 pub mod report;
+pub mod select;
 pub mod svd;
 pub mod train;
 
@@ -43,6 +44,7 @@ pub fn registry() -> Vec<&'static Kind> {
         &train::stage::LORA_TRUNK,
         &eval::KIND,
         &svd::KIND,
+        &select::KIND,
         &report::KIND,
     ]
 }

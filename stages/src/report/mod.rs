@@ -8,6 +8,7 @@
 
 pub mod figures;
 pub mod findings;
+pub mod selections;
 pub mod stats;
 
 use std::collections::BTreeMap;
@@ -46,6 +47,12 @@ pub static KIND: Kind = Kind {
             ty: ParamType::Inputs,
             default: Default::Optional,
             doc: "svd stages' `spectra`",
+        },
+        Param {
+            name: "selections",
+            ty: ParamType::Inputs,
+            default: Default::Optional,
+            doc: "`select` stages' choices: a table each of the candidates' values, the chosen one marked",
         },
         Param {
             name: "learning",
@@ -653,6 +660,7 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
     let summary = summary_table(&points, &learning_name, &p.forgetting);
     write(out, "summary.txt", &summary.text)?;
     let intervals = intervals_note(&p.replicate_keys, &notes);
+    let chosen = selections::read(ctx.artifacts("selections"))?;
     write(
         out,
         "report.md",
@@ -662,6 +670,7 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
             &findings::markdown(&found),
             &intervals,
             &rendered,
+            &selections::markdown(&chosen),
             &table,
         ),
     )?;
@@ -676,6 +685,7 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
             &findings::html(&found),
             &intervals,
             &rendered,
+            &selections::html(&chosen),
             &table,
         ),
     )?;
@@ -1196,6 +1206,7 @@ fn markdown(
     findings: &str,
     intervals: &[String],
     figs: &[(&Figure, String)],
+    chosen: &str,
     table: &[(String, String, String, f64)],
 ) -> String {
     let mut s = format!("# {title}\n\n## Findings\n\n{findings}\n## Models\n\n{summary}\n");
@@ -1211,6 +1222,7 @@ fn markdown(
             f.name
         );
     }
+    s += chosen;
     s += "## Every number\n\n| stage | model | metric | value |\n|---|---|---|---|\n";
     for (stage, model, k, v) in table {
         let _ = writeln!(s, "| {stage} | {model} | {k} | {v} |");
@@ -1234,6 +1246,7 @@ fn html(
     findings: &str,
     intervals: &[String],
     figs: &[(&Figure, String)],
+    chosen: &str,
     table: &[(String, String, String, f64)],
 ) -> String {
     let mut s = format!(
@@ -1263,6 +1276,7 @@ fn html(
     for (f, svg) in figs {
         let _ = writeln!(s, "<h2>{}</h2>\n{svg}", escape(&f.name.replace('_', " ")));
     }
+    s += chosen;
     s += "<h2>Every number</h2>\n<table><tr><th>stage</th><th>model</th><th>metric</th><th>value</th></tr>\n";
     for (stage, model, k, v) in table {
         let _ = writeln!(

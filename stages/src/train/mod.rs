@@ -5,6 +5,7 @@ pub mod branch;
 pub mod checkpoint;
 pub mod cpu;
 pub mod data;
+pub mod hparams;
 pub mod optim;
 pub mod schedule;
 pub mod stage;

@@ -47,7 +47,8 @@ macro_rules! train_params {
             Param { name: "data", ty: ParamType::Input, default: Default::Required, doc: "a `pack` stage's rows" },
             Param { name: "heldout", ty: ParamType::Input, default: Default::Optional, doc: "packed rows for the held-out loss (logged every `eval_every` steps and at the end)" },
             Param { name: "optimizer", ty: ParamType::Choice(&["lionw", "adamw"]), default: Default::Value("\"lionw\""), doc: "decoupled LionW (the paper's) or AdamW (PyTorch's)" },
-            Param { name: "lr", ty: ParamType::Float, default: Default::Required, doc: "peak learning rate" },
+            Param { name: "lr", ty: ParamType::Float, default: Default::Optional, doc: "peak learning rate (give this or `lr_from`)" },
+            Param { name: "lr_from", ty: ParamType::Input, default: Default::Optional, doc: "a `select` stage's choice: train at the chosen candidate's lr" },
             Param { name: "beta1", ty: ParamType::Float, default: Default::Value("0.9"), doc: "first moment decay" },
             Param { name: "beta2", ty: ParamType::Float, default: Default::Value("0.95"), doc: "second moment decay (LionW: momentum update)" },
             Param { name: "eps", ty: ParamType::Float, default: Default::Value("1e-8"), doc: "AdamW's epsilon" },
@@ -134,6 +135,10 @@ pub fn trunk_kind(kind: &Kind) -> Option<&'static Kind> {
 #[derive(Deserialize)]
 struct TrainParams {
     optimizer: String,
+    #[serde(rename = "lr")]
+    lr_given: Option<f64>,
+    /// `lr_given` or the `lr_from` choice's (see [`super::hparams`]).
+    #[serde(skip)]
     lr: f64,
     beta1: f64,
     beta2: f64,
@@ -256,6 +261,10 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
         .map_err(|e| StageError::io(format!("opening {}", ctx.log.display()), e))?);
     let model_dir = input_dir(ctx, "model").ok_or_else(|| bad("missing `model` input"))?;
     let data_dir = input_dir(ctx, "data").ok_or_else(|| bad("missing `data` input"))?;
+    let p = TrainParams {
+        lr: super::hparams::learning_rate(ctx, p.lr_given)?,
+        ..p
+    };
     if p.lr <= 0.0 || !p.lr.is_finite() {
         return Err(bad(format!("lr must be positive (got {})", p.lr)));
     }
