@@ -118,6 +118,24 @@ fn default_profiles_share_their_common_stages() {
         "cooldown branch: steps 240..300 of 300 = 122880 tokens"
     );
     assert!(plans[0].contains_key("svd_full[tokens=153600]"));
+    // CPT studies select each method's learning rate first: three for full finetuning, three
+    // per LoRA rank, on a 48-step budget; one choice for full and one per rank.
+    for cpt in &plans[..2] {
+        let count = |prefix: &str| cpt.keys().filter(|k| k.starts_with(prefix)).count();
+        assert_eq!(count("full_lr["), 3);
+        assert_eq!(count("lora_lr[rank="), 9);
+        assert_eq!(
+            cpt["lora_lr[rank=16,lr=1e-3]"].1,
+            "98304 tokens = 48 steps x 16 rows x 128"
+        );
+        assert!(cpt.contains_key("full_pick"));
+        for r in ["4", "16", "64"] {
+            assert!(
+                cpt.contains_key(&format!("lora_pick[rank={r}]")),
+                "rank {r}"
+            );
+        }
+    }
     assert_eq!(
         plans[4]
             .keys()
@@ -318,6 +336,10 @@ fn paper_profiles_plan_the_papers_study() {
             );
         }
     }
+    // The paper's learning rates, not a selection at 7B.
+    for cpt in &plans[..2] {
+        assert!(!cpt.keys().any(|k| k.contains("_lr") || k.contains("_pick")));
+    }
     // CPT: 8 durations of full finetuning up to 20B tokens, at 192 x 4096 tokens per step.
     let cpt = &plans[0];
     let fulls: Vec<_> = cpt.keys().filter(|k| k.starts_with("full[")).collect();
@@ -369,6 +391,39 @@ fn a_profile_removes_stages_and_a_bad_removal_is_named() {
     let out = ws.flow(&["plan", p.to_str().unwrap(), "--profile", "bad"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot remove stage `zz`"));
+}
+
+/// A whole stage table in a profile (one with `kind` or `use`) replaces the stage, dropping
+/// what the default set; a table without them, or dotted keys, merge into it.
+#[test]
+fn a_profile_replaces_a_whole_stage_and_merges_keys() {
+    let ws = Workspace::new();
+    let p = ws.write(
+        "p.toml",
+        "[stage.a]\nkind = \"command\"\nrun = \"true\"\n\n\
+         [stage.b]\nkind = \"command\"\nrun = \"true\"\nenv = { X = \"1\" }\n\n\
+         [profile.swap]\n\"stage.b\" = { kind = \"command\", run = \"true\" }\n\n\
+         [profile.merge]\n\"stage.b\" = { run = \"true\" }\n",
+    );
+    let keys = |extra: &[&str]| -> BTreeMap<String, String> {
+        let mut args = vec!["plan", p.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        ws.json(&args, true)
+            .into_iter()
+            .filter_map(|e| {
+                Some((
+                    e["stage"].as_str()?.to_string(),
+                    e["key"].as_str()?.to_string(),
+                ))
+            })
+            .collect()
+    };
+    let default = keys(&[]);
+    assert_ne!(default["a"], default["b"], "env is part of b's key");
+    let swapped = keys(&["--profile", "swap"]);
+    assert_eq!(swapped["a"], swapped["b"], "the replacement has no env");
+    let merged = keys(&["--profile", "merge"]);
+    assert_eq!(merged["b"], default["b"], "a merge keeps env");
 }
 
 /// Every default study end to end in one cache (shared stages run once), then a rerun that

@@ -372,16 +372,30 @@ fn table_slot<'t>(into: &'t mut Table, key: &str, origin: &Origin) -> &'t mut Ta
 
 /// Turns a profile table into (dotted path, leaf) pairs. Keys may themselves be dotted
 /// strings (`"stage.base.source" = ...`) or nested tables; both mean the same path.
+///
+/// A whole stage definition (a table with `kind` or `use` at `stage.NAME`) stays one leaf:
+/// set by a profile it replaces the stage instead of merging into it, which is how a profile
+/// drops parameters the default sets (the paper profile's training at fixed learning rates
+/// has no `lr_from`).
 pub fn flatten(table: &Table, prefix: &mut Vec<String>, out: &mut Vec<(Vec<String>, Node)>) {
     for (key, (_, node)) in table {
         let depth = prefix.len();
         prefix.extend(key.split('.').map(str::to_string));
         match &node.value {
-            Value::Table(inner) if !inner.is_empty() => flatten(inner, prefix, out),
+            Value::Table(inner) if !inner.is_empty() && !is_stage_definition(prefix, inner) => {
+                flatten(inner, prefix, out)
+            }
             _ => out.push((prefix.clone(), node.clone())),
         }
         prefix.truncate(depth);
     }
+}
+
+/// Whether `table` at `path` defines a whole stage (`stage.NAME` with `kind` or `use`).
+fn is_stage_definition(path: &[String], table: &Table) -> bool {
+    path.len() == 2
+        && path[0] == "stage"
+        && (table.contains_key("kind") || table.contains_key("use"))
 }
 
 /// `a/./b/../c` as `a/c`, without touching the disk: the identity of an included file for
