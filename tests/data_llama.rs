@@ -67,7 +67,7 @@ fn llama2_tokenizer_json_matches_llama_tokenizer_js() {
     assert_eq!(tf.meta.vocab_size, 32000);
     assert_eq!(
         (tf.meta.bos_id, tf.meta.eos_id, tf.meta.pad_id),
-        (1, 2, 2),
+        (Some(1), 2, 2),
         "Llama-2 has no pad: EOS stands in"
     );
     assert_eq!(tf.docs(), texts.len());

@@ -367,3 +367,71 @@ fn cpt_remainder_is_padded_on_request() {
     assert!(last.mask[..used].iter().all(|&m| m == 1));
     assert_eq!(packed.summary.tokens as usize, total);
 }
+
+/// `template = "chat"` lays records out with the tokenizer's own chat template as
+/// transformers' `apply_chat_template` does (fixtures by tests/fixtures/make_family_fixtures.py,
+/// a ChatML template without BOS and a header template that prints its BOS): the tokens are
+/// transformers' for the whole conversation, the prompt part (the loss mask) is the rendering
+/// with the generation prompt, and the BOS id is not doubled.
+#[test]
+fn chat_templates_render_and_mask_as_transformers() {
+    for name in ["chatml", "headers"] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/families/chat")
+            .join(name);
+        let cases: Vec<serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
+                .unwrap();
+        let ws = Workspace::new();
+        let lines: Vec<String> = cases
+            .iter()
+            .map(|c| {
+                serde_json::json!({"prompt": c["prompt"], "response": c["response"]}).to_string()
+            })
+            .collect();
+        ws.write("pairs.jsonl", &(lines.join("\n") + "\n"));
+        let p = ws.write(
+            "p.toml",
+            &format!(
+                "[stage.pairs]\nkind = \"source\"\nfiles = \"pairs.jsonl\"\nformat = \"pair\"\neval_fraction = 0.0\n\n\
+                 [stage.chat]\nkind = \"tokenize\"\ntokenizer_file = \"{}\"\ndata = [\"pairs.train\"]\ntemplate = \"chat\"\n",
+                dir.join("tokenizer.json").display()
+            ),
+        );
+        let statuses = ws.run_statuses(&p, &[]);
+        assert!(
+            statuses.iter().all(|(_, s)| s == "ran"),
+            "{name}: {statuses:?}"
+        );
+        let tf = TokenFile::open(&output_named(&ws, &p, "chat", "tokens")).unwrap();
+        assert_eq!(tf.docs(), cases.len());
+        // The source keeps the records' order (a train split of everything).
+        for (i, c) in cases.iter().enumerate() {
+            let ids = |k: &str| -> Vec<u32> {
+                c[k].as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_u64().unwrap() as u32)
+                    .collect()
+            };
+            let (full, prompt) = (ids("full_ids"), ids("prompt_ids"));
+            assert_eq!(tf.doc(i), full, "{name} case {i}: tokens");
+            assert_eq!(
+                tf.prompt_len(i) as usize,
+                prompt.len(),
+                "{name} case {i}: prompt"
+            );
+            assert_eq!(
+                &full[..prompt.len()],
+                &prompt[..],
+                "{name} case {i}: the prompt is a prefix"
+            );
+        }
+        let bos = tf.meta.bos_id;
+        assert_eq!(
+            bos.is_some(),
+            name == "headers",
+            "{name}: BOS from tokenizer_config.json"
+        );
+    }
+}

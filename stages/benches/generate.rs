@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use flow_stages::cpu::decode::{Decoder, Token};
 use flow_stages::eval::lm::argmax;
-use flow_stages::model::config::LlamaConfig;
+use flow_stages::model::config::ModelConfig;
 use flow_stages::model::weights::Weights;
 
 /// Greedy generation of `new` tokens after `prompt` tokens for `batch` sequences; with
@@ -64,7 +64,7 @@ fn main() {
         ("study", 256, 4, 8, 704, 4096),
         ("wide", 512, 8, 8, 1408, 8192),
     ] {
-        let cfg = LlamaConfig::new(vocab, d, ff, layers, heads, heads, 512, false);
+        let cfg = ModelConfig::new(vocab, d, ff, layers, heads, heads, 512, false);
         let w = Weights::init(&cfg, 1);
         let (batch, prompt, new) = (8, 128, 128);
         let (cached, a) = generate(&w, batch, prompt, new, true, threads);

@@ -11,7 +11,7 @@ use std::time::Instant;
 use flow_stages::cpu::llama::{Batch, Dropouts};
 use flow_stages::cpu::lora::{Adapters, LoraInit, LoraSpec};
 use flow_stages::gpu::device::{Choice, select};
-use flow_stages::model::config::LlamaConfig;
+use flow_stages::model::config::ModelConfig;
 use flow_stages::model::weights::{Proj, Weights};
 use flow_stages::train::cpu::CpuTrainer;
 use flow_stages::train::optim::{Optimizer, Rule};
@@ -59,7 +59,7 @@ fn one(config: &str, mode: &str, device: &str, threads: usize) {
         .iter()
         .find(|c| c.0 == config)
         .expect("known config");
-    let cfg = LlamaConfig::new(vocab, d, ff, layers, heads, heads, seq, false);
+    let cfg = ModelConfig::new(vocab, d, ff, layers, heads, heads, seq, false);
     let w = Weights::init(&cfg, 1);
     let ids: Vec<u32> = (0..rows * seq)
         .map(|i| ((i * 7919) % vocab) as u32)

@@ -51,9 +51,12 @@ fn burn_device() -> burn::tensor::Device {
 /// Per-step losses and final trainable tensors of one trainer.
 type Run = (Vec<f64>, Vec<Vec<f32>>);
 
-/// Runs `steps` optimizer steps on both trainers: (CPU engine, wgpu).
-fn train_both(lora: bool, steps: usize) -> (Run, Run) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llama/gqa");
+/// Runs `steps` optimizer steps on both trainers: (CPU engine, wgpu), on the fixture model
+/// in `tests/fixtures/{model}`.
+fn train_both(model: &str, lora: bool, steps: usize) -> (Run, Run) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(model);
     let w = Weights::load(&dir).unwrap();
     let adapters = lora.then(|| {
         let spec = LoraSpec {
@@ -130,13 +133,27 @@ fn assert_close(lc: &[f64], lg: &[f64], tc: &[Vec<f32>], tg: &[Vec<f32>]) {
 
 #[test]
 fn full_finetuning_on_wgpu_agrees_with_the_cpu_engine() {
-    let ((lc, tc), (lg, tg)) = train_both(false, 5);
+    let ((lc, tc), (lg, tg)) = train_both("llama/gqa", false, 5);
     assert!(lc[4] < lc[0], "it trains: {lc:?}");
     assert_close(&lc, &lg, &tc, &tg);
 }
 
 #[test]
 fn lora_on_wgpu_agrees_with_the_cpu_engine() {
-    let ((lc, tc), (lg, tg)) = train_both(true, 5);
+    let ((lc, tc), (lg, tg)) = train_both("llama/gqa", true, 5);
     assert_close(&lc, &lg, &tc, &tg);
+}
+
+/// Each family's variations (RoPE scaling, biases, q/k norms, sliding windows) on wgpu
+/// train as on the CPU engine, which matches transformers (llama_parity.rs).
+#[test]
+fn every_family_on_wgpu_agrees_with_the_cpu_engine() {
+    for name in ["llama3", "mistral", "qwen2", "qwen3"] {
+        eprintln!("{name}:");
+        let ((lc, tc), (lg, tg)) = train_both(&format!("families/{name}"), false, 3);
+        assert!(lc[2] < lc[0], "{name} trains: {lc:?}");
+        assert_close(&lc, &lg, &tc, &tg);
+        let ((lc, tc), (lg, tg)) = train_both(&format!("families/{name}"), true, 2);
+        assert_close(&lc, &lg, &tc, &tg);
+    }
 }

@@ -1,11 +1,14 @@
-//! flow's CPU Llama against Hugging Face `transformers` and `peft`: logits, loss and the
+//! flow's CPU engine against Hugging Face `transformers` and `peft`: logits, loss and the
 //! gradient of every parameter on the fixtures written by
-//! `tests/fixtures/make_llama_fixtures.py` (GQA with an untied head, MHA with tied
-//! embeddings, packed rows with a block-diagonal mask, and a PEFT LoRA adapter).
+//! `tests/fixtures/make_llama_fixtures.py` (Llama 2: GQA with an untied head, MHA with tied
+//! embeddings, packed rows with a block-diagonal mask, and a PEFT LoRA adapter) and
+//! `tests/fixtures/make_family_fixtures.py` (Llama 3, Mistral, Qwen2, Qwen3: each family's
+//! variations, greedy generations with the KV-cached decoder, and PEFT adapters).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use flow_stages::cpu::decode::{Decoder, Token};
 use flow_stages::cpu::llama::{Batch, Llama, Trainable};
 use flow_stages::cpu::lora::Adapters;
 use flow_stages::cpu::ops::Rope;
@@ -14,6 +17,15 @@ use safetensors::{Dtype, SafeTensors};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llama")
+}
+
+/// The families' fixtures, one directory each.
+const FAMILIES: [&str; 4] = ["llama3", "mistral", "qwen2", "qwen3"];
+
+fn family(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/families")
+        .join(name)
 }
 
 /// Every tensor of a safetensors file as f32 (integers converted).
@@ -80,12 +92,12 @@ fn max_abs(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Forward and backward against the fixture: logits, loss, then every gradient.
-fn check(model_dir: &str, expected: &str) {
-    let dir = fixtures().join(model_dir);
-    let w = Weights::load(&dir).unwrap();
+fn check(dir: &Path, expected: &str) {
+    let model_dir = dir.display();
+    let w = Weights::load(dir).unwrap();
     let exp = read(&dir.join(expected));
     let b = batch(&exp, "labels");
-    let rope = Rope::new(w.config.head_dim(), w.config.theta(), 64);
+    let rope = Rope::new(&w.arch.inv_freq, 64);
     let model = Llama {
         w: &w,
         lora: None,
@@ -106,6 +118,12 @@ fn check(model_dir: &str, expected: &str) {
     let mut grads: Vec<Vec<f32>> = w.tensors.iter().map(|t| vec![0.0; t.data.len()]).collect();
     let scale = 1.0 / fwd.targets as f32;
     model.backward(fwd, &b, scale, &Trainable::Full, &mut grads);
+    let graded = exp.keys().filter(|k| k.starts_with("grad.")).count();
+    assert_eq!(
+        graded,
+        w.tensors.len(),
+        "{model_dir}: one gradient per parameter"
+    );
     for (t, g) in w.tensors.iter().zip(&grads) {
         let want = &exp[&format!("grad.{}", t.name)].1;
         let err = max_abs(g, want);
@@ -120,23 +138,28 @@ fn check(model_dir: &str, expected: &str) {
 
 #[test]
 fn gqa_logits_loss_and_gradients_match_transformers() {
-    check("gqa", "expected.safetensors");
+    check(&fixtures().join("gqa"), "expected.safetensors");
 }
 
 #[test]
 fn tied_embeddings_logits_loss_and_gradients_match_transformers() {
-    check("tied", "expected.safetensors");
+    check(&fixtures().join("tied"), "expected.safetensors");
 }
 
 #[test]
 fn packed_rows_with_a_block_diagonal_mask_match_transformers() {
-    check("gqa", "packed.safetensors");
+    check(&fixtures().join("gqa"), "packed.safetensors");
 }
 
 #[test]
 fn peft_lora_adapter_gives_peft_logits_and_merged_weights() {
-    let dir = fixtures().join("gqa");
-    let w = Weights::load(&dir).unwrap();
+    check_adapter(&fixtures().join("gqa"));
+}
+
+/// A PEFT adapter of the model in `dir` (`lora/`): flow's adapted logits and merged weights
+/// are PEFT's.
+fn check_adapter(dir: &Path) {
+    let w = Weights::load(dir).unwrap();
     let lora = Adapters::load(&dir.join("lora"), &w.config).unwrap();
     assert_eq!(lora.spec.rank, 4);
     assert_eq!(lora.spec.targets.len(), 7);
@@ -144,7 +167,7 @@ fn peft_lora_adapter_gives_peft_logits_and_merged_weights() {
     let exp = read(&dir.join("expected.safetensors"));
     let lexp = read(&dir.join("lora/lora_expected.safetensors"));
     let b = batch(&exp, "labels");
-    let rope = Rope::new(w.config.head_dim(), w.config.theta(), 64);
+    let rope = Rope::new(&w.arch.inv_freq, 64);
     let model = Llama {
         w: &w,
         lora: Some(&lora),
@@ -164,7 +187,7 @@ fn peft_lora_adapter_gives_peft_logits_and_merged_weights() {
     for t in &merged.tensors {
         let want = &lexp[&format!("merged.{}", t.name)].1;
         let err = max_abs(&t.data, want);
-        assert!(err <= 1e-5, "merged {}: {err}", t.name);
+        assert!(err <= 1e-5, "{}: merged {}: {err}", dir.display(), t.name);
     }
     // The merged model computes what the adapted one does.
     let m2 = Llama {
@@ -203,4 +226,96 @@ fn saved_models_and_adapters_reload_bit_exactly() {
         Adapters::load(&tmp.path().join("adapter"), &w.config).unwrap(),
         lora
     );
+}
+
+#[test]
+fn every_family_matches_transformers_logits_loss_and_gradients() {
+    for name in FAMILIES {
+        check(&family(name), "expected.safetensors");
+        if family(name).join("packed.safetensors").is_file() {
+            check(&family(name), "packed.safetensors");
+        }
+    }
+}
+
+#[test]
+fn every_familys_peft_adapter_gives_peft_logits_and_merged_weights() {
+    for name in FAMILIES {
+        check_adapter(&family(name));
+    }
+}
+
+/// The KV-cached decoder's greedy continuation is `generate`'s, token for token, past the
+/// sliding windows (Mistral's 5 keys, Qwen2's 6 on its upper layer).
+#[test]
+fn every_familys_cached_greedy_generation_matches_transformers() {
+    for name in FAMILIES {
+        let dir = family(name);
+        let w = Weights::load(&dir).unwrap();
+        let exp = read(&dir.join("generate.safetensors"));
+        let prompt: Vec<u32> = exp["prompt"].1.iter().map(|v| *v as u32).collect();
+        let want: Vec<u32> = exp["generated"].1.iter().map(|v| *v as u32).collect();
+        let mut dec = Decoder::new(&w, 1, 64, 2);
+        let vocab = w.config.vocab_size;
+        let tokens: Vec<Token> = prompt
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| Token {
+                slot: 0,
+                id,
+                logits: i + 1 == prompt.len(),
+            })
+            .collect();
+        let mut logits = dec.feed(&tokens).unwrap();
+        let mut got = Vec::new();
+        while got.len() < want.len() {
+            let next = logits[..vocab]
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
+                .unwrap()
+                .0 as u32;
+            got.push(next);
+            logits = dec
+                .feed(&[Token {
+                    slot: 0,
+                    id: next,
+                    logits: true,
+                }])
+                .unwrap();
+        }
+        assert_eq!(got, want, "{name}: greedy continuation");
+    }
+}
+
+/// A saved family model reloads bit-exactly and keeps its family's config fields, so
+/// `transformers` reads it back as the same architecture.
+#[test]
+fn saved_family_models_reload_with_their_config() {
+    for name in FAMILIES {
+        let w = Weights::load(&family(name)).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        w.save(tmp.path(), None).unwrap();
+        assert_eq!(Weights::load(tmp.path()).unwrap(), w, "{name}");
+        let saved: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(tmp.path().join("config.json")).unwrap())
+                .unwrap();
+        let given: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(family(name).join("config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(saved["model_type"], given["model_type"]);
+        assert_eq!(saved["architectures"], given["architectures"]);
+        // (null and absent are the same to transformers; flow leaves nulls out)
+        let null = serde_json::Value::Null;
+        for field in [
+            "sliding_window",
+            "layer_types",
+            "head_dim",
+            "tie_word_embeddings",
+        ] {
+            let (a, b) = (saved.get(field), given.get(field));
+            assert_eq!(a.unwrap_or(&null), b.unwrap_or(&null), "{name}: {field}");
+        }
+    }
 }

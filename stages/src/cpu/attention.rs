@@ -1,5 +1,5 @@
 //! Causal self-attention with grouped-query heads, an optional block-diagonal (per document)
-//! mask and attention dropout, forward and backward. Rows may differ in length (a batch
+//! mask, an optional sliding window and attention dropout, forward and backward. Rows may differ in length (a batch
 //! without its untrained tails, see `Batch::without_untrained_tails`): each row is a span of
 //! the token axis and its attention a `len x len` problem. One task per (row, key/value
 //! head): the query heads sharing a key/value head run in order inside it, so their key and
@@ -11,13 +11,14 @@ use super::matmul::{Layout, gemm_into};
 use super::ops::{DropMask, exp};
 
 /// Which keys a query may attend to, besides the causal rule.
-#[derive(Debug, Clone, Copy)]
-pub enum Mask<'a> {
-    /// Every earlier position of the row.
-    Causal,
-    /// Earlier positions of the same document (`seq_ids`, one per token of the batch; 0 is
-    /// padding, which attends only to itself).
-    Document(&'a [u16]),
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Mask<'a> {
+    /// Document ids (`seq_ids`, one per token of the batch; 0 is padding, which attends
+    /// only to itself): only earlier positions of the same document. None: the whole row.
+    pub docs: Option<&'a [u16]>,
+    /// A layer's sliding window (`Arch::windows`): at most this many latest keys, the
+    /// query's own included.
+    pub window: Option<usize>,
 }
 
 /// One row of a batch: where its tokens start on the token axis and how many there are.
@@ -93,12 +94,12 @@ impl Dims<'_> {
 
 /// Whether query `i` of the row starting at token `start` may attend to key `j` of it.
 pub fn allowed(mask: Mask, start: usize, i: usize, j: usize) -> bool {
-    if j > i {
+    if j > i || mask.window.is_some_and(|w| i - j >= w) {
         return false;
     }
-    match mask {
-        Mask::Causal => true,
-        Mask::Document(seq) => {
+    match mask.docs {
+        None => true,
+        Some(seq) => {
             let (si, sj) = (seq[start + i], seq[start + j]);
             i == j || (si != 0 && si == sj)
         }
@@ -106,25 +107,28 @@ pub fn allowed(mask: Mask, start: usize, i: usize, j: usize) -> bool {
 }
 
 /// Softmax of row `i` of a `t x t` score matrix over the keys query `i` may see; the
-/// others (every later key, and other documents' keys) become 0.
+/// others (every later key, keys outside the window, other documents' keys) become 0.
 fn masked_softmax_row(row: &mut [f32], mask: Mask, start: usize, i: usize) {
     let (seen, later) = row.split_at_mut(i + 1);
     later.fill(0.0);
-    match mask {
-        // Every earlier key: straight loops, so that the exponentials vectorize.
-        Mask::Causal => {
+    let lo = mask.window.map_or(0, |w| (i + 1).saturating_sub(w));
+    let (outside, seen) = seen.split_at_mut(lo);
+    outside.fill(0.0);
+    match mask.docs {
+        // Every key of the window: straight loops, so that the exponentials vectorize.
+        None => {
             let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             seen.iter_mut().for_each(|s| *s = exp(*s - max));
         }
-        Mask::Document(_) => {
+        Some(_) => {
             let mut max = f32::NEG_INFINITY;
             for (j, s) in seen.iter().enumerate() {
-                if allowed(mask, start, i, j) {
+                if allowed(mask, start, i, lo + j) {
                     max = max.max(*s);
                 }
             }
             for (j, s) in seen.iter_mut().enumerate() {
-                *s = if allowed(mask, start, i, j) {
+                *s = if allowed(mask, start, i, lo + j) {
                     exp(*s - max)
                 } else {
                     0.0

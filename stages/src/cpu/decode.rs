@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use super::matmul::Dense;
 use super::ops::{self, Rope};
+use crate::model::arch::Extra;
 use crate::model::weights::{Proj, Weights};
 
 /// A token to append: to which slot, and whether its next-token logits are wanted.
@@ -42,7 +43,7 @@ impl<'a> Decoder<'a> {
         let size = slots * max_len * kvw;
         Decoder {
             w,
-            rope: Rope::new(c.head_dim(), c.theta(), max_len),
+            rope: Rope::new(&w.arch.inv_freq, max_len),
             threads,
             max_len,
             k: (0..c.num_hidden_layers).map(|_| vec![0.0; size]).collect(),
@@ -102,6 +103,10 @@ impl<'a> Decoder<'a> {
             let mut q = self.proj(l, Proj::Q, &h, n);
             let mut k = self.proj(l, Proj::K, &h, n);
             let v = self.proj(l, Proj::V, &h, n);
+            if self.w.arch.qk_norm {
+                self.qk_norm(l, &mut q, Extra::QNorm);
+                self.qk_norm(l, &mut k, Extra::KNorm);
+            }
             self.rope.apply(&mut q, &pos, heads, false);
             self.rope.apply(&mut k, &pos, kv_heads, false);
             let (kc, vc) = (&mut self.k[l], &mut self.v[l]);
@@ -165,11 +170,36 @@ impl<'a> Decoder<'a> {
             &mut y,
             false,
         );
+        if let Some(bias) = self.w.bias(layer, p) {
+            ops::add_bias(&mut y, bias);
+        }
         y
     }
 
-    /// Softmax attention of every new token's heads over its slot's cache up to itself.
+    /// Qwen3's RMSNorm of each head of `x` (queries or keys), in place.
+    fn qk_norm(&self, layer: usize, x: &mut [f32], which: Extra) {
+        let c = &self.w.config;
+        let wi = self
+            .w
+            .extra_index(layer, which)
+            .expect("the arch has qk norms");
+        let input = x.to_vec();
+        let mut rstd = vec![0.0f32; x.len() / c.head_dim()];
+        let eps = c.rms_norm_eps as f32;
+        ops::rmsnorm(
+            &input,
+            &self.w.tensors[wi].data,
+            x,
+            &mut rstd,
+            c.head_dim(),
+            eps,
+        );
+    }
+
+    /// Softmax attention of every new token's heads over its slot's cache up to itself (or
+    /// over the layer's sliding window of it).
     fn attend(&self, layer: usize, tokens: &[Token], pos: &[u32], q: &[f32]) -> Vec<f32> {
+        let window = self.w.arch.windows[layer];
         let c = &self.w.config;
         let (heads, hd) = (c.num_attention_heads, c.head_dim());
         let kvw = c.kv_heads() * hd;
@@ -182,12 +212,13 @@ impl<'a> Decoder<'a> {
             .for_each(|(i, o)| {
                 let base = tokens[i].slot * self.max_len * kvw;
                 let span = pos[i] as usize + 1;
-                let mut scores = vec![0.0f32; span];
+                let lo = window.map_or(0, |w| span.saturating_sub(w));
+                let mut scores = vec![0.0f32; span - lo];
                 for h in 0..heads {
                     let g = h / rep;
                     let qh = &q[(i * heads + h) * hd..(i * heads + h + 1) * hd];
                     let mut max = f32::NEG_INFINITY;
-                    for (j, s) in scores.iter_mut().enumerate() {
+                    for (j, s) in (lo..).zip(scores.iter_mut()) {
                         let kj = &kc[base + j * kvw + g * hd..base + j * kvw + (g + 1) * hd];
                         *s = qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
                         max = max.max(*s);
@@ -198,7 +229,7 @@ impl<'a> Decoder<'a> {
                         sum += *s;
                     }
                     let oh = &mut o[h * hd..(h + 1) * hd];
-                    for (j, s) in scores.iter().enumerate() {
+                    for (j, s) in (lo..).zip(&scores) {
                         let p = s / sum;
                         let vj = &vc[base + j * kvw + g * hd..base + j * kvw + (g + 1) * hd];
                         for (o, v) in oh.iter_mut().zip(vj) {
@@ -222,10 +253,10 @@ pub fn log_prob(logits: &[f32], target: usize) -> f64 {
 mod tests {
     use super::*;
     use crate::cpu::llama::{Batch, Llama};
-    use crate::model::config::LlamaConfig;
+    use crate::model::config::ModelConfig;
 
     fn tiny() -> Weights {
-        let config = LlamaConfig::new(64, 32, 48, 2, 4, 2, 64, false);
+        let config = ModelConfig::new(64, 32, 48, 2, 4, 2, 64, false);
         Weights::init(&config, 5)
     }
 
@@ -233,7 +264,7 @@ mod tests {
     fn cached_decoding_gives_the_full_forward_logits() {
         let w = tiny();
         let ids: Vec<u32> = (0..12).map(|i| (i * 7 + 3) % 64).collect();
-        let rope = Rope::new(w.config.head_dim(), w.config.theta(), 64);
+        let rope = Rope::new(&w.arch.inv_freq, 64);
         let llama = Llama {
             w: &w,
             lora: None,

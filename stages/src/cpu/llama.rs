@@ -8,6 +8,7 @@ use super::attention::{self, AttnDropout, Dims, Mask, Span};
 use super::lora::Adapters;
 use super::matmul::Dense;
 use super::ops::{self, DropMask, Rope};
+use crate::model::arch::Extra;
 use crate::model::weights::{Proj, Weights};
 
 /// One micro-batch of rows.
@@ -122,6 +123,8 @@ struct LayerCache {
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
+    /// With query/key norms: their inputs and reciprocal RMS per head (else empty).
+    qk_normed: Option<QkNormed>,
     probs: Vec<f32>,
     attn: Vec<f32>,
     x2: Vec<f32>,
@@ -132,6 +135,14 @@ struct LayerCache {
     act: Vec<f32>,
     /// Per projection (`Proj as usize`), what its adapter's forward pass kept.
     lora: [Option<LoraKept>; 7],
+}
+
+/// What the query and key norms (Qwen3) keep for the backward pass.
+struct QkNormed {
+    q_in: Vec<f32>,
+    k_in: Vec<f32>,
+    q_rstd: Vec<f32>,
+    k_rstd: Vec<f32>,
 }
 
 /// What an adapted projection's forward pass keeps for the backward pass: the adapter's
@@ -223,6 +234,9 @@ impl Llama<'_> {
             threads: self.threads,
         }
         .forward(x, w, &mut y, false);
+        if let Some(bias) = self.w.bias(layer, p) {
+            ops::add_bias(&mut y, bias);
+        }
         if let Some(lora) = self.lora
             && let Some((a, b)) = lora.get(layer, p)
         {
@@ -295,6 +309,9 @@ impl Llama<'_> {
                 threads: self.threads,
             }
             .dw(dy, x, &mut grads[wi], 1.0, true);
+            if let Some(bi) = self.w.extra_index(layer, Extra::Bias(p)) {
+                ops::bias_backward(dy, &mut grads[bi]);
+            }
         }
         let Some(lora) = self.lora else { return };
         let Some((ai, bi)) = lora.indices(layer, p) else {
@@ -354,6 +371,56 @@ impl Llama<'_> {
         }
     }
 
+    /// Qwen3's RMSNorm of each query and key head (before RoPE), in place; with `keep`,
+    /// its inputs and reciprocal RMS for the backward pass. Nothing without query/key norms.
+    fn qk_norm(&self, layer: usize, q: &mut [f32], k: &mut [f32], keep: bool) -> Option<QkNormed> {
+        let qi = self.w.extra_index(layer, Extra::QNorm)?;
+        let ki = self.w.extra_index(layer, Extra::KNorm)?;
+        let hd = self.w.config.head_dim();
+        let eps = self.w.config.rms_norm_eps as f32;
+        let norm = |x: &mut [f32], wi: usize| {
+            let input = x.to_vec();
+            let mut rstd = vec![0.0f32; x.len() / hd];
+            ops::rmsnorm(&input, &self.w.tensors[wi].data, x, &mut rstd, hd, eps);
+            (input, rstd)
+        };
+        let (q_in, q_rstd) = norm(q, qi);
+        let (k_in, k_rstd) = norm(k, ki);
+        keep.then_some(QkNormed {
+            q_in,
+            k_in,
+            q_rstd,
+            k_rstd,
+        })
+    }
+
+    /// Backward of [`Self::qk_norm`]: the gradients of the norms' inputs from those of
+    /// their outputs, and (full finetuning) of their weights.
+    fn qk_norm_backward(
+        &self,
+        layer: usize,
+        kept: &QkNormed,
+        dq: &[f32],
+        dk: &[f32],
+        full: bool,
+        grads: &mut [Vec<f32>],
+    ) -> (Vec<f32>, Vec<f32>) {
+        let hd = self.w.config.head_dim();
+        let mut back = |dy: &[f32], x: &[f32], rstd: &[f32], extra: Extra| {
+            let wi = self
+                .w
+                .extra_index(layer, extra)
+                .expect("kept only with norms");
+            let mut dx = vec![0.0f32; dy.len()];
+            let dw = if full { Some(&mut grads[wi][..]) } else { None };
+            ops::rmsnorm_backward(dy, x, &self.w.tensors[wi].data, rstd, &mut dx, dw, hd);
+            dx
+        };
+        let dq = back(dq, &kept.q_in, &kept.q_rstd, Extra::QNorm);
+        let dk = back(dk, &kept.k_in, &kept.k_rstd, Extra::KNorm);
+        (dq, dk)
+    }
+
     /// The forward pass over a batch; with `keep`, everything the backward pass needs is kept.
     pub fn forward(&self, batch: &Batch, drop: Option<Dropouts>, keep: bool) -> Forward {
         let c = &self.w.config;
@@ -361,10 +428,7 @@ impl Llama<'_> {
         let eps = c.rms_norm_eps as f32;
         let spans = batch.spans();
         let dims = self.dims(&spans);
-        let mask = match &batch.seq_ids {
-            Some(s) => Mask::Document(s),
-            None => Mask::Causal,
-        };
+        let docs = batch.seq_ids.as_deref();
         let embed = &self.w.tensors[0].data;
         let mut x = vec![0.0f32; n * dm];
         for (row, &id) in x.chunks_mut(dm).zip(&batch.ids) {
@@ -379,9 +443,14 @@ impl Llama<'_> {
             let (mut q, kq) = self.proj(l, Proj::Q, &h1, n, drop.as_ref(), keep);
             let (mut k, kk) = self.proj(l, Proj::K, &h1, n, drop.as_ref(), keep);
             let (v, kv) = self.proj(l, Proj::V, &h1, n, drop.as_ref(), keep);
+            let qk_normed = self.qk_norm(l, &mut q, &mut k, keep);
             self.rope.apply(&mut q, &batch.pos, dims.heads, false);
             self.rope.apply(&mut k, &batch.pos, dims.kv_heads, false);
             let adrop = attention_dropout(drop.as_ref(), l);
+            let mask = Mask {
+                docs,
+                window: self.w.arch.windows[l],
+            };
             let (attn, probs) = attention::forward(dims, &q, &k, &v, mask, adrop);
             let (mut ao, ko) = self.proj(l, Proj::O, &attn, n, drop.as_ref(), keep);
             hidden_dropout(drop.as_ref(), &mut ao, l, 0);
@@ -409,6 +478,7 @@ impl Llama<'_> {
                     q,
                     k,
                     v,
+                    qk_normed,
                     probs,
                     attn,
                     x2,
@@ -582,6 +652,9 @@ impl Llama<'_> {
             drop_buf(dattn);
             self.rope.apply(&mut dq, &batch.pos, dims.heads, true);
             self.rope.apply(&mut dk, &batch.pos, dims.kv_heads, true);
+            if let Some(kept) = &lc.qk_normed {
+                (dq, dk) = self.qk_norm_backward(l, kept, &dq, &dk, full, grads);
+            }
             let mut dh1 = vec![0.0f32; n * dm];
             self.proj_backward(
                 l,
@@ -654,13 +727,13 @@ fn drop_buf(v: Vec<f32>) {
 mod tests {
     use super::*;
     use crate::cpu::lora::{LoraInit, LoraSpec};
-    use crate::model::config::LlamaConfig;
+    use crate::model::config::ModelConfig;
 
     /// A test model with weights of N(0, 0.2) rather than 0.02, so that gradients stand well
     /// above the rounding of the f32 loss, and rank-2 adapters (alpha 4) on every projection
     /// with B drawn non-zero, so that every factor has a gradient.
     fn model_and_adapters(
-        c: &LlamaConfig,
+        c: &ModelConfig,
         weight_seed: u64,
         lora_seed: u64,
         dropout: f32,
@@ -696,7 +769,7 @@ mod tests {
     /// reaches the lower layer's adapters), would fail here.
     #[test]
     fn lora_gradients_under_dropout_match_finite_differences() {
-        let c = LlamaConfig::new(32, 16, 32, 2, 4, 2, 16, false);
+        let c = ModelConfig::new(32, 16, 32, 2, 4, 2, 16, false);
         let (w, lora) = model_and_adapters(&c, 3, 4, 0.3);
         let spec = lora.spec.clone();
         let (rows, seq) = (2, 8);
@@ -709,7 +782,7 @@ mod tests {
             seq_ids: None,
             lens: None,
         };
-        let rope = Rope::new(c.head_dim(), c.theta(), 16);
+        let rope = Rope::new(&w.arch.inv_freq, 16);
         let drop = Dropouts {
             lora: 0.3,
             seed: 11,
@@ -783,9 +856,9 @@ mod tests {
     /// per-document masks; what the tails hold (here: arbitrary token ids) does not matter.
     #[test]
     fn cutting_untrained_tails_changes_no_loss_or_gradient() {
-        let c = LlamaConfig::new(40, 16, 32, 2, 4, 2, 16, false);
+        let c = ModelConfig::new(40, 16, 32, 2, 4, 2, 16, false);
         let (w, lora) = model_and_adapters(&c, 5, 6, 0.0);
-        let rope = Rope::new(c.head_dim(), c.theta(), 16);
+        let rope = Rope::new(&w.arch.inv_freq, 16);
         // Row 0 trains everywhere but its last position, row 1 up to position 6 (a prompt
         // masked at 0..2), row 2 nowhere.
         let (rows, seq) = (3, 12);

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::data::rng::Rng;
-use crate::model::config::LlamaConfig;
+use crate::model::config::ModelConfig;
 use crate::model::weights::{Proj, Tensor, normal_vec};
 
 /// The adapter's hyperparameters.
@@ -57,7 +57,7 @@ pub fn peft_name(layer: usize, proj: Proj, factor: char) -> String {
 
 impl Adapters {
     /// Fresh adapters (seeded).
-    pub fn init(config: &LlamaConfig, spec: &LoraSpec, init: LoraInit, seed: u64) -> Adapters {
+    pub fn init(config: &ModelConfig, spec: &LoraSpec, init: LoraInit, seed: u64) -> Adapters {
         let root = Rng::new(seed).fork("lora");
         let mut tensors = Vec::new();
         for l in 0..config.num_hidden_layers {
@@ -145,7 +145,7 @@ impl Adapters {
     /// `adapter_model.safetensors`) for a model of `config`.
     pub fn load(
         dir: &std::path::Path,
-        config: &LlamaConfig,
+        config: &ModelConfig,
     ) -> Result<Adapters, crate::kind::StageError> {
         use crate::kind::StageError;
         let cpath = dir.join("adapter_config.json");

@@ -63,6 +63,32 @@ pub fn rmsnorm_backward(
     }
 }
 
+/// `y[r] += b` for every row of `y` (`[rows, b.len()]`): a projection's bias.
+pub fn add_bias(y: &mut [f32], b: &[f32]) {
+    y.par_chunks_mut(b.len() * ROW_CHUNK).for_each(|rows| {
+        for row in rows.chunks_mut(b.len()) {
+            for (y, b) in row.iter_mut().zip(b) {
+                *y += b;
+            }
+        }
+    });
+}
+
+/// Backward of [`add_bias`]: `db += sum over rows of dy`, rows in order within each column
+/// block (deterministic whatever the threads).
+pub fn bias_backward(dy: &[f32], db: &mut [f32]) {
+    let d = db.len();
+    let cols = 64.min(d).max(1);
+    db.par_chunks_mut(cols).enumerate().for_each(|(ci, db)| {
+        let c0 = ci * cols;
+        for row in dy.chunks(d) {
+            for (j, g) in db.iter_mut().enumerate() {
+                *g += row[c0 + j];
+            }
+        }
+    });
+}
+
 /// cos and sin of RoPE angles, `[positions, head_dim/2]`, computed as `transformers` does
 /// (f32 inverse frequencies and products), so logits agree to float rounding.
 pub struct Rope {
@@ -72,15 +98,14 @@ pub struct Rope {
 }
 
 impl Rope {
-    pub fn new(head_dim: usize, theta: f64, positions: usize) -> Rope {
-        let half = head_dim / 2;
-        let inv: Vec<f32> = (0..half)
-            .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
-            .collect();
+    /// The tables for the architecture's inverse frequencies (`Arch::inv_freq`, scaling
+    /// applied), one per pair of a head's dimensions.
+    pub fn new(inv: &[f32], positions: usize) -> Rope {
+        let half = inv.len();
         let mut cos = Vec::with_capacity(positions * half);
         let mut sin = Vec::with_capacity(positions * half);
         for p in 0..positions {
-            for f in &inv {
+            for f in inv {
                 let a = p as f32 * f;
                 cos.push(a.cos());
                 sin.push(a.sin());
@@ -429,7 +454,10 @@ mod tests {
 
     #[test]
     fn rope_inverse_undoes_rope() {
-        let rope = Rope::new(8, 10000.0, 16);
+        let inv: Vec<f32> = (0..4)
+            .map(|i| 1.0 / 10000f32.powf(i as f32 / 4.0))
+            .collect();
+        let rope = Rope::new(&inv, 16);
         let mut x: Vec<f32> = (0..3 * 16).map(|i| (i as f32 * 0.37).sin()).collect();
         let orig = x.clone();
         let pos = [0u32, 5, 15];

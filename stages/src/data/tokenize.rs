@@ -14,6 +14,7 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, Tokenizer};
 
+use super::chat::ChatTemplate;
 use super::records::{Record, read_records};
 use super::tokens::{TokenMeta, TokenWriter};
 use crate::kind::{Default, Kind, Param, ParamType, StageContext, StageError, StageOutcome};
@@ -21,7 +22,7 @@ use crate::kind::{Default, Kind, Param, ParamType, StageContext, StageError, Sta
 /// Registered as `kind = "tokenize"`.
 pub static KIND: Kind = Kind {
     name: "tokenize",
-    version: 2,
+    version: 3,
     doc: "trains a byte-level BPE (or loads a tokenizer.json) and encodes records into token files",
     params: &[
         Param {
@@ -68,27 +69,27 @@ pub static KIND: Kind = Kind {
         },
         Param {
             name: "template",
-            ty: ParamType::Choice(&["plain", "llama2", "qa", "none"]),
+            ty: ParamType::Choice(&["plain", "llama2", "qa", "none", "chat"]),
             default: Default::Value("\"plain\""),
-            doc: "how prompt/response records are laid out (llama2: `[INST] prompt [/INST] response`; qa: `Question: prompt\\nAnswer: response`, the GSM8K eval prompt)",
+            doc: "how prompt/response records are laid out (llama2: `[INST] prompt [/INST] response`; qa: `Question: prompt\\nAnswer: response`, the GSM8K eval prompt; chat: the loaded tokenizer's own `chat_template`, a user turn and the assistant's answer, the answer alone trained on)",
         },
         Param {
             name: "bos_token",
             ty: ParamType::Str,
-            default: Default::Value("\"<s>\""),
-            doc: "begin-of-sequence token, prepended to every document",
+            default: Default::Optional,
+            doc: "begin-of-sequence token, prepended to every document (`\"\"`: none); default: a loaded tokenizer's `tokenizer_config.json` (none for Qwen), else `<s>`",
         },
         Param {
             name: "eos_token",
             ty: ParamType::Str,
-            default: Default::Value("\"</s>\""),
-            doc: "end-of-sequence token, appended to every document",
+            default: Default::Optional,
+            doc: "end-of-sequence token, appended to every document; default: a loaded tokenizer's `tokenizer_config.json`, else `</s>`",
         },
         Param {
             name: "pad_token",
             ty: ParamType::Str,
-            default: Default::Value("\"<pad>\""),
-            doc: "padding token (falls back to the EOS id when the vocabulary has none, as for Llama-2)",
+            default: Default::Optional,
+            doc: "padding token (falls back to the EOS id when the vocabulary has none, as for Llama-2); default: a loaded tokenizer's `tokenizer_config.json`, else `<pad>`",
         },
     ],
     outputs: &["tokens", "tokenizer"],
@@ -104,9 +105,49 @@ struct Params {
     split_digits: bool,
     tokenizer_file: Option<Vec<String>>,
     template: String,
-    bos_token: String,
-    eos_token: String,
-    pad_token: String,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+    pad_token: Option<String>,
+}
+
+/// The special tokens a tokenizer is used with, as text.
+struct Specials {
+    bos: Option<String>,
+    eos: String,
+    pad: Option<String>,
+}
+
+impl Specials {
+    /// The params' tokens, else those of the tokenizer's own `tokenizer_config.json` (a
+    /// model's: Llama 3's `<|begin_of_text|>`, Qwen's missing BOS), else Llama 2's.
+    fn resolve(p: &Params, config: Option<&serde_json::Value>) -> Result<Specials, StageError> {
+        let given = |v: &Option<String>| v.as_ref().map(|t| (!t.is_empty()).then(|| t.clone()));
+        let from_config = |field: &str| -> Option<Option<String>> {
+            let v = config?.get(field)?;
+            Some(match v {
+                serde_json::Value::String(t) => Some(t.clone()),
+                // An AddedToken written out: {"content": "<s>", ...}.
+                serde_json::Value::Object(o) => o
+                    .get("content")
+                    .and_then(|c| c.as_str())
+                    .map(str::to_string),
+                _ => None,
+            })
+        };
+        let pick = |param: &Option<String>, field: &str, fallback: &str| -> Option<String> {
+            given(param)
+                .or_else(|| from_config(field))
+                .unwrap_or_else(|| Some(fallback.to_string()))
+        };
+        let eos = pick(&p.eos_token, "eos_token", "</s>").ok_or_else(|| {
+            StageError::Params("`eos_token` is empty: every document needs an end".into())
+        })?;
+        Ok(Specials {
+            bos: pick(&p.bos_token, "bos_token", "<s>"),
+            eos,
+            pad: pick(&p.pad_token, "pad_token", "<pad>"),
+        })
+    }
 }
 
 /// Chat markers added as special tokens when training, so IFT templates stay atomic.
@@ -141,9 +182,11 @@ fn train(ctx: &StageContext, p: &Params, vocab: usize) -> Result<Tokenizer, Stag
             "vocab_size needs records to train on: set `train_data` or `data`".into(),
         ));
     }
-    let mut specials: Vec<AddedToken> = [&p.bos_token, &p.eos_token, &p.pad_token]
+    let names = Specials::resolve(p, None)?;
+    let mut specials: Vec<AddedToken> = [names.bos, Some(names.eos), names.pad]
         .into_iter()
-        .map(|t| AddedToken::from(t.clone(), true))
+        .flatten()
+        .map(|t| AddedToken::from(t, true))
         .collect();
     specials.extend(CHAT_MARKERS.iter().map(|t| AddedToken::from(*t, true)));
     let alphabet = ByteLevel::alphabet().into_iter().collect();
@@ -191,7 +234,11 @@ fn train(ctx: &StageContext, p: &Params, vocab: usize) -> Result<Tokenizer, Stag
     Ok(tokenizer)
 }
 
-fn load(ctx: &StageContext, p: &Params) -> Result<Tokenizer, StageError> {
+/// A loaded tokenizer and the `tokenizer_config.json` beside its `tokenizer.json`, if any.
+fn load(
+    ctx: &StageContext,
+    p: &Params,
+) -> Result<(Tokenizer, Option<serde_json::Value>), StageError> {
     let path = if let Some(files) = &p.tokenizer_file {
         let [f] = files.as_slice() else {
             return Err(StageError::Params(
@@ -206,9 +253,49 @@ fn load(ctx: &StageContext, p: &Params) -> Result<Tokenizer, StageError> {
             "set one of vocab_size (train), tokenizer (an artifact) or tokenizer_file".into(),
         ));
     };
-    Tokenizer::from_file(&path)
-        .map_err(|e| StageError::Failed(format!("loading {}: {e}", path.display())))
+    let tokenizer = Tokenizer::from_file(&path)
+        .map_err(|e| StageError::Failed(format!("loading {}: {e}", path.display())))?;
+    let config_path = path.with_file_name(TOKENIZER_CONFIG);
+    let config = if config_path.is_file() {
+        let text = std::fs::read_to_string(&config_path)
+            .map_err(|e| StageError::io(format!("reading {}", config_path.display()), e))?;
+        Some(
+            serde_json::from_str(&text)
+                .map_err(|e| StageError::Failed(format!("{}: {e}", config_path.display())))?,
+        )
+    } else {
+        None
+    };
+    // transformers 4.43+ saves the chat template beside the config, as a Jinja file.
+    let jinja = path.with_file_name(CHAT_TEMPLATE_FILE);
+    let config = if jinja.is_file() {
+        let text = std::fs::read_to_string(&jinja)
+            .map_err(|e| StageError::io(format!("reading {}", jinja.display()), e))?;
+        let mut config = config.unwrap_or_else(|| json!({}));
+        match config.as_object_mut() {
+            Some(o) => {
+                o.insert("chat_template".into(), serde_json::Value::String(text));
+            }
+            None => {
+                return Err(StageError::Failed(format!(
+                    "{}: not a JSON object",
+                    config_path.display()
+                )));
+            }
+        }
+        Some(config)
+    } else {
+        config
+    };
+    Ok((tokenizer, config))
 }
+
+/// The chat template file transformers writes beside `tokenizer_config.json`.
+pub const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
+
+/// A Hugging Face tokenizer's settings (special tokens, chat template), kept beside
+/// `tokenizer.json` in the `tokenizer` output.
+pub const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
 
 fn special_id(tok: &Tokenizer, token: &str) -> Option<u32> {
     tok.token_to_id(token)
@@ -232,8 +319,8 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
                 .into(),
         ));
     }
-    let tokenizer = match p.vocab_size {
-        Some(v) if v >= 256 + 5 => train(ctx, &p, v as usize)?,
+    let (tokenizer, config) = match p.vocab_size {
+        Some(v) if v >= 256 + 5 => (train(ctx, &p, v as usize)?, None),
         Some(v) => {
             return Err(StageError::Params(format!(
                 "vocab_size must be at least 261 (256 bytes + 5 special tokens), got {v}"
@@ -241,24 +328,51 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
         }
         None => load(ctx, &p)?,
     };
-    let bos = special_id(&tokenizer, &p.bos_token).ok_or_else(|| {
-        StageError::Failed(format!("the tokenizer has no BOS token `{}`", p.bos_token))
+    let names = Specials::resolve(&p, config.as_ref())?;
+    let bos =
+        match &names.bos {
+            None => None,
+            Some(t) => Some(special_id(&tokenizer, t).ok_or_else(|| {
+                StageError::Failed(format!("the tokenizer has no BOS token `{t}`"))
+            })?),
+        };
+    let eos = special_id(&tokenizer, &names.eos).ok_or_else(|| {
+        StageError::Failed(format!("the tokenizer has no EOS token `{}`", names.eos))
     })?;
-    let eos = special_id(&tokenizer, &p.eos_token).ok_or_else(|| {
-        StageError::Failed(format!("the tokenizer has no EOS token `{}`", p.eos_token))
-    })?;
-    let pad = special_id(&tokenizer, &p.pad_token).unwrap_or(eos);
+    let pad = names
+        .pad
+        .as_deref()
+        .and_then(|t| special_id(&tokenizer, t))
+        .unwrap_or(eos);
     let vocab_size = tokenizer.get_vocab_size(true) as u32;
 
     let tok_dir = ctx.output("tokenizer")?;
     tokenizer
         .save(tok_dir.join("tokenizer.json"), false)
         .map_err(|e| StageError::Failed(format!("saving tokenizer.json: {e}")))?;
+    if let Some(config) = &config {
+        let text = serde_json::to_string_pretty(config).expect("json");
+        std::fs::write(tok_dir.join(TOKENIZER_CONFIG), text)
+            .map_err(|e| StageError::io(format!("writing {TOKENIZER_CONFIG}"), e))?;
+    }
     let specials = json!({"bos_id": bos, "eos_id": eos, "pad_id": pad, "vocab_size": vocab_size,
-                          "bos_token": p.bos_token, "eos_token": p.eos_token, "template": p.template});
+                          "bos_token": names.bos, "eos_token": names.eos, "template": p.template});
     std::fs::write(tok_dir.join("special_tokens.json"), specials.to_string())
         .map_err(|e| StageError::io("writing special_tokens.json", e))?;
 
+    let chat = match (p.template.as_str(), &config) {
+        ("chat", Some(config)) => Some(ChatTemplate::from_config(config, TOKENIZER_CONFIG)?),
+        ("chat", None) => {
+            return Err(StageError::Params(
+                "`template = \"chat\"` needs a model's tokenizer (its tokenizer_config.json holds the chat template)".into(),
+            ));
+        }
+        _ => None,
+    };
+    let layout = match &chat {
+        Some(c) => Layout::Chat(c),
+        None => Layout::Builtin(&p.template),
+    };
     let out = ctx.output("tokens")?;
     let mut writer = TokenWriter::create(out, vocab_size)?;
     let mut batch: Vec<Record> = Vec::with_capacity(BATCH);
@@ -276,14 +390,14 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
             }
             batch.push(record);
             if batch.len() == BATCH {
-                encode_batch(&tokenizer, &p.template, &batch, bos, eos, &mut writer)?;
+                encode_batch(&tokenizer, &layout, &batch, bos, eos, &mut writer)?;
                 done += batch.len() as u64;
                 ctx.progress.set_position(done);
                 batch.clear();
             }
         }
     }
-    encode_batch(&tokenizer, &p.template, &batch, bos, eos, &mut writer)?;
+    encode_batch(&tokenizer, &layout, &batch, bos, eos, &mut writer)?;
     let meta = writer.finish(TokenMeta {
         dtype: String::new(),
         vocab_size,
@@ -325,13 +439,57 @@ pub fn format_response(template: &str, prompt: &str, response: &str) -> String {
     }
 }
 
+/// How records become text: a built-in template by name, or the model's chat template.
+enum Layout<'a> {
+    Builtin(&'a str),
+    Chat(&'a ChatTemplate),
+}
+
+/// One laid-out record: prompt and answer texts, and whether BOS and EOS ids go around them
+/// (a chat template prints its own markers, BOS included when it names one).
+struct LaidOut {
+    prompt: String,
+    answer: String,
+    bos: bool,
+    eos: bool,
+}
+
+impl Layout<'_> {
+    fn lay_out(&self, prompt: &str, response: &str) -> Result<LaidOut, StageError> {
+        match self {
+            Layout::Chat(chat) if !prompt.is_empty() => {
+                let r = chat.record(prompt, response)?;
+                let bos = chat.bos().is_empty() || !r.prompt.starts_with(chat.bos());
+                Ok(LaidOut {
+                    prompt: r.prompt,
+                    answer: r.answer,
+                    bos,
+                    eos: false,
+                })
+            }
+            Layout::Chat(_) => Ok(LaidOut {
+                prompt: String::new(),
+                answer: response.to_string(),
+                bos: true,
+                eos: true,
+            }),
+            Layout::Builtin(t) => Ok(LaidOut {
+                prompt: format_prompt(t, prompt),
+                answer: format_response(t, prompt, response),
+                bos: true,
+                eos: true,
+            }),
+        }
+    }
+}
+
 /// Encodes a batch on all threads: prompt and response separately, so the boundary (and so
 /// the loss mask) is exact; then `[BOS] prompt response [EOS]`.
 fn encode_batch(
     tok: &Tokenizer,
-    template: &str,
+    layout: &Layout,
     batch: &[Record],
-    bos: u32,
+    bos: Option<u32>,
     eos: u32,
     writer: &mut TokenWriter,
 ) -> Result<(), StageError> {
@@ -340,10 +498,13 @@ fn encode_batch(
     }
     let mut prompts = Vec::with_capacity(batch.len());
     let mut responses = Vec::with_capacity(batch.len());
+    let mut ends = Vec::with_capacity(batch.len());
     for r in batch {
         let (prompt, response) = r.as_training().expect("checked by the caller");
-        prompts.push(format_prompt(template, prompt));
-        responses.push(format_response(template, prompt, response));
+        let laid = layout.lay_out(prompt, response)?;
+        prompts.push(laid.prompt);
+        responses.push(laid.answer);
+        ends.push((laid.bos, laid.eos));
     }
     let enc = |texts: Vec<String>| {
         tok.encode_batch_fast(texts, false)
@@ -358,8 +519,11 @@ fn encode_batch(
     let response_ids = enc(responses)?;
     let mut ids = Vec::new();
     for (i, r) in response_ids.iter().enumerate() {
+        let (with_bos, with_eos) = ends[i];
         ids.clear();
-        ids.push(bos);
+        if with_bos {
+            ids.extend(bos);
+        }
         // Plain text has no prompt: every token, BOS aside, is a target.
         let prompt = prompt_ids.as_ref().map(|p| p[i].get_ids()).unwrap_or(&[]);
         ids.extend_from_slice(prompt);
@@ -369,7 +533,9 @@ fn encode_batch(
             ids.len() as u32
         };
         ids.extend_from_slice(r.get_ids());
-        ids.push(eos);
+        if with_eos {
+            ids.push(eos);
+        }
         writer.push(&ids, prompt_len)?;
     }
     Ok(())

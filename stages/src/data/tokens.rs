@@ -25,7 +25,8 @@ pub struct TokenMeta {
     pub vocab_size: u32,
     pub docs: u64,
     pub tokens: u64,
-    pub bos_id: u32,
+    /// None when the tokenizer has no BOS (Qwen).
+    pub bos_id: Option<u32>,
     pub eos_id: u32,
     pub pad_id: u32,
     /// The chat template used for prompt/response records.

@@ -16,10 +16,25 @@ pub struct Lm {
     pub weights: Weights,
     pub tokenizer: Tokenizer,
     pub bos: Option<u32>,
-    pub eos: Option<u32>,
+    /// Every id that ends a generation: `eos_token_id` of `config.json` and of
+    /// `generation_config.json` (a list in Llama 3 and Qwen 2.5: end of text, end of turn).
+    pub eos: Vec<u32>,
     /// Sequences decoded at once.
     pub batch: usize,
     pub threads: usize,
+}
+
+/// Token ids of an `eos_token_id` field: one id or a list of them.
+fn token_ids(v: Option<&serde_json::Value>) -> Vec<u32> {
+    match v {
+        Some(serde_json::Value::Array(items)) => items
+            .iter()
+            .filter_map(|i| i.as_u64())
+            .map(|i| i as u32)
+            .collect(),
+        Some(one) => one.as_u64().map(|i| i as u32).into_iter().collect(),
+        None => Vec::new(),
+    }
 }
 
 /// The score of one (context, continuation) pair.
@@ -72,14 +87,23 @@ impl Lm {
             ))
         })?;
         let c = &weights.config;
-        // eos_token_id may be a list in HF configs: the first one is the end of text.
-        let id = |v: &Option<serde_json::Value>| {
-            v.as_ref()
-                .and_then(|v| v.as_u64().or_else(|| v.get(0).and_then(|f| f.as_u64())))
-                .map(|v| v as u32)
-        };
         let bos = c.bos_token_id.or_else(|| tokenizer.token_to_id("<s>"));
-        let eos = id(&c.eos_token_id).or_else(|| tokenizer.token_to_id("</s>"));
+        let mut eos = token_ids(c.eos_token_id.as_ref());
+        let generation = dir.join("generation_config.json");
+        if generation.is_file() {
+            let text = std::fs::read_to_string(&generation)
+                .map_err(|e| StageError::io(format!("reading {}", generation.display()), e))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| StageError::Failed(format!("{}: {e}", generation.display())))?;
+            for id in token_ids(v.get("eos_token_id")) {
+                if !eos.contains(&id) {
+                    eos.push(id);
+                }
+            }
+        }
+        if eos.is_empty() {
+            eos.extend(tokenizer.token_to_id("</s>"));
+        }
         Ok(Lm {
             weights,
             tokenizer,
@@ -246,7 +270,7 @@ impl Lm {
             for (row, &slot) in logits.chunks(vocab).zip(&order) {
                 let a = slots[slot].as_mut().expect("active slot");
                 let next = sample(row, opts, &mut a.rng);
-                let eos = Some(next) == self.eos;
+                let eos = self.eos.contains(&next);
                 if !eos {
                     a.ids.push(next);
                     a.next = next;

@@ -504,7 +504,7 @@ fn perplexity(
             c.max_position_embeddings
         )));
     }
-    let rope = Rope::new(c.head_dim(), c.theta(), packed.summary.seq_len);
+    let rope = Rope::new(&lm.weights.arch.inv_freq, packed.summary.seq_len);
     let llama = Llama {
         w: &lm.weights,
         lora: None,

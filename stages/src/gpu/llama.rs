@@ -1,5 +1,6 @@
-//! The Llama forward pass as burn tensor operations, mirroring `cpu::llama` (same layout of
-//! parameters, same RoPE convention, same targets); burn's autodiff differentiates it.
+//! The model's forward pass as burn tensor operations, mirroring `cpu::llama` (same layout
+//! of parameters, same `Arch` variations, same RoPE convention, same targets); burn's
+//! autodiff differentiates it.
 
 use burn::tensor::activation::{log_softmax, silu, softmax};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
@@ -7,8 +8,9 @@ use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use crate::cpu::attention::{self, Mask};
 use crate::cpu::llama::{Batch, Dropouts};
 use crate::cpu::ops::Rope;
-use crate::model::config::LlamaConfig;
-use crate::model::weights::{Proj, Weights};
+use crate::model::arch::{Arch, Extra};
+use crate::model::config::ModelConfig;
+use crate::model::weights::{Proj, Weights, extra_index};
 
 /// Uploads a host tensor (any rank, viewed as 2D: vectors become one row).
 pub fn upload(data: &[f32], shape: &[usize], device: &Device) -> Tensor<2> {
@@ -33,8 +35,8 @@ pub struct Inputs {
     /// cos and sin per token, `[N, 1, head_dim]` (rotate-half layout).
     cos: Tensor<3>,
     sin: Tensor<3>,
-    /// Additive attention mask `[B, 1, T, T]`: 0 or -1e9.
-    mask: Tensor<4>,
+    /// Additive attention masks `[B, 1, T, T]` (0 or -1e9), one per distinct layer window.
+    masks: Vec<(Option<usize>, Tensor<4>)>,
     /// Target ids `[N, 1]` (0 where none) and weights `[N, 1]` (1 where a target).
     targets: Tensor<2, Int>,
     weights: Tensor<2>,
@@ -43,12 +45,13 @@ pub struct Inputs {
 }
 
 impl Inputs {
-    pub fn new(c: &LlamaConfig, b: &Batch, device: &Device) -> Inputs {
+    pub fn new(w: &Weights, b: &Batch, device: &Device) -> Inputs {
+        let c = &w.config;
         let n = b.rows * b.seq;
         let hd = c.head_dim();
         // The CPU engine's RoPE tables and attention rule: both paths see the same numbers.
         let positions = b.pos.iter().max().map_or(1, |&p| p as usize + 1);
-        let rope = Rope::new(hd, c.theta(), positions);
+        let rope = Rope::new(&w.arch.inv_freq, positions);
         let half = rope.half;
         let mut cos = Vec::with_capacity(n * hd);
         let mut sin = Vec::with_capacity(n * hd);
@@ -63,19 +66,27 @@ impl Inputs {
         // Rows of one length only: the CPU engine alone takes batches without their tails.
         assert!(b.lens.is_none(), "the burn model takes rectangular batches");
         let t = b.seq;
-        let rule = match &b.seq_ids {
-            Some(s) => Mask::Document(s),
-            None => Mask::Causal,
-        };
-        let mut mask = vec![0.0f32; b.rows * t * t];
-        for r in 0..b.rows {
-            for i in 0..t {
-                for j in 0..t {
-                    if !attention::allowed(rule, r * t, i, j) {
-                        mask[(r * t + i) * t + j] = -1e9;
+        let mut masks: Vec<(Option<usize>, Tensor<4>)> = Vec::new();
+        for &window in &w.arch.windows {
+            if masks.iter().any(|(w, _)| *w == window) {
+                continue;
+            }
+            let rule = Mask {
+                docs: b.seq_ids.as_deref(),
+                window,
+            };
+            let mut mask = vec![0.0f32; b.rows * t * t];
+            for r in 0..b.rows {
+                for i in 0..t {
+                    for j in 0..t {
+                        if !attention::allowed(rule, r * t, i, j) {
+                            mask[(r * t + i) * t + j] = -1e9;
+                        }
                     }
                 }
             }
+            let mask = Tensor::<4>::from_data(TensorData::new(mask, [b.rows, 1, t, t]), device);
+            masks.push((window, mask));
         }
         let ids: Vec<i64> = b.ids.iter().map(|&i| i as i64).collect();
         let tg: Vec<i64> = b.targets.iter().map(|&t| t.max(0) as i64).collect();
@@ -88,12 +99,23 @@ impl Inputs {
             ids: Tensor::<1, Int>::from_data(TensorData::new(ids, [n]), device),
             cos: Tensor::<3>::from_data(TensorData::new(cos, [n, 1, hd]), device),
             sin: Tensor::<3>::from_data(TensorData::new(sin, [n, 1, hd]), device),
-            mask: Tensor::<4>::from_data(TensorData::new(mask, [b.rows, 1, t, t]), device),
+            masks,
             targets: Tensor::<2, Int>::from_data(TensorData::new(tg, [n, 1]), device),
             weights: Tensor::<2>::from_data(TensorData::new(w, [n, 1]), device),
             rows: b.rows,
             seq: b.seq,
         }
+    }
+}
+
+impl Inputs {
+    /// The mask of a layer with this window.
+    fn mask(&self, window: Option<usize>) -> Tensor<4> {
+        self.masks
+            .iter()
+            .find(|(w, _)| *w == window)
+            .map(|(_, m)| m.clone())
+            .expect("a mask for every layer's window")
     }
 }
 
@@ -105,7 +127,8 @@ pub struct DeviceLora {
 
 /// The model's parameters on a device, in `Weights` order, plus LoRA tensors if any.
 pub struct DeviceModel<'a> {
-    pub config: &'a LlamaConfig,
+    pub config: &'a ModelConfig,
+    pub arch: &'a Arch,
     pub w: &'a [Tensor<2>],
     pub lora: Option<(&'a DeviceLora, &'a [Tensor<2>])>,
     pub device: &'a Device,
@@ -126,9 +149,28 @@ impl DeviceModel<'_> {
         x * ms.add_scalar(eps).sqrt().recip() * w.clone()
     }
 
+    /// A layer's optional tensor, if the architecture has it.
+    fn extra(&self, layer: usize, e: Extra) -> Option<&Tensor<2>> {
+        extra_index(self.config, self.arch, layer, e).map(|i| &self.w[i])
+    }
+
+    /// Per-head RMSNorm (Qwen3's q_norm/k_norm) when the architecture has it.
+    fn head_norm(&self, layer: usize, x: Tensor<2>, heads: usize, e: Extra) -> Tensor<2> {
+        let Some(w) = self.extra(layer, e) else {
+            return x;
+        };
+        let n = x.dims()[0];
+        let hd = self.config.head_dim();
+        self.rms(x.reshape([n * heads, hd]), w)
+            .reshape([n, heads * hd])
+    }
+
     fn proj(&self, layer: usize, p: Proj, x: Tensor<2>, drop: Option<&Dropouts>) -> Tensor<2> {
         let w = &self.w[Weights::proj_index(layer, p)];
-        let y = x.clone().matmul(w.clone().transpose());
+        let mut y = x.clone().matmul(w.clone().transpose());
+        if let Some(b) = self.extra(layer, Extra::Bias(p)) {
+            y = y + b.clone();
+        }
         match self.lora {
             Some((l, t)) => match l.factors.get(&(layer, p)) {
                 Some(&(a, b)) => {
@@ -167,8 +209,9 @@ impl DeviceModel<'_> {
         let mut x = self.w[0].clone().select(0, inp.ids.clone());
         for l in 0..c.num_hidden_layers {
             let h1 = self.rms(x.clone(), &self.w[Weights::layer_index(l, 0)]);
-            let q = self.rope(self.proj(l, Proj::Q, h1.clone(), drop), h, inp);
-            let k = self.rope(self.proj(l, Proj::K, h1.clone(), drop), hk, inp);
+            let q = self.head_norm(l, self.proj(l, Proj::Q, h1.clone(), drop), h, Extra::QNorm);
+            let k = self.head_norm(l, self.proj(l, Proj::K, h1.clone(), drop), hk, Extra::KNorm);
+            let (q, k) = (self.rope(q, h, inp), self.rope(k, hk, inp));
             let v = self.proj(l, Proj::V, h1, drop);
             let q4 = q.reshape([b, t, h, hd]).swap_dims(1, 2);
             let expand = |z: Tensor<2>| -> Tensor<4> {
@@ -179,7 +222,7 @@ impl DeviceModel<'_> {
             let scores = q4
                 .matmul(k4.swap_dims(2, 3))
                 .mul_scalar(1.0 / (hd as f32).sqrt())
-                + inp.mask.clone();
+                + inp.mask(self.arch.windows[l]);
             let mut p = softmax(scores, 3);
             if let Some(d) = drop.filter(|d| d.attention > 0.0) {
                 p = dropout(p, d.attention, self.device);

@@ -145,9 +145,10 @@ impl BurnTrainer {
         };
         let base: Vec<Tensor<2>> = self.base.iter().map(|t| wrap(t, full)).collect();
         let lora: Vec<Tensor<2>> = self.lora.iter().map(|t| wrap(t, !full)).collect();
-        let inputs = Inputs::new(&self.weights.config, batch, &self.device);
+        let inputs = Inputs::new(&self.weights, batch, &self.device);
         let model = DeviceModel {
             config: &self.weights.config,
+            arch: &self.weights.arch,
             w: &base,
             lora: self.lora_meta.as_ref().map(|m| (m, &lora[..])),
             device: &self.device,

@@ -1,15 +1,19 @@
-//! A Llama model's shape, read from and written as a Hugging Face `config.json`, so that
-//! models move between flow and `transformers` unchanged.
+//! A model's shape, read from and written as a Hugging Face `config.json`, so that models
+//! move between flow and `transformers` unchanged. What the fields mean for the computation
+//! (the family's norm, biases, windows and RoPE) is [`super::arch::Arch`], derived from it.
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::arch::{Arch, Extra, Family};
 use crate::kind::StageError;
 
-/// The fields of `LlamaConfig` flow uses; others in the file are ignored on import.
+/// The fields of a `config.json` flow reads (Llama's, and the families [`Family`] lists);
+/// the others are kept in `extra` and written back unchanged, so a saved Qwen or Mistral
+/// config still loads in `transformers` as what it was.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LlamaConfig {
+pub struct ModelConfig {
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -50,6 +54,20 @@ pub struct LlamaConfig {
     pub rope_parameters: Option<serde_json::Value>,
     #[serde(default = "default_model_type")]
     pub model_type: String,
+    /// Mistral's window of every layer; Qwen's of the layers `layer_types` (or
+    /// `use_sliding_window` with `max_window_layers`) name.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    #[serde(default)]
+    pub use_sliding_window: Option<bool>,
+    #[serde(default)]
+    pub max_window_layers: Option<usize>,
+    /// Per layer `"full_attention"` or `"sliding_attention"` (transformers 5).
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+    /// Every other field of the file, written back as read.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 fn default_eps() -> f64 {
@@ -71,8 +89,8 @@ fn default_model_type() -> String {
     "llama".into()
 }
 
-impl LlamaConfig {
-    /// A config for a fresh model of the given size, as `LlamaConfig(...)` would fill it.
+impl ModelConfig {
+    /// A config for a fresh model of the given size, as `ModelConfig(...)` would fill it.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         vocab_size: usize,
@@ -83,8 +101,8 @@ impl LlamaConfig {
         num_key_value_heads: usize,
         max_position_embeddings: usize,
         tie_word_embeddings: bool,
-    ) -> LlamaConfig {
-        LlamaConfig {
+    ) -> ModelConfig {
+        ModelConfig {
             vocab_size,
             hidden_size,
             intermediate_size,
@@ -106,6 +124,11 @@ impl LlamaConfig {
             rope_scaling: None,
             rope_parameters: None,
             model_type: "llama".into(),
+            sliding_window: None,
+            use_sliding_window: None,
+            max_window_layers: None,
+            layer_types: None,
+            extra: serde_json::Map::new(),
         }
     }
 
@@ -118,6 +141,21 @@ impl LlamaConfig {
             .unwrap_or(self.rope_theta)
     }
 
+    /// RoPE's scaling (`rope_type` and its factors), from `rope_parameters` (transformers 5)
+    /// or `rope_scaling`; None for plain RoPE.
+    pub fn rope_scaling(&self) -> Option<&serde_json::Map<String, serde_json::Value>> {
+        let given = match &self.rope_parameters {
+            Some(p) => Some(p),
+            None => self.rope_scaling.as_ref(),
+        }?;
+        let map = given.as_object()?;
+        let kind = map
+            .get("rope_type")
+            .or_else(|| map.get("type"))
+            .and_then(|t| t.as_str());
+        (kind != Some("default")).then_some(map)
+    }
+
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
@@ -128,17 +166,30 @@ impl LlamaConfig {
     }
 
     /// Reads `config.json`; errors name the file and the field.
-    pub fn read(path: &Path) -> Result<LlamaConfig, StageError> {
+    pub fn read(path: &Path) -> Result<ModelConfig, StageError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| StageError::io(format!("reading {}", path.display()), e))?;
-        let config: LlamaConfig = serde_json::from_str(&text)
+        let config: ModelConfig = serde_json::from_str(&text)
             .map_err(|e| StageError::Failed(format!("{}: {e}", path.display())))?;
         config
             .validate()
             .map_err(|e| StageError::Failed(format!("{}: {e}", path.display())))?;
         let mut config = config;
+        // What `write` sets itself: the class name (from the family) and the dtype (f32).
+        for field in ["architectures", "torch_dtype", "dtype"] {
+            config.extra.remove(field);
+        }
+        // One spelling on the way out: `rope_theta` and (when scaled) `rope_scaling`, which
+        // transformers 4 and 5 both read.
         config.rope_theta = config.theta();
-        config.rope_parameters = None;
+        if config.rope_parameters.is_some() {
+            config.rope_scaling = config.rope_scaling().map(|m| {
+                let mut m = m.clone();
+                m.remove("rope_theta");
+                serde_json::Value::Object(m)
+            });
+            config.rope_parameters = None;
+        }
         Ok(config)
     }
 
@@ -146,9 +197,10 @@ impl LlamaConfig {
     pub fn write(&self, path: &Path) -> Result<(), StageError> {
         let mut value = serde_json::to_value(self).expect("configs serialize");
         let obj = value.as_object_mut().expect("an object");
+        let family = Family::of(self).expect("a validated config names its family");
         obj.insert(
             "architectures".into(),
-            serde_json::json!(["LlamaForCausalLM"]),
+            serde_json::json!([family.architecture()]),
         );
         obj.insert("torch_dtype".into(), serde_json::json!("float32"));
         obj.retain(|_, v| !v.is_null());
@@ -157,7 +209,8 @@ impl LlamaConfig {
             .map_err(|e| StageError::io(format!("writing {}", path.display()), e))
     }
 
-    /// What flow's Llama cannot run, named by field.
+    /// What flow cannot run, named by field: the shape's own rules here, the family's
+    /// features in [`Arch::of`].
     pub fn validate(&self) -> Result<(), String> {
         let positive = [
             ("vocab_size", self.vocab_size),
@@ -170,34 +223,6 @@ impl LlamaConfig {
             if v == 0 {
                 return Err(format!("field `{field}` must be positive"));
             }
-        }
-        if self.model_type != "llama" {
-            return Err(format!(
-                "field `model_type` is {:?}; flow runs Llama models only",
-                self.model_type
-            ));
-        }
-        if self.hidden_act != "silu" {
-            return Err(format!(
-                "field `hidden_act` is {:?}; Llama uses \"silu\"",
-                self.hidden_act
-            ));
-        }
-        if self.attention_bias || self.mlp_bias {
-            return Err("fields `attention_bias`/`mlp_bias`: biases are not supported".into());
-        }
-        let rope_type = self
-            .rope_parameters
-            .as_ref()
-            .and_then(|p| p.get("rope_type"))
-            .and_then(|t| t.as_str());
-        if rope_type.is_some_and(|t| t != "default") {
-            return Err(format!(
-                "field `rope_parameters.rope_type` is {rope_type:?}: only \"default\" RoPE is supported"
-            ));
-        }
-        if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err("field `rope_scaling`: scaled RoPE is not supported".into());
         }
         let kv = self.kv_heads();
         if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
@@ -218,7 +243,7 @@ impl LlamaConfig {
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        Ok(())
+        Arch::of(self).map(|_| ())
     }
 
     /// Parameter count (embeddings included, tied ones once).
@@ -226,7 +251,16 @@ impl LlamaConfig {
         let (d, f, hd) = (self.hidden_size, self.intermediate_size, self.head_dim());
         let q = self.num_attention_heads * hd;
         let kv = self.kv_heads() * hd;
-        let layer = d * q + 2 * d * kv + q * d + 3 * d * f + 2 * d;
+        let arch = Arch::of(self).expect("a validated config");
+        let extras: usize = arch
+            .extras()
+            .iter()
+            .map(|e| match e {
+                Extra::Bias(p) => p.shape(self).0,
+                Extra::QNorm | Extra::KNorm => hd,
+            })
+            .sum();
+        let layer = d * q + 2 * d * kv + q * d + 3 * d * f + 2 * d + extras;
         let head = if self.tie_word_embeddings {
             0
         } else {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::config::LlamaConfig;
+use super::config::ModelConfig;
 use super::weights::Weights;
 use crate::data::remote;
 use crate::kind::{Default, Kind, Param, ParamType, StageContext, StageError, StageOutcome};
@@ -15,8 +15,8 @@ use crate::kind::{Default, Kind, Param, ParamType, StageContext, StageError, Sta
 /// Registered as `kind = "model"`.
 pub static KIND: Kind = Kind {
     name: "model",
-    version: 1,
-    doc: "a Llama model (HF config.json + safetensors): fresh and seeded at a given size, or imported",
+    version: 2,
+    doc: "a decoder model (HF config.json + safetensors; Llama 2 and 3, Mistral, Qwen2, Qwen3): a fresh Llama seeded at a given size, or imported with its tokenizer, generation and chat settings",
     params: &[
         Param {
             name: "source",
@@ -167,9 +167,16 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
             }
             let dir = import(files, ctx.scratch)?;
             let w = Weights::load(&dir)?;
-            // Keep the tokenizer that came with the model unless one is given.
+            // Keep the tokenizer that came with the model unless one is given, and the
+            // generation settings (its end-of-turn ids) and tokenizer settings (specials,
+            // chat template) in any case.
             if tokenizer.is_none() && dir.join("tokenizer.json").is_file() {
                 copy(&dir.join("tokenizer.json"), &out.join("tokenizer.json"))?;
+            }
+            for name in COMPANIONS {
+                if dir.join(name).is_file() {
+                    copy(&dir.join(name), &out.join(name))?;
+                }
             }
             w
         }
@@ -197,7 +204,7 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
                 StageError::Params("a fresh model needs `vocab_size` or a `tokenizer`".into())
             })?;
             let ff_default = (8 * d / 3).div_ceil(64) * 64;
-            let mut config = LlamaConfig::new(
+            let mut config = ModelConfig::new(
                 positive("vocab_size", Some(vocab as i64), vocab)?,
                 d,
                 positive("intermediate_size", p.intermediate_size, ff_default)?,
@@ -231,6 +238,13 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
     }
     Ok(outcome)
 }
+
+/// Files of a Hugging Face model directory kept beside the weights when present.
+const COMPANIONS: [&str; 3] = [
+    "generation_config.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+];
 
 fn copy(from: &Path, to: &Path) -> Result<(), StageError> {
     std::fs::copy(from, to)
@@ -276,6 +290,9 @@ fn import(files: &[String], scratch: &Path) -> Result<PathBuf, StageError> {
             }
         }
         let _ = get("tokenizer.json"); // optional
+        for name in COMPANIONS {
+            let _ = get(name); // optional
+        }
         return Ok(dir);
     }
     let paths: Vec<&Path> = files.iter().map(Path::new).collect();

@@ -1,4 +1,4 @@
-//! A Llama model's parameters on the host, f32, in Hugging Face's names and layout (a Linear
+//! A model's parameters on the host, f32, in Hugging Face's names and layout (a Linear
 //! weight is `[out, in]`), read from and written as safetensors, single file or sharded with
 //! `model.safetensors.index.json`.
 
@@ -8,7 +8,8 @@ use std::path::Path;
 
 use safetensors::tensor::{Dtype, SafeTensors, View};
 
-use super::config::LlamaConfig;
+use super::arch::{Arch, Extra};
+use super::config::ModelConfig;
 use crate::data::rng::Rng;
 use crate::kind::StageError;
 use crate::relpath::checked_rel_path;
@@ -101,7 +102,7 @@ impl Proj {
     }
 
     /// (out, in) features of this projection.
-    pub fn shape(self, c: &LlamaConfig) -> (usize, usize) {
+    pub fn shape(self, c: &ModelConfig) -> (usize, usize) {
         let (d, f) = (c.hidden_size, c.intermediate_size);
         let q = c.num_attention_heads * c.head_dim();
         let kv = c.kv_heads() * c.head_dim();
@@ -117,19 +118,22 @@ impl Proj {
 
 /// Position of each tensor in [`Weights::tensors`]: the embedding, then per layer the
 /// attention norm, q, k, v, o, the MLP norm, gate, up, down; then the final norm and, when
-/// the embeddings are not tied, the LM head.
+/// the embeddings are not tied, the LM head; then each layer's [`Extra`] tensors (biases,
+/// query and key norms), as the architecture has them.
 pub const PER_LAYER: usize = 9;
 
-/// A model: config plus parameters.
+/// A model: config, the architecture it describes, and parameters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Weights {
-    pub config: LlamaConfig,
+    pub config: ModelConfig,
+    /// `Arch::of(&config)`, kept beside it: every pass reads it.
+    pub arch: Arch,
     pub tensors: Vec<Tensor>,
 }
 
 impl Weights {
     /// Names and shapes of every parameter, in storage order.
-    pub fn layout(c: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    pub fn layout(c: &ModelConfig, arch: &Arch) -> Vec<(String, Vec<usize>)> {
         let d = c.hidden_size;
         let mut out = vec![(
             "model.embed_tokens.weight".to_string(),
@@ -151,6 +155,19 @@ impl Weights {
         out.push(("model.norm.weight".to_string(), vec![d]));
         if !c.tie_word_embeddings {
             out.push(("lm_head.weight".to_string(), vec![c.vocab_size, d]));
+        }
+        let extras = arch.extras();
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            for e in &extras {
+                out.push(match e {
+                    Extra::Bias(proj) => {
+                        (format!("{p}.{}.bias", proj.module()), vec![proj.shape(c).0])
+                    }
+                    Extra::QNorm => (format!("{p}.self_attn.q_norm.weight"), vec![c.head_dim()]),
+                    Extra::KNorm => (format!("{p}.self_attn.k_norm.weight"), vec![c.head_dim()]),
+                });
+            }
         }
         out
     }
@@ -187,17 +204,32 @@ impl Weights {
         }
     }
 
+    /// Index of a layer's optional tensor, None when the architecture has none.
+    pub fn extra_index(&self, layer: usize, extra: Extra) -> Option<usize> {
+        extra_index(&self.config, &self.arch, layer, extra)
+    }
+
+    /// A projection's bias, if it has one.
+    pub fn bias(&self, layer: usize, proj: Proj) -> Option<&[f32]> {
+        self.extra_index(layer, Extra::Bias(proj))
+            .map(|i| self.tensors[i].data.as_slice())
+    }
+
     /// A freshly initialized model as `transformers` initializes one: Linear and Embedding
     /// weights ~ N(0, initializer_range), norms at 1. Seeded: same seed, same bits.
-    pub fn init(config: &LlamaConfig, seed: u64) -> Weights {
+    /// `config` must be valid ([`ModelConfig::validate`]).
+    pub fn init(config: &ModelConfig, seed: u64) -> Weights {
+        let arch = Arch::of(config).expect("a validated config");
         let std = config.initializer_range as f32;
         let root = Rng::new(seed);
-        let tensors = Self::layout(config)
+        let tensors = Self::layout(config, &arch)
             .into_iter()
             .map(|(name, shape)| {
                 let n: usize = shape.iter().product();
                 let data = if name.ends_with("norm.weight") {
                     vec![1.0; n]
+                } else if name.ends_with(".bias") {
+                    vec![0.0; n]
                 } else {
                     let mut rng = root.fork(&name);
                     normal_vec(&mut rng, n, std)
@@ -207,6 +239,7 @@ impl Weights {
             .collect();
         Weights {
             config: config.clone(),
+            arch,
             tensors,
         }
     }
@@ -214,10 +247,11 @@ impl Weights {
     /// Loads `config.json` and the safetensors of a Hugging Face model directory. bf16 and
     /// f16 weights become f32.
     pub fn load(dir: &Path) -> Result<Weights, StageError> {
-        let config = LlamaConfig::read(&dir.join("config.json"))?;
+        let config = ModelConfig::read(&dir.join("config.json"))?;
+        let arch = Arch::of(&config).expect("validated when read");
         let files = weight_files(dir)?;
         let mut found: HashMap<String, Tensor> = HashMap::new();
-        let layout = Self::layout(&config);
+        let layout = Self::layout(&config, &arch);
         let wanted: HashMap<&str, &Vec<usize>> =
             layout.iter().map(|(n, s)| (n.as_str(), s)).collect();
         for file in &files {
@@ -234,8 +268,9 @@ impl Weights {
                 }
                 let Some(shape) = wanted.get(name) else {
                     return Err(StageError::Failed(format!(
-                        "{}: unexpected tensor `{name}` for a Llama model with this config",
-                        file.display()
+                        "{}: unexpected tensor `{name}` for a {} model with this config",
+                        file.display(),
+                        config.model_type
                     )));
                 };
                 if view.shape() != shape.as_slice() {
@@ -271,7 +306,11 @@ impl Weights {
                 }
             }
         }
-        Ok(Weights { config, tensors })
+        Ok(Weights {
+            config,
+            arch,
+            tensors,
+        })
     }
 
     /// Writes `config.json` and the weights (f32): one `model.safetensors`, or shards of at
@@ -322,6 +361,14 @@ impl Weights {
         std::fs::write(&path, serde_json::to_string_pretty(&index).expect("json"))
             .map_err(|e| StageError::io(format!("writing {}", path.display()), e))
     }
+}
+
+/// Where a layer's optional tensor is stored (see [`Weights::layout`]).
+pub fn extra_index(c: &ModelConfig, arch: &Arch, layer: usize, extra: Extra) -> Option<usize> {
+    let extras = arch.extras();
+    let at = extras.iter().position(|e| *e == extra)?;
+    let core = 1 + c.num_hidden_layers * PER_LAYER + 1 + usize::from(!c.tie_word_embeddings);
+    Some(core + layer * extras.len() + at)
 }
 
 /// The tensors of a model directory, read one at a time by name (memory-mapped): what the

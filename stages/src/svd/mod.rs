@@ -20,7 +20,7 @@ use crate::cpu::lora::Adapters;
 use crate::cpu::matmul::{Layout, gemm_into};
 use crate::data::rng::Rng;
 use crate::kind::{Default, Kind, Param, ParamType, StageContext, StageError, StageOutcome};
-use crate::model::config::LlamaConfig;
+use crate::model::config::ModelConfig;
 use crate::model::weights::{Proj, Tensor, TensorFiles, normal_vec};
 use spectrum::{effective_rank, frobenius, numerical_rank, rank_at, singular_values};
 
@@ -184,7 +184,7 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
     let base_in = ctx
         .artifact("base")
         .ok_or_else(|| StageError::Params("missing `base`".into()))?;
-    let config = LlamaConfig::read(&base_in.dir.join("config.json"))?;
+    let config = ModelConfig::read(&base_in.dir.join("config.json"))?;
     let base = TensorFiles::open(&base_in.dir)?;
     let (change, source) = match (ctx.artifact("finetuned"), ctx.artifact("adapter")) {
         (Some(f), None) => (Change::Model(TensorFiles::open(&f.dir)?), f),
