@@ -317,7 +317,7 @@ fn paper_profiles_plan_the_papers_study() {
                 .any(|k| k.starts_with("world") || k == "base" || k == "base_init"),
             "{name}"
         );
-        for s in ["llama2", "hellaswag", "arc", "winogrande", "corpus"] {
+        for s in ["pretrained", "hellaswag", "arc", "winogrande", "corpus"] {
             assert!(
                 p[s].0 != "?",
                 "{name}: {s} has a key (its URLs are its inputs)"
@@ -360,12 +360,74 @@ fn paper_profiles_plan_the_papers_study() {
     );
     assert_eq!(plans[3]["full[epochs=4]"].1, "4 epochs, 192 rows per step");
     // CPT uses the base model, IFT the chat model: two distinct imports, one per kind.
-    assert_eq!(plans[0]["llama2"].0, plans[1]["llama2"].0);
-    assert_eq!(plans[2]["llama2"].0, plans[3]["llama2"].0);
-    assert_ne!(plans[0]["llama2"].0, plans[2]["llama2"].0);
+    assert_eq!(plans[0]["pretrained"].0, plans[1]["pretrained"].0);
+    assert_eq!(plans[2]["pretrained"].0, plans[3]["pretrained"].0);
+    assert_ne!(plans[0]["pretrained"].0, plans[2]["pretrained"].0);
     // The evaluation data is shared across studies too.
     for s in ["hellaswag", "arc", "winogrande"] {
         assert!(plans.iter().all(|p| p[s].0 == plans[0][s].0), "{s}");
+    }
+}
+
+/// Every study's family profiles plan after the paper profile: the imported model is the
+/// family's (base for CPT, instruction-tuned for IFT, whose prompts take the model's own chat
+/// template), so its key differs from the paper's Llama-2-7B (what trains from it has no key
+/// before it is imported), while the data is the paper's.
+#[test]
+fn family_profiles_swap_the_model_of_the_papers_study() {
+    let ws = Workspace::new();
+    let families = [
+        ("llama3-1b", "Llama-3.2-1B"),
+        ("llama3-8b", "Llama-3.1-8B"),
+        ("mistral-7b", "Mistral-7B"),
+        ("qwen2.5-0.5b", "Qwen2.5-0.5B"),
+        ("qwen2.5-1.5b", "Qwen2.5-1.5B"),
+        ("qwen3-1.7b", "Qwen3-1.7B"),
+    ];
+    for name in STUDIES {
+        let paper = plan(&ws, name, &["--profile", "paper"]);
+        let text = std::fs::read_to_string(shipped(name)).unwrap();
+        let mut sources = std::collections::BTreeSet::new();
+        for (profile, model) in families {
+            let p = plan(&ws, name, &["--profile", "paper", "--profile", profile]);
+            assert_eq!(
+                p.keys().collect::<Vec<_>>(),
+                paper.keys().collect::<Vec<_>>(),
+                "{name} {profile}: the same stages"
+            );
+            assert_ne!(p["pretrained"].0, paper["pretrained"].0, "{name} {profile}");
+            sources.insert(p["pretrained"].0.clone());
+            assert_eq!(
+                p["corpus"].0, paper["corpus"].0,
+                "{name} {profile}: the paper's data"
+            );
+            let block = text
+                .split(&format!("[profile.{}]", quoted(profile)))
+                .nth(1)
+                .unwrap_or_else(|| panic!("{name}: no profile {profile}"));
+            let source = block.lines().nth(1).unwrap();
+            assert!(source.contains(model), "{name} {profile}: {source}");
+            let chat = block.lines().nth(2).unwrap_or("").contains("\"chat\"");
+            assert_eq!(
+                chat,
+                !name.ends_with("cpt"),
+                "{name} {profile}: chat template for IFT"
+            );
+        }
+        assert_eq!(
+            sources.len(),
+            families.len(),
+            "{name}: one model per profile"
+        );
+    }
+}
+
+/// A profile name as a TOML table key: quoted when it holds a dot.
+fn quoted(name: &str) -> String {
+    if name.contains('.') {
+        format!("\"{name}\"")
+    } else {
+        name.to_string()
     }
 }
 
