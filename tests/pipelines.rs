@@ -119,14 +119,14 @@ fn default_profiles_share_their_common_stages() {
     );
     assert!(plans[0].contains_key("svd_full[tokens=153600]"));
     // CPT and IFT studies select each method's learning rate first: three for full
-    // finetuning, three per LoRA rank, on a 48-step budget; one choice for full and one per
+    // finetuning, three per LoRA rank, on a 32-step budget; one choice for full and one per
     // rank.
     for (i, cpt) in plans[..4].iter().enumerate() {
         let count = |prefix: &str| cpt.keys().filter(|k| k.starts_with(prefix)).count();
         assert_eq!(count("full_lr["), 3);
         assert_eq!(count("lora_lr[rank="), 9);
         let budget = &cpt["lora_lr[rank=16,lr=1e-3]"].1;
-        assert!(budget.contains("48 steps"), "{}: {budget}", STUDIES[i]);
+        assert!(budget.contains("32 steps"), "{}: {budget}", STUDIES[i]);
         assert!(cpt.contains_key("full_pick"));
         for r in ["4", "16", "64"] {
             assert!(
