@@ -148,7 +148,7 @@ fn lora_on_wgpu_agrees_with_the_cpu_engine() {
 /// train as on the CPU engine, which matches transformers (llama_parity.rs).
 #[test]
 fn every_family_on_wgpu_agrees_with_the_cpu_engine() {
-    for name in ["llama3", "mistral", "qwen2", "qwen3"] {
+    for name in ["llama3", "mistral", "qwen2", "qwen3", "phi3"] {
         eprintln!("{name}:");
         let ((lc, tc), (lg, tg)) = train_both(&format!("families/{name}"), false, 3);
         assert!(lc[2] < lc[0], "{name} trains: {lc:?}");

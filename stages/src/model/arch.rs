@@ -24,10 +24,17 @@ pub enum Family {
     Mistral,
     Qwen2,
     Qwen3,
+    Phi3,
 }
 
 impl Family {
-    const ALL: [Family; 4] = [Family::Llama, Family::Mistral, Family::Qwen2, Family::Qwen3];
+    const ALL: [Family; 5] = [
+        Family::Llama,
+        Family::Mistral,
+        Family::Qwen2,
+        Family::Qwen3,
+        Family::Phi3,
+    ];
 
     /// The family a config names, or an error naming the field.
     pub fn of(c: &ModelConfig) -> Result<Family, String> {
@@ -51,6 +58,7 @@ impl Family {
             Family::Mistral => "mistral",
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
+            Family::Phi3 => "phi3",
         }
     }
 
@@ -61,6 +69,7 @@ impl Family {
             Family::Mistral => "MistralForCausalLM",
             Family::Qwen2 => "Qwen2ForCausalLM",
             Family::Qwen3 => "Qwen3ForCausalLM",
+            Family::Phi3 => "Phi3ForCausalLM",
         }
     }
 }
@@ -90,6 +99,9 @@ pub struct Arch {
     pub windows: Vec<Option<usize>>,
     /// RoPE's inverse frequency of each pair of a head's dimensions, scaling applied.
     pub inv_freq: Vec<f32>,
+    /// Phi-3 stores q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj`: a matter of
+    /// the files only (split on load, joined on save), the computation is the same.
+    pub fused: bool,
 }
 
 impl Arch {
@@ -116,12 +128,27 @@ impl Arch {
                     set(&mlp);
                 }
             }
-            Family::Mistral => {}
+            Family::Mistral | Family::Phi3 => {}
             // Qwen2 always has q/k/v biases (its config has no field for them).
             Family::Qwen2 => set(&[Proj::Q, Proj::K, Proj::V]),
         }
-        if family == Family::Mistral && (c.attention_bias || c.mlp_bias) {
-            return Err("fields `attention_bias`/`mlp_bias`: Mistral has no biases".into());
+        if matches!(family, Family::Mistral | Family::Phi3) && (c.attention_bias || c.mlp_bias) {
+            return Err(format!(
+                "fields `attention_bias`/`mlp_bias`: {} has no biases",
+                family.model_type()
+            ));
+        }
+        let partial = c
+            .extra
+            .get("partial_rotary_factor")
+            .or_else(|| c.rope_parameters.as_ref()?.get("partial_rotary_factor"))
+            .and_then(Value::as_f64);
+        if let Some(f) = partial
+            && f != 1.0
+        {
+            return Err(format!(
+                "field `partial_rotary_factor` is {f}: flow rotates whole heads (1.0)"
+            ));
         }
         Ok(Arch {
             family,
@@ -129,6 +156,7 @@ impl Arch {
             qk_norm: family == Family::Qwen3,
             windows: windows(c, family)?,
             inv_freq: inv_freq(c)?,
+            fused: family == Family::Phi3,
         })
     }
 
@@ -159,8 +187,8 @@ fn windows(c: &ModelConfig, family: Family) -> Result<Vec<Option<usize>>, String
     };
     match family {
         Family::Llama => Ok(vec![None; n]),
-        // Mistral slides every layer when `sliding_window` is set (v0.1), none when null.
-        Family::Mistral => match c.sliding_window {
+        // Mistral and Phi-3 slide every layer when `sliding_window` is set, none when null.
+        Family::Mistral | Family::Phi3 => match c.sliding_window {
             Some(_) => Ok(vec![Some(window("")?); n]),
             None => Ok(vec![None; n]),
         },
@@ -332,6 +360,18 @@ mod tests {
         let mut c = config("llama");
         c.hidden_act = "gelu".into();
         assert!(Arch::of(&c).unwrap_err().contains("`hidden_act`"));
+        let mut c = config("phi3");
+        assert!(Arch::of(&c).unwrap().fused);
+        c.rope_scaling = Some(serde_json::json!({"type": "longrope", "short_factor": [1.0]}));
+        assert!(Arch::of(&c).unwrap_err().contains("\"longrope\""));
+        c.rope_scaling = None;
+        c.extra
+            .insert("partial_rotary_factor".into(), serde_json::json!(0.5));
+        assert!(
+            Arch::of(&c)
+                .unwrap_err()
+                .contains("`partial_rotary_factor`")
+        );
     }
 
     /// Llama 3.1's scaling keeps the high frequencies, divides the low ones by `factor` and

@@ -252,8 +252,17 @@ impl Weights {
         let files = weight_files(dir)?;
         let mut found: HashMap<String, Tensor> = HashMap::new();
         let layout = Self::layout(&config, &arch);
-        let wanted: HashMap<&str, &Vec<usize>> =
-            layout.iter().map(|(n, s)| (n.as_str(), s)).collect();
+        let fused_names: Vec<(String, Vec<usize>)> = layout
+            .iter()
+            .filter_map(|(n, _)| fused_source(&config, &arch, n))
+            .map(|(f, _)| (f, Vec::new()))
+            .collect();
+        let wanted: HashMap<&str, &Vec<usize>> = layout
+            .iter()
+            .filter(|(n, _)| fused_source(&config, &arch, n).is_none())
+            .chain(fused_names.iter())
+            .map(|(n, s)| (n.as_str(), s))
+            .collect();
         for file in &files {
             let bytes = std::fs::read(file)
                 .map_err(|e| StageError::io(format!("reading {}", file.display()), e))?;
@@ -273,7 +282,8 @@ impl Weights {
                         config.model_type
                     )));
                 };
-                if view.shape() != shape.as_slice() {
+                // A fused tensor's shape is checked when it is split, below.
+                if !shape.is_empty() && view.shape() != shape.as_slice() {
                     return Err(StageError::Failed(format!(
                         "{}: tensor `{name}` has shape {:?}, config.json implies {:?}",
                         file.display(),
@@ -295,7 +305,26 @@ impl Weights {
             }
         }
         let mut tensors = Vec::with_capacity(layout.len());
-        for (name, _) in &layout {
+        for (name, shape) in &layout {
+            if let Some((fused, rows)) = fused_source(&config, &arch, name) {
+                let Some(t) = found.get(&fused) else {
+                    return Err(StageError::Failed(format!(
+                        "{}: tensor `{fused}` is missing",
+                        dir.display()
+                    )));
+                };
+                if t.shape.len() != 2 || t.shape[1] != shape[1] || t.shape[0] < rows.end {
+                    return Err(StageError::Failed(format!(
+                        "{}: tensor `{fused}` has shape {:?}, config.json implies [{}, {}] or more rows",
+                        dir.display(),
+                        t.shape,
+                        rows.end,
+                        shape[1]
+                    )));
+                }
+                tensors.push(row_slice(t, name, rows));
+                continue;
+            }
             match found.remove(name) {
                 Some(t) => tensors.push(t),
                 None => {
@@ -313,15 +342,45 @@ impl Weights {
         })
     }
 
+    /// The tensors as the files hold them: Phi-3's q/k/v and gate/up joined into their fused
+    /// tensors (in the order of the first of each group), every other tensor as it is. Also
+    /// what compares flow's gradients with transformers' by the checkpoint's names.
+    pub fn stored_tensors(&self) -> Vec<Cow<'_, Tensor>> {
+        let mut out: Vec<Cow<'_, Tensor>> = Vec::with_capacity(self.tensors.len());
+        let mut joined: HashMap<String, usize> = HashMap::new();
+        for t in &self.tensors {
+            match fused_source(&self.config, &self.arch, &t.name) {
+                None => out.push(Cow::Borrowed(t)),
+                Some((fused, _)) => match joined.get(&fused) {
+                    Some(&i) => {
+                        let f = out[i].to_mut();
+                        f.shape[0] += t.shape[0];
+                        f.data.extend_from_slice(&t.data);
+                    }
+                    None => {
+                        joined.insert(fused.clone(), out.len());
+                        out.push(Cow::Owned(Tensor {
+                            name: fused,
+                            shape: t.shape.clone(),
+                            data: t.data.clone(),
+                        }));
+                    }
+                },
+            }
+        }
+        out
+    }
+
     /// Writes `config.json` and the weights (f32): one `model.safetensors`, or shards of at
     /// most `max_shard_bytes` with `model.safetensors.index.json`, as `save_pretrained` does.
     pub fn save(&self, dir: &Path, max_shard_bytes: Option<u64>) -> Result<(), StageError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StageError::io(format!("creating {}", dir.display()), e))?;
         self.config.write(&dir.join("config.json"))?;
+        let stored = self.stored_tensors();
         let mut shards: Vec<Vec<&Tensor>> = vec![Vec::new()];
         let mut size = 0u64;
-        for t in &self.tensors {
+        for t in stored.iter().map(|t| &**t) {
             let bytes = t.data.len() as u64 * 4;
             if let Some(max) = max_shard_bytes
                 && size > 0
@@ -354,12 +413,47 @@ impl Weights {
                 weight_map.insert(t.name.clone(), file.clone());
             }
         }
-        let total: u64 = self.tensors.iter().map(|t| t.data.len() as u64 * 4).sum();
+        let total: u64 = stored.iter().map(|t| t.data.len() as u64 * 4).sum();
         let index =
             serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         let path = dir.join("model.safetensors.index.json");
         std::fs::write(&path, serde_json::to_string_pretty(&index).expect("json"))
             .map_err(|e| StageError::io(format!("writing {}", path.display()), e))
+    }
+}
+
+/// Where a tensor of the layout lives in a fused checkpoint (Phi-3): the fused tensor's name
+/// and the rows of it, or None for a tensor stored as itself.
+fn fused_source(
+    c: &ModelConfig,
+    arch: &Arch,
+    name: &str,
+) -> Option<(String, std::ops::Range<usize>)> {
+    if !arch.fused {
+        return None;
+    }
+    let (prefix, module) = name
+        .rsplit_once(".self_attn.")
+        .or_else(|| name.rsplit_once(".mlp."))?;
+    let (q, kv, f) = (Proj::Q.shape(c).0, Proj::K.shape(c).0, c.intermediate_size);
+    let (fused, rows) = match module {
+        "q_proj.weight" => ("self_attn.qkv_proj.weight", 0..q),
+        "k_proj.weight" => ("self_attn.qkv_proj.weight", q..q + kv),
+        "v_proj.weight" => ("self_attn.qkv_proj.weight", q + kv..q + 2 * kv),
+        "gate_proj.weight" => ("mlp.gate_up_proj.weight", 0..f),
+        "up_proj.weight" => ("mlp.gate_up_proj.weight", f..2 * f),
+        _ => return None,
+    };
+    Some((format!("{prefix}.{fused}"), rows))
+}
+
+/// Rows `rows` of a row-major `[_, cols]` tensor, as a tensor of its own.
+fn row_slice(t: &Tensor, name: &str, rows: std::ops::Range<usize>) -> Tensor {
+    let cols = t.shape[1];
+    Tensor {
+        name: name.to_string(),
+        shape: vec![rows.len(), cols],
+        data: t.data[rows.start * cols..rows.end * cols].to_vec(),
     }
 }
 
@@ -375,6 +469,9 @@ pub fn extra_index(c: &ModelConfig, arch: &Arch, layer: usize, extra: Extra) -> 
 /// spectral analysis of a 7B model needs, which must never hold all 224 matrices at once.
 pub struct TensorFiles {
     files: Vec<(std::path::PathBuf, memmap2::Mmap)>,
+    /// The model's config and architecture when its files fuse projections (Phi-3), so that
+    /// `q_proj` and the others read as rows of the fused tensor.
+    fused: Option<Box<(ModelConfig, Arch)>>,
 }
 
 impl TensorFiles {
@@ -389,11 +486,37 @@ impl TensorFiles {
                 .map_err(|e| StageError::io(format!("mapping {}", path.display()), e))?;
             files.push((path, map));
         }
-        Ok(TensorFiles { files })
+        let config = dir.join("config.json");
+        let fused = if config.is_file() {
+            let c = ModelConfig::read(&config)?;
+            let arch = Arch::of(&c).expect("validated when read");
+            arch.fused.then(|| Box::new((c, arch)))
+        } else {
+            None
+        };
+        Ok(TensorFiles { files, fused })
     }
 
-    /// The named tensor as f32, or an error naming the directory's files.
+    /// The named tensor as f32 (a fused checkpoint's parts by their own names), or an error
+    /// naming the directory's files.
     pub fn read(&self, name: &str) -> Result<Tensor, StageError> {
+        if let Some(fa) = &self.fused
+            && let Some((fused, rows)) = fused_source(&fa.0, &fa.1, name)
+        {
+            let t = self.read_stored(&fused)?;
+            if t.shape.len() != 2 || t.shape[0] < rows.end {
+                return Err(StageError::Failed(format!(
+                    "tensor `{fused}` has shape {:?}: too few rows for `{name}`",
+                    t.shape
+                )));
+            }
+            return Ok(row_slice(&t, name, rows));
+        }
+        self.read_stored(name)
+    }
+
+    /// A tensor under the name the files give it.
+    fn read_stored(&self, name: &str) -> Result<Tensor, StageError> {
         for (path, map) in &self.files {
             let st = SafeTensors::deserialize(map)
                 .map_err(|e| StageError::Failed(format!("{}: {e}", path.display())))?;

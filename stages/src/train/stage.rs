@@ -371,6 +371,17 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
             dropout: ld as f32,
             targets: lora_targets(p.targets.as_deref().unwrap_or(&["all".to_string()]))?,
         };
+        if base.arch.fused
+            && let Some(t) = spec
+                .targets
+                .iter()
+                .find(|t| !matches!(t, Proj::O | Proj::Down))
+        {
+            return Err(bad(format!(
+                "targets: `{}` is part of Phi-3's fused qkv_proj/gate_up_proj, where PEFT puts one adapter over the fused output; flow adapts separate projections only: use targets = [\"o\", \"down\"] for Phi-3",
+                t.short()
+            )));
+        }
         let init = if p.init.as_deref() == Some("gaussian") {
             LoraInit::Gaussian
         } else {
