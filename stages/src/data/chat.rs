@@ -29,8 +29,15 @@ pub struct Rendered {
 
 impl ChatTemplate {
     /// The template of a `tokenizer_config.json` (a string, or the list of named templates
-    /// some models give, of which `default` is taken); errors name the file's field.
-    pub fn from_config(config: &Value, file: &str) -> Result<ChatTemplate, StageError> {
+    /// some models give, of which `default` is taken), rendering `bos_token` and `eos_token`
+    /// as the tokenizer is used (`tokenize`'s resolved special tokens, so a param that
+    /// overrides the config's BOS reaches the template too); errors name the file's field.
+    pub fn from_config(
+        config: &Value,
+        file: &str,
+        bos: Option<&str>,
+        eos: &str,
+    ) -> Result<ChatTemplate, StageError> {
         let source = match config.get("chat_template") {
             Some(Value::String(t)) => t.clone(),
             Some(Value::Array(named)) => named
@@ -49,17 +56,6 @@ impl ChatTemplate {
                 )));
             }
         };
-        let token = |field: &str| -> String {
-            match config.get(field) {
-                Some(Value::String(t)) => t.clone(),
-                Some(Value::Object(o)) => o
-                    .get("content")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string(),
-                _ => String::new(),
-            }
-        };
         let mut env = Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -71,8 +67,8 @@ impl ChatTemplate {
             .map_err(|e| StageError::Failed(format!("{file}: `chat_template`: {e}")))?;
         Ok(ChatTemplate {
             env,
-            bos: token("bos_token"),
-            eos: token("eos_token"),
+            bos: bos.unwrap_or_default().to_string(),
+            eos: eos.to_string(),
         })
     }
 
@@ -133,7 +129,8 @@ mod tests {
 
     #[test]
     fn the_answer_is_what_the_conversation_adds_to_the_prompt() {
-        let t = ChatTemplate::from_config(&chatml(), "tokenizer_config.json").unwrap();
+        let t = ChatTemplate::from_config(&chatml(), "tokenizer_config.json", None, "<|im_end|>")
+            .unwrap();
         let r = t.record("  What is 2+2? ", "4").unwrap();
         assert_eq!(
             r.prompt,
@@ -146,13 +143,18 @@ mod tests {
     fn a_template_that_raises_or_is_missing_is_a_named_error() {
         let mut c = chatml();
         c["chat_template"] = Value::String("{{ raise_exception('only user turns') }}".into());
-        let t = ChatTemplate::from_config(&c, "tokenizer_config.json").unwrap();
+        let t = ChatTemplate::from_config(&c, "tokenizer_config.json", None, "<|im_end|>").unwrap();
         let e = t.record("a", "b").err().unwrap().to_string();
         assert!(e.contains("only user turns"), "{e}");
-        let e = ChatTemplate::from_config(&serde_json::json!({}), "x/tokenizer_config.json")
-            .err()
-            .unwrap()
-            .to_string();
+        let e = ChatTemplate::from_config(
+            &serde_json::json!({}),
+            "x/tokenizer_config.json",
+            None,
+            "</s>",
+        )
+        .err()
+        .unwrap()
+        .to_string();
         assert!(
             e.contains("x/tokenizer_config.json") && e.contains("chat_template"),
             "{e}"

@@ -361,7 +361,12 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
         .map_err(|e| StageError::io("writing special_tokens.json", e))?;
 
     let chat = match (p.template.as_str(), &config) {
-        ("chat", Some(config)) => Some(ChatTemplate::from_config(config, TOKENIZER_CONFIG)?),
+        ("chat", Some(config)) => Some(ChatTemplate::from_config(
+            config,
+            TOKENIZER_CONFIG,
+            names.bos.as_deref(),
+            &names.eos,
+        )?),
         ("chat", None) => {
             return Err(StageError::Params(
                 "`template = \"chat\"` needs a model's tokenizer (its tokenizer_config.json holds the chat template)".into(),
