@@ -346,3 +346,53 @@ fn saved_family_models_reload_with_their_config() {
         }
     }
 }
+
+/// Phi-3's fused tensors are checked whole against the config where they enter: a
+/// `qkv_proj` with a row too many (or a `gate_up_proj` one short) is an error naming the
+/// tensor and the shape the config implies, on load and when read by name for the SVD.
+#[test]
+fn a_fused_tensor_of_the_wrong_shape_is_a_named_error() {
+    use flow_stages::model::weights::{Tensor, TensorFiles};
+    let src = family("phi3");
+    let stored = read(&src.join("model.safetensors"));
+    for (bad, delta) in [
+        ("model.layers.0.self_attn.qkv_proj.weight", 1isize),
+        ("model.layers.1.mlp.gate_up_proj.weight", -1),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
+        let tensors: Vec<Tensor> = stored
+            .iter()
+            .map(|(name, (shape, data))| {
+                let (mut shape, mut data) = (shape.clone(), data.clone());
+                if name == bad {
+                    let cols = shape[1];
+                    let rows = (shape[0] as isize + delta) as usize;
+                    data.resize(rows * cols, 0.5);
+                    shape[0] = rows;
+                }
+                Tensor {
+                    name: name.clone(),
+                    shape,
+                    data,
+                }
+            })
+            .collect();
+        safetensors::serialize_to_file(
+            tensors.iter().map(|t| (t.name.as_str(), t)),
+            None,
+            &tmp.path().join("model.safetensors"),
+        )
+        .unwrap();
+        let e = Weights::load(tmp.path()).unwrap_err().to_string();
+        assert!(e.contains(bad) && e.contains("config.json implies"), "{e}");
+        let part = if bad.contains("qkv") {
+            "model.layers.0.self_attn.k_proj.weight"
+        } else {
+            "model.layers.1.mlp.up_proj.weight"
+        };
+        let files = TensorFiles::open(tmp.path()).unwrap();
+        let e = files.read(part).unwrap_err().to_string();
+        assert!(e.contains(bad) && e.contains("config.json implies"), "{e}");
+    }
+}

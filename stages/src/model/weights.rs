@@ -252,16 +252,18 @@ impl Weights {
         let files = weight_files(dir)?;
         let mut found: HashMap<String, Tensor> = HashMap::new();
         let layout = Self::layout(&config, &arch);
-        let fused_names: Vec<(String, Vec<usize>)> = layout
+        // What the files hold: the layout's tensors, Phi-3's fused ones in place of their parts.
+        let parts: Vec<Option<FusedPart>> = layout
             .iter()
-            .filter_map(|(n, _)| fused_source(&config, &arch, n))
-            .map(|(f, _)| (f, Vec::new()))
+            .map(|(n, _)| fused_source(&config, &arch, n))
             .collect();
         let wanted: HashMap<&str, &Vec<usize>> = layout
             .iter()
-            .filter(|(n, _)| fused_source(&config, &arch, n).is_none())
-            .chain(fused_names.iter())
-            .map(|(n, s)| (n.as_str(), s))
+            .zip(&parts)
+            .map(|((n, s), part)| match part {
+                Some(f) => (f.name.as_str(), &f.shape),
+                None => (n.as_str(), s),
+            })
             .collect();
         for file in &files {
             let bytes = std::fs::read(file)
@@ -282,8 +284,7 @@ impl Weights {
                         config.model_type
                     )));
                 };
-                // A fused tensor's shape is checked when it is split, below.
-                if !shape.is_empty() && view.shape() != shape.as_slice() {
+                if view.shape() != shape.as_slice() {
                     return Err(StageError::Failed(format!(
                         "{}: tensor `{name}` has shape {:?}, config.json implies {:?}",
                         file.display(),
@@ -305,24 +306,17 @@ impl Weights {
             }
         }
         let mut tensors = Vec::with_capacity(layout.len());
-        for (name, shape) in &layout {
-            if let Some((fused, rows)) = fused_source(&config, &arch, name) {
-                let Some(t) = found.get(&fused) else {
+        for ((name, _), part) in layout.iter().zip(parts) {
+            if let Some(part) = part {
+                // Its shape was checked as it was read.
+                let Some(t) = found.get(&part.name) else {
                     return Err(StageError::Failed(format!(
-                        "{}: tensor `{fused}` is missing",
-                        dir.display()
+                        "{}: tensor `{}` is missing",
+                        dir.display(),
+                        part.name
                     )));
                 };
-                if t.shape.len() != 2 || t.shape[1] != shape[1] || t.shape[0] < rows.end {
-                    return Err(StageError::Failed(format!(
-                        "{}: tensor `{fused}` has shape {:?}, config.json implies [{}, {}] or more rows",
-                        dir.display(),
-                        t.shape,
-                        rows.end,
-                        shape[1]
-                    )));
-                }
-                tensors.push(row_slice(t, name, rows));
+                tensors.push(row_slice(t, name, part.rows));
                 continue;
             }
             match found.remove(name) {
@@ -351,7 +345,7 @@ impl Weights {
         for t in &self.tensors {
             match fused_source(&self.config, &self.arch, &t.name) {
                 None => out.push(Cow::Borrowed(t)),
-                Some((fused, _)) => match joined.get(&fused) {
+                Some(FusedPart { name: fused, .. }) => match joined.get(&fused) {
                     Some(&i) => {
                         let f = out[i].to_mut();
                         f.shape[0] += t.shape[0];
@@ -422,13 +416,18 @@ impl Weights {
     }
 }
 
-/// Where a tensor of the layout lives in a fused checkpoint (Phi-3): the fused tensor's name
-/// and the rows of it, or None for a tensor stored as itself.
-fn fused_source(
-    c: &ModelConfig,
-    arch: &Arch,
-    name: &str,
-) -> Option<(String, std::ops::Range<usize>)> {
+/// Where a tensor of the layout lives in a fused checkpoint (Phi-3).
+struct FusedPart {
+    /// The fused tensor's name.
+    name: String,
+    /// Its shape as the config implies it (`[q + 2 kv, d]`, `[2 f, d]`).
+    shape: Vec<usize>,
+    /// The part's rows in it.
+    rows: std::ops::Range<usize>,
+}
+
+/// The fused tensor a tensor of the layout is part of, or None for one stored as itself.
+fn fused_source(c: &ModelConfig, arch: &Arch, name: &str) -> Option<FusedPart> {
     if !arch.fused {
         return None;
     }
@@ -436,15 +435,19 @@ fn fused_source(
         .rsplit_once(".self_attn.")
         .or_else(|| name.rsplit_once(".mlp."))?;
     let (q, kv, f) = (Proj::Q.shape(c).0, Proj::K.shape(c).0, c.intermediate_size);
-    let (fused, rows) = match module {
-        "q_proj.weight" => ("self_attn.qkv_proj.weight", 0..q),
-        "k_proj.weight" => ("self_attn.qkv_proj.weight", q..q + kv),
-        "v_proj.weight" => ("self_attn.qkv_proj.weight", q + kv..q + 2 * kv),
-        "gate_proj.weight" => ("mlp.gate_up_proj.weight", 0..f),
-        "up_proj.weight" => ("mlp.gate_up_proj.weight", f..2 * f),
+    let (fused, total, rows) = match module {
+        "q_proj.weight" => ("self_attn.qkv_proj.weight", q + 2 * kv, 0..q),
+        "k_proj.weight" => ("self_attn.qkv_proj.weight", q + 2 * kv, q..q + kv),
+        "v_proj.weight" => ("self_attn.qkv_proj.weight", q + 2 * kv, q + kv..q + 2 * kv),
+        "gate_proj.weight" => ("mlp.gate_up_proj.weight", 2 * f, 0..f),
+        "up_proj.weight" => ("mlp.gate_up_proj.weight", 2 * f, f..2 * f),
         _ => return None,
     };
-    Some((format!("{prefix}.{fused}"), rows))
+    Some(FusedPart {
+        name: format!("{prefix}.{fused}"),
+        shape: vec![total, c.hidden_size],
+        rows,
+    })
 }
 
 /// Rows `rows` of a row-major `[_, cols]` tensor, as a tensor of its own.
@@ -501,16 +504,16 @@ impl TensorFiles {
     /// naming the directory's files.
     pub fn read(&self, name: &str) -> Result<Tensor, StageError> {
         if let Some(fa) = &self.fused
-            && let Some((fused, rows)) = fused_source(&fa.0, &fa.1, name)
+            && let Some(part) = fused_source(&fa.0, &fa.1, name)
         {
-            let t = self.read_stored(&fused)?;
-            if t.shape.len() != 2 || t.shape[0] < rows.end {
+            let t = self.read_stored(&part.name)?;
+            if t.shape != part.shape {
                 return Err(StageError::Failed(format!(
-                    "tensor `{fused}` has shape {:?}: too few rows for `{name}`",
-                    t.shape
+                    "tensor `{}` has shape {:?}, config.json implies {:?}",
+                    part.name, t.shape, part.shape
                 )));
             }
-            return Ok(row_slice(&t, name, rows));
+            return Ok(row_slice(&t, name, part.rows));
         }
         self.read_stored(name)
     }
