@@ -183,17 +183,8 @@ impl<'a> Decoder<'a> {
             .w
             .extra_index(layer, which)
             .expect("the arch has qk norms");
-        let input = x.to_vec();
-        let mut rstd = vec![0.0f32; x.len() / c.head_dim()];
         let eps = c.rms_norm_eps as f32;
-        ops::rmsnorm(
-            &input,
-            &self.w.tensors[wi].data,
-            x,
-            &mut rstd,
-            c.head_dim(),
-            eps,
-        );
+        ops::rmsnorm_in_place(x, &self.w.tensors[wi].data, c.head_dim(), eps);
     }
 
     /// Softmax attention of every new token's heads over its slot's cache up to itself (or

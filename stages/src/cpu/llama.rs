@@ -378,14 +378,8 @@ impl Llama<'_> {
         let ki = self.w.extra_index(layer, Extra::KNorm)?;
         let hd = self.w.config.head_dim();
         let eps = self.w.config.rms_norm_eps as f32;
-        let norm = |x: &mut [f32], wi: usize| {
-            let input = x.to_vec();
-            let mut rstd = vec![0.0f32; x.len() / hd];
-            ops::rmsnorm(&input, &self.w.tensors[wi].data, x, &mut rstd, hd, eps);
-            (input, rstd)
-        };
-        let (q_in, q_rstd) = norm(q, qi);
-        let (k_in, k_rstd) = norm(k, ki);
+        let (q_in, q_rstd) = ops::rmsnorm_in_place(q, &self.w.tensors[qi].data, hd, eps);
+        let (k_in, k_rstd) = ops::rmsnorm_in_place(k, &self.w.tensors[ki].data, hd, eps);
         keep.then_some(QkNormed {
             q_in,
             k_in,

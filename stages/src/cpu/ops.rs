@@ -25,6 +25,15 @@ pub fn rmsnorm(x: &[f32], w: &[f32], y: &mut [f32], rstd: &mut [f32], d: usize, 
         });
 }
 
+/// [`rmsnorm`] of every `d`-wide row of `x` in place (Qwen3's per-head query/key norms):
+/// returns the input and the reciprocal RMS of each row, what [`rmsnorm_backward`] needs.
+pub fn rmsnorm_in_place(x: &mut [f32], w: &[f32], d: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let input = x.to_vec();
+    let mut rstd = vec![0.0f32; x.len() / d];
+    rmsnorm(&input, w, x, &mut rstd, d, eps);
+    (input, rstd)
+}
+
 /// Backward of [`rmsnorm`]: `dx += ...`; `dw += sum over rows` when given (rows summed in
 /// order, so the result does not depend on threads).
 pub fn rmsnorm_backward(
