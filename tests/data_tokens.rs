@@ -370,12 +370,13 @@ fn cpt_remainder_is_padded_on_request() {
 
 /// `template = "chat"` lays records out with the tokenizer's own chat template as
 /// transformers' `apply_chat_template` does (fixtures by tests/fixtures/make_family_fixtures.py,
-/// a ChatML template without BOS and a header template that prints its BOS): the tokens are
+/// a ChatML template without BOS, and a header template and a Gemma-style turn template that
+/// print their BOS): the tokens are
 /// transformers' for the whole conversation, the prompt part (the loss mask) is the rendering
 /// with the generation prompt, and the BOS id is not doubled.
 #[test]
 fn chat_templates_render_and_mask_as_transformers() {
-    for name in ["chatml", "headers"] {
+    for name in ["chatml", "headers", "turns"] {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/families/chat")
             .join(name);
@@ -430,8 +431,77 @@ fn chat_templates_render_and_mask_as_transformers() {
         let bos = tf.meta.bos_id;
         assert_eq!(
             bos.is_some(),
-            name == "headers",
+            name != "chatml",
             "{name}: BOS from tokenizer_config.json"
         );
+    }
+}
+
+/// `tokenize` loads the kinds of tokenizer.json today's families ship and encodes as
+/// `tokenizers` does in Python (fixtures by tests/fixtures/make_family_fixtures.py, built
+/// from each family's components: Llama 3's split regex and byte-level BPE with
+/// `ignore_merges`, Qwen2's NFC and regex, Gemma's U+2581 spaces and byte fallback):
+/// every text's tokens are Python's between the BOS tokenizer_config.json names (none for
+/// Qwen) and the EOS.
+#[test]
+fn family_tokenizers_encode_as_python_tokenizers() {
+    for (name, bos, eos) in [
+        ("llama3", Some("<|begin_of_text|>"), "<|end_of_text|>"),
+        ("qwen2", None, "<|endoftext|>"),
+        ("gemma", Some("<bos>"), "<eos>"),
+    ] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/families/tokenizers")
+            .join(name);
+        let cases: Vec<serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
+                .unwrap();
+        let vocab: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap())
+                .unwrap();
+        let id_of = |token: &str| -> u32 {
+            vocab["added_tokens"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["content"] == token)
+                .map(|t| t["id"].as_u64().unwrap() as u32)
+                .unwrap_or_else(|| panic!("{name}: {token}"))
+        };
+        let ws = Workspace::new();
+        let lines: Vec<String> = cases
+            .iter()
+            .map(|c| serde_json::json!({"text": c["text"]}).to_string())
+            .collect();
+        ws.write("texts.jsonl", &(lines.join("\n") + "\n"));
+        let p = ws.write(
+            "p.toml",
+            &format!(
+                "[stage.texts]\nkind = \"source\"\nfiles = \"texts.jsonl\"\neval_fraction = 0.0\n\n\
+                 [stage.tok]\nkind = \"tokenize\"\ntokenizer_file = \"{}\"\ndata = [\"texts.train\"]\n",
+                dir.join("tokenizer.json").display()
+            ),
+        );
+        let statuses = ws.run_statuses(&p, &[]);
+        assert!(
+            statuses.iter().all(|(_, s)| s == "ran"),
+            "{name}: {statuses:?}"
+        );
+        let tf = TokenFile::open(&output_named(&ws, &p, "tok", "tokens")).unwrap();
+        assert_eq!(tf.meta.bos_id, bos.map(id_of), "{name}: BOS");
+        assert_eq!(tf.meta.eos_id, id_of(eos), "{name}: EOS");
+        assert_eq!(tf.docs(), cases.len());
+        for (i, c) in cases.iter().enumerate() {
+            let mut want: Vec<u32> = tf.meta.bos_id.into_iter().collect();
+            want.extend(
+                c["ids"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_u64().unwrap() as u32),
+            );
+            want.push(tf.meta.eos_id);
+            assert_eq!(tf.doc(i), want, "{name}: {}", c["text"]);
+        }
     }
 }

@@ -383,6 +383,8 @@ fn family_profiles_swap_the_model_of_the_papers_study() {
         ("qwen2.5-0.5b", "Qwen2.5-0.5B"),
         ("qwen2.5-1.5b", "Qwen2.5-1.5B"),
         ("qwen3-1.7b", "Qwen3-1.7B"),
+        ("gemma2-2b", "gemma-2-2b"),
+        ("phi3-mini", "Phi-3-mini"),
     ];
     for name in STUDIES {
         let paper = plan(&ws, name, &["--profile", "paper"]);

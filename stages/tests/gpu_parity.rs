@@ -3,13 +3,15 @@
 //! test fails rather than skips, so a broken GPU path cannot pass unnoticed.
 #![cfg(feature = "wgpu")]
 
+mod families;
+
 use std::path::Path;
 
 use flow_stages::cpu::llama::Batch;
-use flow_stages::cpu::lora::{Adapters, LoraInit, LoraSpec};
+use flow_stages::cpu::lora::{Adapters, LoraInit};
 use flow_stages::gpu::device::{Choice, select};
 use flow_stages::gpu::trainer::BurnTrainer;
-use flow_stages::model::weights::{Proj, Weights};
+use flow_stages::model::weights::Weights;
 use flow_stages::train::cpu::CpuTrainer;
 use flow_stages::train::optim::{Optimizer, Rule};
 use flow_stages::train::trainer::Trainer;
@@ -59,14 +61,7 @@ fn train_both(model: &str, lora: bool, steps: usize) -> (Run, Run) {
         .join(model);
     let w = Weights::load(&dir).unwrap();
     let adapters = lora.then(|| {
-        let spec = LoraSpec {
-            rank: 4,
-            alpha: 8.0,
-            rslora: false,
-            dropout: 0.0,
-            targets: Proj::ALL.to_vec(),
-        };
-        let mut a = Adapters::init(&w.config, &spec, LoraInit::Kaiming, 9);
+        let mut a = Adapters::init(&w.config, &families::peft_spec(), LoraInit::Kaiming, 9);
         // Nonzero B so the adapter matters from step one.
         for t in a.tensors.iter_mut().filter(|t| t.name.contains("lora_B")) {
             for (i, v) in t.data.iter_mut().enumerate() {
@@ -144,11 +139,12 @@ fn lora_on_wgpu_agrees_with_the_cpu_engine() {
     assert_close(&lc, &lg, &tc, &tg);
 }
 
-/// Each family's variations (RoPE scaling, biases, q/k norms, sliding windows) on wgpu
-/// train as on the CPU engine, which matches transformers (llama_parity.rs).
+/// Each family's variations (RoPE scaling, biases, q/k norms, sliding windows, fused
+/// modules and their adapters, Gemma 2's norms, GeGLU, scales and soft caps) on wgpu train
+/// as on the CPU engine, which matches transformers (llama_parity.rs).
 #[test]
 fn every_family_on_wgpu_agrees_with_the_cpu_engine() {
-    for name in ["llama3", "mistral", "qwen2", "qwen3", "phi3"] {
+    for name in families::names() {
         eprintln!("{name}:");
         let ((lc, tc), (lg, tg)) = train_both(&format!("families/{name}"), false, 3);
         assert!(lc[2] < lc[0], "{name} trains: {lc:?}");

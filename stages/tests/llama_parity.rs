@@ -2,8 +2,10 @@
 //! gradient of every parameter on the fixtures written by
 //! `tests/fixtures/make_llama_fixtures.py` (Llama 2: GQA with an untied head, MHA with tied
 //! embeddings, packed rows with a block-diagonal mask, and a PEFT LoRA adapter) and
-//! `tests/fixtures/make_family_fixtures.py` (Llama 3, Mistral, Qwen2, Qwen3, Phi-3: each
+//! `tests/fixtures/make_family_fixtures.py` (Llama 3, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2: each
 //! family's variations, greedy generations with the KV-cached decoder, and PEFT adapters).
+
+mod families;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,13 +21,8 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llama")
 }
 
-/// The families' fixtures, one directory each.
-const FAMILIES: [&str; 5] = ["llama3", "mistral", "qwen2", "qwen3", "phi3"];
-
 fn family(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/families")
-        .join(name)
+    families::root().join(name)
 }
 
 /// Every tensor of a safetensors file as f32 (integers converted).
@@ -97,7 +94,7 @@ fn check(dir: &Path, expected: &str) {
     let w = Weights::load(dir).unwrap();
     let exp = read(&dir.join(expected));
     let b = batch(&exp, "labels");
-    let rope = Rope::new(&w.arch.inv_freq, 64);
+    let rope = Rope::new(&w.arch, 64);
     let model = Llama {
         w: &w,
         lora: None,
@@ -169,12 +166,18 @@ fn check_adapter(dir: &Path) {
     let w = Weights::load(dir).unwrap();
     let lora = Adapters::load(&dir.join("lora"), &w.config).unwrap();
     assert_eq!(lora.spec.rank, 4);
+    // Every projection adapted: PEFT's modules (Phi-3's fused ones whole), two factors each.
     assert_eq!(lora.spec.targets.len(), 7);
-    assert_eq!(lora.tensors.len(), 2 * 7 * 2);
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("lora/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let modules = config["target_modules"].as_array().unwrap().len();
+    assert_eq!(lora.tensors.len(), w.config.num_hidden_layers * modules * 2);
     let exp = read(&dir.join("expected.safetensors"));
     let lexp = read(&dir.join("lora/lora_expected.safetensors"));
     let b = batch(&exp, "labels");
-    let rope = Rope::new(&w.arch.inv_freq, 64);
+    let rope = Rope::new(&w.arch, 64);
     let model = Llama {
         w: &w,
         lora: Some(&lora),
@@ -191,7 +194,8 @@ fn check_adapter(dir: &Path) {
     );
 
     let merged = lora.merge(&w);
-    for t in &merged.tensors {
+    // Under the checkpoint's names (Phi-3's fused tensors joined).
+    for t in &merged.stored_tensors() {
         let want = &lexp[&format!("merged.{}", t.name)].1;
         let err = max_abs(&t.data, want);
         assert!(err <= 1e-5, "{}: merged {}: {err}", dir.display(), t.name);
@@ -237,21 +241,79 @@ fn saved_models_and_adapters_reload_bit_exactly() {
 
 #[test]
 fn every_family_matches_transformers_logits_loss_and_gradients() {
-    for name in FAMILIES {
-        check(&family(name), "expected.safetensors");
-        if family(name).join("packed.safetensors").is_file() {
-            check(&family(name), "packed.safetensors");
+    for name in families::names() {
+        check(&family(&name), "expected.safetensors");
+        if family(&name).join("packed.safetensors").is_file() {
+            check(&family(&name), "packed.safetensors");
         }
     }
 }
 
 #[test]
 fn every_familys_peft_adapter_gives_peft_logits_and_merged_weights() {
-    for name in FAMILIES {
-        // (Phi-3's PEFT adapters are on its fused modules, which flow does not adapt.)
-        if family(name).join("lora").is_dir() {
-            check_adapter(&family(name));
+    for name in families::names() {
+        check_adapter(&family(&name));
+    }
+}
+
+/// An adapter flow saves is PEFT's: the same tensor names and shapes as the adapter PEFT
+/// wrote for the family (Phi-3's on `qkv_proj` and `gate_up_proj`), the same
+/// `target_modules`, and it reloads bit-exactly. With `FLOW_EXPORT_ADAPTERS=DIR`, each
+/// family's adapter (B nonzero) and flow's merged model are also written to `DIR/FAMILY/`
+/// for the by-hand check in PEFT itself:
+/// `make_llama_fixtures.py --verify-adapter BASE DIR/FAMILY/adapter DIR/FAMILY/merged`.
+#[test]
+fn every_familys_adapter_saves_under_peft_names() {
+    use flow_stages::cpu::lora::LoraInit;
+    for name in families::names() {
+        let dir = family(&name);
+        let w = Weights::load(&dir).unwrap();
+        let mut fresh = Adapters::init(&w.config, &families::peft_spec(), LoraInit::Kaiming, 1);
+        for t in fresh
+            .tensors
+            .iter_mut()
+            .filter(|t| t.name.contains("lora_B"))
+        {
+            for (i, v) in t.data.iter_mut().enumerate() {
+                *v = ((i % 5) as f32 - 2.0) * 0.1;
+            }
         }
+        if let Some(out) = std::env::var_os("FLOW_EXPORT_ADAPTERS") {
+            let out = Path::new(&out).join(&name);
+            fresh.save(&out.join("adapter"), None).unwrap();
+            fresh.merge(&w).save(&out.join("merged"), None).unwrap();
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        fresh.save(tmp.path(), None).unwrap();
+        let shapes = |d: &Path| -> Vec<(String, Vec<usize>)> {
+            let mut v: Vec<(String, Vec<usize>)> = read(&d.join("adapter_model.safetensors"))
+                .into_iter()
+                .map(|(n, (s, _))| (n, s))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(shapes(tmp.path()), shapes(&dir.join("lora")), "{name}");
+        let modules = |d: &Path| -> Vec<String> {
+            let c: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(d.join("adapter_config.json")).unwrap(),
+            )
+            .unwrap();
+            let mut m: Vec<String> = c["target_modules"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string())
+                .collect();
+            m.sort();
+            m
+        };
+        assert_eq!(modules(tmp.path()), modules(&dir.join("lora")), "{name}");
+        assert_eq!(
+            Adapters::load(tmp.path(), &w.config).unwrap(),
+            fresh,
+            "{name}"
+        );
     }
 }
 
@@ -259,8 +321,8 @@ fn every_familys_peft_adapter_gives_peft_logits_and_merged_weights() {
 /// sliding windows (Mistral's 5 keys, Qwen2's 6 on its upper layer).
 #[test]
 fn every_familys_cached_greedy_generation_matches_transformers() {
-    for name in FAMILIES {
-        let dir = family(name);
+    for name in families::names() {
+        let dir = family(&name);
         let w = Weights::load(&dir).unwrap();
         let exp = read(&dir.join("generate.safetensors"));
         let prompt: Vec<u32> = exp["prompt"].1.iter().map(|v| *v as u32).collect();
@@ -298,12 +360,43 @@ fn every_familys_cached_greedy_generation_matches_transformers() {
     }
 }
 
+/// Phi-3's LongRoPE runs on its short factors, within `original_max_position_embeddings`
+/// (16 here): past it transformers switches to the long factors, which flow lacks, so the
+/// decoder refuses the 17th position rather than compute something else.
+#[test]
+fn longrope_models_run_within_their_original_positions() {
+    let w = Weights::load(&family("phi3_longrope")).unwrap();
+    assert_eq!(
+        (w.config.max_position_embeddings, w.arch.positions),
+        (64, 16)
+    );
+    assert!((w.arch.rope_factor - 1.5f32.sqrt()).abs() < 1e-6);
+    let mut dec = Decoder::new(&w, 1, 64, 1);
+    assert_eq!(dec.max_len(), 16);
+    let tokens: Vec<Token> = (0..16)
+        .map(|i| Token {
+            slot: 0,
+            id: i,
+            logits: false,
+        })
+        .collect();
+    dec.feed(&tokens).unwrap();
+    let e = dec
+        .feed(&[Token {
+            slot: 0,
+            id: 1,
+            logits: true,
+        }])
+        .unwrap_err();
+    assert!(e.contains("16 tokens"), "{e}");
+}
+
 /// A saved family model reloads bit-exactly and keeps its family's config fields and tensor
 /// names, so `transformers` reads it back as the same architecture.
 #[test]
 fn saved_family_models_reload_with_their_config() {
-    for name in FAMILIES {
-        let w = Weights::load(&family(name)).unwrap();
+    for name in families::names() {
+        let w = Weights::load(&family(&name)).unwrap();
         let tmp = tempfile::tempdir().unwrap();
         w.save(tmp.path(), None).unwrap();
         assert_eq!(Weights::load(tmp.path()).unwrap(), w, "{name}");
@@ -311,7 +404,7 @@ fn saved_family_models_reload_with_their_config() {
             serde_json::from_str(&std::fs::read_to_string(tmp.path().join("config.json")).unwrap())
                 .unwrap();
         let given: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(family(name).join("config.json")).unwrap(),
+            &std::fs::read_to_string(family(&name).join("config.json")).unwrap(),
         )
         .unwrap();
         assert_eq!(saved["model_type"], given["model_type"]);
@@ -329,7 +422,7 @@ fn saved_family_models_reload_with_their_config() {
         };
         assert_eq!(
             names(tmp.path()),
-            names(&family(name)),
+            names(&family(&name)),
             "{name}: tensor names"
         );
         assert_eq!(saved["architectures"], given["architectures"]);

@@ -35,6 +35,10 @@ pub struct Dims<'a> {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// Of the scores `q . k` (`Arch::attn_scale`).
+    pub scale: f32,
+    /// `cap * tanh(s / cap)` of the scaled scores before the mask (`Arch::attn_softcap`).
+    pub softcap: Option<f32>,
 }
 
 impl Dims<'_> {
@@ -193,8 +197,7 @@ pub fn forward(
     mask: Mask,
     dropout: Option<AttnDropout>,
 ) -> (Vec<f32>, Vec<f32>) {
-    let (hd, rep) = (d.head_dim, d.rep());
-    let scale = 1.0 / (hd as f32).sqrt();
+    let (hd, rep, scale) = (d.head_dim, d.rep(), d.scale);
     let offs = d.prob_offsets();
     let mut probs = vec![0.0f32; offs[d.rows.len()]];
     // Task (b, g) owns the probability matrices of heads g*rep .. (g+1)*rep of row b.
@@ -234,6 +237,9 @@ pub fn forward(
                     false,
                     1,
                 );
+                if let Some(cap) = d.softcap {
+                    p.iter_mut().for_each(|s| *s = cap * (*s / cap).tanh());
+                }
                 for (i, row) in p.chunks_exact_mut(t).enumerate() {
                     masked_softmax_row(row, mask, start, i);
                 }
@@ -282,8 +288,7 @@ pub fn backward(
     d_out: &[f32],
     dropout: Option<AttnDropout>,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (hd, rep) = (d.head_dim, d.rep());
-    let scale = 1.0 / (hd as f32).sqrt();
+    let (hd, rep, scale) = (d.head_dim, d.rep(), d.scale);
     let offs = d.prob_offsets();
     let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..d.rows.len() * d.kv_heads)
         .into_par_iter()
@@ -296,6 +301,11 @@ pub fn backward(
             let mut dv = vec![0.0f32; t * hd];
             let mut dp = vec![0.0f32; t * t];
             let mut used = if dropout.is_some() {
+                vec![0.0f32; t * t]
+            } else {
+                Vec::new()
+            };
+            let mut scores = if d.softcap.is_some() {
                 vec![0.0f32; t * t]
             } else {
                 Vec::new()
@@ -345,6 +355,28 @@ pub fn backward(
                     let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
                     for (x, &pv) in dr.iter_mut().zip(pr) {
                         *x = pv * (*x - dot);
+                    }
+                }
+                if let Some(cap) = d.softcap {
+                    // Through the cap: dS *= 1 - tanh(s / cap)^2, the scores recomputed
+                    // (one product) rather than kept (`heads x len x len` more memory).
+                    gemm_into(
+                        t,
+                        t,
+                        hd,
+                        &mut scores,
+                        Layout::rows(t, false),
+                        q,
+                        q_at,
+                        k,
+                        d.kv_cols(b, g),
+                        scale,
+                        false,
+                        1,
+                    );
+                    for (x, s) in dp.iter_mut().zip(&scores) {
+                        let th = (s / cap).tanh();
+                        *x *= 1.0 - th * th;
                     }
                 }
                 // dQ = scale * dS K ; dK += scale * dS^T Q

@@ -35,15 +35,15 @@ pub struct Decoder<'a> {
 }
 
 impl<'a> Decoder<'a> {
-    /// `max_len` is capped at the model's `max_position_embeddings`.
+    /// `max_len` is capped at the positions the model runs at (`Arch::positions`).
     pub fn new(w: &'a Weights, slots: usize, max_len: usize, threads: usize) -> Decoder<'a> {
         let c = &w.config;
-        let max_len = max_len.min(c.max_position_embeddings);
+        let max_len = max_len.min(w.arch.positions);
         let kvw = c.kv_heads() * c.head_dim();
         let size = slots * max_len * kvw;
         Decoder {
             w,
-            rope: Rope::new(&w.arch.inv_freq, max_len),
+            rope: Rope::new(&w.arch, max_len),
             threads,
             max_len,
             k: (0..c.num_hidden_layers).map(|_| vec![0.0; size]).collect(),
@@ -89,17 +89,14 @@ impl<'a> Decoder<'a> {
             pos.push(len[t.slot] as u32);
             len[t.slot] += 1;
         }
-        let embed = &self.w.tensors[0].data;
-        let mut x = vec![0.0f32; n * dm];
-        for (row, t) in x.chunks_mut(dm).zip(tokens) {
-            let id = t.id as usize;
-            row.copy_from_slice(&embed[id * dm..(id + 1) * dm]);
-        }
+        let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
+        let mut x = super::llama::embed(self.w, &ids);
         let mut h = vec![0.0f32; n * dm];
         let mut rstd = vec![0.0f32; n];
+        let arch = &self.w.arch;
         for l in 0..c.num_hidden_layers {
             let w1 = &self.w.tensors[Weights::layer_index(l, 0)].data;
-            ops::rmsnorm(&x, w1, &mut h, &mut rstd, dm, eps);
+            ops::rmsnorm(&x, &arch.norm_weight(w1), &mut h, &mut rstd, dm, eps);
             let mut q = self.proj(l, Proj::Q, &h, n);
             let mut k = self.proj(l, Proj::K, &h, n);
             let v = self.proj(l, Proj::V, &h, n);
@@ -116,15 +113,15 @@ impl<'a> Decoder<'a> {
                 vc[at..at + kvw].copy_from_slice(&v[i * kvw..(i + 1) * kvw]);
             }
             let attn = self.attend(l, tokens, &pos, &q);
-            let ao = self.proj(l, Proj::O, &attn, n);
+            let ao = self.post_norm(l, Extra::PostAttnNorm, self.proj(l, Proj::O, &attn, n));
             ops::add_into(&mut x, &ao);
             let w2 = &self.w.tensors[Weights::layer_index(l, 5)].data;
-            ops::rmsnorm(&x, w2, &mut h, &mut rstd, dm, eps);
+            ops::rmsnorm(&x, &arch.norm_weight(w2), &mut h, &mut rstd, dm, eps);
             let g = self.proj(l, Proj::Gate, &h, n);
             let u = self.proj(l, Proj::Up, &h, n);
             let mut act = vec![0.0f32; n * f];
-            ops::swiglu(&g, &u, &mut act);
-            let m = self.proj(l, Proj::Down, &act, n);
+            ops::glu(arch.act, &g, &u, &mut act);
+            let m = self.post_norm(l, Extra::PostMlpNorm, self.proj(l, Proj::Down, &act, n));
             ops::add_into(&mut x, &m);
         }
         self.len = len;
@@ -137,7 +134,7 @@ impl<'a> Decoder<'a> {
         let mut hw = vec![0.0f32; xw.len()];
         let mut rw = vec![0.0f32; wanted.len()];
         let wf = &self.w.tensors[self.w.final_norm_index()].data;
-        ops::rmsnorm(&xw, wf, &mut hw, &mut rw, dm, eps);
+        ops::rmsnorm(&xw, &arch.norm_weight(wf), &mut hw, &mut rw, dm, eps);
         let vocab = c.vocab_size;
         let mut logits = vec![0.0f32; wanted.len() * vocab];
         Dense {
@@ -152,7 +149,30 @@ impl<'a> Decoder<'a> {
             &mut logits,
             false,
         );
+        if let Some(cap) = arch.final_softcap {
+            ops::softcap(&mut logits, cap);
+        }
         Ok(logits)
+    }
+
+    /// Gemma 2's norm of a block's output (`which`), when the architecture has it.
+    fn post_norm(&self, layer: usize, which: Extra, y: Vec<f32>) -> Vec<f32> {
+        let Some(wi) = self.w.extra_index(layer, which) else {
+            return y;
+        };
+        let c = &self.w.config;
+        let w = self.w.arch.norm_weight(&self.w.tensors[wi].data);
+        let mut out = vec![0.0f32; y.len()];
+        let mut rstd = vec![0.0f32; y.len() / c.hidden_size];
+        ops::rmsnorm(
+            &y,
+            &w,
+            &mut out,
+            &mut rstd,
+            c.hidden_size,
+            c.rms_norm_eps as f32,
+        );
+        out
     }
 
     fn proj(&self, layer: usize, p: Proj, x: &[f32], n: usize) -> Vec<f32> {
@@ -184,7 +204,8 @@ impl<'a> Decoder<'a> {
             .extra_index(layer, which)
             .expect("the arch has qk norms");
         let eps = c.rms_norm_eps as f32;
-        ops::rmsnorm_in_place(x, &self.w.tensors[wi].data, c.head_dim(), eps);
+        let w = self.w.arch.norm_weight(&self.w.tensors[wi].data);
+        ops::rmsnorm_in_place(x, &w, c.head_dim(), eps);
     }
 
     /// Softmax attention of every new token's heads over its slot's cache up to itself (or
@@ -195,7 +216,7 @@ impl<'a> Decoder<'a> {
         let (heads, hd) = (c.num_attention_heads, c.head_dim());
         let kvw = c.kv_heads() * hd;
         let rep = heads / c.kv_heads();
-        let scale = 1.0 / (hd as f32).sqrt();
+        let (scale, softcap) = (self.w.arch.attn_scale, self.w.arch.attn_softcap);
         let (kc, vc) = (&self.k[layer], &self.v[layer]);
         let mut out = vec![0.0f32; tokens.len() * heads * hd];
         out.par_chunks_mut(heads * hd)
@@ -212,6 +233,9 @@ impl<'a> Decoder<'a> {
                     for (j, s) in (lo..).zip(scores.iter_mut()) {
                         let kj = &kc[base + j * kvw + g * hd..base + j * kvw + (g + 1) * hd];
                         *s = qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
+                        if let Some(cap) = softcap {
+                            *s = cap * (*s / cap).tanh();
+                        }
                         max = max.max(*s);
                     }
                     let mut sum = 0.0f32;
@@ -255,7 +279,7 @@ mod tests {
     fn cached_decoding_gives_the_full_forward_logits() {
         let w = tiny();
         let ids: Vec<u32> = (0..12).map(|i| (i * 7 + 3) % 64).collect();
-        let rope = Rope::new(&w.arch.inv_freq, 64);
+        let rope = Rope::new(&w.arch, 64);
         let llama = Llama {
             w: &w,
             lora: None,

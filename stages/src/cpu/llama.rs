@@ -123,8 +123,11 @@ struct LayerCache {
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
-    /// With query/key norms: their inputs and reciprocal RMS per head (else empty).
+    /// With query/key norms: their inputs and reciprocal RMS per head.
     qk_normed: Option<QkNormed>,
+    /// With norms of the block outputs (Gemma 2): the attention's and the MLP's output
+    /// before its norm, and their reciprocal RMS.
+    post_normed: Option<[(Vec<f32>, Vec<f32>); 2]>,
     probs: Vec<f32>,
     attn: Vec<f32>,
     x2: Vec<f32>,
@@ -209,7 +212,73 @@ impl Llama<'_> {
             heads: c.num_attention_heads,
             kv_heads: c.kv_heads(),
             head_dim: c.head_dim(),
+            scale: self.w.arch.attn_scale,
+            softcap: self.w.arch.attn_softcap,
         }
+    }
+
+    /// RMSNorm of `[n, hidden]` rows by tensor `wi`: the output and each row's reciprocal RMS.
+    fn norm(&self, wi: usize, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let c = &self.w.config;
+        let dm = c.hidden_size;
+        let mut y = vec![0.0f32; x.len()];
+        let mut rstd = vec![0.0f32; x.len() / dm];
+        let w = self.w.arch.norm_weight(&self.w.tensors[wi].data);
+        ops::rmsnorm(x, &w, &mut y, &mut rstd, dm, c.rms_norm_eps as f32);
+        (y, rstd)
+    }
+
+    /// Backward of [`Self::norm`]: adds into `dx`, and (full finetuning) into the weight's
+    /// gradient.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_backward(
+        &self,
+        wi: usize,
+        dy: &[f32],
+        x: &[f32],
+        rstd: &[f32],
+        dx: &mut [f32],
+        full: bool,
+        grads: &mut [Vec<f32>],
+    ) {
+        let w = self.w.arch.norm_weight(&self.w.tensors[wi].data);
+        let dw = if full { Some(&mut grads[wi][..]) } else { None };
+        ops::rmsnorm_backward(dy, x, &w, rstd, dx, dw, self.w.config.hidden_size);
+    }
+
+    /// Gemma 2's norm of a block's output (`which` 0: attention, 1: MLP), in place; returns
+    /// what its backward pass needs. Nothing without such norms.
+    fn post_norm(
+        &self,
+        layer: usize,
+        which: usize,
+        y: &mut Vec<f32>,
+    ) -> Option<(Vec<f32>, Vec<f32>)> {
+        let extra = [Extra::PostAttnNorm, Extra::PostMlpNorm][which];
+        let wi = self.w.extra_index(layer, extra)?;
+        let (normed, rstd) = self.norm(wi, y);
+        Some((std::mem::replace(y, normed), rstd))
+    }
+
+    /// Backward of [`Self::post_norm`]: the gradient of the block's output before the norm.
+    fn post_norm_backward(
+        &self,
+        layer: usize,
+        which: usize,
+        kept: Option<&(Vec<f32>, Vec<f32>)>,
+        dy: Vec<f32>,
+        full: bool,
+        grads: &mut [Vec<f32>],
+    ) -> Vec<f32> {
+        let Some((x, rstd)) = kept else { return dy };
+        let extra = [Extra::PostAttnNorm, Extra::PostMlpNorm][which];
+        let wi = self
+            .w
+            .extra_index(layer, extra)
+            .expect("kept only with post norms");
+        let mut dx = vec![0.0f32; dy.len()];
+        self.norm_backward(wi, &dy, x, rstd, &mut dx, full, grads);
+        dx
     }
 
     /// `y = x W^T (+ scale * (drop(x) A^T) B^T)`; with `keep`, also what the adapter's
@@ -241,6 +310,7 @@ impl Llama<'_> {
             && let Some((a, b)) = lora.get(layer, p)
         {
             let r = lora.spec.rank;
+            let site = lora.indices(layer, p).expect("adapted").site;
             let dropped = match drop {
                 Some(d) if d.lora > 0.0 => {
                     let mut t = x.to_vec();
@@ -248,7 +318,7 @@ impl Llama<'_> {
                         seed: d.seed,
                         p: d.lora,
                     }
-                    .apply(&mut t, lora_site(layer, p));
+                    .apply(&mut t, lora_site(layer, site));
                     Some(t)
                 }
                 _ => None,
@@ -314,11 +384,15 @@ impl Llama<'_> {
             }
         }
         let Some(lora) = self.lora else { return };
-        let Some((ai, bi)) = lora.indices(layer, p) else {
+        let Some(f) = lora.indices(layer, p) else {
             return;
         };
-        let (a, b) = (&lora.tensors[ai].data, &lora.tensors[bi].data);
         let (r, s) = (lora.spec.rank, lora.spec.scale());
+        let (ai, bi, b_rows) = (f.a, f.b, f.rows.start * r..f.rows.end * r);
+        let (a, b) = (
+            &lora.tensors[ai].data,
+            &lora.tensors[bi].data[b_rows.clone()],
+        );
         let kept = kept.expect("the forward pass kept every adapted projection");
         let mask = drop.filter(|d| d.lora > 0.0).map(|d| DropMask {
             seed: d.seed,
@@ -344,7 +418,7 @@ impl Llama<'_> {
                 out,
                 threads: self.threads,
             }
-            .dw(dy, xa, &mut grads[bi], s, true);
+            .dw(dy, xa, &mut grads[bi][b_rows], s, true);
             Dense {
                 rows: n,
                 inp,
@@ -365,7 +439,7 @@ impl Llama<'_> {
             Some(m) => {
                 let mut dxl = vec![0.0f32; n * inp];
                 back.dx(&dxa, a, &mut dxl, false);
-                m.reapply(&mut dxl, x, xin, lora_site(layer, p));
+                m.reapply(&mut dxl, x, xin, lora_site(layer, f.site));
                 ops::add_into(dx, &dxl);
             }
         }
@@ -378,8 +452,11 @@ impl Llama<'_> {
         let ki = self.w.extra_index(layer, Extra::KNorm)?;
         let hd = self.w.config.head_dim();
         let eps = self.w.config.rms_norm_eps as f32;
-        let (q_in, q_rstd) = ops::rmsnorm_in_place(q, &self.w.tensors[qi].data, hd, eps);
-        let (k_in, k_rstd) = ops::rmsnorm_in_place(k, &self.w.tensors[ki].data, hd, eps);
+        let arch = &self.w.arch;
+        let (q_in, q_rstd) =
+            ops::rmsnorm_in_place(q, &arch.norm_weight(&self.w.tensors[qi].data), hd, eps);
+        let (k_in, k_rstd) =
+            ops::rmsnorm_in_place(k, &arch.norm_weight(&self.w.tensors[ki].data), hd, eps);
         keep.then_some(QkNormed {
             q_in,
             k_in,
@@ -407,7 +484,8 @@ impl Llama<'_> {
                 .expect("kept only with norms");
             let mut dx = vec![0.0f32; dy.len()];
             let dw = if full { Some(&mut grads[wi][..]) } else { None };
-            ops::rmsnorm_backward(dy, x, &self.w.tensors[wi].data, rstd, &mut dx, dw, hd);
+            let w = self.w.arch.norm_weight(&self.w.tensors[wi].data);
+            ops::rmsnorm_backward(dy, x, &w, rstd, &mut dx, dw, hd);
             dx
         };
         let dq = back(dq, &kept.q_in, &kept.q_rstd, Extra::QNorm);
@@ -418,22 +496,15 @@ impl Llama<'_> {
     /// The forward pass over a batch; with `keep`, everything the backward pass needs is kept.
     pub fn forward(&self, batch: &Batch, drop: Option<Dropouts>, keep: bool) -> Forward {
         let c = &self.w.config;
+        let arch = &self.w.arch;
         let (n, dm, f) = (batch.tokens(), c.hidden_size, c.intermediate_size);
-        let eps = c.rms_norm_eps as f32;
         let spans = batch.spans();
         let dims = self.dims(&spans);
         let docs = batch.seq_ids.as_deref();
-        let embed = &self.w.tensors[0].data;
-        let mut x = vec![0.0f32; n * dm];
-        for (row, &id) in x.chunks_mut(dm).zip(&batch.ids) {
-            row.copy_from_slice(&embed[id as usize * dm..(id as usize + 1) * dm]);
-        }
+        let mut x = embed(self.w, &batch.ids);
         let mut layers = Vec::new();
         for l in 0..c.num_hidden_layers {
-            let mut h1 = vec![0.0f32; n * dm];
-            let mut rstd1 = vec![0.0f32; n];
-            let w1 = &self.w.tensors[Weights::layer_index(l, 0)].data;
-            ops::rmsnorm(&x, w1, &mut h1, &mut rstd1, dm, eps);
+            let (h1, rstd1) = self.norm(Weights::layer_index(l, 0), &x);
             let (mut q, kq) = self.proj(l, Proj::Q, &h1, n, drop.as_ref(), keep);
             let (mut k, kk) = self.proj(l, Proj::K, &h1, n, drop.as_ref(), keep);
             let (v, kv) = self.proj(l, Proj::V, &h1, n, drop.as_ref(), keep);
@@ -447,19 +518,18 @@ impl Llama<'_> {
             };
             let (attn, probs) = attention::forward(dims, &q, &k, &v, mask, adrop);
             let (mut ao, ko) = self.proj(l, Proj::O, &attn, n, drop.as_ref(), keep);
+            let post_attn = self.post_norm(l, 0, &mut ao);
             hidden_dropout(drop.as_ref(), &mut ao, l, 0);
             let mut x2 = x.clone();
             ops::add_into(&mut x2, &ao);
             drop_buf(ao);
-            let mut h2 = vec![0.0f32; n * dm];
-            let mut rstd2 = vec![0.0f32; n];
-            let w2 = &self.w.tensors[Weights::layer_index(l, 5)].data;
-            ops::rmsnorm(&x2, w2, &mut h2, &mut rstd2, dm, eps);
+            let (h2, rstd2) = self.norm(Weights::layer_index(l, 5), &x2);
             let (g, kg) = self.proj(l, Proj::Gate, &h2, n, drop.as_ref(), keep);
             let (u, ku) = self.proj(l, Proj::Up, &h2, n, drop.as_ref(), keep);
             let mut act = vec![0.0f32; n * f];
-            ops::swiglu(&g, &u, &mut act);
+            ops::glu(arch.act, &g, &u, &mut act);
             let (mut m, kd) = self.proj(l, Proj::Down, &act, n, drop.as_ref(), keep);
+            let post_mlp = self.post_norm(l, 1, &mut m);
             hidden_dropout(drop.as_ref(), &mut m, l, 1);
             let mut x3 = x2.clone();
             ops::add_into(&mut x3, &m);
@@ -473,6 +543,7 @@ impl Llama<'_> {
                     k,
                     v,
                     qk_normed,
+                    post_normed: post_attn.zip(post_mlp).map(|(a, m)| [a, m]),
                     probs,
                     attn,
                     x2,
@@ -485,10 +556,7 @@ impl Llama<'_> {
                 });
             }
         }
-        let mut hf = vec![0.0f32; n * dm];
-        let mut rstdf = vec![0.0f32; n];
-        let wf = &self.w.tensors[self.w.final_norm_index()].data;
-        ops::rmsnorm(&x, wf, &mut hf, &mut rstdf, dm, eps);
+        let (hf, rstdf) = self.norm(self.w.final_norm_index(), &x);
         let vocab = c.vocab_size;
         let mut logits = vec![0.0f32; n * vocab];
         let head = &self.w.tensors[self.w.lm_head_index()].data;
@@ -499,6 +567,9 @@ impl Llama<'_> {
             threads: self.threads,
         }
         .forward(&hf, head, &mut logits, false);
+        if let Some(cap) = arch.final_softcap {
+            ops::softcap(&mut logits, cap);
+        }
         let loss_sum = ops::cross_entropy(&mut logits, &batch.targets, vocab, keep);
         Forward {
             loss_sum,
@@ -539,6 +610,18 @@ impl Llama<'_> {
         } = fwd;
         ops::cross_entropy_backward(&mut logits, &batch.targets, vocab, grad_scale);
         let head_i = self.w.lm_head_index();
+        if let Some(cap) = self.w.arch.final_softcap {
+            // The logits before the cap, recomputed (one product) rather than kept.
+            let mut raw = vec![0.0f32; logits.len()];
+            Dense {
+                rows: n,
+                inp: dm,
+                out: vocab,
+                threads: self.threads,
+            }
+            .forward(&hf, &self.w.tensors[head_i].data, &mut raw, false);
+            ops::softcap_backward(&mut logits, &raw, cap);
+        }
         let mut dh = vec![0.0f32; n * dm];
         Dense {
             rows: n,
@@ -559,19 +642,16 @@ impl Llama<'_> {
         drop_buf(logits);
         let mut dx = vec![0.0f32; n * dm];
         let fi = self.w.final_norm_index();
-        ops::rmsnorm_backward(
-            &dh,
-            &xf,
-            &self.w.tensors[fi].data,
-            &rstdf,
-            &mut dx,
-            if full { Some(&mut grads[fi]) } else { None },
-            dm,
-        );
+        self.norm_backward(fi, &dh, &xf, &rstdf, &mut dx, full, grads);
         for (l, mut lc) in layers.into_iter().enumerate().rev() {
-            // MLP block: x3 = x2 + drop(down(act)).
+            let [post_attn, post_mlp] = match &lc.post_normed {
+                Some([a, m]) => [Some(a), Some(m)],
+                None => [None, None],
+            };
+            // MLP block: x3 = x2 + drop(post_norm(down(act))).
             let mut dmo = dx.clone();
             hidden_dropout(drop.as_ref(), &mut dmo, l, 1);
+            let dmo = self.post_norm_backward(l, 1, post_mlp, dmo, full, grads);
             let mut dact = vec![0.0f32; lc.act.len()];
             self.proj_backward(
                 l,
@@ -586,7 +666,7 @@ impl Llama<'_> {
                 grads,
             );
             drop_buf(dmo);
-            ops::swiglu_backward(&dact, &mut lc.g, &mut lc.u);
+            ops::glu_backward(self.w.arch.act, &dact, &mut lc.g, &mut lc.u);
             drop_buf(dact);
             let mut dh2 = vec![0.0f32; n * dm];
             self.proj_backward(
@@ -614,18 +694,11 @@ impl Llama<'_> {
                 grads,
             );
             let i2 = Weights::layer_index(l, 5);
-            ops::rmsnorm_backward(
-                &dh2,
-                &lc.x2,
-                &self.w.tensors[i2].data,
-                &lc.rstd2,
-                &mut dx,
-                if full { Some(&mut grads[i2]) } else { None },
-                dm,
-            );
-            // Attention block: x2 = x + drop(o(attn)).
+            self.norm_backward(i2, &dh2, &lc.x2, &lc.rstd2, &mut dx, full, grads);
+            // Attention block: x2 = x + drop(post_norm(o(attn))).
             let mut dao = dx.clone();
             hidden_dropout(drop.as_ref(), &mut dao, l, 0);
+            let dao = self.post_norm_backward(l, 0, post_attn, dao, full, grads);
             let mut dattn = vec![0.0f32; lc.attn.len()];
             self.proj_backward(
                 l,
@@ -687,20 +760,21 @@ impl Llama<'_> {
                 grads,
             );
             let i1 = Weights::layer_index(l, 0);
-            ops::rmsnorm_backward(
-                &dh1,
-                &lc.x,
-                &self.w.tensors[i1].data,
-                &lc.rstd1,
-                &mut dx,
-                if full { Some(&mut grads[i1]) } else { None },
-                dm,
-            );
+            self.norm_backward(i1, &dh1, &lc.x, &lc.rstd1, &mut dx, full, grads);
+        }
+        if let Some(s) = self.w.arch.embed_scale {
+            dx.iter_mut().for_each(|v| *v *= s);
         }
         if full {
-            // Rows in order: a fixed summation order for repeated tokens.
+            // Rows in order: a fixed summation order for repeated tokens. The padding token's
+            // row gets nothing from its lookups, as `nn.Embedding(padding_idx=pad_token_id)`
+            // in every transformers family (a tied head's gradient still reaches it).
+            let pad = c.pad_token_id;
             let de = &mut grads[0];
             for (row, &id) in dx.chunks(dm).zip(&batch.ids) {
+                if Some(id) == pad {
+                    continue;
+                }
                 for (g, v) in de[id as usize * dm..(id as usize + 1) * dm]
                     .iter_mut()
                     .zip(row)
@@ -710,6 +784,20 @@ impl Llama<'_> {
             }
         }
     }
+}
+
+/// The embeddings of `ids`, `[ids, hidden]`, times the architecture's embedding scale.
+pub fn embed(w: &Weights, ids: &[u32]) -> Vec<f32> {
+    let dm = w.config.hidden_size;
+    let table = &w.tensors[0].data;
+    let mut x = vec![0.0f32; ids.len() * dm];
+    for (row, &id) in x.chunks_mut(dm).zip(ids) {
+        row.copy_from_slice(&table[id as usize * dm..(id as usize + 1) * dm]);
+        if let Some(s) = w.arch.embed_scale {
+            row.iter_mut().for_each(|v| *v *= s);
+        }
+    }
+    x
 }
 
 /// Frees a buffer at this point (documents intent where a large one dies early).
@@ -776,7 +864,7 @@ mod tests {
             seq_ids: None,
             lens: None,
         };
-        let rope = Rope::new(&w.arch.inv_freq, 16);
+        let rope = Rope::new(&w.arch, 16);
         let drop = Dropouts {
             lora: 0.3,
             seed: 11,
@@ -825,9 +913,9 @@ mod tests {
                 continue;
             }
             let eps = 1e-3f32;
-            let mut plus = Adapters::from_tensors(spec.clone(), lora.tensors.clone());
+            let mut plus = Adapters::from_tensors(&c, spec.clone(), lora.tensors.clone());
             plus.tensors[ti].data[j] += eps;
-            let mut minus = Adapters::from_tensors(spec.clone(), lora.tensors.clone());
+            let mut minus = Adapters::from_tensors(&c, spec.clone(), lora.tensors.clone());
             minus.tensors[ti].data[j] -= eps;
             let fd = (loss(&plus) - loss(&minus)) / (2.0 * eps as f64);
             let rel = (fd - g[j] as f64).abs() / fd.abs().max(1e-3);
@@ -852,7 +940,7 @@ mod tests {
     fn cutting_untrained_tails_changes_no_loss_or_gradient() {
         let c = ModelConfig::new(40, 16, 32, 2, 4, 2, 16, false);
         let (w, lora) = model_and_adapters(&c, 5, 6, 0.0);
-        let rope = Rope::new(&w.arch.inv_freq, 16);
+        let rope = Rope::new(&w.arch, 16);
         // Row 0 trains everywhere but its last position, row 1 up to position 6 (a prompt
         // masked at 0..2), row 2 nowhere.
         let (rows, seq) = (3, 12);

@@ -1,9 +1,18 @@
-//! LoRA adapters on the host: for each adapted projection of each layer, `A [r, in]` and
+//! LoRA adapters on the host: for each adapted module of each layer, `A [r, in]` and
 //! `B [out, r]`, with PEFT's tensor names so that adapters load in `peft` unchanged.
+//!
+//! A module is a projection, except in Phi-3, which stores q/k/v as one `qkv_proj` and
+//! gate/up as one `gate_up_proj`: PEFT puts one adapter over each fused module, so its A
+//! is shared by the parts and its B is theirs stacked by rows. flow keeps the tensors as
+//! PEFT has them and gives each projection its A and its rows of B ([`Factors`]): the
+//! computation per projection is the same as for an unfused model, the gradients of the
+//! shared A add up, and the files are PEFT's.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 use crate::data::rng::Rng;
+use crate::model::arch::Arch;
 use crate::model::config::ModelConfig;
 use crate::model::weights::{Proj, Tensor, normal_vec};
 
@@ -38,32 +47,114 @@ pub enum LoraInit {
     Gaussian,
 }
 
-/// Adapters for every (layer, target) pair, as a flat tensor list `[A, B]` per pair, in
-/// layer order then target order.
+/// Adapters for every (layer, adapted module) pair, as a flat tensor list `[A, B]` per
+/// pair, in layer order then module order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Adapters {
     pub spec: LoraSpec,
     pub tensors: Vec<Tensor>,
-    index: BTreeMap<(usize, Proj), usize>,
+    index: BTreeMap<(usize, Proj), Factors>,
 }
 
-/// PEFT's name of a LoRA factor.
-pub fn peft_name(layer: usize, proj: Proj, factor: char) -> String {
-    format!(
-        "base_model.model.model.layers.{layer}.{}.lora_{factor}.weight",
-        proj.module()
-    )
+/// Where an adapted projection's factors are in [`Adapters::tensors`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Factors {
+    /// A, `[r, in]` (shared by a fused module's parts).
+    pub a: usize,
+    /// B, `[module out, r]`.
+    pub b: usize,
+    /// The projection's rows of B: all of them unless its module is fused.
+    pub rows: Range<usize>,
+    /// The module's first projection: a fused module's parts see one dropout mask, as
+    /// PEFT's one adapter does.
+    pub site: Proj,
+}
+
+/// A projection's adapted module: PEFT's module path under `model.layers.N.`, the
+/// projections it computes, and this one's rows of its output.
+pub fn module_of(
+    c: &ModelConfig,
+    arch: &Arch,
+    p: Proj,
+) -> (&'static str, &'static [Proj], Range<usize>) {
+    let out = p.shape(c).0;
+    if arch.fused {
+        let (q, kv, f) = (Proj::Q.shape(c).0, Proj::K.shape(c).0, c.intermediate_size);
+        const QKV: &[Proj] = &[Proj::Q, Proj::K, Proj::V];
+        const GATE_UP: &[Proj] = &[Proj::Gate, Proj::Up];
+        match p {
+            Proj::Q => return ("self_attn.qkv_proj", QKV, 0..q),
+            Proj::K => return ("self_attn.qkv_proj", QKV, q..q + kv),
+            Proj::V => return ("self_attn.qkv_proj", QKV, q + kv..q + 2 * kv),
+            Proj::Gate => return ("mlp.gate_up_proj", GATE_UP, 0..f),
+            Proj::Up => return ("mlp.gate_up_proj", GATE_UP, f..2 * f),
+            _ => {}
+        }
+    }
+    static ALONE: [[Proj; 1]; 7] = [
+        [Proj::Q],
+        [Proj::K],
+        [Proj::V],
+        [Proj::O],
+        [Proj::Gate],
+        [Proj::Up],
+        [Proj::Down],
+    ];
+    (p.module(), &ALONE[p as usize], 0..out)
+}
+
+/// PEFT's name of a LoRA factor of a module (a path as [`module_of`] gives it).
+pub fn peft_name(layer: usize, module: &str, factor: char) -> String {
+    format!("base_model.model.model.layers.{layer}.{module}.lora_{factor}.weight")
+}
+
+/// The adapted modules of `targets`, in order, each once; an error names a projection whose
+/// fused module's other parts are not targets (PEFT cannot adapt part of a module).
+pub fn modules(
+    c: &ModelConfig,
+    arch: &Arch,
+    targets: &[Proj],
+) -> Result<Vec<&'static str>, String> {
+    let mut out: Vec<&'static str> = Vec::new();
+    for &p in targets {
+        let (module, parts, _) = module_of(c, arch, p);
+        if let Some(missing) = parts.iter().find(|q| !targets.contains(q)) {
+            return Err(format!(
+                "targets: `{}` is part of {}'s fused `{}` (with {}), which PEFT adapts whole: target {} together, or none of them (missing `{}`)",
+                p.short(),
+                arch.family.model_type(),
+                module.rsplit('.').next().expect("a name"),
+                parts
+                    .iter()
+                    .map(|q| q.short())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                parts
+                    .iter()
+                    .map(|q| q.short())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                missing.short()
+            ));
+        }
+        if !out.contains(&module) {
+            out.push(module);
+        }
+    }
+    Ok(out)
 }
 
 impl Adapters {
-    /// Fresh adapters (seeded).
+    /// Fresh adapters (seeded). `spec.targets` must be whole modules ([`modules`]).
     pub fn init(config: &ModelConfig, spec: &LoraSpec, init: LoraInit, seed: u64) -> Adapters {
+        let arch = Arch::of(config).expect("a validated config");
+        let mods = modules(config, &arch, &spec.targets).expect("targets checked by the caller");
         let root = Rng::new(seed).fork("lora");
         let mut tensors = Vec::new();
         for l in 0..config.num_hidden_layers {
-            for &p in &spec.targets {
-                let (out, inp) = p.shape(config);
-                let name = peft_name(l, p, 'A');
+            for &module in &mods {
+                let (out, inp) = module_shape(config, &arch, module);
+                let name = peft_name(l, module, 'A');
                 let mut rng = root.fork(&name);
                 let a = match init {
                     LoraInit::Kaiming => {
@@ -84,20 +175,30 @@ impl Adapters {
                     shape: vec![spec.rank, inp],
                     data: a,
                 });
-                tensors.push(Tensor::zeros(peft_name(l, p, 'B'), vec![out, spec.rank]));
+                tensors.push(Tensor::zeros(
+                    peft_name(l, module, 'B'),
+                    vec![out, spec.rank],
+                ));
             }
         }
-        Adapters::from_tensors(spec.clone(), tensors)
+        Adapters::from_tensors(config, spec.clone(), tensors)
     }
 
-    /// Adapters from tensors named as PEFT names them (any order).
-    pub fn from_tensors(spec: LoraSpec, tensors: Vec<Tensor>) -> Adapters {
+    /// Adapters from tensors named as PEFT names them (any order), for a model of `config`.
+    pub fn from_tensors(config: &ModelConfig, spec: LoraSpec, tensors: Vec<Tensor>) -> Adapters {
+        let arch = Arch::of(config).expect("a validated config");
+        let position = |name: &str| tensors.iter().position(|t| t.name == name);
         let mut index = BTreeMap::new();
-        for (i, t) in tensors.iter().enumerate() {
-            if let Some((l, p)) = parse_name(&t.name)
-                && t.name.contains(".lora_A.")
-            {
-                index.insert((l, p), i);
+        for l in 0..config.num_hidden_layers {
+            for &p in &spec.targets {
+                let (module, parts, rows) = module_of(config, &arch, p);
+                if let (Some(a), Some(b)) = (
+                    position(&peft_name(l, module, 'A')),
+                    position(&peft_name(l, module, 'B')),
+                ) {
+                    let site = parts[0];
+                    index.insert((l, p), Factors { a, b, rows, site });
+                }
             }
         }
         Adapters {
@@ -107,37 +208,46 @@ impl Adapters {
         }
     }
 
-    /// (A, B) of a layer's projection, if adapted.
+    /// (A, the projection's rows of B) of a layer's projection, if adapted.
     pub fn get(&self, layer: usize, proj: Proj) -> Option<(&[f32], &[f32])> {
-        let a = *self.index.get(&(layer, proj))?;
-        let b = self.b_index(a)?;
-        Some((&self.tensors[a].data, &self.tensors[b].data))
+        let f = self.indices(layer, proj)?;
+        let r = self.spec.rank;
+        let b = &self.tensors[f.b].data[f.rows.start * r..f.rows.end * r];
+        Some((&self.tensors[f.a].data, b))
     }
 
-    /// Tensor indices (A, B) of a layer's projection, if adapted.
-    pub fn indices(&self, layer: usize, proj: Proj) -> Option<(usize, usize)> {
-        let a = *self.index.get(&(layer, proj))?;
-        Some((a, self.b_index(a)?))
-    }
-
-    fn b_index(&self, a: usize) -> Option<usize> {
-        let want = self.tensors[a].name.replace(".lora_A.", ".lora_B.");
-        if self.tensors.get(a + 1).is_some_and(|t| t.name == want) {
-            return Some(a + 1);
-        }
-        self.tensors.iter().position(|t| t.name == want)
+    /// Where a layer's projection's factors are, if adapted.
+    pub fn indices(&self, layer: usize, proj: Proj) -> Option<&Factors> {
+        self.index.get(&(layer, proj))
     }
 }
 
-/// (layer, projection) of a PEFT LoRA tensor name.
-pub fn parse_name(name: &str) -> Option<(usize, Proj)> {
+/// (out, in) of an adapted module (a fused one's out is its parts' together).
+fn module_shape(c: &ModelConfig, arch: &Arch, module: &str) -> (usize, usize) {
+    let mut out = 0;
+    let mut inp = 0;
+    for p in Proj::ALL {
+        if module_of(c, arch, p).0 == module {
+            out += p.shape(c).0;
+            inp = p.shape(c).1;
+        }
+    }
+    (out, inp)
+}
+
+/// (layer, module path) of a PEFT LoRA tensor name, for a model of this architecture.
+fn parse_name(c: &ModelConfig, arch: &Arch, name: &str) -> Option<(usize, &'static str)> {
     let rest = name.split("layers.").nth(1)?;
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let proj = Proj::ALL
+    let module = Proj::ALL
         .into_iter()
-        .find(|p| rest.starts_with(p.module()))?;
-    Some((layer, proj))
+        .map(|p| module_of(c, arch, p).0)
+        .find(|m| {
+            rest.strip_prefix(m)
+                .is_some_and(|r| r.starts_with(".lora_"))
+        })?;
+    Some((layer, module))
 }
 
 impl Adapters {
@@ -189,13 +299,26 @@ impl Adapters {
             .map_err(|e| StageError::io(format!("reading {}", wpath.display()), e))?;
         let st = safetensors::SafeTensors::deserialize(&bytes)
             .map_err(|e| StageError::Failed(format!("{}: {e}", wpath.display())))?;
+        let arch = Arch::of(config).expect("a validated config");
         let mut targets = std::collections::BTreeSet::new();
         let mut tensors = Vec::new();
         let mut names: Vec<&str> = st.names().into_iter().collect();
-        names.sort_by_key(|n| (parse_name(n), n.contains("lora_B")));
+        let order = |m: &str| {
+            Proj::ALL
+                .iter()
+                .position(|p| module_of(config, &arch, *p).0 == m)
+        };
+        names.sort_by_key(|n| {
+            let at = parse_name(config, &arch, n);
+            (at.map(|(l, m)| (l, order(m))), n.contains("lora_B"))
+        });
         for name in names {
-            let (layer, proj) = parse_name(name).ok_or_else(|| {
-                StageError::Failed(format!("{}: unexpected tensor `{name}`", wpath.display()))
+            let (layer, module) = parse_name(config, &arch, name).ok_or_else(|| {
+                StageError::Failed(format!(
+                    "{}: unexpected tensor `{name}` for a {} model",
+                    wpath.display(),
+                    config.model_type
+                ))
             })?;
             if layer >= config.num_hidden_layers {
                 return Err(StageError::Failed(format!(
@@ -212,7 +335,7 @@ impl Adapters {
                     view.dtype()
                 )));
             }
-            let (out, inp) = proj.shape(config);
+            let (out, inp) = module_shape(config, &arch, module);
             let want = if name.contains(".lora_A.") {
                 vec![rank, inp]
             } else {
@@ -225,11 +348,15 @@ impl Adapters {
                     view.shape()
                 )));
             }
-            targets.insert(proj);
+            targets.extend(
+                Proj::ALL
+                    .into_iter()
+                    .filter(|p| module_of(config, &arch, *p).0 == module),
+            );
             // PEFT saves without the adapter name (`lora_A.weight`); normalise to that form.
             let canonical = peft_name(
                 layer,
-                proj,
+                module,
                 if name.contains(".lora_A.") { 'A' } else { 'B' },
             );
             tensors.push(Tensor {
@@ -249,7 +376,17 @@ impl Adapters {
             dropout,
             targets: targets.into_iter().collect(),
         };
-        Ok(Adapters::from_tensors(spec, tensors))
+        let adapters = Adapters::from_tensors(config, spec, tensors);
+        let used: std::collections::BTreeSet<usize> =
+            adapters.index.values().flat_map(|f| [f.a, f.b]).collect();
+        if let Some(t) = (0..adapters.tensors.len()).find(|i| !used.contains(i)) {
+            return Err(StageError::Failed(format!(
+                "{}: tensor `{}` has no matching lora_A/lora_B",
+                wpath.display(),
+                adapters.tensors[t].name
+            )));
+        }
+        Ok(adapters)
     }
 
     /// Writes the adapter in PEFT's layout, loadable by `PeftModel.from_pretrained`.
@@ -262,10 +399,12 @@ impl Adapters {
         std::fs::create_dir_all(dir)
             .map_err(|e| StageError::io(format!("creating {}", dir.display()), e))?;
         let modules: Vec<&str> = self
-            .spec
-            .targets
-            .iter()
-            .map(|p| p.module().rsplit('.').next().expect("a name"))
+            .index
+            .values()
+            .map(|f| &self.tensors[f.a].name)
+            .filter_map(|n| n.split(".lora_A.").next()?.rsplit('.').next())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
             .collect();
         let config = serde_json::json!({
             "peft_type": "LORA",
@@ -330,5 +469,113 @@ impl Adapters {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn phi3() -> ModelConfig {
+        let mut c = ModelConfig::new(64, 32, 48, 2, 4, 2, 64, false);
+        c.model_type = "phi3".into();
+        c
+    }
+
+    /// Phi-3's fused modules are adapted whole, as PEFT adapts them: one A shared by the
+    /// parts, one B whose rows are theirs in order; a target list naming part of a fused
+    /// module is an error naming the missing part.
+    #[test]
+    fn fused_modules_share_a_and_split_b_by_rows() {
+        let c = phi3();
+        let arch = Arch::of(&c).unwrap();
+        let spec = LoraSpec {
+            rank: 2,
+            alpha: 4.0,
+            rslora: false,
+            dropout: 0.0,
+            targets: Proj::ALL.to_vec(),
+        };
+        let a = Adapters::init(&c, &spec, LoraInit::Kaiming, 3);
+        // 2 layers x (qkv_proj, o_proj, gate_up_proj, down_proj) x (A, B)
+        assert_eq!(a.tensors.len(), 16);
+        let (q, k, v) = (
+            a.indices(0, Proj::Q).unwrap(),
+            a.indices(0, Proj::K).unwrap(),
+            a.indices(0, Proj::V).unwrap(),
+        );
+        assert!(q.a == k.a && k.a == v.a && q.b == k.b && k.b == v.b);
+        assert_eq!(
+            (q.rows.clone(), k.rows.clone(), v.rows.clone()),
+            (0..32, 32..48, 48..64)
+        );
+        assert_eq!(a.tensors[q.b].shape, [64, 2]);
+        assert!(
+            a.tensors[q.b]
+                .name
+                .ends_with("self_attn.qkv_proj.lora_B.weight")
+        );
+        let up = a.indices(1, Proj::Up).unwrap();
+        assert_eq!((up.rows.clone(), up.site), (48..96, Proj::Gate));
+        let e = modules(&c, &arch, &[Proj::Q, Proj::V, Proj::O]).unwrap_err();
+        assert!(e.contains("`qkv_proj`") && e.contains("missing `k`"), "{e}");
+        assert_eq!(
+            modules(&c, &arch, &[Proj::Gate, Proj::Up, Proj::Down]).unwrap(),
+            ["mlp.gate_up_proj", "mlp.down_proj"]
+        );
+        // Unfused families adapt any projection alone.
+        let mut l = c.clone();
+        l.model_type = "llama".into();
+        assert_eq!(
+            modules(&l, &Arch::of(&l).unwrap(), &[Proj::K]).unwrap(),
+            ["self_attn.k_proj"]
+        );
+    }
+
+    /// A PEFT file with a factor whose partner is missing, or a module the family does not
+    /// have, is an error naming the tensor.
+    #[test]
+    fn incomplete_or_foreign_adapters_are_named_errors() {
+        let c = phi3();
+        let spec = LoraSpec {
+            rank: 2,
+            alpha: 4.0,
+            rslora: false,
+            dropout: 0.0,
+            targets: vec![Proj::O],
+        };
+        let a = Adapters::init(&c, &spec, LoraInit::Kaiming, 3);
+        let dir = tempfile::tempdir().unwrap();
+        a.save(dir.path(), None).unwrap();
+        assert_eq!(Adapters::load(dir.path(), &c).unwrap(), a);
+        let write = |tensors: Vec<&Tensor>| {
+            safetensors::serialize_to_file(
+                tensors.iter().map(|t| (t.name.as_str(), *t)),
+                None,
+                &dir.path().join("adapter_model.safetensors"),
+            )
+            .unwrap()
+        };
+        write(
+            a.tensors
+                .iter()
+                .filter(|t| !t.name.contains("layers.1.self_attn.o_proj.lora_B"))
+                .collect(),
+        );
+        let e = Adapters::load(dir.path(), &c).unwrap_err().to_string();
+        assert!(
+            e.contains("layers.1.self_attn.o_proj.lora_A") && e.contains("no matching"),
+            "{e}"
+        );
+        let q = Tensor::zeros(
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+            vec![2, 32],
+        );
+        write(a.tensors.iter().chain([&q]).collect());
+        let e = Adapters::load(dir.path(), &c).unwrap_err().to_string();
+        assert!(
+            e.contains("unexpected tensor") && e.contains("q_proj") && e.contains("phi3"),
+            "{e}"
+        );
     }
 }

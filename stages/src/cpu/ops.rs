@@ -4,6 +4,8 @@
 
 use rayon::prelude::*;
 
+use crate::model::arch::{Act, Arch};
+
 /// Rows per parallel task in row-wise kernels: large enough to amortize scheduling.
 const ROW_CHUNK: usize = 16;
 
@@ -107,17 +109,28 @@ pub struct Rope {
 }
 
 impl Rope {
-    /// The tables for the architecture's inverse frequencies (`Arch::inv_freq`, scaling
-    /// applied), one per pair of a head's dimensions.
-    pub fn new(inv: &[f32], positions: usize) -> Rope {
+    /// The tables of an architecture: its inverse frequencies (`Arch::inv_freq`, scaling
+    /// applied), one per pair of a head's dimensions, and its factor of cos and sin.
+    pub fn new(arch: &Arch, positions: usize) -> Rope {
+        Rope::with_freqs(&arch.inv_freq, arch.rope_factor, positions)
+    }
+
+    /// The tables of these frequencies, cos and sin times `factor` (as transformers'
+    /// `attention_scaling`, in f32).
+    pub fn with_freqs(inv: &[f32], factor: f32, positions: usize) -> Rope {
         let half = inv.len();
         let mut cos = Vec::with_capacity(positions * half);
         let mut sin = Vec::with_capacity(positions * half);
         for p in 0..positions {
             for f in inv {
                 let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
+                if factor == 1.0 {
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                } else {
+                    cos.push(a.cos() * factor);
+                    sin.push(a.sin() * factor);
+                }
             }
         }
         Rope { half, cos, sin }
@@ -188,33 +201,74 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
 
-/// SwiGLU: `a = silu(g) * u`.
-pub fn swiglu(g: &[f32], u: &[f32], a: &mut [f32]) {
+/// GELU's tanh approximation, as PyTorch's `gelu(approximate="tanh")`, and its derivative.
+fn gelu_tanh(x: f32) -> (f32, f32) {
+    const K: f32 = 0.797_884_6; // sqrt(2 / pi)
+    const C: f32 = 0.044715;
+    let t = (K * (x + C * x * x * x)).tanh();
+    let y = 0.5 * x * (1.0 + t);
+    let dy = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * K * (1.0 + 3.0 * C * x * x);
+    (y, dy)
+}
+
+/// A gated MLP's activation: `a = act(g) * u` (SwiGLU with silu, GeGLU with GELU-tanh).
+pub fn glu(act: Act, g: &[f32], u: &[f32], a: &mut [f32]) {
     const CHUNK: usize = 4096;
     a.par_chunks_mut(CHUNK)
         .zip(g.par_chunks(CHUNK))
         .zip(u.par_chunks(CHUNK))
-        .for_each(|((a, g), u)| {
-            for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
-                *a = g * sigmoid(g) * u;
+        .for_each(|((a, g), u)| match act {
+            // Its own loop: the silu one vectorizes.
+            Act::Silu => {
+                for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
+                    *a = g * sigmoid(g) * u;
+                }
+            }
+            Act::GeluTanh => {
+                for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
+                    *a = gelu_tanh(g).0 * u;
+                }
             }
         });
 }
 
-/// Backward of [`swiglu`], in place: `g` becomes dG and `u` becomes dU (both are dead after
+/// Backward of [`glu`], in place: `g` becomes dG and `u` becomes dU (both are dead after
 /// this in the backward pass, which saves two activation-sized buffers).
-pub fn swiglu_backward(da: &[f32], g: &mut [f32], u: &mut [f32]) {
+pub fn glu_backward(act: Act, da: &[f32], g: &mut [f32], u: &mut [f32]) {
     const CHUNK: usize = 4096;
     g.par_chunks_mut(CHUNK)
         .zip(u.par_chunks_mut(CHUNK))
         .zip(da.par_chunks(CHUNK))
         .for_each(|((g, u), da)| {
             for ((g, u), &d) in g.iter_mut().zip(u.iter_mut()).zip(da) {
-                let s = sigmoid(*g);
-                let silu = *g * s;
-                let dg = d * *u * s * (1.0 + *g * (1.0 - s));
-                *u = d * silu;
+                let (y, dy) = match act {
+                    Act::Silu => {
+                        let s = sigmoid(*g);
+                        (*g * s, s * (1.0 + *g * (1.0 - s)))
+                    }
+                    Act::GeluTanh => gelu_tanh(*g),
+                };
+                let dg = d * *u * dy;
+                *u = d * y;
                 *g = dg;
+            }
+        });
+}
+
+/// Soft capping, `x = cap * tanh(x / cap)` in place (Gemma 2's scores and logits).
+pub fn softcap(x: &mut [f32], cap: f32) {
+    x.par_chunks_mut(8192)
+        .for_each(|x| x.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh()));
+}
+
+/// Backward of [`softcap`] from its input `x`: `dy *= 1 - tanh(x / cap)^2`, in place.
+pub fn softcap_backward(dy: &mut [f32], x: &[f32], cap: f32) {
+    dy.par_chunks_mut(8192)
+        .zip(x.par_chunks(8192))
+        .for_each(|(dy, x)| {
+            for (d, x) in dy.iter_mut().zip(x) {
+                let t = (x / cap).tanh();
+                *d *= 1.0 - t * t;
             }
         });
 }
@@ -466,7 +520,7 @@ mod tests {
         let inv: Vec<f32> = (0..4)
             .map(|i| 1.0 / 10000f32.powf(i as f32 / 4.0))
             .collect();
-        let rope = Rope::new(&inv, 16);
+        let rope = Rope::with_freqs(&inv, 1.0, 16);
         let mut x: Vec<f32> = (0..3 * 16).map(|i| (i as f32 * 0.37).sin()).collect();
         let orig = x.clone();
         let pos = [0u32, 5, 15];

@@ -495,16 +495,17 @@ fn perplexity(
     let packed = Packed::open(dir)?;
     let reader = packed.reader()?;
     let rows = limit.map_or(reader.rows, |l| l.min(reader.rows));
-    let c = &lm.weights.config;
-    if packed.summary.seq_len > c.max_position_embeddings {
+    let arch = &lm.weights.arch;
+    if packed.summary.seq_len > arch.positions {
         return Err(StageError::Failed(format!(
-            "{}: rows of {} tokens exceed the model's max_position_embeddings ({})",
+            "{}: rows of {} tokens exceed the {} positions the model runs at ({})",
             dir.display(),
             packed.summary.seq_len,
-            c.max_position_embeddings
+            arch.positions,
+            arch.positions_source()
         )));
     }
-    let rope = Rope::new(&lm.weights.arch.inv_freq, packed.summary.seq_len);
+    let rope = Rope::new(&lm.weights.arch, packed.summary.seq_len);
     let llama = Llama {
         w: &lm.weights,
         lora: None,

@@ -7,8 +7,9 @@ use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 
 use crate::cpu::attention::{self, Mask};
 use crate::cpu::llama::{Batch, Dropouts};
+use crate::cpu::lora::Factors;
 use crate::cpu::ops::Rope;
-use crate::model::arch::{Arch, Extra};
+use crate::model::arch::{Act, Arch, Extra};
 use crate::model::config::ModelConfig;
 use crate::model::weights::{Proj, Weights, extra_index};
 
@@ -37,6 +38,9 @@ pub struct Inputs {
     sin: Tensor<3>,
     /// Additive attention masks `[B, 1, T, T]` (0 or -1e9), one per distinct layer window.
     masks: Vec<(Option<usize>, Tensor<4>)>,
+    /// `[N, 1]`: 0 at the padding token, 1 elsewhere, when the batch holds the padding
+    /// token (whose embedding row gets no gradient from lookups, as in transformers).
+    not_pad: Option<Tensor<2>>,
     /// Target ids `[N, 1]` (0 where none) and weights `[N, 1]` (1 where a target).
     targets: Tensor<2, Int>,
     weights: Tensor<2>,
@@ -51,7 +55,7 @@ impl Inputs {
         let hd = c.head_dim();
         // The CPU engine's RoPE tables and attention rule: both paths see the same numbers.
         let positions = b.pos.iter().max().map_or(1, |&p| p as usize + 1);
-        let rope = Rope::new(&w.arch.inv_freq, positions);
+        let rope = Rope::new(&w.arch, positions);
         let half = rope.half;
         let mut cos = Vec::with_capacity(n * hd);
         let mut sin = Vec::with_capacity(n * hd);
@@ -89,6 +93,10 @@ impl Inputs {
             masks.push((window, mask));
         }
         let ids: Vec<i64> = b.ids.iter().map(|&i| i as i64).collect();
+        let not_pad = c.pad_token_id.filter(|p| b.ids.contains(p)).map(|p| {
+            let m: Vec<f32> = b.ids.iter().map(|&i| f32::from(i != p)).collect();
+            Tensor::<2>::from_data(TensorData::new(m, [n, 1]), device)
+        });
         let tg: Vec<i64> = b.targets.iter().map(|&t| t.max(0) as i64).collect();
         let w: Vec<f32> = b
             .targets
@@ -100,6 +108,7 @@ impl Inputs {
             cos: Tensor::<3>::from_data(TensorData::new(cos, [n, 1, hd]), device),
             sin: Tensor::<3>::from_data(TensorData::new(sin, [n, 1, hd]), device),
             masks,
+            not_pad,
             targets: Tensor::<2, Int>::from_data(TensorData::new(tg, [n, 1]), device),
             weights: Tensor::<2>::from_data(TensorData::new(w, [n, 1]), device),
             rows: b.rows,
@@ -119,10 +128,11 @@ impl Inputs {
     }
 }
 
-/// LoRA factors on the device, by (layer, projection): (A `[r, in]`, B `[out, r]`).
+/// LoRA factors on the device, by (layer, projection): where A `[r, in]` and B
+/// `[module out, r]` are among the uploaded tensors, and the projection's rows of B.
 pub struct DeviceLora {
     pub scale: f32,
-    pub factors: std::collections::BTreeMap<(usize, Proj), (usize, usize)>,
+    pub factors: std::collections::BTreeMap<(usize, Proj), Factors>,
 }
 
 /// The model's parameters on a device, in `Weights` order, plus LoRA tensors if any.
@@ -146,7 +156,34 @@ impl DeviceModel<'_> {
     fn rms(&self, x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
         let eps = self.config.rms_norm_eps as f32;
         let ms = x.clone().powi_scalar(2).mean_dim(1);
-        x * ms.add_scalar(eps).sqrt().recip() * w.clone()
+        let w = if self.arch.norm_offset == 0.0 {
+            w.clone()
+        } else {
+            w.clone().add_scalar(self.arch.norm_offset)
+        };
+        x * ms.add_scalar(eps).sqrt().recip() * w
+    }
+
+    /// Gemma 2's norm of a block's output, when the architecture has it.
+    fn post_norm(&self, layer: usize, e: Extra, y: Tensor<2>) -> Tensor<2> {
+        match self.extra(layer, e) {
+            Some(w) => self.rms(y, w),
+            None => y,
+        }
+    }
+
+    /// The MLP's gate activation.
+    fn act(&self, g: Tensor<2>) -> Tensor<2> {
+        match self.arch.act {
+            Act::Silu => silu(g),
+            // PyTorch's `gelu(approximate="tanh")`; burn's `gelu` is the erf form.
+            Act::GeluTanh => {
+                let inner = (g.clone() + g.clone().powi_scalar(3).mul_scalar(0.044715))
+                    .mul_scalar(0.797_884_6)
+                    .tanh();
+                g.mul_scalar(0.5) * inner.add_scalar(1.0)
+            }
+        }
     }
 
     /// A layer's optional tensor, if the architecture has it.
@@ -173,13 +210,19 @@ impl DeviceModel<'_> {
         }
         match self.lora {
             Some((l, t)) => match l.factors.get(&(layer, p)) {
-                Some(&(a, b)) => {
+                Some(f) => {
                     let xin = match drop {
                         Some(d) if d.lora > 0.0 => dropout(x, d.lora, self.device),
                         _ => x,
                     };
-                    let xa = xin.matmul(t[a].clone().transpose());
-                    y + xa.matmul(t[b].clone().transpose()).mul_scalar(l.scale)
+                    let xa = xin.matmul(t[f.a].clone().transpose());
+                    let [rows, r] = t[f.b].dims();
+                    let b = if f.rows == (0..rows) {
+                        t[f.b].clone()
+                    } else {
+                        t[f.b].clone().slice([f.rows.clone(), 0..r])
+                    };
+                    y + xa.matmul(b.transpose()).mul_scalar(l.scale)
                 }
                 None => y,
             },
@@ -207,6 +250,13 @@ impl DeviceModel<'_> {
         let (h, hk, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
         let rep = h / hk;
         let mut x = self.w[0].clone().select(0, inp.ids.clone());
+        if let Some(m) = &inp.not_pad {
+            // The same values; the gradient of the padding token's lookups is cut.
+            x = x.clone() * m.clone() + x.detach() * m.clone().neg().add_scalar(1.0);
+        }
+        if let Some(s) = self.arch.embed_scale {
+            x = x.mul_scalar(s);
+        }
         for l in 0..c.num_hidden_layers {
             let h1 = self.rms(x.clone(), &self.w[Weights::layer_index(l, 0)]);
             let q = self.head_norm(l, self.proj(l, Proj::Q, h1.clone(), drop), h, Extra::QNorm);
@@ -219,16 +269,19 @@ impl DeviceModel<'_> {
                 z5.repeat_dim(3, rep).reshape([b, t, h, hd]).swap_dims(1, 2)
             };
             let (k4, v4) = (expand(k), expand(v));
-            let scores = q4
+            let mut scores = q4
                 .matmul(k4.swap_dims(2, 3))
-                .mul_scalar(1.0 / (hd as f32).sqrt())
-                + inp.mask(self.arch.windows[l]);
+                .mul_scalar(self.arch.attn_scale);
+            if let Some(cap) = self.arch.attn_softcap {
+                scores = scores.div_scalar(cap).tanh().mul_scalar(cap);
+            }
+            let scores = scores + inp.mask(self.arch.windows[l]);
             let mut p = softmax(scores, 3);
             if let Some(d) = drop.filter(|d| d.attention > 0.0) {
                 p = dropout(p, d.attention, self.device);
             }
             let attn = p.matmul(v4).swap_dims(1, 2).reshape([n, h * hd]);
-            let mut ao = self.proj(l, Proj::O, attn, drop);
+            let mut ao = self.post_norm(l, Extra::PostAttnNorm, self.proj(l, Proj::O, attn, drop));
             if let Some(d) = drop.filter(|d| d.hidden > 0.0) {
                 ao = dropout(ao, d.hidden, self.device);
             }
@@ -236,7 +289,8 @@ impl DeviceModel<'_> {
             let h2 = self.rms(x2.clone(), &self.w[Weights::layer_index(l, 5)]);
             let g = self.proj(l, Proj::Gate, h2.clone(), drop);
             let u = self.proj(l, Proj::Up, h2, drop);
-            let mut m = self.proj(l, Proj::Down, silu(g) * u, drop);
+            let mut m = self.proj(l, Proj::Down, self.act(g) * u, drop);
+            m = self.post_norm(l, Extra::PostMlpNorm, m);
             if let Some(d) = drop.filter(|d| d.hidden > 0.0) {
                 m = dropout(m, d.hidden, self.device);
             }
@@ -249,7 +303,10 @@ impl DeviceModel<'_> {
         } else {
             &self.w[fi + 1]
         };
-        let logits = hf.matmul(head.clone().transpose());
+        let mut logits = hf.matmul(head.clone().transpose());
+        if let Some(cap) = self.arch.final_softcap {
+            logits = logits.div_scalar(cap).tanh().mul_scalar(cap);
+        }
         let lp = log_softmax(logits, 1).gather(1, inp.targets.clone());
         (lp * inp.weights.clone()).sum().neg()
     }

@@ -46,8 +46,8 @@ impl BurnTrainer {
                 let mut factors = std::collections::BTreeMap::new();
                 for l in 0..weights.config.num_hidden_layers {
                     for &p in &a.spec.targets {
-                        if let Some(ix) = a.indices(l, p) {
-                            factors.insert((l, p), ix);
+                        if let Some(f) = a.indices(l, p) {
+                            factors.insert((l, p), f.clone());
                         }
                     }
                 }

@@ -70,6 +70,35 @@ pub struct ModelConfig {
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
+/// The defaults of a family's `transformers` config class for the fields that change the
+/// computation, filled in where a `config.json` omits them: `save_pretrained` leaves out
+/// what equals the class default (Gemma 2's files have no `tie_word_embeddings`, and Gemma
+/// ties), so reading a field as flow's generic default would build another model.
+fn fill_class_defaults(obj: &mut serde_json::Map<String, serde_json::Value>) {
+    use serde_json::json;
+    let defaults = match obj.get("model_type").and_then(|t| t.as_str()) {
+        Some("gemma2") => vec![
+            ("tie_word_embeddings", json!(true)),
+            ("head_dim", json!(256)),
+            ("rms_norm_eps", json!(1e-6)),
+            ("hidden_activation", json!("gelu_pytorch_tanh")),
+            ("query_pre_attn_scalar", json!(256)),
+            ("sliding_window", json!(4096)),
+            ("attn_logit_softcapping", json!(50.0)),
+            ("final_logit_softcapping", json!(30.0)),
+        ],
+        Some("mistral") => vec![("sliding_window", json!(4096))],
+        _ => return,
+    };
+    for (field, value) in defaults {
+        obj.entry(field).or_insert(value);
+    }
+    // Gemma reads `hidden_activation`; keep `hidden_act` (which flow writes back) the same.
+    if let Some(act) = obj.get("hidden_activation").cloned() {
+        obj.entry("hidden_act").or_insert(act);
+    }
+}
+
 fn default_eps() -> f64 {
     1e-6
 }
@@ -169,7 +198,12 @@ impl ModelConfig {
     pub fn read(path: &Path) -> Result<ModelConfig, StageError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| StageError::io(format!("reading {}", path.display()), e))?;
-        let config: ModelConfig = serde_json::from_str(&text)
+        let mut raw: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| StageError::Failed(format!("{}: {e}", path.display())))?;
+        if let Some(obj) = raw.as_object_mut() {
+            fill_class_defaults(obj);
+        }
+        let config: ModelConfig = serde_json::from_value(raw)
             .map_err(|e| StageError::Failed(format!("{}: {e}", path.display())))?;
         config
             .validate()
@@ -203,7 +237,9 @@ impl ModelConfig {
             serde_json::json!([family.architecture()]),
         );
         obj.insert("torch_dtype".into(), serde_json::json!("float32"));
-        obj.retain(|_, v| !v.is_null());
+        // flow's unset fields go; a null the file had stays (Gemma 2's null soft cap means
+        // none, its absence the class default).
+        obj.retain(|k, v| !v.is_null() || self.extra.contains_key(k));
         let text = serde_json::to_string_pretty(&value).expect("json");
         std::fs::write(path, text + "\n")
             .map_err(|e| StageError::io(format!("writing {}", path.display()), e))
@@ -258,6 +294,7 @@ impl ModelConfig {
             .map(|e| match e {
                 Extra::Bias(p) => p.shape(self).0,
                 Extra::QNorm | Extra::KNorm => hd,
+                Extra::PostAttnNorm | Extra::PostMlpNorm => d,
             })
             .sum();
         let layer = d * q + 2 * d * kv + q * d + 3 * d * f + 2 * d + extras;
@@ -267,5 +304,46 @@ impl ModelConfig {
             self.vocab_size * d
         };
         self.vocab_size * d + self.num_hidden_layers * layer + d + head
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Gemma 2 `config.json` as `save_pretrained` writes it leaves out what equals the
+    /// class defaults (tying among them): read, it is the model transformers builds.
+    #[test]
+    fn omitted_fields_take_the_family_class_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let fields = r#""vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 2"#;
+        std::fs::write(&path, format!(r#"{{"model_type": "gemma2", {fields}}}"#)).unwrap();
+        let c = ModelConfig::read(&path).unwrap();
+        assert!(c.tie_word_embeddings);
+        assert_eq!(
+            (c.head_dim(), c.rms_norm_eps, c.sliding_window),
+            (256, 1e-6, Some(4096))
+        );
+        let a = Arch::of(&c).unwrap();
+        assert_eq!((a.attn_softcap, a.final_softcap), (Some(50.0), Some(30.0)));
+        assert_eq!(a.attn_scale, 1.0 / 16.0);
+        // What a file states wins, null included.
+        std::fs::write(
+            &path,
+            format!(
+                r#"{{"model_type": "gemma2", "tie_word_embeddings": false,
+                "final_logit_softcapping": null, {fields}}}"#
+            ),
+        )
+        .unwrap();
+        let c = ModelConfig::read(&path).unwrap();
+        assert!(!c.tie_word_embeddings);
+        assert_eq!(Arch::of(&c).unwrap().final_softcap, None);
+        // Llama's generic defaults stay.
+        std::fs::write(&path, format!(r#"{{"model_type": "llama", {fields}}}"#)).unwrap();
+        let c = ModelConfig::read(&path).unwrap();
+        assert!(!c.tie_word_embeddings && c.sliding_window.is_none());
     }
 }

@@ -16,7 +16,7 @@ use crate::kind::{Default, Kind, Param, ParamType, StageContext, StageError, Sta
 pub static KIND: Kind = Kind {
     name: "model",
     version: 2,
-    doc: "a decoder model (HF config.json + safetensors; Llama 2 and 3, Mistral, Qwen2, Qwen3, Phi-3): a fresh Llama seeded at a given size, or imported with its tokenizer, generation and chat settings",
+    doc: "a decoder model (HF config.json + safetensors; Llama 2 and 3, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2): a fresh Llama seeded at a given size, or imported with its tokenizer, generation and chat settings",
     params: &[
         Param {
             name: "source",

@@ -146,7 +146,14 @@ impl Weights {
                 let (o, i) = proj.shape(c);
                 out.push((format!("{p}.{}.weight", proj.module()), vec![o, i]));
             }
-            out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
+            // Gemma 2's `post_attention_layernorm` norms the attention output (an extra);
+            // its MLP's input norm is the `pre_feedforward_layernorm`.
+            let mlp_norm = if arch.post_norms {
+                "pre_feedforward_layernorm"
+            } else {
+                "post_attention_layernorm"
+            };
+            out.push((format!("{p}.{mlp_norm}.weight"), vec![d]));
             for proj in [Proj::Gate, Proj::Up, Proj::Down] {
                 let (o, i) = proj.shape(c);
                 out.push((format!("{p}.{}.weight", proj.module()), vec![o, i]));
@@ -166,6 +173,12 @@ impl Weights {
                     }
                     Extra::QNorm => (format!("{p}.self_attn.q_norm.weight"), vec![c.head_dim()]),
                     Extra::KNorm => (format!("{p}.self_attn.k_norm.weight"), vec![c.head_dim()]),
+                    Extra::PostAttnNorm => {
+                        (format!("{p}.post_attention_layernorm.weight"), vec![d])
+                    }
+                    Extra::PostMlpNorm => {
+                        (format!("{p}.post_feedforward_layernorm.weight"), vec![d])
+                    }
                 });
             }
         }
@@ -216,7 +229,8 @@ impl Weights {
     }
 
     /// A freshly initialized model as `transformers` initializes one: Linear and Embedding
-    /// weights ~ N(0, initializer_range), norms at 1. Seeded: same seed, same bits.
+    /// weights ~ N(0, initializer_range), norms at 1 (at 0 where the norm adds 1 itself,
+    /// Gemma's). Seeded: same seed, same bits.
     /// `config` must be valid ([`ModelConfig::validate`]).
     pub fn init(config: &ModelConfig, seed: u64) -> Weights {
         let arch = Arch::of(config).expect("a validated config");
@@ -227,7 +241,7 @@ impl Weights {
             .map(|(name, shape)| {
                 let n: usize = shape.iter().product();
                 let data = if name.ends_with("norm.weight") {
-                    vec![1.0; n]
+                    vec![1.0 - arch.norm_offset; n]
                 } else if name.ends_with(".bias") {
                     vec![0.0; n]
                 } else {

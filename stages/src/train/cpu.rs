@@ -25,7 +25,7 @@ impl CpuTrainer {
         max_positions: usize,
         threads: usize,
     ) -> CpuTrainer {
-        let rope = Rope::new(&weights.arch.inv_freq, max_positions);
+        let rope = Rope::new(&weights.arch, max_positions);
         let sizes: Vec<usize> = match &lora {
             Some(l) => l.tensors.iter().map(|t| t.data.len()).collect(),
             None => weights.tensors.iter().map(|t| t.data.len()).collect(),

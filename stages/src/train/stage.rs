@@ -36,7 +36,7 @@ macro_rules! train_params {
             Param { name: "alpha", ty: ParamType::Float, default: Default::Optional, doc: "scale numerator: the update is (alpha/r) B A [default: 2 * rank]" },
             Param { name: "use_rslora", ty: ParamType::Bool, default: Default::Value("false"), doc: "scale by alpha/sqrt(r) (rsLoRA)" },
             Param { name: "lora_dropout", ty: ParamType::Float, default: Default::Value("0.05"), doc: "dropout on the LoRA input" },
-            Param { name: "targets", ty: ParamType::List(&ParamType::Str), default: Default::Value("[\"all\"]"), doc: "projections to adapt: any of q, k, v, o, gate, up, down, or the presets all, attention, mlp" },
+            Param { name: "targets", ty: ParamType::List(&ParamType::Str), default: Default::Value("[\"all\"]"), doc: "projections to adapt: any of q, k, v, o, gate, up, down (or PEFT's module names, q_proj ... down_proj, and Phi-3's qkv_proj, gate_up_proj), or the presets all, attention, mlp; Phi-3's fused modules are adapted whole" },
             Param { name: "init", ty: ParamType::Choice(&["kaiming", "gaussian"]), default: Default::Value("\"kaiming\""), doc: "A's init, as PEFT's (B starts at zero)" },
         )
     };
@@ -208,11 +208,18 @@ fn lora_targets(names: &[String]) -> Result<Vec<Proj>, StageError> {
             "all" => Proj::ALL.to_vec(),
             "attention" => vec![Proj::Q, Proj::K, Proj::V, Proj::O],
             "mlp" => vec![Proj::Gate, Proj::Up, Proj::Down],
-            other => vec![Proj::parse(other).ok_or_else(|| {
-                bad(format!(
-                    "targets: unknown projection `{other}` (q, k, v, o, gate, up, down, all, attention, mlp)"
-                ))
-            })?],
+            // PEFT's module names too, Phi-3's fused ones included.
+            "qkv_proj" => vec![Proj::Q, Proj::K, Proj::V],
+            "gate_up_proj" => vec![Proj::Gate, Proj::Up],
+            other => vec![
+                Proj::parse(other)
+                    .or_else(|| Proj::parse(other.strip_suffix("_proj")?))
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "targets: unknown projection `{other}` (q, k, v, o, gate, up, down or PEFT's q_proj ... down_proj, qkv_proj, gate_up_proj; the presets all, attention, mlp)"
+                        ))
+                    })?,
+            ],
         };
         out.extend(add);
     }
@@ -294,10 +301,11 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
             data_dir.display()
         )));
     }
-    if seq_len > base.config.max_position_embeddings {
+    if seq_len > base.arch.positions {
         return Err(bad(format!(
-            "rows of {seq_len} tokens exceed the model's max_position_embeddings ({})",
-            base.config.max_position_embeddings
+            "rows of {seq_len} tokens exceed the {} positions the model runs at ({})",
+            base.arch.positions,
+            base.arch.positions_source()
         )));
     }
     let max_id = base.config.vocab_size;
@@ -371,17 +379,7 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
             dropout: ld as f32,
             targets: lora_targets(p.targets.as_deref().unwrap_or(&["all".to_string()]))?,
         };
-        if base.arch.fused
-            && let Some(t) = spec
-                .targets
-                .iter()
-                .find(|t| !matches!(t, Proj::O | Proj::Down))
-        {
-            return Err(bad(format!(
-                "targets: `{}` is part of Phi-3's fused qkv_proj/gate_up_proj, where PEFT puts one adapter over the fused output; flow adapts separate projections only: use targets = [\"o\", \"down\"] for Phi-3",
-                t.short()
-            )));
-        }
+        crate::cpu::lora::modules(&base.config, &base.arch, &spec.targets).map_err(bad)?;
         let init = if p.init.as_deref() == Some("gaussian") {
             LoraInit::Gaussian
         } else {
@@ -726,4 +724,27 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
     outcome.metrics.insert("steps".into(), json!(steps));
     outcome.metrics.insert("tokens".into(), json!(state.tokens));
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Targets by flow's short names, PEFT's module names (Phi-3's fused ones meaning their
+    /// parts) and presets mean the same projections.
+    #[test]
+    fn lora_targets_take_short_and_peft_names() {
+        let names = |v: &[&str]| lora_targets(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(names(&["q_proj", "v"]).unwrap(), [Proj::Q, Proj::V]);
+        assert_eq!(
+            names(&["qkv_proj", "o_proj"]).unwrap(),
+            names(&["attention"]).unwrap()
+        );
+        assert_eq!(
+            names(&["gate_up_proj", "down_proj"]).unwrap(),
+            names(&["mlp"]).unwrap()
+        );
+        let e = names(&["qkv"]).unwrap_err().to_string();
+        assert!(e.contains("unknown projection `qkv`"), "{e}");
+    }
 }
