@@ -77,10 +77,12 @@ macro_rules! train_params {
     };
 }
 
-/// Registered as `kind = "train-full"`.
+/// Registered as `kind = "train-full"`. Version 4: the padding token's embedding row gets
+/// no gradient from its lookups (as transformers' `padding_idx`), which changes what a model
+/// whose config names a `pad_token_id` that occurs in its rows learns.
 pub static FULL: Kind = Kind {
     name: "train-full",
-    version: 3,
+    version: 4,
     doc: "full finetuning (or pretraining from a fresh model): every weight trains",
     params: train_params!(),
     outputs: &["model", "curve"],
@@ -100,10 +102,10 @@ pub static LORA: Kind = Kind {
 };
 
 /// Registered as `kind = "train-full-trunk"`: the shared part of full finetuning runs that
-/// differ only in duration (see [`super::branch`]).
+/// differ only in duration (see [`super::branch`]). Version 2: as [`FULL`]'s 4.
 pub static FULL_TRUNK: Kind = Kind {
     name: "train-full-trunk",
-    version: 1,
+    version: 2,
     doc: "the steps before the cooldown of a `train-full` duration, as a checkpoint that cooldown branches start from (written by `branch = \"cooldown\"`)",
     params: train_params!(),
     outputs: &["checkpoint"],
