@@ -153,3 +153,56 @@ fn every_family_on_wgpu_agrees_with_the_cpu_engine() {
         assert_close(&lc, &lg, &tc, &tg);
     }
 }
+
+/// The attention masks made on the device are the CPU engine's rule
+/// (`cpu::attention::allowed`, itself checked against transformers' masks in
+/// llama_parity.rs) for every query and key: causal, with a sliding window, and per
+/// document with padding that sees only itself.
+#[test]
+fn device_made_masks_follow_the_cpu_engines_rule() {
+    use flow_stages::cpu::attention::{Mask, allowed};
+    use flow_stages::gpu::llama::attention_mask;
+    let device = burn_device();
+    let (rows, t) = (3, 11);
+    let docs: Vec<u16> = (0..rows * t)
+        .map(|i| match (i / t, i % t) {
+            (0, j) => 1 + (j >= 4) as u16,
+            (1, j) if j < 9 => 1 + (j >= 2) as u16 + (j >= 7) as u16,
+            (1, _) => 0,
+            (_, j) => 5 + (j % 4 == 0) as u16 * (j as u16),
+        })
+        .collect();
+    let mut checked = 0;
+    for docs in [None, Some(docs.as_slice())] {
+        for window in [None, Some(1), Some(3), Some(20)] {
+            let got: Vec<i64> = attention_mask(rows, t, docs, window, &device)
+                .int()
+                .to_data()
+                .convert::<i64>()
+                .try_to_vec()
+                .unwrap();
+            let rule = Mask { docs, window };
+            let mut masked = 0;
+            for r in 0..rows {
+                for i in 0..t {
+                    for j in 0..t {
+                        let want = allowed(rule, r * t, i, j);
+                        let at = (r * t + i) * t + j;
+                        assert_eq!(
+                            got[at] == 1,
+                            want,
+                            "docs {docs:?} window {window:?}: row {r} query {i} key {j}"
+                        );
+                        masked += usize::from(!want);
+                    }
+                }
+            }
+            assert!(
+                masked >= rows * t * (t - 1) / 2,
+                "the causal part at least is masked"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 8);
+}

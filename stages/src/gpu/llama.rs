@@ -3,9 +3,8 @@
 //! autodiff differentiates it.
 
 use burn::tensor::activation::{log_softmax, silu, softmax};
-use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Distribution, Int, Tensor, TensorData};
 
-use crate::cpu::attention::{self, Mask};
 use crate::cpu::llama::{Batch, Dropouts};
 use crate::cpu::lora::Factors;
 use crate::cpu::ops::Rope;
@@ -36,8 +35,9 @@ pub struct Inputs {
     /// cos and sin per token, `[N, 1, head_dim]` (rotate-half layout).
     cos: Tensor<3>,
     sin: Tensor<3>,
-    /// Additive attention masks `[B, 1, T, T]` (0 or -1e9), one per distinct layer window.
-    masks: Vec<(Option<usize>, Tensor<4>)>,
+    /// Which keys each query may see, `[B, 1, T, T]`, one per distinct layer window: made
+    /// on the device from indices and document ids ([`attention_mask`]).
+    masks: Vec<(Option<usize>, Tensor<4, Bool>)>,
     /// `[N, 1]`: 0 at the padding token, 1 elsewhere, when the batch holds the padding
     /// token (whose embedding row gets no gradient from lookups, as in transformers).
     not_pad: Option<Tensor<2>>,
@@ -70,26 +70,12 @@ impl Inputs {
         // Rows of one length only: the CPU engine alone takes batches without their tails.
         assert!(b.lens.is_none(), "the burn model takes rectangular batches");
         let t = b.seq;
-        let mut masks: Vec<(Option<usize>, Tensor<4>)> = Vec::new();
+        let mut masks: Vec<(Option<usize>, Tensor<4, Bool>)> = Vec::new();
         for &window in &w.arch.windows {
             if masks.iter().any(|(w, _)| *w == window) {
                 continue;
             }
-            let rule = Mask {
-                docs: b.seq_ids.as_deref(),
-                window,
-            };
-            let mut mask = vec![0.0f32; b.rows * t * t];
-            for r in 0..b.rows {
-                for i in 0..t {
-                    for j in 0..t {
-                        if !attention::allowed(rule, r * t, i, j) {
-                            mask[(r * t + i) * t + j] = -1e9;
-                        }
-                    }
-                }
-            }
-            let mask = Tensor::<4>::from_data(TensorData::new(mask, [b.rows, 1, t, t]), device);
+            let mask = attention_mask(b.rows, t, b.seq_ids.as_deref(), window, device);
             masks.push((window, mask));
         }
         let ids: Vec<i64> = b.ids.iter().map(|&i| i as i64).collect();
@@ -117,9 +103,45 @@ impl Inputs {
     }
 }
 
+/// The CPU engine's attention rule (`cpu::attention::allowed`) as a device tensor
+/// `[rows, 1, t, t]`, true where query `i` may see key `j`: `j <= i`, within the window, and
+/// in the same document (`docs`, 0 = padding, which sees only itself). Made on the device from
+/// the indices and the `rows x t` document ids: nothing quadratic is built on the host or
+/// uploaded (a host-made f32 mask was 268 MB per micro-batch at seq 4096, batch 4).
+pub fn attention_mask(
+    rows: usize,
+    t: usize,
+    docs: Option<&[u16]>,
+    window: Option<usize>,
+    device: &Device,
+) -> Tensor<4, Bool> {
+    let idx = Tensor::<1, Int>::arange(0..t as i64, device);
+    let qi: Tensor<2, Int> = idx.clone().reshape([t, 1]).expand([t, t]);
+    let kj: Tensor<2, Int> = idx.reshape([1, t]).expand([t, t]);
+    let back = qi - kj; // i - j
+    let mut seen = back.clone().greater_equal_elem(0);
+    if let Some(w) = window {
+        seen = seen.bool_and(back.clone().lower_elem(w as i64));
+    }
+    let seen: Tensor<4, Bool> = seen.reshape([1, 1, t, t]).expand([rows, 1, t, t]);
+    let Some(docs) = docs else {
+        return seen;
+    };
+    let ids: Vec<i64> = docs.iter().map(|&d| i64::from(d)).collect();
+    let doc = Tensor::<2, Int>::from_data(TensorData::new(ids, [rows, t]), device);
+    let di: Tensor<4, Int> = doc.clone().reshape([rows, 1, t, 1]).expand([rows, 1, t, t]);
+    let dj: Tensor<4, Int> = doc.reshape([rows, 1, 1, t]).expand([rows, 1, t, t]);
+    let same = di.clone().equal(dj).bool_and(di.not_equal_elem(0));
+    let own: Tensor<4, Bool> = back
+        .equal_elem(0)
+        .reshape([1, 1, t, t])
+        .expand([rows, 1, t, t]);
+    seen.bool_and(same.bool_or(own))
+}
+
 impl Inputs {
     /// The mask of a layer with this window.
-    fn mask(&self, window: Option<usize>) -> Tensor<4> {
+    fn mask(&self, window: Option<usize>) -> Tensor<4, Bool> {
         self.masks
             .iter()
             .find(|(w, _)| *w == window)
@@ -275,7 +297,8 @@ impl DeviceModel<'_> {
             if let Some(cap) = self.arch.attn_softcap {
                 scores = scores.div_scalar(cap).tanh().mul_scalar(cap);
             }
-            let scores = scores + inp.mask(self.arch.windows[l]);
+            // Masked scores become -1e9: exp gives 0 there, as the CPU engine's softmax.
+            let scores = scores.mask_fill(inp.mask(self.arch.windows[l]).bool_not(), -1e9);
             let mut p = softmax(scores, 3);
             if let Some(d) = drop.filter(|d| d.attention > 0.0) {
                 p = dropout(p, d.attention, self.device);
