@@ -368,6 +368,36 @@ fn cpt_remainder_is_padded_on_request() {
     assert_eq!(packed.summary.tokens as usize, total);
 }
 
+/// Runs a source of `records` (JSON lines in `format`) and a tokenize stage with the
+/// tokenizer.json in `dir` (and `extra` params), in order and without an eval split; returns
+/// its token file (and the workspace holding it).
+fn tokenize_records(
+    records: &[serde_json::Value],
+    format: &str,
+    dir: &Path,
+    extra: &str,
+) -> (Workspace, TokenFile) {
+    let ws = Workspace::new();
+    let lines: Vec<String> = records.iter().map(|r| r.to_string()).collect();
+    ws.write("records.jsonl", &(lines.join("\n") + "\n"));
+    let p = ws.write(
+        "p.toml",
+        &format!(
+            "[stage.records]\nkind = \"source\"\nfiles = \"records.jsonl\"\nformat = \"{format}\"\neval_fraction = 0.0\n\n\
+             [stage.tok]\nkind = \"tokenize\"\ntokenizer_file = \"{}\"\ndata = [\"records.train\"]\n{extra}",
+            dir.join("tokenizer.json").display()
+        ),
+    );
+    let statuses = ws.run_statuses(&p, &[]);
+    assert!(
+        statuses.iter().all(|(_, s)| s == "ran"),
+        "{}: {statuses:?}",
+        dir.display()
+    );
+    let tf = TokenFile::open(&output_named(&ws, &p, "tok", "tokens")).unwrap();
+    (ws, tf)
+}
+
 /// `template = "chat"` lays records out with the tokenizer's own chat template as
 /// transformers' `apply_chat_template` does (fixtures by tests/fixtures/make_family_fixtures.py,
 /// a ChatML template without BOS, and a header template and a Gemma-style turn template that
@@ -383,28 +413,11 @@ fn chat_templates_render_and_mask_as_transformers() {
         let cases: Vec<serde_json::Value> =
             serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
                 .unwrap();
-        let ws = Workspace::new();
-        let lines: Vec<String> = cases
+        let records: Vec<serde_json::Value> = cases
             .iter()
-            .map(|c| {
-                serde_json::json!({"prompt": c["prompt"], "response": c["response"]}).to_string()
-            })
+            .map(|c| serde_json::json!({"prompt": c["prompt"], "response": c["response"]}))
             .collect();
-        ws.write("pairs.jsonl", &(lines.join("\n") + "\n"));
-        let p = ws.write(
-            "p.toml",
-            &format!(
-                "[stage.pairs]\nkind = \"source\"\nfiles = \"pairs.jsonl\"\nformat = \"pair\"\neval_fraction = 0.0\n\n\
-                 [stage.chat]\nkind = \"tokenize\"\ntokenizer_file = \"{}\"\ndata = [\"pairs.train\"]\ntemplate = \"chat\"\n",
-                dir.join("tokenizer.json").display()
-            ),
-        );
-        let statuses = ws.run_statuses(&p, &[]);
-        assert!(
-            statuses.iter().all(|(_, s)| s == "ran"),
-            "{name}: {statuses:?}"
-        );
-        let tf = TokenFile::open(&output_named(&ws, &p, "chat", "tokens")).unwrap();
+        let (_ws, tf) = tokenize_records(&records, "pair", &dir, "template = \"chat\"\n");
         assert_eq!(tf.docs(), cases.len());
         // The source keeps the records' order (a train split of everything).
         for (i, c) in cases.iter().enumerate() {
@@ -468,26 +481,11 @@ fn family_tokenizers_encode_as_python_tokenizers() {
                 .map(|t| t["id"].as_u64().unwrap() as u32)
                 .unwrap_or_else(|| panic!("{name}: {token}"))
         };
-        let ws = Workspace::new();
-        let lines: Vec<String> = cases
+        let records: Vec<serde_json::Value> = cases
             .iter()
-            .map(|c| serde_json::json!({"text": c["text"]}).to_string())
+            .map(|c| serde_json::json!({"text": c["text"]}))
             .collect();
-        ws.write("texts.jsonl", &(lines.join("\n") + "\n"));
-        let p = ws.write(
-            "p.toml",
-            &format!(
-                "[stage.texts]\nkind = \"source\"\nfiles = \"texts.jsonl\"\neval_fraction = 0.0\n\n\
-                 [stage.tok]\nkind = \"tokenize\"\ntokenizer_file = \"{}\"\ndata = [\"texts.train\"]\n",
-                dir.join("tokenizer.json").display()
-            ),
-        );
-        let statuses = ws.run_statuses(&p, &[]);
-        assert!(
-            statuses.iter().all(|(_, s)| s == "ran"),
-            "{name}: {statuses:?}"
-        );
-        let tf = TokenFile::open(&output_named(&ws, &p, "tok", "tokens")).unwrap();
+        let (_ws, tf) = tokenize_records(&records, "text", &dir, "");
         assert_eq!(tf.meta.bos_id, bos.map(id_of), "{name}: BOS");
         assert_eq!(tf.meta.eos_id, id_of(eos), "{name}: EOS");
         assert_eq!(tf.docs(), cases.len());
