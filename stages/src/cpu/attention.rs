@@ -8,7 +8,7 @@
 use rayon::prelude::*;
 
 use super::matmul::{Layout, gemm_into};
-use super::ops::{DropMask, exp};
+use super::ops::{DropMask, capped, capped_grad, exp};
 
 /// Which keys a query may attend to, besides the causal rule.
 #[derive(Debug, Clone, Copy, Default)]
@@ -238,7 +238,7 @@ pub fn forward(
                     1,
                 );
                 if let Some(cap) = d.softcap {
-                    p.iter_mut().for_each(|s| *s = cap * (*s / cap).tanh());
+                    p.iter_mut().for_each(|s| *s = capped(*s, cap));
                 }
                 for (i, row) in p.chunks_exact_mut(t).enumerate() {
                     masked_softmax_row(row, mask, start, i);
@@ -374,9 +374,8 @@ pub fn backward(
                         false,
                         1,
                     );
-                    for (x, s) in dp.iter_mut().zip(&scores) {
-                        let th = (s / cap).tanh();
-                        *x *= 1.0 - th * th;
+                    for (x, &s) in dp.iter_mut().zip(&scores) {
+                        *x *= capped_grad(s, cap);
                     }
                 }
                 // dQ = scale * dS K ; dK += scale * dS^T Q

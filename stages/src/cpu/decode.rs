@@ -157,22 +157,10 @@ impl<'a> Decoder<'a> {
 
     /// Gemma 2's norm of a block's output (`which`), when the architecture has it.
     fn post_norm(&self, layer: usize, which: Extra, y: Vec<f32>) -> Vec<f32> {
-        let Some(wi) = self.w.extra_index(layer, which) else {
-            return y;
-        };
-        let c = &self.w.config;
-        let w = self.w.arch.norm_weight(&self.w.tensors[wi].data);
-        let mut out = vec![0.0f32; y.len()];
-        let mut rstd = vec![0.0f32; y.len() / c.hidden_size];
-        ops::rmsnorm(
-            &y,
-            &w,
-            &mut out,
-            &mut rstd,
-            c.hidden_size,
-            c.rms_norm_eps as f32,
-        );
-        out
+        match self.w.extra_index(layer, which) {
+            Some(wi) => super::llama::norm(self.w, wi, &y).0,
+            None => y,
+        }
     }
 
     fn proj(&self, layer: usize, p: Proj, x: &[f32], n: usize) -> Vec<f32> {
@@ -234,7 +222,7 @@ impl<'a> Decoder<'a> {
                         let kj = &kc[base + j * kvw + g * hd..base + j * kvw + (g + 1) * hd];
                         *s = qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
                         if let Some(cap) = softcap {
-                            *s = cap * (*s / cap).tanh();
+                            *s = ops::capped(*s, cap);
                         }
                         max = max.max(*s);
                     }

@@ -217,17 +217,6 @@ impl Llama<'_> {
         }
     }
 
-    /// RMSNorm of `[n, hidden]` rows by tensor `wi`: the output and each row's reciprocal RMS.
-    fn norm(&self, wi: usize, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
-        let c = &self.w.config;
-        let dm = c.hidden_size;
-        let mut y = vec![0.0f32; x.len()];
-        let mut rstd = vec![0.0f32; x.len() / dm];
-        let w = self.w.arch.norm_weight(&self.w.tensors[wi].data);
-        ops::rmsnorm(x, &w, &mut y, &mut rstd, dm, c.rms_norm_eps as f32);
-        (y, rstd)
-    }
-
     /// Backward of [`Self::norm`]: adds into `dx`, and (full finetuning) into the weight's
     /// gradient.
     #[allow(clippy::too_many_arguments)]
@@ -246,17 +235,17 @@ impl Llama<'_> {
         ops::rmsnorm_backward(dy, x, &w, rstd, dx, dw, self.w.config.hidden_size);
     }
 
-    /// Gemma 2's norm of a block's output (`which` 0: attention, 1: MLP), in place; returns
-    /// what its backward pass needs. Nothing without such norms.
+    /// Gemma 2's norm of a block's output (`which`: `Extra::PostAttnNorm` or
+    /// `Extra::PostMlpNorm`), in place; returns what its backward pass needs. Nothing
+    /// without such norms.
     fn post_norm(
         &self,
         layer: usize,
-        which: usize,
+        which: Extra,
         y: &mut Vec<f32>,
     ) -> Option<(Vec<f32>, Vec<f32>)> {
-        let extra = [Extra::PostAttnNorm, Extra::PostMlpNorm][which];
-        let wi = self.w.extra_index(layer, extra)?;
-        let (normed, rstd) = self.norm(wi, y);
+        let wi = self.w.extra_index(layer, which)?;
+        let (normed, rstd) = norm(self.w, wi, y);
         Some((std::mem::replace(y, normed), rstd))
     }
 
@@ -264,17 +253,16 @@ impl Llama<'_> {
     fn post_norm_backward(
         &self,
         layer: usize,
-        which: usize,
+        which: Extra,
         kept: Option<&(Vec<f32>, Vec<f32>)>,
         dy: Vec<f32>,
         full: bool,
         grads: &mut [Vec<f32>],
     ) -> Vec<f32> {
         let Some((x, rstd)) = kept else { return dy };
-        let extra = [Extra::PostAttnNorm, Extra::PostMlpNorm][which];
         let wi = self
             .w
-            .extra_index(layer, extra)
+            .extra_index(layer, which)
             .expect("kept only with post norms");
         let mut dx = vec![0.0f32; dy.len()];
         self.norm_backward(wi, &dy, x, rstd, &mut dx, full, grads);
@@ -307,10 +295,14 @@ impl Llama<'_> {
             ops::add_bias(&mut y, bias);
         }
         if let Some(lora) = self.lora
-            && let Some((a, b)) = lora.get(layer, p)
+            && let Some(f) = lora.indices(layer, p)
         {
             let r = lora.spec.rank;
-            let site = lora.indices(layer, p).expect("adapted").site;
+            let (a, b) = (
+                &lora.tensors[f.a].data,
+                &lora.tensors[f.b].data[f.b_range(r)],
+            );
+            let site = f.site;
             let dropped = match drop {
                 Some(d) if d.lora > 0.0 => {
                     let mut t = x.to_vec();
@@ -388,7 +380,7 @@ impl Llama<'_> {
             return;
         };
         let (r, s) = (lora.spec.rank, lora.spec.scale());
-        let (ai, bi, b_rows) = (f.a, f.b, f.rows.start * r..f.rows.end * r);
+        let (ai, bi, b_rows) = (f.a, f.b, f.b_range(r));
         let (a, b) = (
             &lora.tensors[ai].data,
             &lora.tensors[bi].data[b_rows.clone()],
@@ -504,7 +496,7 @@ impl Llama<'_> {
         let mut x = embed(self.w, &batch.ids);
         let mut layers = Vec::new();
         for l in 0..c.num_hidden_layers {
-            let (h1, rstd1) = self.norm(Weights::layer_index(l, 0), &x);
+            let (h1, rstd1) = norm(self.w, Weights::layer_index(l, 0), &x);
             let (mut q, kq) = self.proj(l, Proj::Q, &h1, n, drop.as_ref(), keep);
             let (mut k, kk) = self.proj(l, Proj::K, &h1, n, drop.as_ref(), keep);
             let (v, kv) = self.proj(l, Proj::V, &h1, n, drop.as_ref(), keep);
@@ -518,18 +510,18 @@ impl Llama<'_> {
             };
             let (attn, probs) = attention::forward(dims, &q, &k, &v, mask, adrop);
             let (mut ao, ko) = self.proj(l, Proj::O, &attn, n, drop.as_ref(), keep);
-            let post_attn = self.post_norm(l, 0, &mut ao);
+            let post_attn = self.post_norm(l, Extra::PostAttnNorm, &mut ao);
             hidden_dropout(drop.as_ref(), &mut ao, l, 0);
             let mut x2 = x.clone();
             ops::add_into(&mut x2, &ao);
             drop_buf(ao);
-            let (h2, rstd2) = self.norm(Weights::layer_index(l, 5), &x2);
+            let (h2, rstd2) = norm(self.w, Weights::layer_index(l, 5), &x2);
             let (g, kg) = self.proj(l, Proj::Gate, &h2, n, drop.as_ref(), keep);
             let (u, ku) = self.proj(l, Proj::Up, &h2, n, drop.as_ref(), keep);
             let mut act = vec![0.0f32; n * f];
             ops::glu(arch.act, &g, &u, &mut act);
             let (mut m, kd) = self.proj(l, Proj::Down, &act, n, drop.as_ref(), keep);
-            let post_mlp = self.post_norm(l, 1, &mut m);
+            let post_mlp = self.post_norm(l, Extra::PostMlpNorm, &mut m);
             hidden_dropout(drop.as_ref(), &mut m, l, 1);
             let mut x3 = x2.clone();
             ops::add_into(&mut x3, &m);
@@ -556,7 +548,7 @@ impl Llama<'_> {
                 });
             }
         }
-        let (hf, rstdf) = self.norm(self.w.final_norm_index(), &x);
+        let (hf, rstdf) = norm(self.w, self.w.final_norm_index(), &x);
         let vocab = c.vocab_size;
         let mut logits = vec![0.0f32; n * vocab];
         let head = &self.w.tensors[self.w.lm_head_index()].data;
@@ -651,7 +643,7 @@ impl Llama<'_> {
             // MLP block: x3 = x2 + drop(post_norm(down(act))).
             let mut dmo = dx.clone();
             hidden_dropout(drop.as_ref(), &mut dmo, l, 1);
-            let dmo = self.post_norm_backward(l, 1, post_mlp, dmo, full, grads);
+            let dmo = self.post_norm_backward(l, Extra::PostMlpNorm, post_mlp, dmo, full, grads);
             let mut dact = vec![0.0f32; lc.act.len()];
             self.proj_backward(
                 l,
@@ -698,7 +690,7 @@ impl Llama<'_> {
             // Attention block: x2 = x + drop(post_norm(o(attn))).
             let mut dao = dx.clone();
             hidden_dropout(drop.as_ref(), &mut dao, l, 0);
-            let dao = self.post_norm_backward(l, 0, post_attn, dao, full, grads);
+            let dao = self.post_norm_backward(l, Extra::PostAttnNorm, post_attn, dao, full, grads);
             let mut dattn = vec![0.0f32; lc.attn.len()];
             self.proj_backward(
                 l,
@@ -784,6 +776,24 @@ impl Llama<'_> {
             }
         }
     }
+}
+
+/// RMSNorm of `[n, hidden]` rows by the model's tensor `wi` (its `norm_offset` applied):
+/// the output and each row's reciprocal RMS.
+pub fn norm(w: &Weights, wi: usize, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let dm = w.config.hidden_size;
+    let mut y = vec![0.0f32; x.len()];
+    let mut rstd = vec![0.0f32; x.len() / dm];
+    let weight = w.arch.norm_weight(&w.tensors[wi].data);
+    ops::rmsnorm(
+        x,
+        &weight,
+        &mut y,
+        &mut rstd,
+        dm,
+        w.config.rms_norm_eps as f32,
+    );
+    (y, rstd)
 }
 
 /// The embeddings of `ids`, `[ids, hidden]`, times the architecture's embedding scale.

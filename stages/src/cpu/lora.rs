@@ -14,7 +14,7 @@ use std::ops::Range;
 use crate::data::rng::Rng;
 use crate::model::arch::Arch;
 use crate::model::config::ModelConfig;
-use crate::model::weights::{Proj, Tensor, normal_vec};
+use crate::model::weights::{Proj, Tensor, fused_module, normal_vec};
 
 /// The adapter's hyperparameters.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,27 +70,21 @@ pub struct Factors {
     pub site: Proj,
 }
 
+impl Factors {
+    /// The projection's part of B's data (`rows` of `rank` columns each).
+    pub fn b_range(&self, rank: usize) -> Range<usize> {
+        self.rows.start * rank..self.rows.end * rank
+    }
+}
+
 /// A projection's adapted module: PEFT's module path under `model.layers.N.`, the
-/// projections it computes, and this one's rows of its output.
+/// projections it computes, and this one's rows of its output (a fused module's as
+/// [`fused_module`] lays it out, else the projection alone).
 pub fn module_of(
     c: &ModelConfig,
     arch: &Arch,
     p: Proj,
 ) -> (&'static str, &'static [Proj], Range<usize>) {
-    let out = p.shape(c).0;
-    if arch.fused {
-        let (q, kv, f) = (Proj::Q.shape(c).0, Proj::K.shape(c).0, c.intermediate_size);
-        const QKV: &[Proj] = &[Proj::Q, Proj::K, Proj::V];
-        const GATE_UP: &[Proj] = &[Proj::Gate, Proj::Up];
-        match p {
-            Proj::Q => return ("self_attn.qkv_proj", QKV, 0..q),
-            Proj::K => return ("self_attn.qkv_proj", QKV, q..q + kv),
-            Proj::V => return ("self_attn.qkv_proj", QKV, q + kv..q + 2 * kv),
-            Proj::Gate => return ("mlp.gate_up_proj", GATE_UP, 0..f),
-            Proj::Up => return ("mlp.gate_up_proj", GATE_UP, f..2 * f),
-            _ => {}
-        }
-    }
     static ALONE: [[Proj; 1]; 7] = [
         [Proj::Q],
         [Proj::K],
@@ -100,7 +94,7 @@ pub fn module_of(
         [Proj::Up],
         [Proj::Down],
     ];
-    (p.module(), &ALONE[p as usize], 0..out)
+    fused_module(c, arch, p).unwrap_or_else(|| (p.module(), &ALONE[p as usize], 0..p.shape(c).0))
 }
 
 /// PEFT's name of a LoRA factor of a module (a path as [`module_of`] gives it).
@@ -119,21 +113,16 @@ pub fn modules(
     for &p in targets {
         let (module, parts, _) = module_of(c, arch, p);
         if let Some(missing) = parts.iter().find(|q| !targets.contains(q)) {
+            let names = parts
+                .iter()
+                .map(|q| q.short())
+                .collect::<Vec<_>>()
+                .join(", ");
             return Err(format!(
-                "targets: `{}` is part of {}'s fused `{}` (with {}), which PEFT adapts whole: target {} together, or none of them (missing `{}`)",
+                "targets: `{}` is part of {}'s fused `{}` (with {names}), which PEFT adapts whole: target {names} together, or none of them (missing `{}`)",
                 p.short(),
                 arch.family.model_type(),
                 module.rsplit('.').next().expect("a name"),
-                parts
-                    .iter()
-                    .map(|q| q.short())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                parts
-                    .iter()
-                    .map(|q| q.short())
-                    .collect::<Vec<_>>()
-                    .join(", "),
                 missing.short()
             ));
         }
@@ -211,8 +200,7 @@ impl Adapters {
     /// (A, the projection's rows of B) of a layer's projection, if adapted.
     pub fn get(&self, layer: usize, proj: Proj) -> Option<(&[f32], &[f32])> {
         let f = self.indices(layer, proj)?;
-        let r = self.spec.rank;
-        let b = &self.tensors[f.b].data[f.rows.start * r..f.rows.end * r];
+        let b = &self.tensors[f.b].data[f.b_range(self.spec.rank)];
         Some((&self.tensors[f.a].data, b))
     }
 
@@ -235,19 +223,20 @@ fn module_shape(c: &ModelConfig, arch: &Arch, module: &str) -> (usize, usize) {
     (out, inp)
 }
 
-/// (layer, module path) of a PEFT LoRA tensor name, for a model of this architecture.
-fn parse_name(c: &ModelConfig, arch: &Arch, name: &str) -> Option<(usize, &'static str)> {
+/// (layer, the module's first projection) of a PEFT LoRA tensor name, for a model of this
+/// architecture.
+fn parse_name(c: &ModelConfig, arch: &Arch, name: &str) -> Option<(usize, Proj)> {
     let rest = name.split("layers.").nth(1)?;
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let module = Proj::ALL
-        .into_iter()
-        .map(|p| module_of(c, arch, p).0)
-        .find(|m| {
-            rest.strip_prefix(m)
+    let first = Proj::ALL.into_iter().find(|&p| {
+        let (module, parts, _) = module_of(c, arch, p);
+        parts[0] == p
+            && rest
+                .strip_prefix(module)
                 .is_some_and(|r| r.starts_with(".lora_"))
-        })?;
-    Some((layer, module))
+    })?;
+    Some((layer, first))
 }
 
 impl Adapters {
@@ -303,17 +292,9 @@ impl Adapters {
         let mut targets = std::collections::BTreeSet::new();
         let mut tensors = Vec::new();
         let mut names: Vec<&str> = st.names().into_iter().collect();
-        let order = |m: &str| {
-            Proj::ALL
-                .iter()
-                .position(|p| module_of(config, &arch, *p).0 == m)
-        };
-        names.sort_by_key(|n| {
-            let at = parse_name(config, &arch, n);
-            (at.map(|(l, m)| (l, order(m))), n.contains("lora_B"))
-        });
+        names.sort_by_key(|n| (parse_name(config, &arch, n), n.contains("lora_B")));
         for name in names {
-            let (layer, module) = parse_name(config, &arch, name).ok_or_else(|| {
+            let (layer, first) = parse_name(config, &arch, name).ok_or_else(|| {
                 StageError::Failed(format!(
                     "{}: unexpected tensor `{name}` for a {} model",
                     wpath.display(),
@@ -335,6 +316,7 @@ impl Adapters {
                     view.dtype()
                 )));
             }
+            let (module, parts, _) = module_of(config, &arch, first);
             let (out, inp) = module_shape(config, &arch, module);
             let want = if name.contains(".lora_A.") {
                 vec![rank, inp]
@@ -348,11 +330,7 @@ impl Adapters {
                     view.shape()
                 )));
             }
-            targets.extend(
-                Proj::ALL
-                    .into_iter()
-                    .filter(|p| module_of(config, &arch, *p).0 == module),
-            );
+            targets.extend(parts.iter().copied());
             // PEFT saves without the adapter name (`lora_A.weight`); normalise to that form.
             let canonical = peft_name(
                 layer,

@@ -201,10 +201,15 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
 
+/// The constants of GELU's tanh approximation, `0.5 x (1 + tanh(K (x + C x^3)))`; the burn
+/// graph uses them too.
+pub const GELU_K: f32 = 0.797_884_6; // sqrt(2 / pi)
+pub const GELU_C: f32 = 0.044715;
+
 /// GELU's tanh approximation, as PyTorch's `gelu(approximate="tanh")`, and its derivative.
 fn gelu_tanh(x: f32) -> (f32, f32) {
-    const K: f32 = 0.797_884_6; // sqrt(2 / pi)
-    const C: f32 = 0.044715;
+    const K: f32 = GELU_K;
+    const C: f32 = GELU_C;
     let t = (K * (x + C * x * x * x)).tanh();
     let y = 0.5 * x * (1.0 + t);
     let dy = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * K * (1.0 + 3.0 * C * x * x);
@@ -255,20 +260,32 @@ pub fn glu_backward(act: Act, da: &[f32], g: &mut [f32], u: &mut [f32]) {
         });
 }
 
-/// Soft capping, `x = cap * tanh(x / cap)` in place (Gemma 2's scores and logits).
-pub fn softcap(x: &mut [f32], cap: f32) {
-    x.par_chunks_mut(8192)
-        .for_each(|x| x.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh()));
+/// Soft capping of one value, `cap * tanh(x / cap)` (Gemma 2's scores and logits).
+#[inline]
+pub fn capped(x: f32, cap: f32) -> f32 {
+    cap * (x / cap).tanh()
 }
 
-/// Backward of [`softcap`] from its input `x`: `dy *= 1 - tanh(x / cap)^2`, in place.
+/// The derivative of [`capped`] at `x`: `1 - tanh(x / cap)^2`.
+#[inline]
+pub fn capped_grad(x: f32, cap: f32) -> f32 {
+    let t = (x / cap).tanh();
+    1.0 - t * t
+}
+
+/// [`capped`] over `x`, in place.
+pub fn softcap(x: &mut [f32], cap: f32) {
+    x.par_chunks_mut(8192)
+        .for_each(|x| x.iter_mut().for_each(|v| *v = capped(*v, cap)));
+}
+
+/// Backward of [`softcap`] from its input `x`: `dy *= capped_grad(x)`, in place.
 pub fn softcap_backward(dy: &mut [f32], x: &[f32], cap: f32) {
     dy.par_chunks_mut(8192)
         .zip(x.par_chunks(8192))
         .for_each(|(dy, x)| {
-            for (d, x) in dy.iter_mut().zip(x) {
-                let t = (x / cap).tanh();
-                *d *= 1.0 - t * t;
+            for (d, &x) in dy.iter_mut().zip(x) {
+                *d *= capped_grad(x, cap);
             }
         });
 }

@@ -7,7 +7,7 @@ use burn::tensor::{Bool, Device, Distribution, Int, Tensor, TensorData};
 
 use crate::cpu::llama::{Batch, Dropouts};
 use crate::cpu::lora::Factors;
-use crate::cpu::ops::Rope;
+use crate::cpu::ops::{GELU_C, GELU_K, Rope};
 use crate::model::arch::{Act, Arch, Extra};
 use crate::model::config::ModelConfig;
 use crate::model::weights::{Proj, Weights, extra_index};
@@ -200,8 +200,8 @@ impl DeviceModel<'_> {
             Act::Silu => silu(g),
             // PyTorch's `gelu(approximate="tanh")`; burn's `gelu` is the erf form.
             Act::GeluTanh => {
-                let inner = (g.clone() + g.clone().powi_scalar(3).mul_scalar(0.044715))
-                    .mul_scalar(0.797_884_6)
+                let inner = (g.clone() + g.clone().powi_scalar(3).mul_scalar(GELU_C))
+                    .mul_scalar(GELU_K)
                     .tanh();
                 g.mul_scalar(0.5) * inner.add_scalar(1.0)
             }

@@ -440,26 +440,41 @@ struct FusedPart {
     rows: std::ops::Range<usize>,
 }
 
-/// The fused tensor a tensor of the layout is part of, or None for one stored as itself.
-fn fused_source(c: &ModelConfig, arch: &Arch, name: &str) -> Option<FusedPart> {
+/// The fused module a projection is stored in (Phi-3's `qkv_proj` and `gate_up_proj`), or
+/// None when it is stored as itself: the module's path under `model.layers.N.`, its parts in
+/// order, and this projection's rows of it. The one description of the fused layout, for
+/// the weights here and for the adapters (`cpu::lora`).
+pub fn fused_module(
+    c: &ModelConfig,
+    arch: &Arch,
+    p: Proj,
+) -> Option<(&'static str, &'static [Proj], std::ops::Range<usize>)> {
     if !arch.fused {
         return None;
     }
-    let (prefix, module) = name
-        .rsplit_once(".self_attn.")
-        .or_else(|| name.rsplit_once(".mlp."))?;
+    const QKV: &[Proj] = &[Proj::Q, Proj::K, Proj::V];
+    const GATE_UP: &[Proj] = &[Proj::Gate, Proj::Up];
     let (q, kv, f) = (Proj::Q.shape(c).0, Proj::K.shape(c).0, c.intermediate_size);
-    let (fused, total, rows) = match module {
-        "q_proj.weight" => ("self_attn.qkv_proj.weight", q + 2 * kv, 0..q),
-        "k_proj.weight" => ("self_attn.qkv_proj.weight", q + 2 * kv, q..q + kv),
-        "v_proj.weight" => ("self_attn.qkv_proj.weight", q + 2 * kv, q + kv..q + 2 * kv),
-        "gate_proj.weight" => ("mlp.gate_up_proj.weight", 2 * f, 0..f),
-        "up_proj.weight" => ("mlp.gate_up_proj.weight", 2 * f, f..2 * f),
-        _ => return None,
-    };
+    match p {
+        Proj::Q => Some(("self_attn.qkv_proj", QKV, 0..q)),
+        Proj::K => Some(("self_attn.qkv_proj", QKV, q..q + kv)),
+        Proj::V => Some(("self_attn.qkv_proj", QKV, q + kv..q + 2 * kv)),
+        Proj::Gate => Some(("mlp.gate_up_proj", GATE_UP, 0..f)),
+        Proj::Up => Some(("mlp.gate_up_proj", GATE_UP, f..2 * f)),
+        Proj::O | Proj::Down => None,
+    }
+}
+
+/// The fused tensor a tensor of the layout is part of, or None for one stored as itself.
+fn fused_source(c: &ModelConfig, arch: &Arch, name: &str) -> Option<FusedPart> {
+    let (prefix, p) = Proj::ALL.into_iter().find_map(|p| {
+        let prefix = name.strip_suffix(&format!(".{}.weight", p.module()))?;
+        Some((prefix, p))
+    })?;
+    let (module, parts, rows) = fused_module(c, arch, p)?;
     Some(FusedPart {
-        name: format!("{prefix}.{fused}"),
-        shape: vec![total, c.hidden_size],
+        name: format!("{prefix}.{module}.weight"),
+        shape: vec![parts.iter().map(|q| q.shape(c).0).sum(), c.hidden_size],
         rows,
     })
 }
