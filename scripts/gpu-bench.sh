@@ -22,3 +22,14 @@ peak timeout 120 .devbin/train-bench --lora-linear 4096 4096 --device wgpu 2>&1 
 for cfg in small large; do for mode in full lora16; do
   peak timeout 150 python3 benches/train_torch.py --device cuda --config $cfg --modes $mode 2>&1 | grep '"impl"'
 done; done
+# Evaluation (issue 20): flow's device decoder against transformers `generate` and forward
+# scoring, same shape, batch and lengths; build the binary with
+# `cargo bench -p flow-stages --bench generate --no-run` and copy it to .devbin/generate-bench.
+if [ -x .devbin/generate-bench ] || chmod +x .devbin/generate-bench 2>/dev/null; then
+  for shape in 256,4,8,8,704,4096 4096,4,32,32,11008,32000; do
+    peak timeout 150 .devbin/generate-bench --device wgpu --shape $shape --batch 8 --prompt 128 --new 64 2>&1 | grep '"impl"'
+    for dt in float32 bfloat16; do
+      peak timeout 150 python3 benches/eval_torch.py --device cuda --shape $shape --batch 8 --prompt 128 --new 64 --dtype $dt 2>&1 | grep '"impl"'
+    done
+  done
+fi

@@ -306,3 +306,136 @@ max_positions = 256
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("none of style `hellaswag`"), "{err}");
 }
+
+#[test]
+fn eval_on_a_wgpu_device_agrees_with_the_cpu_engine() {
+    // The same study twice: the eval stages on the CPU engine, then on wgpu (lavapipe in
+    // CI; no adapter fails the test). Training stays on the CPU engine in both.
+    let cpu = Workspace::new();
+    let p = cpu.write("p.toml", &pipeline());
+    assert_ok(&cpu.flow(&["run", p.to_str().unwrap()]));
+    let gpu = Workspace::new();
+    let on_device = pipeline()
+        .replace(
+            "[stage.eval]\nkind = \"eval\"\n",
+            "[stage.eval]\nkind = \"eval\"\ndevice = \"wgpu\"\n",
+        )
+        .replace("[stage.ppl]", "[stage.ppl]\ndevice = \"wgpu\"");
+    assert!(on_device.matches("device = \"wgpu\"").count() == 2);
+    let pg = gpu.write("p.toml", &on_device);
+    assert_ok(&gpu.flow(&["run", pg.to_str().unwrap()]));
+    let log: String = std::fs::read_dir(gpu.cache().join("logs"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .collect();
+    assert!(log.contains("eval device: wgpu"), "{log}");
+
+    let (mc, sc) = metrics(&cpu, &p, "eval");
+    let (mg, sg) = metrics(&gpu, &pg, "eval");
+    // Same model bits (training ran on the CPU engine in both workspaces).
+    assert_eq!(mc["model"], mg["model"]);
+    let loss = |m: &serde_json::Value| {
+        m["tasks"]["perplexity"]["held_rows"]["loss"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(
+        (loss(&mc) - loss(&mg)).abs() < 1e-4 * loss(&mc),
+        "{} vs {}",
+        loss(&mc),
+        loss(&mg)
+    );
+    // Accuracies are identical; every log-likelihood agrees to 1e-4.
+    for style in ["hellaswag", "arc", "winogrande", "forgetting"] {
+        for metric in ["acc", "acc_norm", "acc_ppl", "score"] {
+            assert_eq!(
+                mc["tasks"][style].get(metric),
+                mg["tasks"][style].get(metric),
+                "{style} {metric}"
+            );
+        }
+    }
+    let choices = |s: &[serde_json::Value]| -> Vec<Vec<f64>> {
+        s.iter()
+            .filter_map(|s| s.get("loglikelihoods"))
+            .map(|l| {
+                l.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap())
+                    .collect()
+            })
+            .collect()
+    };
+    let (lc, lg) = (choices(&sc), choices(&sg));
+    assert!(!lc.is_empty() && lc.len() == lg.len());
+    for (c, g) in lc.iter().flatten().zip(lg.iter().flatten()) {
+        assert!((c - g).abs() < 1e-4, "{c} vs {g}");
+    }
+    // GSM8K decodes greedily: the same completions token for token.
+    let gsm = |s: &[serde_json::Value]| -> Vec<String> {
+        s.iter()
+            .filter(|s| s["task"] == "gsm8k")
+            .map(|s| s["completion"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(gsm(&sc), gsm(&sg));
+    assert_eq!(gsm(&sc).len(), 8);
+}
+
+#[test]
+#[ignore = "needs a device whose runtime reports its memory (CUDA, Metal, Vulkan through \
+            SPIR-V): this build's wgpu runs lavapipe through WGSL, where cubecl reports none"]
+fn a_model_too_large_for_the_device_fails_before_loading_saying_what_it_needs() {
+    // A tiny model whose context (2^30 positions) needs a 512 GiB KV cache for one sequence.
+    let ws = Workspace::new();
+    let mut p = String::from(
+        r#"[pipeline]
+name = "too-large"
+seed = 1
+
+[stage.world]
+kind = "synthetic"
+domain = "general"
+docs = 50
+pairs = 4
+eval = 4
+heldout = 4
+
+[stage.tokenizer]
+kind = "tokenize"
+vocab_size = 320
+train_data = ["world.cpt"]
+
+[stage.base]
+kind = "model"
+tokenizer = "tokenizer.tokenizer"
+hidden_size = 32
+layers = 2
+heads = 2
+kv_heads = 2
+max_positions = 1073741824
+
+[stage.eval]
+kind = "eval"
+device = "wgpu"
+model = "base"
+tasks = ["multiple_choice"]
+choice = ["arc"]
+limit = 2
+
+"#,
+    );
+    p += &source("arc", "arc/arc_challenge.jsonl", "arc", 2);
+    let path = ws.write("p.toml", &p);
+    let out = ws.flow(&["run", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("KV cache of one 1073741824-token sequence")
+            && log.contains("needs about 512.")
+            && log.contains("GiB on wgpu, which has"),
+        "{log}"
+    );
+}

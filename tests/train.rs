@@ -112,6 +112,37 @@ fn a_killed_training_run_resumes_from_its_checkpoint_bit_exactly() {
 }
 
 #[test]
+#[ignore = "open (issue 19, item 5): two uninterrupted wgpu runs agree bit for bit, and so \
+            does a BurnTrainer restored in-process (stages/tests/gpu_parity.rs), but a run \
+            killed and resumed through the stage still ends with different bits"]
+fn a_killed_wgpu_run_with_dropout_resumes_bit_exactly() {
+    // Dropout on a wgpu device (lavapipe in CI) draws from each micro-batch's seed: an
+    // uninterrupted run and one killed at a checkpoint and resumed end with the same bits.
+    let on_wgpu = FULL.replace(
+        "kind = \"train-full\"\n",
+        "kind = \"train-full\"\ndevice = \"wgpu\"\n",
+    );
+    assert!(on_wgpu.contains("device = \"wgpu\""));
+    let (whole, pw) = uninterrupted(&pipeline(&on_wgpu));
+    assert!(
+        logs(&whole).contains("device wgpu"),
+        "trained on wgpu:\n{}",
+        logs(&whole)
+    );
+    let ws = Workspace::new();
+    let p = ws.write("p.toml", &pipeline(&on_wgpu));
+    common::kill_at_a_checkpoint(&ws, &p, 10);
+    assert_ok(&ws.flow(&["run", p.to_str().unwrap()]));
+    let step = resumed_step(&logs(&ws));
+    assert!(step >= 10, "resumed at step {step}, not from 0");
+    assert_eq!(
+        model_bytes(&ws, &p, "train"),
+        model_bytes(&whole, &pw, "train"),
+        "the resumed wgpu run ends with the uninterrupted run's weights"
+    );
+}
+
+#[test]
 fn a_damaged_checkpoint_is_skipped_for_the_previous_good_one_with_the_same_bits() {
     let (whole, pw) = uninterrupted(&pipeline(FULL));
     let reference = model_bytes(&whole, &pw, "train");

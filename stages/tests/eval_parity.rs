@@ -1,6 +1,10 @@
 //! flow's log-likelihoods, multiple-choice accuracies and greedy generations against
 //! Hugging Face transformers on the same tiny model and tokenizer
-//! (tests/fixtures/make_eval_fixtures.py), on the real HellaSwag, ARC and WinoGrande files.
+//! (tests/fixtures/make_eval_fixtures.py), on the real HellaSwag, ARC and WinoGrande files:
+//! on the CPU engine, and on a wgpu device (lavapipe in CI) against the same references.
+
+#[cfg(feature = "wgpu")]
+mod wgpu;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -8,7 +12,7 @@ use std::path::{Path, PathBuf};
 use flow_stages::data::formats::{Fields, convert};
 use flow_stages::data::records::Record;
 use flow_stages::eval::choice::{self, Item, Tally};
-use flow_stages::eval::lm::{GenOptions, GenRequest, Lm};
+use flow_stages::eval::lm::{GenOptions, GenRequest, Lm, Scored};
 use serde_json::Value;
 
 fn root() -> PathBuf {
@@ -71,9 +75,12 @@ fn lm() -> Lm {
     Lm::load(&root().join("tests/fixtures/eval/model"), 5, 2).unwrap()
 }
 
-#[test]
-fn multiple_choice_matches_transformers_and_lm_eval_definitions() {
-    let lm = lm();
+/// What one engine's multiple-choice pass gave: every score, and the three accuracies.
+type ChoiceRun = (Vec<Scored>, std::collections::BTreeMap<String, Tally>);
+
+/// Scores every item and checks each log-likelihood (relative error below `tol`), token
+/// count, greedy flag and prediction against transformers and lm-eval's definitions.
+fn check_multiple_choice(lm: &Lm, tol: f64) -> ChoiceRun {
     let want = expected();
     let items = items();
     let want_items = want["items"].as_array().unwrap();
@@ -111,7 +118,7 @@ fn multiple_choice_matches_transformers_and_lm_eval_definitions() {
             .or_default()
             .add(item.gold, pred);
     }
-    assert!(worst < 1e-5, "log-likelihood relative error {worst}");
+    assert!(worst < tol, "log-likelihood relative error {worst}");
     for (style, t) in &tallies {
         for metric in ["acc", "acc_norm", "acc_ppl"] {
             let w = want["metrics"][style][metric].as_f64().unwrap();
@@ -121,11 +128,17 @@ fn multiple_choice_matches_transformers_and_lm_eval_definitions() {
     // The fixture is chosen so the three accuracies disagree somewhere: the test can fail.
     let h = &tallies["hellaswag"];
     assert_ne!(h.get("acc"), h.get("acc_norm"));
+    (scored, tallies)
 }
 
 #[test]
-fn cached_greedy_generation_matches_transformers_generate() {
-    let lm = lm();
+fn multiple_choice_matches_transformers_and_lm_eval_definitions() {
+    check_multiple_choice(&lm(), 1e-5);
+}
+
+/// Greedy generation with 2 slots for 3 prompts (the third starts while the others
+/// decode), token for token against transformers' `generate`.
+fn check_greedy_generation(lm: Lm) {
     let want = expected();
     let gens = want["generations"].as_array().unwrap();
     let requests: Vec<GenRequest> = gens
@@ -141,7 +154,6 @@ fn cached_greedy_generation_matches_transformers_generate() {
         top_p: 1.0,
         stop: vec![],
     };
-    // Batch of 2 slots for 3 prompts: the third starts while the others decode.
     let lm2 = Lm { batch: 2, ..lm };
     let got = lm2.generate(&requests, &opts, |_| {}).unwrap();
     for (g, w) in got.iter().zip(gens) {
@@ -159,5 +171,96 @@ fn cached_greedy_generation_matches_transformers_generate() {
             w["prompt"]
         );
         assert_eq!(g.tokens, ids.len());
+    }
+}
+
+#[test]
+fn cached_greedy_generation_matches_transformers_generate() {
+    check_greedy_generation(lm());
+}
+
+/// Sampled completions of every generation prompt, each with its own seed.
+fn sampled(lm: &Lm, copies: usize) -> Vec<String> {
+    let want = expected();
+    let requests: Vec<GenRequest> = want["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| {
+            (0..copies).map(|i| GenRequest {
+                prompt: g["prompt"].as_str().unwrap().to_string(),
+                seed: 100 + i as u64,
+            })
+        })
+        .collect();
+    let opts = GenOptions {
+        max_new_tokens: 16,
+        temperature: 0.8,
+        top_p: 0.95,
+        stop: vec![],
+    };
+    let got = lm.generate(&requests, &opts, |_| {}).unwrap();
+    got.into_iter().map(|g| g.text).collect()
+}
+
+#[test]
+fn sampling_does_not_depend_on_the_batch() {
+    let one = sampled(&Lm { batch: 1, ..lm() }, 3);
+    assert_eq!(one, sampled(&Lm { batch: 4, ..lm() }, 3));
+    assert!(
+        one.chunks(3).any(|c| c[0] != c[1] || c[1] != c[2]),
+        "{one:?}"
+    );
+}
+
+#[cfg(feature = "wgpu")]
+mod on_wgpu {
+    use flow_stages::eval::lm::Engine;
+    use flow_stages::gpu::decode::DeviceWeights;
+
+    use super::*;
+
+    fn lm_on_device(batch: usize) -> Lm {
+        let mut lm = Lm { batch, ..lm() };
+        lm.engine = Engine::Device(DeviceWeights::upload(&lm.weights, &wgpu::burn_device()));
+        lm
+    }
+
+    #[test]
+    fn device_scoring_matches_transformers_and_the_cpu_engine() {
+        // Batches of 5 sequences of different lengths: padding must change no score.
+        let (dev, dev_tallies) = check_multiple_choice(&lm_on_device(5), 1e-4);
+        let (cpu, cpu_tallies) = check_multiple_choice(&lm(), 1e-5);
+        for (d, c) in dev.iter().zip(&cpu) {
+            assert!((d.ll - c.ll).abs() < 1e-4, "{} vs {}", d.ll, c.ll);
+            assert_eq!((d.greedy, d.tokens), (c.greedy, c.tokens));
+        }
+        for (style, t) in &cpu_tallies {
+            for metric in ["acc", "acc_norm", "acc_ppl"] {
+                assert_eq!(
+                    dev_tallies[style].get(metric),
+                    t.get(metric),
+                    "{style} {metric}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn device_greedy_generation_matches_transformers_generate() {
+        check_greedy_generation(lm_on_device(5));
+    }
+
+    #[test]
+    fn device_sampling_does_not_depend_on_the_batch() {
+        // 3 prompts x 3 seeds: one slot at a time, and 4 slots refilled as they finish.
+        let one = sampled(&lm_on_device(1), 3);
+        let four = sampled(&lm_on_device(4), 3);
+        assert_eq!(one, four);
+        // Different seeds give different completions somewhere: the test can fail.
+        assert!(
+            one.chunks(3).any(|c| c[0] != c[1] || c[1] != c[2]),
+            "{one:?}"
+        );
     }
 }

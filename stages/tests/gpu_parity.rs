@@ -4,17 +4,18 @@
 #![cfg(feature = "wgpu")]
 
 mod families;
+mod wgpu;
 
 use std::path::Path;
 
 use flow_stages::cpu::llama::Batch;
 use flow_stages::cpu::lora::{Adapters, LoraInit};
-use flow_stages::gpu::device::{Choice, select};
 use flow_stages::gpu::trainer::BurnTrainer;
 use flow_stages::model::weights::Weights;
 use flow_stages::train::cpu::CpuTrainer;
 use flow_stages::train::optim::{Optimizer, Rule};
 use flow_stages::train::trainer::Trainer;
+use wgpu::burn_device;
 
 fn batch(vocab: u32, rows: usize, seq: usize, salt: u32) -> Batch {
     let ids: Vec<u32> = (0..rows * seq)
@@ -34,19 +35,6 @@ fn batch(vocab: u32, rows: usize, seq: usize, salt: u32) -> Batch {
         pos: (0..rows).flat_map(|_| 0..seq as u32).collect(),
         seq_ids: None,
         lens: None,
-    }
-}
-
-fn burn_device() -> burn::tensor::Device {
-    match select("wgpu") {
-        Ok(Choice::Burn(d, what)) => {
-            eprintln!("wgpu device: {what}");
-            d
-        }
-        Ok(Choice::Cpu) => unreachable!("`wgpu` never means the CPU engine"),
-        Err(e) => panic!(
-            "no wgpu adapter ({e}); on Debian, apt-get install mesa-vulkan-drivers (lavapipe)"
-        ),
     }
 }
 
@@ -205,4 +193,53 @@ fn device_made_masks_follow_the_cpu_engines_rule() {
         }
     }
     assert_eq!(checked, 8);
+}
+
+#[test]
+fn seeded_gpu_dropout_repeats_bit_for_bit() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llama/gqa");
+    let w = Weights::load(&dir).unwrap();
+    let sizes: Vec<usize> = w.tensors.iter().map(|t| t.data.len()).collect();
+    let rule = Rule::AdamW {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+    };
+    let opt = Optimizer::new(rule, 0.0, 1e-3, &sizes);
+    let run_from = |p: f32, resume_at: Option<u64>| {
+        let mut t = BurnTrainer::new(w.clone(), None, &opt, burn_device());
+        let mut losses = Vec::new();
+        for step in 0..4u64 {
+            if resume_at == Some(step) {
+                let (saved, o) = t.snapshot();
+                t = BurnTrainer::new(w.clone(), None, &opt, burn_device());
+                t.restore(saved, o).unwrap();
+            }
+            let b = batch(96, 2, 16, 3);
+            let drop = flow_stages::cpu::llama::Dropouts {
+                attention: p,
+                hidden: p,
+                lora: 0.0,
+                seed: 1000 + step,
+            };
+            losses.push(t.accumulate(&b, 0.01, (p > 0.0).then_some(drop)).0);
+            t.apply(1e-3, 1.0);
+        }
+        let bits: Vec<Vec<f32>> = t.snapshot().0.into_iter().map(|t| t.data).collect();
+        (losses, bits)
+    };
+    let run = |p: f32| run_from(p, None);
+    let plain = (run(0.0), run(0.0));
+    assert!(
+        plain.0 == plain.1,
+        "without dropout: {:?} vs {:?}",
+        plain.0.0,
+        plain.1.0
+    );
+    let (a, b) = (run(0.1), run(0.1));
+    assert!(a == b, "with dropout: {:?} vs {:?}", a.0, b.0);
+    assert_ne!(a.0, plain.0.0, "dropout changes the losses");
+    // A trainer restored from a snapshot after two steps (a resume) ends with the same bits.
+    let resumed = run_from(0.1, Some(2));
+    assert!(resumed == a, "resumed: {:?} vs {:?}", resumed.0, a.0);
 }

@@ -57,6 +57,11 @@ impl<'a> Decoder<'a> {
         self.max_len
     }
 
+    /// Sequences the cache holds.
+    pub fn slots(&self) -> usize {
+        self.len.len()
+    }
+
     /// Tokens held by a slot.
     pub fn len(&self, slot: usize) -> usize {
         self.len[slot]

@@ -1,6 +1,8 @@
-//! The model as evaluation sees it: a tokenizer and a KV-cached decoder, offering the two
-//! requests of lm-evaluation-harness: `loglikelihood` of a continuation given a context,
-//! and `generate_until` (greedy or sampled, cut at stop sequences).
+//! The model as evaluation sees it: a tokenizer and a KV-cached decoder (the CPU engine's,
+//! or a burn device's), offering the two requests of lm-evaluation-harness: `loglikelihood`
+//! of a continuation given a context, and `generate_until` (greedy or sampled, cut at stop
+//! sequences). Both engines are fed the same tokens in the same batches, so they differ
+//! only by floating-point rounding.
 
 use std::path::Path;
 
@@ -11,9 +13,63 @@ use crate::data::rng::Rng;
 use crate::kind::StageError;
 use crate::model::weights::Weights;
 
+/// Where a model runs.
+pub enum Engine {
+    /// flow's CPU engine (the reference).
+    Cpu,
+    /// A burn device, the weights uploaded once.
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    Device(crate::gpu::decode::DeviceWeights),
+}
+
+/// What scoring and generation need of a KV-cached model: the CPU engine's decoder and the
+/// device decoder take the same ragged batches of tokens.
+pub trait Decode {
+    /// Sequences held at once (a device decoder may hold fewer than asked for).
+    fn slots(&self) -> usize;
+    /// Tokens a slot holds.
+    fn len(&self, slot: usize) -> usize;
+    /// Empties a slot.
+    fn reset(&mut self, slot: usize);
+    /// Appends tokens; returns the logits `[wanted, vocab]` of those that ask for them.
+    fn feed(&mut self, tokens: &[Token]) -> Result<Vec<f32>, String>;
+}
+
+impl Decode for Decoder<'_> {
+    fn slots(&self) -> usize {
+        Decoder::slots(self)
+    }
+    fn len(&self, slot: usize) -> usize {
+        Decoder::len(self, slot)
+    }
+    fn reset(&mut self, slot: usize) {
+        Decoder::reset(self, slot)
+    }
+    fn feed(&mut self, tokens: &[Token]) -> Result<Vec<f32>, String> {
+        Decoder::feed(self, tokens)
+    }
+}
+
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+impl Decode for crate::gpu::decode::DeviceDecoder<'_> {
+    fn slots(&self) -> usize {
+        crate::gpu::decode::DeviceDecoder::slots(self)
+    }
+    fn len(&self, slot: usize) -> usize {
+        crate::gpu::decode::DeviceDecoder::len(self, slot)
+    }
+    fn reset(&mut self, slot: usize) {
+        crate::gpu::decode::DeviceDecoder::reset(self, slot)
+    }
+    fn feed(&mut self, tokens: &[Token]) -> Result<Vec<f32>, String> {
+        crate::gpu::decode::DeviceDecoder::feed(self, tokens)
+    }
+}
+
 /// A loaded model and its tokenizer.
 pub struct Lm {
     pub weights: Weights,
+    pub engine: Engine,
     pub tokenizer: Tokenizer,
     pub bos: Option<u32>,
     /// Every id that ends a generation: `eos_token_id` of `config.json` and of
@@ -106,6 +162,7 @@ impl Lm {
         }
         Ok(Lm {
             weights,
+            engine: Engine::Cpu,
             tokenizer,
             bos,
             eos,
@@ -147,54 +204,93 @@ impl Lm {
         Ok((context_ids, whole[split..].to_vec()))
     }
 
-    /// Scores every pair; batched over the decoder's slots, one forward pass per batch.
+    /// The longest sequence the model runs at (lm-eval's `max_length`): longer inputs are
+    /// cut from the left, generation stops there.
+    pub fn max_len(&self) -> usize {
+        self.weights.arch.positions
+    }
+
+    /// A decoder of `batch` slots (fewer where a device cannot hold them) of `capacity`
+    /// tokens on this model's engine.
+    pub fn decoder(&self, capacity: usize) -> Result<Box<dyn Decode + '_>, StageError> {
+        Ok(match &self.engine {
+            Engine::Cpu => Box::new(Decoder::new(
+                &self.weights,
+                self.batch,
+                capacity,
+                self.threads,
+            )),
+            #[cfg(any(feature = "wgpu", feature = "cuda"))]
+            Engine::Device(on) => {
+                use crate::gpu::decode::DeviceDecoder;
+                let capacity = capacity.min(self.max_len());
+                let slot = DeviceDecoder::cache_bytes(&self.weights, 1, capacity);
+                let slots = on
+                    .slots_that_fit(self.batch, slot)
+                    .map_err(StageError::Failed)?;
+                Box::new(DeviceDecoder::new(&self.weights, on, slots, capacity))
+            }
+        })
+    }
+
+    /// Scores every pair, longest first (lm-eval's order: a batch holds sequences of
+    /// similar length, so a device pads little), one forward pass per batch of slots.
     pub fn loglikelihood(&self, pairs: &[(Vec<u32>, Vec<u32>)]) -> Result<Vec<Scored>, StageError> {
-        let mut dec = Decoder::new(&self.weights, self.batch, usize::MAX, self.threads);
-        let max_len = dec.max_len();
+        let max_len = self.max_len();
         let vocab = self.weights.config.vocab_size;
-        let mut out = Vec::with_capacity(pairs.len());
-        for chunk in pairs.chunks(self.batch) {
+        let mut seqs = Vec::with_capacity(pairs.len());
+        for (ctx, cont) in pairs {
+            if cont.is_empty() {
+                return Err(StageError::Failed(
+                    "a continuation encodes to no tokens".into(),
+                ));
+            }
+            // lm-eval: (context + continuation)[-(max_len + 1):][:-1], left-truncated.
+            let mut seq: Vec<u32> = ctx.iter().chain(cont).copied().collect();
+            let drop = seq.len().saturating_sub(max_len + 1);
+            seq.drain(..drop);
+            seqs.push(seq);
+        }
+        let mut order: Vec<usize> = (0..pairs.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].len()));
+        let capacity = seqs.iter().map(|s| s.len() - 1).max().unwrap_or(1);
+        let mut dec = self.decoder(capacity)?;
+        let mut out = vec![None; pairs.len()];
+        for chunk in order.chunks(dec.slots()) {
             let mut tokens = Vec::new();
-            let mut targets = Vec::new();
-            for (slot, (ctx, cont)) in chunk.iter().enumerate() {
+            for (slot, &p) in chunk.iter().enumerate() {
                 dec.reset(slot);
-                if cont.is_empty() {
-                    return Err(StageError::Failed(
-                        "a continuation encodes to no tokens".into(),
-                    ));
-                }
-                // lm-eval: (context + continuation)[-(max_len + 1):][:-1], left-truncated.
-                let mut seq: Vec<u32> = ctx.iter().chain(cont).copied().collect();
-                let drop = seq.len().saturating_sub(max_len + 1);
-                seq.drain(..drop);
+                let (seq, cont) = (&seqs[p], &pairs[p].1);
                 let first_target = seq.len() - cont.len();
                 for (i, &id) in seq[..seq.len() - 1].iter().enumerate() {
-                    let wanted = i + 1 >= first_target;
                     tokens.push(Token {
                         slot,
                         id,
-                        logits: wanted,
+                        logits: i + 1 >= first_target,
                     });
                 }
-                targets.push(cont.clone());
             }
             let logits = dec.feed(&tokens).map_err(StageError::Failed)?;
             let mut rows = logits.chunks(vocab);
-            for cont in targets {
+            for &p in chunk {
+                let cont = &pairs[p].1;
                 let mut s = Scored {
                     ll: 0.0,
                     greedy: true,
                     tokens: cont.len(),
                 };
-                for &t in &cont {
+                for &t in cont {
                     let row = rows.next().expect("one logits row per target");
                     s.ll += log_prob(row, t as usize);
                     s.greedy &= argmax(row) == t as usize;
                 }
-                out.push(s);
+                out[p] = Some(s);
             }
         }
-        Ok(out)
+        Ok(out
+            .into_iter()
+            .map(|s| s.expect("every pair scored"))
+            .collect())
     }
 
     /// Generates for every request with continuous batching: a slot that finishes takes the
@@ -205,9 +301,21 @@ impl Lm {
         opts: &GenOptions,
         mut done: impl FnMut(usize),
     ) -> Result<Vec<Generated>, StageError> {
-        let mut dec = Decoder::new(&self.weights, self.batch, usize::MAX, self.threads);
-        let max_len = dec.max_len();
+        let max_len = self.max_len();
         let vocab = self.weights.config.vocab_size;
+        // Every prompt as it will be fed: BOS, then lm-eval's cut to the last
+        // max_len - max_new_tokens tokens. The cache holds the longest prompt and its budget.
+        let keep = max_len.saturating_sub(opts.max_new_tokens).max(1);
+        let mut prompts = Vec::with_capacity(requests.len());
+        for r in requests {
+            let mut ids: Vec<u32> = self.bos.into_iter().collect();
+            ids.extend(self.encode(&r.prompt)?);
+            let cut = ids.len().saturating_sub(keep);
+            ids.drain(..cut);
+            prompts.push(ids);
+        }
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(1);
+        let mut dec = self.decoder(longest + opts.max_new_tokens)?;
         let mut results: Vec<Option<Generated>> = vec![None; requests.len()];
         struct Active {
             request: usize,
@@ -215,21 +323,15 @@ impl Lm {
             ids: Vec<u32>,
             next: u32,
         }
-        let mut slots: Vec<Option<Active>> = (0..self.batch).map(|_| None).collect();
+        let mut slots: Vec<Option<Active>> = (0..dec.slots()).map(|_| None).collect();
         let mut queue = 0usize;
         let mut pending: Vec<(usize, Vec<u32>)> = Vec::new(); // (slot, prompt ids) to prefill
         loop {
             for (slot, s) in slots.iter_mut().enumerate() {
                 if s.is_none() && queue < requests.len() {
                     let r = &requests[queue];
-                    let mut ids: Vec<u32> = self.bos.into_iter().collect();
-                    ids.extend(self.encode(&r.prompt)?);
-                    // lm-eval keeps the last max_len - max_new_tokens prompt tokens.
-                    let keep = max_len.saturating_sub(opts.max_new_tokens).max(1);
-                    let cut = ids.len().saturating_sub(keep);
-                    ids.drain(..cut);
                     dec.reset(slot);
-                    pending.push((slot, ids));
+                    pending.push((slot, prompts[queue].clone()));
                     *s = Some(Active {
                         request: queue,
                         rng: Rng::new(r.seed),

@@ -188,7 +188,7 @@ pub static KIND: Kind = Kind {
         },
     ],
     outputs: &["results"],
-    uses_device: false,
+    uses_device: true,
     run,
 };
 
@@ -361,7 +361,7 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
         None
     };
     let model = one(ctx, "model", "eval")?;
-    let lm = Lm::load(&model.dir, p.batch as usize, ctx.threads)?;
+    let lm = load(&model.dir, &p, ctx)?;
     let out_dir = ctx.output("results")?;
     let samples_path = out_dir.join("samples.jsonl");
     let file = std::fs::File::create(&samples_path)
@@ -483,6 +483,38 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
     Ok(outcome)
 }
 
+/// Loads the model onto the stage's device (`device = ...`, `auto` by default), saying
+/// which in the log; a model too large for a device fails before its weights are read.
+fn load(dir: &Path, p: &Params, ctx: &StageContext) -> Result<Lm, StageError> {
+    let choice = crate::gpu::device::select(ctx.device)?;
+    let _ = writeln!(std::io::stderr(), "eval device: {}", choice.describe());
+    match choice {
+        crate::gpu::device::Choice::Cpu => Lm::load(dir, p.batch as usize, ctx.threads),
+        #[cfg(any(feature = "wgpu", feature = "cuda"))]
+        crate::gpu::device::Choice::Burn(device, name) => {
+            // f32 weights and the KV cache of one sequence of the model's full context: what
+            // the smallest batch needs (larger batches take the slots that fit).
+            let c = crate::model::config::ModelConfig::read(&dir.join("config.json"))?;
+            let positions = crate::model::arch::Arch::of(&c)
+                .map_err(|e| StageError::Failed(format!("{}: {e}", dir.display())))?
+                .positions;
+            let cache = 2 * c.num_hidden_layers * positions * c.kv_heads() * c.head_dim();
+            let need = 4 * (c.param_count() + cache) as u64;
+            let what = format!(
+                "evaluating {} (f32 weights and the KV cache of one {positions}-token sequence)",
+                dir.display()
+            );
+            crate::gpu::device::check_fits(&device, &name, need, &what)?;
+            let mut lm = Lm::load(dir, p.batch as usize, ctx.threads)?;
+            lm.engine = self::lm::Engine::Device(crate::gpu::decode::DeviceWeights::upload(
+                &lm.weights,
+                &device,
+            ));
+            Ok(lm)
+        }
+    }
+}
+
 /// Mean token loss over every target of the packed rows (lm-eval's word perplexity is for
 /// raw text; this is the token-level figure training reports, on held-out rows).
 fn perplexity(
@@ -525,9 +557,12 @@ fn perplexity(
             .map(|i| reader.row(i))
             .collect::<Result<_, _>>()?;
         let b = batch(&chunk, attention);
-        let f = llama.forward(&b, None, false);
-        loss += f.loss_sum;
-        tokens += f.targets;
+        loss += match &lm.engine {
+            self::lm::Engine::Cpu => llama.forward(&b, None, false).loss_sum,
+            #[cfg(any(feature = "wgpu", feature = "cuda"))]
+            self::lm::Engine::Device(on) => on.loss_sum(&lm.weights, &b),
+        };
+        tokens += b.target_count();
         ctx.progress
             .set_message(&format!("perplexity {end}/{rows} rows"));
         start = end;

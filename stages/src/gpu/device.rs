@@ -130,3 +130,36 @@ fn cuda() -> Result<Choice, StageError> {
             .into(),
     ))
 }
+
+/// Bytes a device can hold: its largest device-local memory heap as cubecl reads it (the
+/// driver's budget, not what is free now), or None where the runtime reports no figure.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub fn memory(device: &burn::tensor::Device) -> Option<u64> {
+    match device.clone().without_autodiff().as_dispatch() {
+        burn::backend::DispatchDevice::Cube(d) => d.client().properties().memory.max_memory(),
+        #[allow(unreachable_patterns)]
+        _ => None,
+    }
+}
+
+/// Fails, before anything is loaded, when `need` bytes cannot fit on the device: a model
+/// that does not fit is an error naming what it needs and what the device has, not an
+/// out-of-memory crash half-way through uploading weights.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub fn check_fits(
+    device: &burn::tensor::Device,
+    name: &str,
+    need: u64,
+    what: &str,
+) -> Result<(), StageError> {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    match memory(device) {
+        Some(has) if need > has => Err(StageError::Failed(format!(
+            "{what} needs about {:.1} GiB on {name}, which has {:.1} GiB: use a smaller \
+             model or batch, or another device",
+            gib(need),
+            gib(has)
+        ))),
+        _ => Ok(()),
+    }
+}

@@ -55,18 +55,7 @@ impl Inputs {
         let hd = c.head_dim();
         // The CPU engine's RoPE tables and attention rule: both paths see the same numbers.
         let positions = b.pos.iter().max().map_or(1, |&p| p as usize + 1);
-        let rope = Rope::new(&w.arch, positions);
-        let half = rope.half;
-        let mut cos = Vec::with_capacity(n * hd);
-        let mut sin = Vec::with_capacity(n * hd);
-        for &p in &b.pos {
-            let at = p as usize * half..(p as usize + 1) * half;
-            // rotate-half layout: the same angles for both halves of the head
-            for _half in 0..2 {
-                cos.extend_from_slice(&rope.cos[at.clone()]);
-                sin.extend_from_slice(&rope.sin[at.clone()]);
-            }
-        }
+        let (cos, sin) = rope_tables(&Rope::new(&w.arch, positions), &b.pos, hd, device);
         // Rows of one length only: the CPU engine alone takes batches without their tails.
         assert!(b.lens.is_none(), "the burn model takes rectangular batches");
         let t = b.seq;
@@ -91,8 +80,8 @@ impl Inputs {
             .collect();
         Inputs {
             ids: Tensor::<1, Int>::from_data(TensorData::new(ids, [n]), device),
-            cos: Tensor::<3>::from_data(TensorData::new(cos, [n, 1, hd]), device),
-            sin: Tensor::<3>::from_data(TensorData::new(sin, [n, 1, hd]), device),
+            cos,
+            sin,
             masks,
             not_pad,
             targets: Tensor::<2, Int>::from_data(TensorData::new(tg, [n, 1]), device),
@@ -101,6 +90,24 @@ impl Inputs {
             seq: b.seq,
         }
     }
+}
+
+/// cos and sin `[tokens, 1, head_dim]` (rotate-half layout: the same angles for both halves
+/// of a head) of the CPU engine's tables at these positions.
+pub fn rope_tables(rope: &Rope, pos: &[u32], hd: usize, device: &Device) -> (Tensor<3>, Tensor<3>) {
+    let half = rope.half;
+    let n = pos.len();
+    let mut cos = Vec::with_capacity(n * hd);
+    let mut sin = Vec::with_capacity(n * hd);
+    for &p in pos {
+        let at = p as usize * half..(p as usize + 1) * half;
+        for _half in 0..2 {
+            cos.extend_from_slice(&rope.cos[at.clone()]);
+            sin.extend_from_slice(&rope.sin[at.clone()]);
+        }
+    }
+    let up = |v: Vec<f32>| Tensor::<3>::from_data(TensorData::new(v, [n, 1, hd]), device);
+    (up(cos), up(sin))
 }
 
 /// The CPU engine's attention rule (`cpu::attention::allowed`) as a device tensor
@@ -252,73 +259,112 @@ impl DeviceModel<'_> {
         }
     }
 
-    fn rope(&self, x: Tensor<2>, heads: usize, inp: &Inputs) -> Tensor<2> {
-        let n = inp.rows * inp.seq;
+    /// RoPE in the rotate-half layout; `cos`, `sin`: `[tokens, 1, head_dim]`.
+    fn rope(&self, x: Tensor<2>, heads: usize, cos: &Tensor<3>, sin: &Tensor<3>) -> Tensor<2> {
+        let n = x.dims()[0];
         let hd = self.config.head_dim();
         let half = hd / 2;
         let x3 = x.reshape([n, heads, hd]);
         let x1 = x3.clone().slice([0..n, 0..heads, 0..half]);
         let x2 = x3.clone().slice([0..n, 0..heads, half..hd]);
         let rot = Tensor::cat(vec![x2.neg(), x1], 2);
-        let out = x3 * inp.cos.clone() + rot * inp.sin.clone();
+        let out = x3 * cos.clone() + rot * sin.clone();
         out.reshape([n, heads * hd])
     }
 
-    /// Summed loss over the targets (a `[1]` tensor; differentiable when the parameters are).
-    pub fn loss_sum(&self, inp: &Inputs, drop: Option<&Dropouts>) -> Tensor<1> {
-        let c = self.config;
-        let (b, t) = (inp.rows, inp.seq);
-        let n = b * t;
-        let (h, hk, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
-        let rep = h / hk;
-        let mut x = self.w[0].clone().select(0, inp.ids.clone());
-        if let Some(m) = &inp.not_pad {
+    /// Token embeddings `[tokens, hidden]` (scaled where the architecture says so).
+    pub fn embed(&self, ids: Tensor<1, Int>, not_pad: Option<&Tensor<2>>) -> Tensor<2> {
+        let mut x = self.w[0].clone().select(0, ids);
+        if let Some(m) = not_pad {
             // The same values; the gradient of the padding token's lookups is cut.
             x = x.clone() * m.clone() + x.detach() * m.clone().neg().add_scalar(1.0);
         }
-        if let Some(s) = self.arch.embed_scale {
-            x = x.mul_scalar(s);
+        match self.arch.embed_scale {
+            Some(s) => x.mul_scalar(s),
+            None => x,
         }
-        for l in 0..c.num_hidden_layers {
-            let h1 = self.rms(x.clone(), &self.w[Weights::layer_index(l, 0)]);
-            let q = self.head_norm(l, self.proj(l, Proj::Q, h1.clone(), drop), h, Extra::QNorm);
-            let k = self.head_norm(l, self.proj(l, Proj::K, h1.clone(), drop), hk, Extra::KNorm);
-            let (q, k) = (self.rope(q, h, inp), self.rope(k, hk, inp));
-            let v = self.proj(l, Proj::V, h1, drop);
-            let q4 = q.reshape([b, t, h, hd]).swap_dims(1, 2);
-            let expand = |z: Tensor<2>| -> Tensor<4> {
-                let z5: Tensor<5> = z.reshape([b, t, hk, 1, hd]);
-                z5.repeat_dim(3, rep).reshape([b, t, h, hd]).swap_dims(1, 2)
-            };
-            let (k4, v4) = (expand(k), expand(v));
-            let mut scores = q4
-                .matmul(k4.swap_dims(2, 3))
-                .mul_scalar(self.arch.attn_scale);
-            if let Some(cap) = self.arch.attn_softcap {
-                scores = scores.div_scalar(cap).tanh().mul_scalar(cap);
-            }
-            // Masked scores become -1e9: exp gives 0 there, as the CPU engine's softmax.
-            let scores = scores.mask_fill(inp.mask(self.arch.windows[l]).bool_not(), -1e9);
-            let mut p = softmax(scores, 3);
-            if let Some(d) = drop.filter(|d| d.attention > 0.0) {
-                p = dropout(p, d.attention, self.device);
-            }
-            let attn = p.matmul(v4).swap_dims(1, 2).reshape([n, h * hd]);
-            let mut ao = self.post_norm(l, Extra::PostAttnNorm, self.proj(l, Proj::O, attn, drop));
-            if let Some(d) = drop.filter(|d| d.hidden > 0.0) {
-                ao = dropout(ao, d.hidden, self.device);
-            }
-            let x2 = x + ao;
-            let h2 = self.rms(x2.clone(), &self.w[Weights::layer_index(l, 5)]);
-            let g = self.proj(l, Proj::Gate, h2.clone(), drop);
-            let u = self.proj(l, Proj::Up, h2, drop);
-            let mut m = self.proj(l, Proj::Down, self.act(g) * u, drop);
-            m = self.post_norm(l, Extra::PostMlpNorm, m);
-            if let Some(d) = drop.filter(|d| d.hidden > 0.0) {
-                m = dropout(m, d.hidden, self.device);
-            }
-            x = x2 + m;
+    }
+
+    /// One decoder layer over `[tokens, hidden]`. `attend` takes the layer index and the
+    /// rotated q `[tokens, heads * head_dim]`, k and v `[tokens, kv_heads * head_dim]` and
+    /// returns the attention output `[tokens, heads * head_dim]`: training attends within
+    /// the batch, the decoder over its KV cache.
+    pub fn layer(
+        &self,
+        l: usize,
+        x: Tensor<2>,
+        rope: (&Tensor<3>, &Tensor<3>),
+        drop: Option<&Dropouts>,
+        attend: &mut dyn FnMut(usize, Tensor<2>, Tensor<2>, Tensor<2>) -> Tensor<2>,
+    ) -> Tensor<2> {
+        let c = self.config;
+        let (h, hk) = (c.num_attention_heads, c.kv_heads());
+        let h1 = self.rms(x.clone(), &self.w[Weights::layer_index(l, 0)]);
+        let q = self.head_norm(l, self.proj(l, Proj::Q, h1.clone(), drop), h, Extra::QNorm);
+        let k = self.head_norm(l, self.proj(l, Proj::K, h1.clone(), drop), hk, Extra::KNorm);
+        let (q, k) = (
+            self.rope(q, h, rope.0, rope.1),
+            self.rope(k, hk, rope.0, rope.1),
+        );
+        let v = self.proj(l, Proj::V, h1, drop);
+        let attn = attend(l, q, k, v);
+        let mut ao = self.post_norm(l, Extra::PostAttnNorm, self.proj(l, Proj::O, attn, drop));
+        if let Some(d) = drop.filter(|d| d.hidden > 0.0) {
+            ao = dropout(ao, d.hidden, self.device);
         }
+        let x2 = x + ao;
+        let h2 = self.rms(x2.clone(), &self.w[Weights::layer_index(l, 5)]);
+        let g = self.proj(l, Proj::Gate, h2.clone(), drop);
+        let u = self.proj(l, Proj::Up, h2, drop);
+        let mut m = self.proj(l, Proj::Down, self.act(g) * u, drop);
+        m = self.post_norm(l, Extra::PostMlpNorm, m);
+        if let Some(d) = drop.filter(|d| d.hidden > 0.0) {
+            m = dropout(m, d.hidden, self.device);
+        }
+        x2 + m
+    }
+
+    /// Scaled dot-product attention: q `[b, heads, t, hd]` over k and v
+    /// `[b, kv_heads, keys, hd]` (grouped-query heads shared), where `allowed`
+    /// `[b, 1, t, keys]` is true; returns `[b * t, heads * hd]`.
+    pub fn attention(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        allowed: Tensor<4, Bool>,
+        drop: Option<&Dropouts>,
+    ) -> Tensor<2> {
+        let c = self.config;
+        let (h, hk, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let [b, _, t, _] = q.dims();
+        let keys = k.dims()[2];
+        let expand = |z: Tensor<4>| -> Tensor<4> {
+            if h == hk {
+                return z;
+            }
+            let z5: Tensor<5> = z.reshape([b, hk, 1, keys, hd]);
+            z5.repeat_dim(2, h / hk).reshape([b, h, keys, hd])
+        };
+        let mut scores = q
+            .matmul(expand(k).swap_dims(2, 3))
+            .mul_scalar(self.arch.attn_scale);
+        if let Some(cap) = self.arch.attn_softcap {
+            scores = scores.div_scalar(cap).tanh().mul_scalar(cap);
+        }
+        // Masked scores become -1e9: exp gives 0 there, as the CPU engine's softmax.
+        let scores = scores.mask_fill(allowed.bool_not(), -1e9);
+        let mut p = softmax(scores, 3);
+        if let Some(d) = drop.filter(|d| d.attention > 0.0) {
+            p = dropout(p, d.attention, self.device);
+        }
+        p.matmul(expand(v)).swap_dims(1, 2).reshape([b * t, h * hd])
+    }
+
+    /// Logits `[rows, vocab]` of final hidden states `[rows, hidden]`: final norm, LM head,
+    /// soft cap.
+    pub fn logits(&self, x: Tensor<2>) -> Tensor<2> {
+        let c = self.config;
         let fi = 1 + c.num_hidden_layers * crate::model::weights::PER_LAYER;
         let hf = self.rms(x, &self.w[fi]);
         let head = if c.tie_word_embeddings {
@@ -326,11 +372,29 @@ impl DeviceModel<'_> {
         } else {
             &self.w[fi + 1]
         };
-        let mut logits = hf.matmul(head.clone().transpose());
-        if let Some(cap) = self.arch.final_softcap {
-            logits = logits.div_scalar(cap).tanh().mul_scalar(cap);
+        let logits = hf.matmul(head.clone().transpose());
+        match self.arch.final_softcap {
+            Some(cap) => logits.div_scalar(cap).tanh().mul_scalar(cap),
+            None => logits,
         }
-        let lp = log_softmax(logits, 1).gather(1, inp.targets.clone());
+    }
+
+    /// Summed loss over the targets (a `[1]` tensor; differentiable when the parameters are).
+    pub fn loss_sum(&self, inp: &Inputs, drop: Option<&Dropouts>) -> Tensor<1> {
+        let c = self.config;
+        let (b, t) = (inp.rows, inp.seq);
+        let (h, hk, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let mut x = self.embed(inp.ids.clone(), inp.not_pad.as_ref());
+        let mut attend = |l: usize, q: Tensor<2>, k: Tensor<2>, v: Tensor<2>| {
+            let heads =
+                |z: Tensor<2>, n: usize| -> Tensor<4> { z.reshape([b, t, n, hd]).swap_dims(1, 2) };
+            let mask = inp.mask(self.arch.windows[l]);
+            self.attention(heads(q, h), heads(k, hk), heads(v, hk), mask, drop)
+        };
+        for l in 0..c.num_hidden_layers {
+            x = self.layer(l, x, (&inp.cos, &inp.sin), drop, &mut attend);
+        }
+        let lp = log_softmax(self.logits(x), 1).gather(1, inp.targets.clone());
         (lp * inp.weights.clone()).sum().neg()
     }
 }

@@ -160,6 +160,12 @@ impl BurnTrainer {
 
 impl Trainer for BurnTrainer {
     fn accumulate(&mut self, batch: &Batch, scale: f32, drop: Option<Dropouts>) -> (f64, usize) {
+        if let Some(d) = &drop {
+            // The micro-batch's own seed (from the stage seed, the step and the micro-batch)
+            // drives the device's generator: dropout masks repeat run to run and after a
+            // resume, as the CPU engine's do.
+            self.device.seed(d.seed);
+        }
         let (loss, leaves) = self.forward_loss(batch, drop.as_ref(), true);
         let sum: f32 = loss.clone().into_scalar();
         let grads = loss.mul_scalar(scale).backward();
