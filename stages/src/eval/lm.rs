@@ -224,7 +224,7 @@ impl Lm {
             Engine::Device(on) => {
                 use crate::gpu::decode::DeviceDecoder;
                 let capacity = capacity.min(self.max_len());
-                let slot = DeviceDecoder::cache_bytes(&self.weights, 1, capacity);
+                let slot = DeviceDecoder::cache_bytes(&self.weights.config, 1, capacity);
                 let slots = on
                     .slots_that_fit(self.batch, slot)
                     .map_err(StageError::Failed)?;

@@ -498,8 +498,8 @@ fn load(dir: &Path, p: &Params, ctx: &StageContext) -> Result<Lm, StageError> {
             let positions = crate::model::arch::Arch::of(&c)
                 .map_err(|e| StageError::Failed(format!("{}: {e}", dir.display())))?
                 .positions;
-            let cache = 2 * c.num_hidden_layers * positions * c.kv_heads() * c.head_dim();
-            let need = 4 * (c.param_count() + cache) as u64;
+            let cache = crate::gpu::decode::DeviceDecoder::cache_bytes(&c, 1, positions);
+            let need = 4 * c.param_count() as u64 + cache;
             let what = format!(
                 "evaluating {} (f32 weights and the KV cache of one {positions}-token sequence)",
                 dir.display()

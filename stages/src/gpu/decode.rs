@@ -10,10 +10,11 @@
 
 use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
-use super::llama::{DeviceModel, Inputs, download, rope_tables, upload};
+use super::llama::{DeviceModel, Inputs, WindowMasks, download, rope_tables, upload, visible};
 use crate::cpu::decode::Token;
 use crate::cpu::llama::Batch;
 use crate::cpu::ops::Rope;
+use crate::model::config::ModelConfig;
 use crate::model::weights::Weights;
 
 /// A model's weights uploaded once to a device (no autodiff), shared by every decoder made
@@ -49,7 +50,7 @@ impl DeviceWeights {
         let free = has.saturating_sub(used) / 10 * 9;
         let fit = (free / slot_bytes.max(1)) as usize;
         if fit == 0 {
-            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            use super::device::gib;
             return Err(format!(
                 "the KV cache of one sequence needs {:.2} GiB; the device has {:.2} GiB of \
                  {:.2} GiB left after the weights",
@@ -84,7 +85,6 @@ pub struct DeviceDecoder<'a> {
     w: &'a Weights,
     on: &'a DeviceWeights,
     rope: Rope,
-    max_len: usize,
     capacity: usize,
     /// Per layer: `[slots * capacity, kv_heads * head_dim]` (an `Option` so that a call can
     /// take it out and update it in place: a second handle would make burn copy it).
@@ -94,20 +94,18 @@ pub struct DeviceDecoder<'a> {
 }
 
 impl<'a> DeviceDecoder<'a> {
-    /// `capacity` (tokens a slot can hold) is capped at the positions the model runs at,
-    /// which `max_len` reports as the CPU decoder does: a smaller cache changes no result
-    /// as long as no sequence outgrows it (`feed` says so when one would).
+    /// `capacity` (tokens a slot can hold) is capped at the positions the model runs at: a
+    /// cache smaller than the model's context changes no result as long as no sequence
+    /// outgrows it (`feed` says so when one would).
     pub fn new(w: &'a Weights, on: &'a DeviceWeights, slots: usize, capacity: usize) -> Self {
         let c = &w.config;
-        let max_len = w.arch.positions;
-        let capacity = capacity.clamp(1, max_len);
+        let capacity = capacity.clamp(1, w.arch.positions);
         let kvw = c.kv_heads() * c.head_dim();
         let zeros = || Some(Tensor::<2>::zeros([slots * capacity, kvw], &on.device));
         DeviceDecoder {
             w,
             on,
             rope: Rope::new(&w.arch, capacity),
-            max_len,
             capacity,
             k: (0..c.num_hidden_layers).map(|_| zeros()).collect(),
             v: (0..c.num_hidden_layers).map(|_| zeros()).collect(),
@@ -116,13 +114,8 @@ impl<'a> DeviceDecoder<'a> {
     }
 
     /// Bytes the cache of `slots` x `capacity` tokens takes (f32 keys and values).
-    pub fn cache_bytes(w: &Weights, slots: usize, capacity: usize) -> u64 {
-        let c = &w.config;
+    pub fn cache_bytes(c: &ModelConfig, slots: usize, capacity: usize) -> u64 {
         (2 * c.num_hidden_layers * slots * capacity * c.kv_heads() * c.head_dim() * 4) as u64
-    }
-
-    pub fn max_len(&self) -> usize {
-        self.max_len
     }
 
     /// Sequences the cache holds at once.
@@ -205,12 +198,9 @@ impl<'a> DeviceDecoder<'a> {
         let (src, dst, gather) = (int(src), int(dst), int(gather));
         let offsets = int(offsets);
         let (cos, sin) = rope_tables(&self.rope, &pos, hd, dev);
-        let mut masks: Vec<(Option<usize>, Tensor<4, Bool>)> = Vec::new();
-        for &window in &self.w.arch.windows {
-            if !masks.iter().any(|(w, _)| *w == window) {
-                masks.push((window, cache_mask(&offsets, t, keys, window, dev)));
-            }
-        }
+        let masks = WindowMasks::new(&self.w.arch.windows, |window| {
+            cache_mask(&offsets, t, keys, window, dev)
+        });
         let model = self.on.model(self.w);
         let (kc, vc) = (&mut self.k, &mut self.v);
         let windows = &self.w.arch.windows;
@@ -225,12 +215,7 @@ impl<'a> DeviceDecoder<'a> {
             };
             let (k4, v4) = (store(&mut kc[l], k), store(&mut vc[l], v));
             let q4 = q.reshape([rows, t, h, hd]).swap_dims(1, 2);
-            let mask = masks
-                .iter()
-                .find(|(w, _)| *w == windows[l])
-                .map(|(_, m)| m.clone())
-                .expect("a mask for every layer's window");
-            model.attention(q4, k4, v4, mask, None)
+            model.attention(q4, k4, v4, masks.of(windows[l]), None)
         };
         let mut x = model.embed(int(ids), None);
         for l in 0..c.num_hidden_layers {
@@ -269,10 +254,5 @@ fn cache_mask(
     let j: Tensor<4, Int> = Tensor::<1, Int>::arange(0..keys as i64, device)
         .reshape([1, 1, 1, keys])
         .expand([rows, 1, t, keys]);
-    let back = q - j;
-    let seen = back.clone().greater_equal_elem(0);
-    match window {
-        Some(w) => seen.bool_and(back.lower_elem(w as i64)),
-        None => seen,
-    }
+    visible(q - j, window)
 }

@@ -142,6 +142,11 @@ pub fn memory(device: &burn::tensor::Device) -> Option<u64> {
     }
 }
 
+/// Bytes in GiB, for messages about device memory.
+pub fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
 /// Fails, before anything is loaded, when `need` bytes cannot fit on the device: a model
 /// that does not fit is an error naming what it needs and what the device has, not an
 /// out-of-memory crash half-way through uploading weights.
@@ -152,7 +157,6 @@ pub fn check_fits(
     need: u64,
     what: &str,
 ) -> Result<(), StageError> {
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     match memory(device) {
         Some(has) if need > has => Err(StageError::Failed(format!(
             "{what} needs about {:.1} GiB on {name}, which has {:.1} GiB: use a smaller \

@@ -37,7 +37,7 @@ pub struct Inputs {
     sin: Tensor<3>,
     /// Which keys each query may see, `[B, 1, T, T]`, one per distinct layer window: made
     /// on the device from indices and document ids ([`attention_mask`]).
-    masks: Vec<(Option<usize>, Tensor<4, Bool>)>,
+    masks: WindowMasks,
     /// `[N, 1]`: 0 at the padding token, 1 elsewhere, when the batch holds the padding
     /// token (whose embedding row gets no gradient from lookups, as in transformers).
     not_pad: Option<Tensor<2>>,
@@ -58,15 +58,9 @@ impl Inputs {
         let (cos, sin) = rope_tables(&Rope::new(&w.arch, positions), &b.pos, hd, device);
         // Rows of one length only: the CPU engine alone takes batches without their tails.
         assert!(b.lens.is_none(), "the burn model takes rectangular batches");
-        let t = b.seq;
-        let mut masks: Vec<(Option<usize>, Tensor<4, Bool>)> = Vec::new();
-        for &window in &w.arch.windows {
-            if masks.iter().any(|(w, _)| *w == window) {
-                continue;
-            }
-            let mask = attention_mask(b.rows, t, b.seq_ids.as_deref(), window, device);
-            masks.push((window, mask));
-        }
+        let masks = WindowMasks::new(&w.arch.windows, |window| {
+            attention_mask(b.rows, b.seq, b.seq_ids.as_deref(), window, device)
+        });
         let ids: Vec<i64> = b.ids.iter().map(|&i| i as i64).collect();
         let not_pad = c.pad_token_id.filter(|p| b.ids.contains(p)).map(|p| {
             let m: Vec<f32> = b.ids.iter().map(|&i| f32::from(i != p)).collect();
@@ -126,11 +120,9 @@ pub fn attention_mask(
     let qi: Tensor<2, Int> = idx.clone().reshape([t, 1]).expand([t, t]);
     let kj: Tensor<2, Int> = idx.reshape([1, t]).expand([t, t]);
     let back = qi - kj; // i - j
-    let mut seen = back.clone().greater_equal_elem(0);
-    if let Some(w) = window {
-        seen = seen.bool_and(back.clone().lower_elem(w as i64));
-    }
-    let seen: Tensor<4, Bool> = seen.reshape([1, 1, t, t]).expand([rows, 1, t, t]);
+    let seen: Tensor<4, Bool> = visible(back.clone(), window)
+        .reshape([1, 1, t, t])
+        .expand([rows, 1, t, t]);
     let Some(docs) = docs else {
         return seen;
     };
@@ -146,10 +138,38 @@ pub fn attention_mask(
     seen.bool_and(same.bool_or(own))
 }
 
-impl Inputs {
+/// Causal visibility within a window, from `back` = query position - key position: the
+/// key is at or before the query and, with a window, fewer than `window` positions back
+/// (the CPU engine's `cpu::attention::allowed` without documents).
+pub fn visible<const D: usize>(back: Tensor<D, Int>, window: Option<usize>) -> Tensor<D, Bool> {
+    let seen = back.clone().greater_equal_elem(0);
+    match window {
+        Some(w) => seen.bool_and(back.lower_elem(w as i64)),
+        None => seen,
+    }
+}
+
+/// One attention mask per distinct layer window (Gemma 2 alternates a sliding and a global
+/// one), made once per forward pass and looked up by each layer.
+pub struct WindowMasks(Vec<(Option<usize>, Tensor<4, Bool>)>);
+
+impl WindowMasks {
+    pub fn new(
+        windows: &[Option<usize>],
+        make: impl Fn(Option<usize>) -> Tensor<4, Bool>,
+    ) -> WindowMasks {
+        let mut masks: Vec<(Option<usize>, Tensor<4, Bool>)> = Vec::new();
+        for &window in windows {
+            if !masks.iter().any(|(w, _)| *w == window) {
+                masks.push((window, make(window)));
+            }
+        }
+        WindowMasks(masks)
+    }
+
     /// The mask of a layer with this window.
-    fn mask(&self, window: Option<usize>) -> Tensor<4, Bool> {
-        self.masks
+    pub fn of(&self, window: Option<usize>) -> Tensor<4, Bool> {
+        self.0
             .iter()
             .find(|(w, _)| *w == window)
             .map(|(_, m)| m.clone())
@@ -388,7 +408,7 @@ impl DeviceModel<'_> {
         let mut attend = |l: usize, q: Tensor<2>, k: Tensor<2>, v: Tensor<2>| {
             let heads =
                 |z: Tensor<2>, n: usize| -> Tensor<4> { z.reshape([b, t, n, hd]).swap_dims(1, 2) };
-            let mask = inp.mask(self.arch.windows[l]);
+            let mask = inp.masks.of(self.arch.windows[l]);
             self.attention(heads(q, h), heads(k, hk), heads(v, hk), mask, drop)
         };
         for l in 0..c.num_hidden_layers {
