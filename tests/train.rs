@@ -94,12 +94,13 @@ fn uninterrupted(toml: &str) -> (Workspace, PathBuf) {
     (ws, p)
 }
 
-#[test]
-fn a_killed_training_run_resumes_from_its_checkpoint_bit_exactly() {
-    let (whole, pw) = uninterrupted(&pipeline(FULL));
-
+/// Runs `toml` uninterrupted, and again killed at a checkpoint past step 10 and rerun:
+/// asserts the rerun resumed and ended with the uninterrupted run's weights. Returns the
+/// uninterrupted workspace.
+fn resumes_bit_exactly(toml: &str) -> Workspace {
+    let (whole, pw) = uninterrupted(toml);
     let ws = Workspace::new();
-    let p = ws.write("p.toml", &pipeline(FULL));
+    let p = ws.write("p.toml", toml);
     common::kill_at_a_checkpoint(&ws, &p, 10);
     assert_ok(&ws.flow(&["run", p.to_str().unwrap()]));
     let step = resumed_step(&logs(&ws));
@@ -109,36 +110,30 @@ fn a_killed_training_run_resumes_from_its_checkpoint_bit_exactly() {
         model_bytes(&whole, &pw, "train"),
         "the resumed run ends with the uninterrupted run's weights"
     );
+    whole
 }
 
 #[test]
-#[ignore = "open (issue 19, item 5): two uninterrupted wgpu runs agree bit for bit, and so \
-            does a BurnTrainer restored in-process (stages/tests/gpu_parity.rs), but a run \
-            killed and resumed through the stage still ends with different bits"]
+fn a_killed_training_run_resumes_from_its_checkpoint_bit_exactly() {
+    resumes_bit_exactly(&pipeline(FULL));
+}
+
+#[test]
 fn a_killed_wgpu_run_with_dropout_resumes_bit_exactly() {
-    // Dropout on a wgpu device (lavapipe in CI) draws from each micro-batch's seed: an
-    // uninterrupted run and one killed at a checkpoint and resumed end with the same bits.
+    // Dropout on a wgpu device (lavapipe in CI) draws from each micro-batch's seed, and every
+    // full reduction has a fixed order (`gpu::llama::total`): an uninterrupted run and one
+    // killed at a checkpoint and resumed end with the same bits. With burn's atomic `sum`
+    // the grad norm differed in its last bits from step 6 on, in three runs of three.
     let on_wgpu = FULL.replace(
         "kind = \"train-full\"\n",
         "kind = \"train-full\"\ndevice = \"wgpu\"\n",
     );
     assert!(on_wgpu.contains("device = \"wgpu\""));
-    let (whole, pw) = uninterrupted(&pipeline(&on_wgpu));
+    let whole = resumes_bit_exactly(&pipeline(&on_wgpu));
     assert!(
         logs(&whole).contains("device wgpu"),
         "trained on wgpu:\n{}",
         logs(&whole)
-    );
-    let ws = Workspace::new();
-    let p = ws.write("p.toml", &pipeline(&on_wgpu));
-    common::kill_at_a_checkpoint(&ws, &p, 10);
-    assert_ok(&ws.flow(&["run", p.to_str().unwrap()]));
-    let step = resumed_step(&logs(&ws));
-    assert!(step >= 10, "resumed at step {step}, not from 0");
-    assert_eq!(
-        model_bytes(&ws, &p, "train"),
-        model_bytes(&whole, &pw, "train"),
-        "the resumed wgpu run ends with the uninterrupted run's weights"
     );
 }
 

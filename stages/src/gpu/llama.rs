@@ -86,6 +86,15 @@ impl Inputs {
     }
 }
 
+/// The sum of every element, `[1]`, in an order that is the same on every run. burn's own
+/// `sum` (cubecl's one-shot sum) adds the partial sums of several cubes atomically, in
+/// whatever order they finish: the same run twice could differ in the last bits, and so
+/// could a run and its resumed copy. A reduction along one axis has a fixed order.
+pub fn total<const D: usize>(x: Tensor<D>) -> Tensor<1> {
+    let n = x.shape().num_elements();
+    x.reshape([1, n]).sum_dim(1).reshape([1])
+}
+
 /// cos and sin `[tokens, 1, head_dim]` (rotate-half layout: the same angles for both halves
 /// of a head) of the CPU engine's tables at these positions.
 pub fn rope_tables(rope: &Rope, pos: &[u32], hd: usize, device: &Device) -> (Tensor<3>, Tensor<3>) {
@@ -415,6 +424,6 @@ impl DeviceModel<'_> {
             x = self.layer(l, x, (&inp.cos, &inp.sin), drop, &mut attend);
         }
         let lp = log_softmax(self.logits(x), 1).gather(1, inp.targets.clone());
-        (lp * inp.weights.clone()).sum().neg()
+        total(lp * inp.weights.clone()).neg()
     }
 }

@@ -3,7 +3,7 @@
 
 use burn::tensor::{Device, Tensor};
 
-use super::llama::{DeviceLora, DeviceModel, Inputs, download, upload};
+use super::llama::{DeviceLora, DeviceModel, Inputs, download, total, upload};
 use crate::cpu::llama::{Batch, Dropouts};
 use crate::cpu::lora::Adapters;
 use crate::model::weights::{Tensor as HostTensor, Weights};
@@ -192,7 +192,7 @@ impl Trainer for BurnTrainer {
             .collect();
         let sq: f32 = grads
             .iter()
-            .map(|g| g.clone().powi_scalar(2).sum())
+            .map(|g| total(g.clone().powi_scalar(2)))
             .reduce(|a, b| a + b)
             .map(|t| t.into_scalar())
             .unwrap_or(0.0);
