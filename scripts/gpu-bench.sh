@@ -33,3 +33,14 @@ if [ -x .devbin/generate-bench ] || chmod +x .devbin/generate-bench 2>/dev/null;
     done
   done
 fi
+# The paper's study at smoke size (issue 20, item 5): every stage of math_cpt on this GPU,
+# timed stage by stage (the run's log and `flow status`). The full 7B shape writes a 27 GB
+# f32 model per trained model, more than this machine's disk holds for the whole study, so
+# this runs a 4-layer slice of it; every other shape and setting is the profile's. Needs
+# the flow binary at .devbin/flow and the test data at ../shared/data (or --set the files).
+if [ -x .devbin/flow ] || chmod +x .devbin/flow 2>/dev/null; then
+  if [ -d ../shared/data ]; then
+    timeout 540 .devbin/flow run pipelines/math_cpt.toml --profile paper --profile paper-smoke \
+      --set stage.pretrained.layers=4 --device wgpu --cache "$out/smoke-cache" 2>&1 | tail -90
+  fi
+fi

@@ -386,7 +386,8 @@ fn eval_on_a_wgpu_device_agrees_with_the_cpu_engine() {
 
 #[test]
 #[ignore = "needs a device whose runtime reports its memory (CUDA, Metal, Vulkan through \
-            SPIR-V): this build's wgpu runs lavapipe through WGSL, where cubecl reports none"]
+            SPIR-V, --features flow-stages/spirv): the default wgpu build runs lavapipe through \
+            WGSL, where cubecl reports none, and lavapipe crashes on the SPIR-V path"]
 fn a_model_too_large_for_the_device_fails_before_loading_saying_what_it_needs() {
     // A tiny model whose context (2^30 positions) needs a 512 GiB KV cache for one sequence.
     let ws = Workspace::new();

@@ -424,6 +424,183 @@ fn family_profiles_swap_the_model_of_the_papers_study() {
     }
 }
 
+/// What the smoke profile may change in a stage of the paper's study: the data sources'
+/// files and record counts, the packed token total, and the training and evaluation budgets
+/// (durations, rows per optimizer step, warmup, held-out rows, items per task). Everything
+/// else (kinds, edges, shapes, sequence lengths, micro-batches, rates, ranks, targets,
+/// schedules, evaluation settings) must be the paper's.
+fn smoke_may_change(kind: &str, param: &str) -> bool {
+    match kind {
+        "source" => [
+            "files",
+            "format",
+            "field",
+            "prompt_field",
+            "response_field",
+            "limit",
+            "eval_fraction",
+        ]
+        .contains(&param),
+        "pack" => param == "total_tokens",
+        k if k.starts_with("train-") => {
+            ["tokens", "global_batch", "warmup", "eval_rows"].contains(&param)
+        }
+        "eval" => param == "limit",
+        _ => false,
+    }
+}
+
+/// The training stage a stage's `tokens=` coordinate belongs to: `full` for `full[..]`,
+/// `full-trunk[..]`, `eval_full[..]` and `svd_full[..]`.
+fn duration_owner(name: &str) -> &str {
+    let base = &name[..name.find('[').unwrap_or(name.len())];
+    let base = base.strip_suffix("-trunk").unwrap_or(base);
+    base.strip_prefix("eval_")
+        .or_else(|| base.strip_prefix("svd_"))
+        .unwrap_or(base)
+}
+
+/// A stage's `tokens=` sweep value, if it has one.
+fn duration(name: &str) -> Option<u64> {
+    let rest = &name[name.find("tokens=")? + "tokens=".len()..];
+    rest[..rest.find([',', ']']).unwrap_or(rest.len())]
+        .parse()
+        .ok()
+}
+
+/// A stage name with its `tokens=` value replaced by its rank among its training stage's
+/// durations: the smoke's k-th duration of `full` stands for the paper's k-th (the CPT
+/// durations are sweep values, so they are in the names).
+fn by_duration_rank(name: &str, durations: &BTreeMap<String, Vec<u64>>) -> String {
+    let Some(value) = duration(name) else {
+        return name.to_string();
+    };
+    let rank = durations[duration_owner(name)]
+        .iter()
+        .position(|&d| d == value)
+        .unwrap();
+    name.replace(&format!("tokens={value}"), &format!("tokens=#{rank}"))
+}
+
+/// The stage names and input edges of a plan, with durations by rank.
+fn renamed(stages: BTreeMap<String, serde_json::Value>) -> BTreeMap<String, serde_json::Value> {
+    let mut d: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for name in stages.keys() {
+        if let Some(v) = duration(name) {
+            d.entry(duration_owner(name).to_string())
+                .or_default()
+                .push(v);
+        }
+    }
+    for values in d.values_mut() {
+        values.sort_unstable();
+        values.dedup();
+    }
+    stages
+        .into_iter()
+        .map(|(name, mut parts)| {
+            for input in parts["inputs"].as_array_mut().unwrap() {
+                for from in input["from"].as_array_mut().unwrap() {
+                    let producer = from["stage"].as_str().unwrap();
+                    from["stage"] = by_duration_rank(producer, &d).into();
+                }
+            }
+            (by_duration_rank(&name, &d), parts)
+        })
+        .collect()
+}
+
+/// `--profile paper-smoke` (after `paper`) plans the paper's study: the same stages with the
+/// same kinds and edges, the same params but the budgets and the data files, and a model
+/// source of Llama-2-7B's shape whose only new stage (its tokenizer) feeds it and nothing
+/// else. So a smoke run on one GPU runs what the real study would, stage by stage.
+#[test]
+fn the_smoke_profile_plans_the_papers_dag_with_small_budgets() {
+    let ws = Workspace::new();
+    let env = &Hub::shared().env;
+    let smoke_args = ["--profile", "paper", "--profile", "paper-smoke"];
+    for name in STUDIES {
+        let paper = renamed(key_parts(&ws, &shipped(name), &["--profile", "paper"], env));
+        let smoke = renamed(key_parts(&ws, &shipped(name), &smoke_args, env));
+        let added: Vec<&String> = smoke.keys().filter(|k| !paper.contains_key(*k)).collect();
+        assert_eq!(
+            added,
+            ["smoke_tokenizer"],
+            "{name}: the smoke's extra stages"
+        );
+        let missing: Vec<&String> = paper.keys().filter(|k| !smoke.contains_key(*k)).collect();
+        assert!(
+            missing.is_empty(),
+            "{name}: stages the smoke lacks: {missing:?}"
+        );
+        for (stage, parts) in &smoke {
+            let fed_by_tokenizer = parts["inputs"].as_array().unwrap().iter().any(|i| {
+                i["from"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|f| f["stage"] == "smoke_tokenizer")
+            });
+            assert_eq!(fed_by_tokenizer, stage == "pretrained", "{name}: {stage}");
+        }
+        // The model source: Llama-2-7B's shape.
+        let model = &smoke["pretrained"]["params"];
+        for (param, value) in [
+            ("hidden_size", "4096"),
+            ("intermediate_size", "11008"),
+            ("layers", "32"),
+            ("heads", "32"),
+            ("vocab_size", "32000"),
+            ("max_positions", "4096"),
+        ] {
+            assert_eq!(
+                model[param],
+                format!("i:{value}"),
+                "{name}: pretrained.{param}"
+            );
+        }
+        for (stage, p) in &paper {
+            if stage == "pretrained" {
+                continue;
+            }
+            let s = &smoke[stage];
+            assert_eq!(s["kind"], p["kind"], "{name}: {stage}");
+            assert_eq!(s["kind_version"], p["kind_version"], "{name}: {stage}");
+            let edges = |parts: &serde_json::Value| -> Vec<String> {
+                let mut e: Vec<String> = parts["inputs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|i| {
+                        i["from"].as_array().unwrap().iter().map(move |f| {
+                            format!("{} <- {}.{}", i["param"], f["stage"], f["output"])
+                        })
+                    })
+                    .collect();
+                e.sort();
+                e
+            };
+            assert_eq!(edges(s), edges(p), "{name}: {stage}'s inputs");
+            let kind = p["kind"].as_str().unwrap();
+            let (sp, pp) = (
+                s["params"].as_object().unwrap(),
+                p["params"].as_object().unwrap(),
+            );
+            let mut names: Vec<&String> = sp.keys().chain(pp.keys()).collect();
+            names.sort();
+            names.dedup();
+            for param in names {
+                if !smoke_may_change(kind, param) {
+                    assert_eq!(sp.get(param), pp.get(param), "{name}: {stage}.{param}");
+                }
+            }
+        }
+        // The budgets did change: a few steps per stage, a few items per task.
+        let eval = smoke.keys().find(|k| k.starts_with("eval_")).unwrap();
+        assert_eq!(smoke[eval]["params"]["limit"], "i:4", "{name}: {eval}");
+    }
+}
+
 /// A profile name as a TOML table key: quoted when it holds a dot.
 fn quoted(name: &str) -> String {
     if name.contains('.') {

@@ -137,6 +137,38 @@ fn a_killed_wgpu_run_with_dropout_resumes_bit_exactly() {
     );
 }
 
+/// burn's autotune keeps its kernel choices in the user cache directory, where every stage
+/// process finds them, not in cubecl's default, the `target/` of the outermost Cargo project
+/// above the working directory (a stage runs in its pipeline's directory: here one with a
+/// Cargo.toml, as a checkout of a project would be).
+#[test]
+fn wgpu_stages_keep_autotune_choices_in_the_user_cache() {
+    let ws = Workspace::new();
+    ws.write("Cargo.toml", "[package]\nname = \"study\"\n");
+    let on_wgpu = FULL
+        .replace(
+            "kind = \"train-full\"\n",
+            "kind = \"train-full\"\ndevice = \"wgpu\"\n",
+        )
+        .replace("steps = 40", "steps = 2");
+    assert!(on_wgpu.contains("steps = 2") && on_wgpu.contains("device = \"wgpu\""));
+    let p = ws.write("p.toml", &pipeline(&on_wgpu));
+    let cache_home = ws.path().join("user-cache");
+    let out = ws
+        .command(&["run", p.to_str().unwrap()])
+        .env("XDG_CACHE_HOME", &cache_home)
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let db = cache_home.join("cubecl/default.db");
+    let size = std::fs::metadata(&db).map(|m| m.len()).unwrap_or(0);
+    assert!(size > 0, "no autotune cache at {}", db.display());
+    assert!(
+        !ws.path().join("target").exists(),
+        "a cache in the project's target/"
+    );
+}
+
 #[test]
 fn a_damaged_checkpoint_is_skipped_for_the_previous_good_one_with_the_same_bits() {
     let (whole, pw) = uninterrupted(&pipeline(FULL));

@@ -179,8 +179,9 @@ fn cached_greedy_generation_matches_transformers_generate() {
     check_greedy_generation(lm());
 }
 
-/// Sampled completions of every generation prompt, each with its own seed.
-fn sampled(lm: &Lm, copies: usize) -> Vec<String> {
+/// Sampled completions of every generation prompt, each with its own seed, and how many
+/// prompt tokens were fed (the copies of a prompt share its prefill when they can).
+fn sampled(lm: &Lm, copies: usize) -> (Vec<String>, usize) {
     let want = expected();
     let requests: Vec<GenRequest> = want["generations"]
         .as_array()
@@ -199,14 +200,33 @@ fn sampled(lm: &Lm, copies: usize) -> Vec<String> {
         top_p: 0.95,
         stop: vec![],
     };
-    let got = lm.generate(&requests, &opts, |_| {}).unwrap();
-    got.into_iter().map(|g| g.text).collect()
+    let (got, prefilled) = lm.generate_counted(&requests, &opts, &mut |_| {}).unwrap();
+    (got.into_iter().map(|g| g.text).collect(), prefilled)
+}
+
+/// Prompt tokens of every generation prompt, BOS included, each fed once.
+fn prompt_tokens(lm: &Lm) -> usize {
+    expected()["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| lm.encode(g["prompt"].as_str().unwrap()).unwrap().len() + lm.bos.iter().count())
+        .sum()
 }
 
 #[test]
 fn sampling_does_not_depend_on_the_batch() {
-    let one = sampled(&Lm { batch: 1, ..lm() }, 3);
-    assert_eq!(one, sampled(&Lm { batch: 4, ..lm() }, 3));
+    let (one, fed_one) = sampled(&Lm { batch: 1, ..lm() }, 3);
+    let (four, fed_four) = sampled(&Lm { batch: 4, ..lm() }, 3);
+    assert_eq!(one, four);
+    // One slot feeds every copy's prompt; four slots copy a prompt from a slot that fed it
+    // while that slot is still generating.
+    let unique = prompt_tokens(&lm());
+    assert_eq!(fed_one, 3 * unique);
+    assert!(
+        fed_four >= unique && fed_four < 3 * unique,
+        "{fed_four} of {unique}"
+    );
     assert!(
         one.chunks(3).any(|c| c[0] != c[1] || c[1] != c[2]),
         "{one:?}"
@@ -254,9 +274,11 @@ mod on_wgpu {
     #[test]
     fn device_sampling_does_not_depend_on_the_batch() {
         // 3 prompts x 3 seeds: one slot at a time, and 4 slots refilled as they finish.
-        let one = sampled(&lm_on_device(1), 3);
-        let four = sampled(&lm_on_device(4), 3);
+        let (one, fed_one) = sampled(&lm_on_device(1), 3);
+        let (four, fed_four) = sampled(&lm_on_device(4), 3);
         assert_eq!(one, four);
+        // The copies shared prefills on the device too.
+        assert!(fed_four < fed_one, "{fed_four} of {fed_one}");
         // Different seeds give different completions somewhere: the test can fail.
         assert!(
             one.chunks(3).any(|c| c[0] != c[1] || c[1] != c[2]),

@@ -72,6 +72,21 @@ impl<'a> Decoder<'a> {
         self.len[slot] = 0;
     }
 
+    /// Makes slot `to` hold the first `n` tokens of slot `from` (a prompt's keys and values,
+    /// shared by the samples of that prompt).
+    pub fn copy_prefix(&mut self, from: usize, to: usize, n: usize) {
+        assert!(
+            n <= self.len[from],
+            "slot {from} holds fewer than {n} tokens"
+        );
+        let kvw = self.w.config.kv_heads() * self.w.config.head_dim();
+        let (src, dst) = (from * self.max_len * kvw, to * self.max_len * kvw);
+        for cache in self.k.iter_mut().chain(self.v.iter_mut()) {
+            cache.copy_within(src..src + n * kvw, dst);
+        }
+        self.len[to] = n;
+    }
+
     /// Appends `tokens` (in order; several may go to one slot) and returns the logits
     /// `[wanted, vocab]` of the tokens with `logits` set, in their order. Returns an error
     /// message when a slot would overflow `max_len`.

@@ -33,6 +33,9 @@ pub trait Decode {
     fn reset(&mut self, slot: usize);
     /// Appends tokens; returns the logits `[wanted, vocab]` of those that ask for them.
     fn feed(&mut self, tokens: &[Token]) -> Result<Vec<f32>, String>;
+    /// Makes slot `to` hold the first `n` tokens of slot `from`: the samples of one prompt
+    /// share its prefill instead of each computing it again.
+    fn copy_prefix(&mut self, from: usize, to: usize, n: usize);
 }
 
 impl Decode for Decoder<'_> {
@@ -47,6 +50,9 @@ impl Decode for Decoder<'_> {
     }
     fn feed(&mut self, tokens: &[Token]) -> Result<Vec<f32>, String> {
         Decoder::feed(self, tokens)
+    }
+    fn copy_prefix(&mut self, from: usize, to: usize, n: usize) {
+        Decoder::copy_prefix(self, from, to, n)
     }
 }
 
@@ -63,6 +69,9 @@ impl Decode for crate::gpu::decode::DeviceDecoder<'_> {
     }
     fn feed(&mut self, tokens: &[Token]) -> Result<Vec<f32>, String> {
         crate::gpu::decode::DeviceDecoder::feed(self, tokens)
+    }
+    fn copy_prefix(&mut self, from: usize, to: usize, n: usize) {
+        crate::gpu::decode::DeviceDecoder::copy_prefix(self, from, to, n)
     }
 }
 
@@ -294,13 +303,27 @@ impl Lm {
     }
 
     /// Generates for every request with continuous batching: a slot that finishes takes the
-    /// next prompt in the same forward pass as the other slots' next tokens.
+    /// next prompt in the same forward pass as the other slots' next tokens. Requests with the
+    /// same prompt (HumanEval's n samples of a problem) share one prefill: a request whose
+    /// prompt another slot has already fed copies that slot's prompt keys and values and
+    /// draws its first token from that prefill's logits, with its own seeded stream. The
+    /// prefill is the same whichever slot and batch compute it, so sharing changes no result.
     pub fn generate(
         &self,
         requests: &[GenRequest],
         opts: &GenOptions,
         mut done: impl FnMut(usize),
     ) -> Result<Vec<Generated>, StageError> {
+        Ok(self.generate_counted(requests, opts, &mut done)?.0)
+    }
+
+    /// `generate`, also returning how many prompt tokens were fed (the rest were shared).
+    pub fn generate_counted(
+        &self,
+        requests: &[GenRequest],
+        opts: &GenOptions,
+        done: &mut dyn FnMut(usize),
+    ) -> Result<(Vec<Generated>, usize), StageError> {
         let max_len = self.max_len();
         let vocab = self.weights.config.vocab_size;
         // Every prompt as it will be fed: BOS, then lm-eval's cut to the last
@@ -317,33 +340,55 @@ impl Lm {
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(1);
         let mut dec = self.decoder(longest + opts.max_new_tokens)?;
         let mut results: Vec<Option<Generated>> = vec![None; requests.len()];
-        struct Active {
-            request: usize,
-            rng: Rng,
-            ids: Vec<u32>,
-            next: u32,
-        }
         let mut slots: Vec<Option<Active>> = (0..dec.slots()).map(|_| None).collect();
         let mut queue = 0usize;
-        let mut pending: Vec<(usize, Vec<u32>)> = Vec::new(); // (slot, prompt ids) to prefill
+        let mut prefilled = 0usize;
         loop {
-            for (slot, s) in slots.iter_mut().enumerate() {
-                if s.is_none() && queue < requests.len() {
-                    let r = &requests[queue];
-                    dec.reset(slot);
-                    pending.push((slot, prompts[queue].clone()));
-                    *s = Some(Active {
-                        request: queue,
-                        rng: Rng::new(r.seed),
-                        ids: Vec::new(),
-                        next: 0,
-                    });
-                    queue += 1;
+            // Fill free slots. A prompt that an active slot has fed is copied from it; one
+            // that another slot is about to feed waits a round to share that prefill.
+            let mut pending: Vec<usize> = Vec::new(); // slots to prefill this round
+            for slot in 0..slots.len() {
+                if slots[slot].is_some() || queue >= requests.len() {
+                    continue;
+                }
+                let prompt = &prompts[queue];
+                let sibling =
+                    |s: &Option<Active>| s.as_ref().is_some_and(|a| prompts[a.request] == *prompt);
+                if pending.iter().any(|&p| sibling(&slots[p])) {
+                    break;
+                }
+                let fed = (0..slots.len()).find(|&o| {
+                    o != slot && sibling(&slots[o]) && slots[o].as_ref().unwrap().first.is_some()
+                });
+                dec.reset(slot);
+                let mut a = Active {
+                    request: queue,
+                    rng: Rng::new(requests[queue].seed),
+                    ids: Vec::new(),
+                    next: 0,
+                    first: None,
+                };
+                queue += 1;
+                match fed {
+                    Some(from) => {
+                        dec.copy_prefix(from, slot, prompt.len());
+                        let first = slots[from].as_ref().unwrap().first.clone();
+                        a.first = first.clone();
+                        slots[slot] = Some(a);
+                        let row = first.expect("a fed sibling has its prompt's logits");
+                        self.step(&mut slots, slot, &row, opts, &*dec, &mut results, done)?;
+                    }
+                    None => {
+                        slots[slot] = Some(a);
+                        pending.push(slot);
+                    }
                 }
             }
             let mut tokens = Vec::new();
             let mut order = Vec::new(); // slot of each logits row
-            for (slot, ids) in pending.drain(..) {
+            for &slot in &pending {
+                let ids = &prompts[slots[slot].as_ref().unwrap().request];
+                prefilled += ids.len();
                 for (i, &id) in ids.iter().enumerate() {
                     tokens.push(Token {
                         slot,
@@ -366,39 +411,76 @@ impl Lm {
                 }
             }
             if tokens.is_empty() {
+                if queue < requests.len() {
+                    continue; // every slot was freed by shared first tokens
+                }
                 break;
             }
             let logits = dec.feed(&tokens).map_err(StageError::Failed)?;
             for (row, &slot) in logits.chunks(vocab).zip(&order) {
                 let a = slots[slot].as_mut().expect("active slot");
-                let next = sample(row, opts, &mut a.rng);
-                let eos = self.eos.contains(&next);
-                if !eos {
-                    a.ids.push(next);
-                    a.next = next;
+                if a.first.is_none() {
+                    a.first = Some(std::rc::Rc::new(row.to_vec()));
                 }
-                let text = self.decode(&a.ids)?;
-                let stop_at = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min();
-                let full = a.ids.len() >= opts.max_new_tokens || dec.len(slot) + 1 >= max_len;
-                if eos || stop_at.is_some() || full {
-                    let text = match stop_at {
-                        Some(i) => text[..i].to_string(),
-                        None => text,
-                    };
-                    results[a.request] = Some(Generated {
-                        text,
-                        tokens: a.ids.len(),
-                    });
-                    done(a.request);
-                    slots[slot] = None;
-                }
+                self.step(&mut slots, slot, row, opts, &*dec, &mut results, done)?;
             }
         }
-        Ok(results
+        let out = results
             .into_iter()
             .map(|r| r.expect("every request finishes"))
-            .collect())
+            .collect();
+        Ok((out, prefilled))
     }
+
+    /// Draws a slot's next token from its logits row and ends its request at EOS, a stop
+    /// sequence or the budget (the slot is then free).
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        &self,
+        slots: &mut [Option<Active>],
+        slot: usize,
+        row: &[f32],
+        opts: &GenOptions,
+        dec: &dyn Decode,
+        results: &mut [Option<Generated>],
+        done: &mut dyn FnMut(usize),
+    ) -> Result<(), StageError> {
+        let a = slots[slot].as_mut().expect("active slot");
+        let next = sample(row, opts, &mut a.rng);
+        let eos = self.eos.contains(&next);
+        if !eos {
+            a.ids.push(next);
+            a.next = next;
+        }
+        let text = self.decode(&a.ids)?;
+        let stop_at = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min();
+        let full = a.ids.len() >= opts.max_new_tokens || dec.len(slot) + 1 >= self.max_len();
+        if eos || stop_at.is_some() || full {
+            let text = match stop_at {
+                Some(i) => text[..i].to_string(),
+                None => text,
+            };
+            results[a.request] = Some(Generated {
+                text,
+                tokens: a.ids.len(),
+            });
+            done(a.request);
+            slots[slot] = None;
+        }
+        Ok(())
+    }
+}
+
+/// A request being generated in a slot.
+struct Active {
+    request: usize,
+    rng: Rng,
+    /// Tokens generated so far.
+    ids: Vec<u32>,
+    /// The last of them, fed in the next round.
+    next: u32,
+    /// The logits after its prompt, for requests of the same prompt to start from.
+    first: Option<std::rc::Rc<Vec<f32>>>,
 }
 
 /// Index of the first maximum (greedy decoding's choice).

@@ -131,6 +131,28 @@ impl<'a> DeviceDecoder<'a> {
         self.len[slot] = 0;
     }
 
+    /// Makes slot `to` hold the first `n` tokens of slot `from` (a prompt's keys and values,
+    /// shared by the samples of that prompt): one gather and one indexed assignment per
+    /// layer, on the device.
+    pub fn copy_prefix(&mut self, from: usize, to: usize, n: usize) {
+        assert!(
+            n <= self.len[from],
+            "slot {from} holds fewer than {n} tokens"
+        );
+        let dev = &self.on.device;
+        let rows = |slot: usize| {
+            let at = (slot * self.capacity) as i64;
+            Tensor::<1, Int>::arange(at..at + n as i64, dev)
+        };
+        let (src, dst) = (rows(from), rows(to));
+        for cache in self.k.iter_mut().chain(self.v.iter_mut()) {
+            let old = cache.take().expect("a cache per layer");
+            let prefix = old.clone().select(0, src.clone());
+            *cache = Some(old.select_assign(0, dst.clone(), prefix, IndexingUpdateOp::Assign));
+        }
+        self.len[to] = n;
+    }
+
     /// Appends `tokens` and returns the logits `[wanted, vocab]` of those with `logits`
     /// set, in their order, as `cpu::decode::Decoder::feed`.
     pub fn feed(&mut self, tokens: &[Token]) -> Result<Vec<f32>, String> {

@@ -92,6 +92,7 @@ fn wgpu(name: &str) -> Result<Choice, StageError> {
     };
     let device = cell
         .get_or_init(|| {
+            share_autotune_cache();
             Device::wgpu_options()
                 .graphics_api(api)
                 .init()
@@ -101,6 +102,27 @@ fn wgpu(name: &str) -> Result<Choice, StageError> {
         .map_err(|e| StageError::Failed(format!("device `{name}`: no usable adapter: {e}")))?;
     let (what, _) = describe(&device, name);
     Ok(Choice::Burn(device.autodiff(), what))
+}
+
+/// Puts cubecl's persistent caches (autotune's kernel choices, compiled kernels) in the
+/// user's cache directory (`~/.cache/cubecl` on Linux) instead of cubecl's default, the
+/// `target/` of the outermost Cargo project above the working directory: a stage runs in a
+/// scratch directory of its own, so with the default every stage would tune its matmuls
+/// again, and a checkout would collect caches in `target/`. A `cubecl.toml` or `burn.toml`
+/// that names another place is kept. Runs once, before the first device is made.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn share_autotune_cache() {
+    use burn::cubecl::config::cache::CacheConfig;
+    use burn::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+        if matches!(config.environment.path, CacheConfig::Target) {
+            config.environment.path = CacheConfig::Global;
+        }
+        // False when something read the configuration first: it is kept as it is.
+        let _ = CubeClRuntimeConfig::try_set(config);
+    });
 }
 
 #[cfg(not(feature = "wgpu"))]
@@ -113,6 +135,7 @@ fn wgpu(name: &str) -> Result<Choice, StageError> {
 #[cfg(feature = "cuda")]
 fn cuda() -> Result<Choice, StageError> {
     use burn::tensor::Device;
+    share_autotune_cache();
     let device = std::panic::catch_unwind(|| {
         let d = Device::cuda(0);
         let _ = d.identity();
