@@ -372,10 +372,10 @@ impl Lm {
                 match fed {
                     Some(from) => {
                         dec.copy_prefix(from, slot, prompt.len());
-                        let first = slots[from].as_ref().unwrap().first.clone();
-                        a.first = first.clone();
+                        let row = slots[from].as_ref().and_then(|s| s.first.clone());
+                        let row = row.expect("a fed sibling has its prompt's logits");
+                        a.first = Some(row.clone());
                         slots[slot] = Some(a);
-                        let row = first.expect("a fed sibling has its prompt's logits");
                         self.step(&mut slots, slot, &row, opts, &*dec, &mut results, done)?;
                     }
                     None => {

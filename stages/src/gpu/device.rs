@@ -106,9 +106,10 @@ fn wgpu(name: &str) -> Result<Choice, StageError> {
 
 /// Puts cubecl's persistent caches (autotune's kernel choices, compiled kernels) in the
 /// user's cache directory (`~/.cache/cubecl` on Linux) instead of cubecl's default, the
-/// `target/` of the outermost Cargo project above the working directory: a stage runs in a
-/// scratch directory of its own, so with the default every stage would tune its matmuls
-/// again, and a checkout would collect caches in `target/`. A `cubecl.toml` or `burn.toml`
+/// `target/` of the outermost Cargo project above the working directory: a stage runs in
+/// its pipeline's directory, so with the default the choices would land in whichever
+/// project's `target/` a pipeline sits under (one cache per checkout, tuned again in each),
+/// or in the user cache where there is none. A `cubecl.toml` or `burn.toml`
 /// that names another place is kept. Runs once, before the first device is made.
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 fn share_autotune_cache() {
