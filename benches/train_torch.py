@@ -29,6 +29,8 @@ p.add_argument("--steps", type=int, default=7)
 p.add_argument("--modes", default="full,lora16")
 p.add_argument("--attn", default="sdpa")
 p.add_argument("--device", default="cpu")
+p.add_argument("--precision", default="f32", choices=["f32", "f16", "bf16"],
+               help="f32, or autocast to f16 (with GradScaler) or bf16: flow's `precision`")
 p.add_argument("--config", default=None, help="small, wide or large: the configs of stages/benches/train.rs")
 a = p.parse_args()
 if a.config == "small":
@@ -57,12 +59,16 @@ for mode in a.modes.split(","):
             r=r, lora_alpha=2 * r, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-3, weight_decay=0.0)
+    half = {"f16": torch.float16, "bf16": torch.bfloat16}.get(a.precision)
+    scaler = torch.amp.GradScaler(dev.type, enabled=a.precision == "f16")
     times = []
     for step in range(a.steps):
         t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
+        with torch.autocast(dev.type, dtype=half or torch.float32, enabled=half is not None):
+            loss = model(input_ids=ids, labels=ids).loss
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -73,7 +79,7 @@ for mode in a.modes.split(","):
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None
     print(json.dumps({"impl": "pytorch", "device": a.device, "config": a.config, "mode": mode,
-                      "threads": a.threads, "step_s": round(med, 4),
+                      "precision": a.precision, "threads": a.threads, "step_s": round(med, 4),
                       "tokens_per_s": round(a.batch * a.seq / med), "peak_rss_mib": round(rss),
                       "peak_gpu_mib": gpu and round(gpu), "torch": torch.__version__}))
     del model, opt

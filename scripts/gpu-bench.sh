@@ -15,20 +15,23 @@ peak() { # peak memory.used (MiB) while "$@" runs
   echo "{\"peak_gpu_used_mib\": $(sort -n "$out/smi.txt" | tail -1), \"rc\": $rc}"
 }
 chmod +x .devbin/train-bench
-for cfg in small large; do for mode in full lora16; do
-  peak timeout 150 .devbin/train-bench --one $cfg $mode --device wgpu 2>&1 | grep -v WARN | tail -2
-done; done
+# f32, and f16 autocast (flow's `precision`; WGSL has no bf16, PyTorch is run in both).
+for prec in f32 f16; do for cfg in small large; do for mode in full lora16; do
+  peak timeout 150 .devbin/train-bench --one $cfg $mode --device wgpu --precision $prec 2>&1 | grep -v WARN | tail -2
+done; done; done
 peak timeout 120 .devbin/train-bench --lora-linear 4096 4096 --device wgpu 2>&1 | tail -2
-for cfg in small large; do for mode in full lora16; do
-  peak timeout 150 python3 benches/train_torch.py --device cuda --config $cfg --modes $mode 2>&1 | grep '"impl"'
-done; done
+for prec in f32 f16 bf16; do for cfg in small large; do for mode in full lora16; do
+  peak timeout 150 python3 benches/train_torch.py --device cuda --config $cfg --modes $mode --precision $prec 2>&1 | grep '"impl"'
+done; done; done
 # Evaluation (issue 20): flow's device decoder against transformers `generate` and forward
 # scoring, same shape, batch and lengths; build the binary with
 # `cargo bench -p flow-stages --bench generate --no-run` and copy it to .devbin/generate-bench.
 if [ -x .devbin/generate-bench ] || chmod +x .devbin/generate-bench 2>/dev/null; then
   for shape in 256,4,8,8,704,4096 4096,4,32,32,11008,32000; do
-    peak timeout 150 .devbin/generate-bench --device wgpu --shape $shape --batch 8 --prompt 128 --new 64 2>&1 | grep '"impl"'
-    for dt in float32 bfloat16; do
+    for prec in f32 f16; do
+      peak timeout 150 .devbin/generate-bench --device wgpu --shape $shape --batch 8 --prompt 128 --new 64 --precision $prec 2>&1 | grep '"impl"'
+    done
+    for dt in float32 float16 bfloat16; do
       peak timeout 150 python3 benches/eval_torch.py --device cuda --shape $shape --batch 8 --prompt 128 --new 64 --dtype $dt 2>&1 | grep '"impl"'
     done
   done

@@ -137,6 +137,109 @@ fn a_killed_wgpu_run_with_dropout_resumes_bit_exactly() {
     );
 }
 
+/// f16 on wgpu (lavapipe has shader-f16): autocast with f32 master weights and a dynamic
+/// loss scale that the checkpoints keep, so a killed run resumes to the same bits; the log
+/// and summary say the precision and how many steps loss scaling skipped.
+#[test]
+fn a_killed_f16_wgpu_run_resumes_bit_exactly() {
+    let f16 = FULL.replace(
+        "kind = \"train-full\"\n",
+        "kind = \"train-full\"\ndevice = \"wgpu\"\nprecision = \"f16\"\n",
+    );
+    assert!(f16.contains("precision = \"f16\""));
+    let p = pipeline(&f16);
+    let whole = resumes_bit_exactly(&p);
+    let log = logs(&whole);
+    assert!(
+        log.contains("device wgpu") && log.contains("precision f16"),
+        "{log}"
+    );
+    let pw = whole.path().join("p.toml");
+    let curve = common::output_named(&whole, &pw, "train", "curve");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(curve.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["precision"], "f16");
+    let skipped = summary["skipped_steps"].as_u64().expect("skipped_steps");
+    let csv = std::fs::read_to_string(curve.join("curve.csv")).unwrap();
+    let non_finite = csv
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            !l.split(',')
+                .nth(4)
+                .unwrap()
+                .parse::<f64>()
+                .unwrap()
+                .is_finite()
+        })
+        .count() as u64;
+    assert_eq!(
+        skipped, non_finite,
+        "skipped steps are the curve's non-finite norms"
+    );
+    assert!(
+        log.contains(&format!(
+            "{skipped} of 40 steps skipped by f16 loss scaling"
+        )),
+        "{log}"
+    );
+    // Another precision is another result: another key, the same pipeline otherwise.
+    let ps = pw.to_str().unwrap();
+    let as_f16 = &whole.json(&["explain", ps, "train"], true)[0];
+    let as_f32 = &whole.json(
+        &[
+            "explain",
+            ps,
+            "train",
+            "--set",
+            "stage.train.precision=\"f32\"",
+        ],
+        true,
+    )[0];
+    assert_eq!(as_f16["params"]["precision"], "\"f16\"");
+    assert_eq!(as_f32["params"]["precision"], "\"f32\"");
+    assert!(as_f16["key"].is_string(), "{as_f16}");
+    assert_ne!(as_f16["key"], as_f32["key"], "precision is part of the key");
+}
+
+/// A precision the device cannot compute in stops the stage before it loads anything, with
+/// a message naming the device and the type: bf16 on lavapipe (WGSL has no bf16), f16 on
+/// flow's CPU engine (f32 only).
+#[test]
+fn a_precision_the_device_lacks_fails_before_training() {
+    for (device, precision, says) in [
+        ("wgpu", "bf16", "has no bf16 arithmetic"),
+        ("cpu", "f16", "CPU engine computes in f32 only"),
+    ] {
+        let ws = Workspace::new();
+        let toml = FULL.replace(
+            "kind = \"train-full\"\n",
+            &format!("kind = \"train-full\"\ndevice = \"{device}\"\nprecision = \"{precision}\"\n"),
+        );
+        let p = ws.write("p.toml", &pipeline(&toml));
+        let out = ws.flow(&["run", p.to_str().unwrap()]);
+        assert!(!out.status.success(), "{device} {precision} ran");
+        let all = format!(
+            "{}{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            logs(&ws)
+        );
+        assert!(
+            all.contains(says) && all.contains(precision),
+            "{device} {precision}: {all}"
+        );
+        if device == "wgpu" {
+            assert!(all.contains("llvmpipe"), "the device is named: {all}");
+        }
+        assert!(
+            !all.contains("training all weights"),
+            "it stopped before training: {all}"
+        );
+    }
+}
+
 /// burn's autotune keeps its kernel choices in the user cache directory, where every stage
 /// process finds them, not in cubecl's default, the `target/` of the outermost Cargo project
 /// above the working directory (a stage runs in its pipeline's directory: here one with a

@@ -5,7 +5,7 @@
 //! cache must do), same model, batch and lengths, greedy.
 //!
 //! `--device wgpu [--shape D,LAYERS,HEADS,KV_HEADS,FF,VOCAB] [--batch B] [--prompt P]
-//! [--new N]`: the device decoder on that shape (random weights), printing one JSON line with
+//! [--new N] [--precision f16]`: the device decoder on that shape (random weights), printing one JSON line with
 //! generated tokens/s (greedy, continuous batching's decode step), scored tokens/s (one
 //! prefill of B x P tokens with every position's logits, as log-likelihood scoring does) and
 //! time to the first token; `benches/eval_torch.py` measures transformers the same way.
@@ -133,13 +133,21 @@ fn on_device(args: &[String], device: &str) {
         panic!("--shape D,LAYERS,HEADS,KV_HEADS,FF,VOCAB");
     };
     let (batch, prompt, new) = (num("--batch", 8), num("--prompt", 128), num("--new", 128));
-    let Ok(Choice::Burn(dev, what)) = select(device) else {
+    let precision = flow_stages::gpu::precision::Precision::parse(
+        &arg(args, "--precision").unwrap_or_else(|| "f32".into()),
+    )
+    .expect("--precision f32, f16 or bf16");
+    let choice = select(device).expect("device");
+    precision
+        .check(&choice)
+        .expect("a device with that precision");
+    let Choice::Burn(dev, what) = choice else {
         panic!("device `{device}` is not a burn device here");
     };
     let cfg = ModelConfig::new(vocab, d, ff, layers, heads, kv, 4096, false);
     let w = Weights::init(&cfg, 1);
     let start = Instant::now();
-    let on = DeviceWeights::upload(&w, &dev);
+    let on = DeviceWeights::upload(&w, &dev, precision);
     let upload = start.elapsed().as_secs_f64();
     let mut dec = DeviceDecoder::new(&w, &on, batch, prompt + new);
     // One warm-up pass compiles the kernels; the figures are of the second.
@@ -152,7 +160,7 @@ fn on_device(args: &[String], device: &str) {
         serde_json::json!({
             "impl": "flow", "device": what, "d": d, "layers": layers, "heads": heads,
             "kv_heads": kv, "ff": ff, "vocab": vocab, "batch": batch, "prompt": prompt,
-            "new": new, "generated_tokens_per_s": generated, "scored_tokens_per_s": scored,
+            "new": new, "precision": precision.name(), "generated_tokens_per_s": generated, "scored_tokens_per_s": scored,
             "first_token_s": first, "upload_s": upload,
         })
     );

@@ -3,14 +3,15 @@
 //! its own. PyTorch's figures for the same configurations come from `benches/train_torch.py`.
 //!
 //! Without arguments: every configuration on the CPU engine, then on wgpu when an adapter is
-//! there. `-- --device wgpu` (or cuda, vulkan) selects the device; `-- --one CONFIG MODE` is
-//! the per-process worker.
+//! there. `-- --device wgpu` (or cuda, vulkan) selects the device, `-- --precision f16` (or
+//! bf16) a burn device's compute type; `-- --one CONFIG MODE` is the per-process worker.
 use std::process::Command;
 use std::time::Instant;
 
 use flow_stages::cpu::llama::{Batch, Dropouts};
 use flow_stages::cpu::lora::{Adapters, LoraInit, LoraSpec};
 use flow_stages::gpu::device::{Choice, select};
+use flow_stages::gpu::precision::Precision;
 use flow_stages::model::config::ModelConfig;
 use flow_stages::model::weights::{Proj, Weights};
 use flow_stages::train::cpu::CpuTrainer;
@@ -50,7 +51,7 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn one(config: &str, mode: &str, device: &str, threads: usize) {
+fn one(config: &str, mode: &str, device: &str, threads: usize, precision: Precision) {
     // As the stage worker does (`flow __stage`); FLOW_BENCH_GLIBC_DEFAULTS measures without.
     if std::env::var_os("FLOW_BENCH_GLIBC_DEFAULTS").is_none() {
         flow_stages::cpu::alloc::keep_freed_memory();
@@ -119,7 +120,11 @@ fn one(config: &str, mode: &str, device: &str, threads: usize) {
         .num_threads(threads)
         .build()
         .unwrap();
-    let (mut trainer, what): (Box<dyn Trainer>, String) = match select(device).expect("device") {
+    let choice = select(device).expect("device");
+    precision
+        .check(&choice)
+        .expect("a device with that precision");
+    let (mut trainer, what): (Box<dyn Trainer>, String) = match choice {
         Choice::Cpu => (
             Box::new(CpuTrainer::new(w, lora, opt, seq, threads)),
             "cpu engine".into(),
@@ -127,7 +132,7 @@ fn one(config: &str, mode: &str, device: &str, threads: usize) {
         #[cfg(any(feature = "wgpu", feature = "cuda"))]
         Choice::Burn(dev, what) => (
             Box::new(flow_stages::gpu::trainer::BurnTrainer::new(
-                w, lora, &opt, dev,
+                w, lora, &opt, dev, precision,
             )),
             what,
         ),
@@ -155,6 +160,7 @@ fn one(config: &str, mode: &str, device: &str, threads: usize) {
         "{}",
         serde_json::json!({
             "impl": "flow", "device": what, "config": config, "mode": mode, "threads": threads,
+            "precision": precision.name(),
             "step_s": (med * 1e4).round() / 1e4, "tokens_per_s": ((rows * seq) as f64 / med).round(),
             "peak_rss_mib": peak_rss_mib().round(),
         })
@@ -232,6 +238,12 @@ fn main() {
         .position(|a| a == "--device")
         .map(|i| args[i + 1].clone())
         .unwrap_or_else(|| "cpu".into());
+    let precision_name = args
+        .iter()
+        .position(|a| a == "--precision")
+        .map(|i| args[i + 1].clone())
+        .unwrap_or_else(|| "f32".into());
+    let precision = Precision::parse(&precision_name).expect("--precision f32, f16 or bf16");
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
     if let Some(i) = args.iter().position(|a| a == "--lora-linear") {
         let d: usize = args[i + 1].parse().unwrap();
@@ -240,7 +252,7 @@ fn main() {
         return;
     }
     if let Some(i) = args.iter().position(|a| a == "--one") {
-        one(&args[i + 1], &args[i + 2], &device, threads);
+        one(&args[i + 1], &args[i + 2], &device, threads, precision);
         return;
     }
     let exe = std::env::current_exe().unwrap();
@@ -257,6 +269,7 @@ fn main() {
                 }
                 let out = Command::new(&exe)
                     .args(["--one", config, mode, "--device", &dev])
+                    .args(["--precision", &precision_name])
                     .output()
                     .unwrap();
                 print!("{}", String::from_utf8_lossy(&out.stdout));

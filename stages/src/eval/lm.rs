@@ -10,6 +10,8 @@ use tokenizers::Tokenizer;
 
 use crate::cpu::decode::{Decoder, Token, log_prob};
 use crate::data::rng::Rng;
+use crate::gpu::device::Choice;
+use crate::gpu::precision::Precision;
 use crate::kind::StageError;
 use crate::model::weights::Weights;
 
@@ -141,7 +143,43 @@ pub struct Generated {
 }
 
 impl Lm {
-    /// Loads a model artifact (safetensors, config.json, tokenizer.json).
+    /// Loads a model artifact onto a chosen device, computing in `precision` (which the
+    /// device must have: `Precision::check`). On a burn device it first checks that the
+    /// weights and the KV cache of one sequence of the model's full context fit (what the
+    /// smallest batch needs; larger batches take the slots that fit), before anything
+    /// is read.
+    pub fn load_on(
+        dir: &Path,
+        batch: usize,
+        threads: usize,
+        choice: Choice,
+        precision: Precision,
+    ) -> Result<Lm, StageError> {
+        match choice {
+            Choice::Cpu => Lm::load(dir, batch, threads),
+            #[cfg(any(feature = "wgpu", feature = "cuda"))]
+            Choice::Burn(device, name) => {
+                use crate::gpu::decode::{DeviceDecoder, DeviceWeights};
+                let c = crate::model::config::ModelConfig::read(&dir.join("config.json"))?;
+                let positions = crate::model::arch::Arch::of(&c)
+                    .map_err(|e| StageError::Failed(format!("{}: {e}", dir.display())))?
+                    .positions;
+                let cache = DeviceDecoder::cache_bytes(&c, 1, positions, precision);
+                let need = precision.bytes() * c.param_count() as u64 + cache;
+                let what = format!(
+                    "evaluating {} ({} weights and the KV cache of one {positions}-token sequence)",
+                    dir.display(),
+                    precision.name()
+                );
+                crate::gpu::device::check_fits(&device, &name, need, &what)?;
+                let mut lm = Lm::load(dir, batch, threads)?;
+                lm.engine = Engine::Device(DeviceWeights::upload(&lm.weights, &device, precision));
+                Ok(lm)
+            }
+        }
+    }
+
+    /// Loads a model artifact (safetensors, config.json, tokenizer.json) for the CPU engine.
     pub fn load(dir: &Path, batch: usize, threads: usize) -> Result<Lm, StageError> {
         let weights = Weights::load(dir)?;
         let path = dir.join("tokenizer.json");
@@ -233,7 +271,8 @@ impl Lm {
             Engine::Device(on) => {
                 use crate::gpu::decode::DeviceDecoder;
                 let capacity = capacity.min(self.max_len());
-                let slot = DeviceDecoder::cache_bytes(&self.weights.config, 1, capacity);
+                let slot =
+                    DeviceDecoder::cache_bytes(&self.weights.config, 1, capacity, on.precision);
                 let slots = on
                     .slots_that_fit(self.batch, slot)
                     .map_err(StageError::Failed)?;

@@ -25,6 +25,7 @@ use crate::cpu::ops::Rope;
 use crate::data::pack::Packed;
 use crate::data::records::{Record, read_records};
 use crate::data::rng::Rng;
+use crate::gpu::precision::Precision;
 use crate::kind::{
     Default, InputArtifact, Kind, Param, ParamType, StageContext, StageError, StageOutcome,
 };
@@ -186,6 +187,7 @@ pub static KIND: Kind = Kind {
             default: Default::PipelineSeed,
             doc: "few-shot draws and sampling",
         },
+        crate::gpu::precision::PARAM,
     ],
     outputs: &["results"],
     uses_device: true,
@@ -215,6 +217,7 @@ struct Params {
     limit: Option<i64>,
     batch: i64,
     seed: i64,
+    precision: String,
 }
 
 fn bad(msg: impl Into<String>) -> StageError {
@@ -483,36 +486,20 @@ fn run(ctx: &StageContext) -> Result<StageOutcome, StageError> {
     Ok(outcome)
 }
 
-/// Loads the model onto the stage's device (`device = ...`, `auto` by default), saying
-/// which in the log; a model too large for a device fails before its weights are read.
+/// Loads the model onto the stage's device (`device = ...`, `auto` by default) in its
+/// `precision`, saying which in the log; a device without that precision, or too small for
+/// the model, fails before the weights are read.
 fn load(dir: &Path, p: &Params, ctx: &StageContext) -> Result<Lm, StageError> {
+    let precision = Precision::parse(&p.precision)?;
     let choice = crate::gpu::device::select(ctx.device)?;
-    let _ = writeln!(std::io::stderr(), "eval device: {}", choice.describe());
-    match choice {
-        crate::gpu::device::Choice::Cpu => Lm::load(dir, p.batch as usize, ctx.threads),
-        #[cfg(any(feature = "wgpu", feature = "cuda"))]
-        crate::gpu::device::Choice::Burn(device, name) => {
-            // f32 weights and the KV cache of one sequence of the model's full context: what
-            // the smallest batch needs (larger batches take the slots that fit).
-            let c = crate::model::config::ModelConfig::read(&dir.join("config.json"))?;
-            let positions = crate::model::arch::Arch::of(&c)
-                .map_err(|e| StageError::Failed(format!("{}: {e}", dir.display())))?
-                .positions;
-            let cache = crate::gpu::decode::DeviceDecoder::cache_bytes(&c, 1, positions);
-            let need = 4 * c.param_count() as u64 + cache;
-            let what = format!(
-                "evaluating {} (f32 weights and the KV cache of one {positions}-token sequence)",
-                dir.display()
-            );
-            crate::gpu::device::check_fits(&device, &name, need, &what)?;
-            let mut lm = Lm::load(dir, p.batch as usize, ctx.threads)?;
-            lm.engine = self::lm::Engine::Device(crate::gpu::decode::DeviceWeights::upload(
-                &lm.weights,
-                &device,
-            ));
-            Ok(lm)
-        }
-    }
+    precision.check(&choice)?;
+    let _ = writeln!(
+        std::io::stderr(),
+        "eval device: {}, precision {}",
+        choice.describe(),
+        precision.name()
+    );
+    Lm::load_on(dir, p.batch as usize, ctx.threads, choice, precision)
 }
 
 /// Mean token loss over every target of the packed rows (lm-eval's word perplexity is for
@@ -906,7 +893,7 @@ mod tests {
             "temperature": 0.2, "top_p": 0.95, "pass_k": [1], "timeout": 3.0,
             "memory_mb": 1024, "site_packages": false, "sandbox": "strict",
             "choice_shots": 0, "forgetting_metric": "acc", "max_new_tokens": 256,
-            "batch": 16, "seed": 1,
+            "batch": 16, "seed": 1, "precision": "f32",
         });
         edit(&mut v);
         serde_json::from_value::<Params>(v).map_err(|e| bad(e.to_string()))

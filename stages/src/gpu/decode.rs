@@ -11,6 +11,7 @@
 use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::llama::{DeviceModel, Inputs, WindowMasks, download, rope_tables, upload, visible};
+use super::precision::Precision;
 use crate::cpu::decode::Token;
 use crate::cpu::llama::Batch;
 use crate::cpu::ops::Rope;
@@ -18,21 +19,26 @@ use crate::model::config::ModelConfig;
 use crate::model::weights::Weights;
 
 /// A model's weights uploaded once to a device (no autodiff), shared by every decoder made
-/// for it.
+/// for it, stored in the type they compute in (nothing trains: no f32 master copy).
 pub struct DeviceWeights {
     pub device: Device,
     pub tensors: Vec<Tensor<2>>,
+    pub precision: Precision,
 }
 
 impl DeviceWeights {
-    pub fn upload(w: &Weights, device: &Device) -> DeviceWeights {
+    pub fn upload(w: &Weights, device: &Device, precision: Precision) -> DeviceWeights {
         let device = device.clone().without_autodiff();
         let tensors = w
             .tensors
             .iter()
-            .map(|t| upload(&t.data, &t.shape, &device))
+            .map(|t| upload(&t.data, &t.shape, &device).cast(precision.dtype()))
             .collect();
-        DeviceWeights { device, tensors }
+        DeviceWeights {
+            device,
+            tensors,
+            precision,
+        }
     }
 
     /// How many of `wanted` cache slots of `slot_bytes` each fit in what the device has
@@ -70,6 +76,7 @@ impl DeviceWeights {
             w: &self.tensors,
             lora: None,
             device: &self.device,
+            dtype: self.precision.dtype(),
         }
     }
 
@@ -101,7 +108,14 @@ impl<'a> DeviceDecoder<'a> {
         let c = &w.config;
         let capacity = capacity.clamp(1, w.arch.positions);
         let kvw = c.kv_heads() * c.head_dim();
-        let zeros = || Some(Tensor::<2>::zeros([slots * capacity, kvw], &on.device));
+        // Keys and values in the compute type (half the memory in f16 and bf16).
+        let dtype = on.precision.dtype().into();
+        let zeros = || {
+            Some(Tensor::<2>::zeros(
+                [slots * capacity, kvw],
+                (&on.device, dtype),
+            ))
+        };
         DeviceDecoder {
             w,
             on,
@@ -113,9 +127,15 @@ impl<'a> DeviceDecoder<'a> {
         }
     }
 
-    /// Bytes the cache of `slots` x `capacity` tokens takes (f32 keys and values).
-    pub fn cache_bytes(c: &ModelConfig, slots: usize, capacity: usize) -> u64 {
-        (2 * c.num_hidden_layers * slots * capacity * c.kv_heads() * c.head_dim() * 4) as u64
+    /// Bytes the cache of `slots` x `capacity` tokens takes (keys and values in `precision`).
+    pub fn cache_bytes(
+        c: &ModelConfig,
+        slots: usize,
+        capacity: usize,
+        precision: Precision,
+    ) -> u64 {
+        (2 * c.num_hidden_layers * slots * capacity * c.kv_heads() * c.head_dim()) as u64
+            * precision.bytes()
     }
 
     /// Sequences the cache holds at once.

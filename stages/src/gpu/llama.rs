@@ -3,7 +3,7 @@
 //! autodiff differentiates it.
 
 use burn::tensor::activation::{log_softmax, silu, softmax};
-use burn::tensor::{Bool, Device, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Distribution, FloatDType, Int, Tensor, TensorData};
 
 use crate::cpu::llama::{Batch, Dropouts};
 use crate::cpu::lora::Factors;
@@ -194,12 +194,18 @@ pub struct DeviceLora {
 }
 
 /// The model's parameters on a device, in `Weights` order, plus LoRA tensors if any.
+///
+/// `dtype` is what matmuls and activations compute in (see `super::precision`): the
+/// residual stream, norms, softmax and logits stay f32 whatever it is, and parameters are
+/// cast to it where a matmul takes them (a no-op for those already in it; the cast's
+/// gradient is f32 for f32 master weights). With f32 every cast is a no-op.
 pub struct DeviceModel<'a> {
     pub config: &'a ModelConfig,
     pub arch: &'a Arch,
     pub w: &'a [Tensor<2>],
     pub lora: Option<(&'a DeviceLora, &'a [Tensor<2>])>,
     pub device: &'a Device,
+    pub dtype: FloatDType,
 }
 
 fn dropout<const D: usize>(x: Tensor<D>, p: f32, device: &Device) -> Tensor<D> {
@@ -207,17 +213,31 @@ fn dropout<const D: usize>(x: Tensor<D>, p: f32, device: &Device) -> Tensor<D> {
         return x;
     }
     let keep = Tensor::<D>::random(x.shape(), Distribution::Bernoulli(1.0 - p as f64), device);
-    x * keep.div_scalar(1.0 - p)
+    let dtype: FloatDType = x.dtype().into();
+    x * keep.div_scalar(1.0 - p).cast(dtype)
+}
+
+/// In f32 (the residual stream's, the norms' and the loss's type).
+fn f32<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    x.cast(FloatDType::F32)
 }
 
 impl DeviceModel<'_> {
+    /// In the compute type.
+    fn low<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        x.cast(self.dtype)
+    }
+
+    /// RMSNorm, in f32 whatever the input's type (as transformers' `LlamaRMSNorm`).
     fn rms(&self, x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
         let eps = self.config.rms_norm_eps as f32;
+        let x = f32(x);
         let ms = x.clone().powi_scalar(2).mean_dim(1);
+        let w = f32(w.clone());
         let w = if self.arch.norm_offset == 0.0 {
-            w.clone()
+            w
         } else {
-            w.clone().add_scalar(self.arch.norm_offset)
+            w.add_scalar(self.arch.norm_offset)
         };
         x * ms.add_scalar(eps).sqrt().recip() * w
     }
@@ -256,15 +276,16 @@ impl DeviceModel<'_> {
         };
         let n = x.dims()[0];
         let hd = self.config.head_dim();
-        self.rms(x.reshape([n * heads, hd]), w)
+        self.low(self.rms(x.reshape([n * heads, hd]), w))
             .reshape([n, heads * hd])
     }
 
     fn proj(&self, layer: usize, p: Proj, x: Tensor<2>, drop: Option<&Dropouts>) -> Tensor<2> {
-        let w = &self.w[Weights::proj_index(layer, p)];
-        let mut y = x.clone().matmul(w.clone().transpose());
+        let w = self.low(self.w[Weights::proj_index(layer, p)].clone());
+        let x = self.low(x);
+        let mut y = x.clone().matmul(w.transpose());
         if let Some(b) = self.extra(layer, Extra::Bias(p)) {
-            y = y + b.clone();
+            y = y + self.low(b.clone());
         }
         match self.lora {
             Some((l, t)) => match l.factors.get(&(layer, p)) {
@@ -273,12 +294,13 @@ impl DeviceModel<'_> {
                         Some(d) if d.lora > 0.0 => dropout(x, d.lora, self.device),
                         _ => x,
                     };
-                    let xa = xin.matmul(t[f.a].clone().transpose());
+                    let xa = xin.matmul(self.low(t[f.a].clone()).transpose());
                     let [rows, r] = t[f.b].dims();
+                    let b = self.low(t[f.b].clone());
                     let b = if f.rows == (0..rows) {
-                        t[f.b].clone()
+                        b
                     } else {
-                        t[f.b].clone().slice([f.rows.clone(), 0..r])
+                        b.slice([f.rows.clone(), 0..r])
                     };
                     y + xa.matmul(b.transpose()).mul_scalar(l.scale)
                 }
@@ -288,7 +310,8 @@ impl DeviceModel<'_> {
         }
     }
 
-    /// RoPE in the rotate-half layout; `cos`, `sin`: `[tokens, 1, head_dim]`.
+    /// RoPE in the rotate-half layout, in the compute type (as transformers casts its
+    /// tables to q's); `cos`, `sin`: `[tokens, 1, head_dim]`.
     fn rope(&self, x: Tensor<2>, heads: usize, cos: &Tensor<3>, sin: &Tensor<3>) -> Tensor<2> {
         let n = x.dims()[0];
         let hd = self.config.head_dim();
@@ -297,13 +320,14 @@ impl DeviceModel<'_> {
         let x1 = x3.clone().slice([0..n, 0..heads, 0..half]);
         let x2 = x3.clone().slice([0..n, 0..heads, half..hd]);
         let rot = Tensor::cat(vec![x2.neg(), x1], 2);
-        let out = x3 * cos.clone() + rot * sin.clone();
+        let out = x3 * self.low(cos.clone()) + rot * self.low(sin.clone());
         out.reshape([n, heads * hd])
     }
 
-    /// Token embeddings `[tokens, hidden]` (scaled where the architecture says so).
+    /// Token embeddings `[tokens, hidden]` in f32, the residual stream's type (scaled where
+    /// the architecture says so).
     pub fn embed(&self, ids: Tensor<1, Int>, not_pad: Option<&Tensor<2>>) -> Tensor<2> {
-        let mut x = self.w[0].clone().select(0, ids);
+        let mut x = f32(self.w[0].clone().select(0, ids));
         if let Some(m) = not_pad {
             // The same values; the gradient of the padding token's lookups is cut.
             x = x.clone() * m.clone() + x.detach() * m.clone().neg().add_scalar(1.0);
@@ -337,7 +361,8 @@ impl DeviceModel<'_> {
         );
         let v = self.proj(l, Proj::V, h1, drop);
         let attn = attend(l, q, k, v);
-        let mut ao = self.post_norm(l, Extra::PostAttnNorm, self.proj(l, Proj::O, attn, drop));
+        let ao = f32(self.proj(l, Proj::O, attn, drop));
+        let mut ao = self.post_norm(l, Extra::PostAttnNorm, ao);
         if let Some(d) = drop.filter(|d| d.hidden > 0.0) {
             ao = dropout(ao, d.hidden, self.device);
         }
@@ -345,7 +370,7 @@ impl DeviceModel<'_> {
         let h2 = self.rms(x2.clone(), &self.w[Weights::layer_index(l, 5)]);
         let g = self.proj(l, Proj::Gate, h2.clone(), drop);
         let u = self.proj(l, Proj::Up, h2, drop);
-        let mut m = self.proj(l, Proj::Down, self.act(g) * u, drop);
+        let mut m = f32(self.proj(l, Proj::Down, self.act(g) * u, drop));
         m = self.post_norm(l, Extra::PostMlpNorm, m);
         if let Some(d) = drop.filter(|d| d.hidden > 0.0) {
             m = dropout(m, d.hidden, self.device);
@@ -355,7 +380,8 @@ impl DeviceModel<'_> {
 
     /// Scaled dot-product attention: q `[b, heads, t, hd]` over k and v
     /// `[b, kv_heads, keys, hd]` (grouped-query heads shared), where `allowed`
-    /// `[b, 1, t, keys]` is true; returns `[b * t, heads * hd]`.
+    /// `[b, 1, t, keys]` is true; returns `[b * t, heads * hd]`. The products run in the
+    /// compute type, the scaling, soft cap, mask and softmax in f32.
     pub fn attention(
         &self,
         q: Tensor<4>,
@@ -375,8 +401,7 @@ impl DeviceModel<'_> {
             let z5: Tensor<5> = z.reshape([b, hk, 1, keys, hd]);
             z5.repeat_dim(2, h / hk).reshape([b, h, keys, hd])
         };
-        let mut scores = q
-            .matmul(expand(k).swap_dims(2, 3))
+        let mut scores = f32(self.low(q).matmul(expand(self.low(k)).swap_dims(2, 3)))
             .mul_scalar(self.arch.attn_scale);
         if let Some(cap) = self.arch.attn_softcap {
             scores = scores.div_scalar(cap).tanh().mul_scalar(cap);
@@ -387,7 +412,10 @@ impl DeviceModel<'_> {
         if let Some(d) = drop.filter(|d| d.attention > 0.0) {
             p = dropout(p, d.attention, self.device);
         }
-        p.matmul(expand(v)).swap_dims(1, 2).reshape([b * t, h * hd])
+        self.low(p)
+            .matmul(expand(self.low(v)))
+            .swap_dims(1, 2)
+            .reshape([b * t, h * hd])
     }
 
     /// Logits `[rows, vocab]` of final hidden states `[rows, hidden]`: final norm, LM head,
@@ -395,13 +423,13 @@ impl DeviceModel<'_> {
     pub fn logits(&self, x: Tensor<2>) -> Tensor<2> {
         let c = self.config;
         let fi = 1 + c.num_hidden_layers * crate::model::weights::PER_LAYER;
-        let hf = self.rms(x, &self.w[fi]);
+        let hf = self.low(self.rms(x, &self.w[fi]));
         let head = if c.tie_word_embeddings {
             &self.w[0]
         } else {
             &self.w[fi + 1]
         };
-        let logits = hf.matmul(head.clone().transpose());
+        let logits = f32(hf.matmul(self.low(head.clone()).transpose()));
         match self.arch.final_softcap {
             Some(cap) => logits.div_scalar(cap).tanh().mul_scalar(cap),
             None => logits,

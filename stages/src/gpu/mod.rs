@@ -8,5 +8,6 @@ pub mod decode;
 pub mod device;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub mod llama;
+pub mod precision;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub mod trainer;

@@ -1,14 +1,19 @@
 //! Training on a burn device: parameters, gradient accumulators and optimizer moments stay
 //! on the device; only the loss (one number per micro-batch) and checkpoints come back.
+//!
+//! In f16 or bf16 (`super::precision`) the parameters that train, their gradients and the
+//! optimizer's moments stay f32 (master weights); LoRA's frozen base is stored in the half
+//! type, as PEFT users load it. f16 scales the loss ([`LossScale`]).
 
 use burn::tensor::{Device, Tensor};
 
 use super::llama::{DeviceLora, DeviceModel, Inputs, download, total, upload};
+use super::precision::{LossScale, Precision};
 use crate::cpu::llama::{Batch, Dropouts};
 use crate::cpu::lora::Adapters;
 use crate::model::weights::{Tensor as HostTensor, Weights};
 use crate::train::optim::{Optimizer, Rule};
-use crate::train::trainer::{Trainer, restore_by_name};
+use crate::train::trainer::{Trainer, Update, restore_by_name};
 
 /// A model being trained on a burn device.
 pub struct BurnTrainer {
@@ -25,21 +30,32 @@ pub struct BurnTrainer {
     step: u64,
     m: Vec<Tensor<2>>,
     v: Vec<Tensor<2>>,
+    precision: Precision,
+    /// f16's loss scale (None in f32 and bf16).
+    loss_scale: Option<LossScale>,
 }
 
 impl BurnTrainer {
-    /// `device` must have autodiff enabled.
+    /// `device` must have autodiff enabled, and arithmetic in `precision` (checked by the
+    /// stage with `Precision::check`).
     pub fn new(
         weights: Weights,
         adapters: Option<Adapters>,
         opt: &Optimizer,
         device: Device,
+        precision: Precision,
     ) -> BurnTrainer {
         let plain = device.clone();
+        // LoRA's base is frozen: no master copy, it is kept in the compute type.
+        let stored = if adapters.is_some() {
+            precision.dtype()
+        } else {
+            burn::tensor::FloatDType::F32
+        };
         let base: Vec<Tensor<2>> = weights
             .tensors
             .iter()
-            .map(|t| upload(&t.data, &t.shape, &plain).inner())
+            .map(|t| upload(&t.data, &t.shape, &plain).inner().cast(stored))
             .collect();
         let (lora_meta, lora) = match &adapters {
             Some(a) => {
@@ -80,6 +96,8 @@ impl BurnTrainer {
             step: 0,
             m: Vec::new(),
             v: Vec::new(),
+            precision,
+            loss_scale: None,
         };
         me.grads = vec![None; me.trainable().len()];
         me.set_optimizer(opt);
@@ -105,6 +123,10 @@ impl BurnTrainer {
         self.m = up(&opt.m);
         self.v = up(&opt.v);
         self.step = opt.step;
+        self.loss_scale = match self.precision {
+            Precision::F16 => Some(opt.loss_scale.unwrap_or_default()),
+            Precision::F32 | Precision::Bf16 => None,
+        };
     }
 
     fn host_trainable(&self) -> Vec<HostTensor> {
@@ -152,6 +174,7 @@ impl BurnTrainer {
             w: &base,
             lora: self.lora_meta.as_ref().map(|m| (m, &lora[..])),
             device: &self.device,
+            dtype: self.precision.dtype(),
         };
         let loss = model.loss_sum(&inputs, drop);
         (loss, if full { base } else { lora })
@@ -168,6 +191,7 @@ impl Trainer for BurnTrainer {
         }
         let (loss, leaves) = self.forward_loss(batch, drop.as_ref(), true);
         let sum: f32 = loss.clone().into_scalar();
+        let scale = scale * self.loss_scale.map_or(1.0, |s| s.scale);
         let grads = loss.mul_scalar(scale).backward();
         for (i, leaf) in leaves.iter().enumerate() {
             if let Some(g) = leaf.grad(&grads) {
@@ -181,7 +205,7 @@ impl Trainer for BurnTrainer {
         (sum as f64, batch.target_count())
     }
 
-    fn apply(&mut self, lr: f32, clip: f64) -> f64 {
+    fn apply(&mut self, lr: f32, clip: f64) -> Update {
         let n = self.trainable().len();
         let grads: Vec<Tensor<2>> = (0..n)
             .map(|i| {
@@ -196,12 +220,22 @@ impl Trainer for BurnTrainer {
             .reduce(|a, b| a + b)
             .map(|t| t.into_scalar())
             .unwrap_or(0.0);
-        let norm = (sq as f64).sqrt();
+        // The gradients hold `loss scale` times the true ones (1 but in f16).
+        let unscale = self.loss_scale.map_or(1.0, |s| s.scale);
+        let norm = (sq as f64).sqrt() / f64::from(unscale);
+        if let Some(s) = &mut self.loss_scale
+            && !s.record(norm.is_finite())
+        {
+            return Update {
+                grad_norm: norm,
+                skipped: true,
+            };
+        }
         let coef = if clip > 0.0 {
             (clip / (norm + 1e-6)).min(1.0) as f32
         } else {
             1.0
-        };
+        } / unscale;
         self.step += 1;
         let t = self.step as i32;
         let wd = self.weight_decay;
@@ -213,7 +247,7 @@ impl Trainer for BurnTrainer {
             &mut self.base
         };
         for (i, g) in grads.into_iter().enumerate() {
-            let g = if coef < 1.0 { g.mul_scalar(coef) } else { g };
+            let g = if coef != 1.0 { g.mul_scalar(coef) } else { g };
             let p = params[i].clone();
             match rule {
                 Rule::LionW { beta1, beta2 } => {
@@ -245,7 +279,10 @@ impl Trainer for BurnTrainer {
                 }
             }
         }
-        norm
+        Update {
+            grad_norm: norm,
+            skipped: false,
+        }
     }
 
     fn eval(&self, batch: &Batch) -> (f64, usize) {
@@ -268,6 +305,7 @@ impl Trainer for BurnTrainer {
             step: self.step,
             m: self.m.iter().map(download).collect(),
             v: self.v.iter().map(download).collect(),
+            loss_scale: self.loss_scale,
         };
         (self.host_trainable(), opt)
     }
@@ -280,6 +318,7 @@ impl Trainer for BurnTrainer {
             None => &mut self.weights.tensors,
         };
         restore_by_name(host, saved)?;
+        // What trains is f32 (master weights) whatever the precision.
         let up: Vec<Tensor<2>> = host
             .iter()
             .map(|t| upload(&t.data, &t.shape, &self.device).inner())
@@ -309,5 +348,9 @@ impl Trainer for BurnTrainer {
 
     fn lora_dropout(&self) -> f32 {
         self.adapters.as_ref().map_or(0.0, |a| a.spec.dropout)
+    }
+
+    fn loss_scale(&self) -> Option<f32> {
+        self.loss_scale.map(|s| s.scale)
     }
 }

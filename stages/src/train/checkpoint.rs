@@ -37,6 +37,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::gpu::precision::LossScale;
 use crate::kind::StageError;
 use crate::model::weights::Tensor;
 use crate::train::optim::{Optimizer, Rule};
@@ -91,6 +92,9 @@ struct OptMeta {
     weight_decay: f32,
     lr_max: f32,
     step: u64,
+    /// Absent in checkpoints of runs without one (and in those written before f16).
+    #[serde(default)]
+    loss_scale: Option<LossScale>,
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> StageError + '_ {
@@ -334,7 +338,7 @@ pub fn save(
     );
     let meta = serde_json::json!({
         "state": state,
-        "optimizer": {"rule": opt.rule, "weight_decay": opt.weight_decay, "lr_max": opt.lr_max, "step": opt.step},
+        "optimizer": {"rule": opt.rule, "weight_decay": opt.weight_decay, "lr_max": opt.lr_max, "step": opt.step, "loss_scale": opt.loss_scale},
     });
     files.insert(
         STATE.to_string(),
@@ -474,6 +478,7 @@ fn read_ckpt(scratch: &Path, name: &str) -> Result<Checkpoint, String> {
         weight_decay: meta.optimizer.weight_decay,
         lr_max: meta.optimizer.lr_max,
         step: meta.optimizer.step,
+        loss_scale: meta.optimizer.loss_scale,
         m: m.into_iter().map(|t| t.data).collect(),
         v: v.into_iter().map(|t| t.data).collect(),
     };
@@ -565,6 +570,11 @@ mod tests {
         o.step = step;
         o.m[0][1] = step as f32 / 3.0;
         o.v[1][2] = 0.5 + step as f32;
+        // f16's loss scale is optimizer state too: it must come back as it was.
+        o.loss_scale = Some(LossScale {
+            scale: 1024.0 / (step + 1) as f32,
+            good_steps: step as u32,
+        });
         o
     }
 

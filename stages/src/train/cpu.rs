@@ -5,7 +5,7 @@ use crate::cpu::lora::Adapters;
 use crate::cpu::ops::Rope;
 use crate::model::weights::{Tensor, Weights};
 use crate::train::optim::{Optimizer, clip_global_norm};
-use crate::train::trainer::{Trainer, restore_by_name};
+use crate::train::trainer::{Trainer, Update, restore_by_name};
 
 /// A model being trained on the CPU (full finetuning, or LoRA with a frozen base).
 pub struct CpuTrainer {
@@ -75,7 +75,7 @@ impl Trainer for CpuTrainer {
 
     /// Clips to `clip` (0 = off), updates at `lr`, clears the gradients; returns the norm
     /// before clipping.
-    fn apply(&mut self, lr: f32, clip: f64) -> f64 {
+    fn apply(&mut self, lr: f32, clip: f64) -> Update {
         let norm = if clip > 0.0 {
             clip_global_norm(&mut self.grads, clip)
         } else {
@@ -90,7 +90,10 @@ impl Trainer for CpuTrainer {
         for g in &mut self.grads {
             g.fill(0.0);
         }
-        norm
+        Update {
+            grad_norm: norm,
+            skipped: false,
+        }
     }
 
     /// Summed loss and target count of a batch, without dropout or gradients.

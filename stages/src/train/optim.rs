@@ -6,6 +6,8 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::gpu::precision::LossScale;
+
 /// Which update rule, with its hyperparameters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum Rule {
@@ -25,6 +27,10 @@ pub struct Optimizer {
     pub step: u64,
     pub m: Vec<Vec<f32>>,
     pub v: Vec<Vec<f32>>,
+    /// f16 training's dynamic loss scale (None in f32 and bf16): state that a resumed run
+    /// needs to scale, and skip, as an uninterrupted one.
+    #[serde(default)]
+    pub loss_scale: Option<LossScale>,
 }
 
 impl Optimizer {
@@ -41,6 +47,7 @@ impl Optimizer {
             step: 0,
             m: zeros(),
             v,
+            loss_scale: None,
         }
     }
 

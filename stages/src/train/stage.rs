@@ -26,6 +26,7 @@ use crate::cpu::lora::{Adapters, LoraInit, LoraSpec};
 use crate::data::pack::Packed;
 use crate::data::rng::Rng;
 use crate::gpu::device::{self, Choice};
+use crate::gpu::precision::{self, Precision};
 use crate::kind::{Default, Kind, Param, ParamType, StageContext, StageError, StageOutcome};
 use crate::model::weights::{Proj, Weights};
 
@@ -72,6 +73,7 @@ macro_rules! train_params {
             Param { name: "checkpoint_every", ty: ParamType::Int, default: Default::Value("50"), doc: "checkpoint into scratch every N steps (a rerun resumes from the last one)" },
             Param { name: "seed", ty: ParamType::Int, default: Default::PipelineSeed, doc: "data order of later epochs, dropout and LoRA init" },
             Param { name: "resume", ty: ParamType::Input, default: Default::Optional, doc: "start from a trunk's checkpoint (cooldown branches; `branch = \"cooldown\"` wires it)" },
+            precision::PARAM,
             $($extra),*
         ]
     };
@@ -164,6 +166,7 @@ struct TrainParams {
     eval_rows: i64,
     checkpoint_every: i64,
     seed: i64,
+    precision: String,
     // train-lora
     rank: Option<i64>,
     alpha: Option<f64>,
@@ -293,6 +296,10 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
         )));
     }
     let (global, micro) = (global as usize, micro as usize);
+    // The device, and whether it computes in the asked type, before anything loads.
+    let precision = Precision::parse(&p.precision)?;
+    let choice = device::select(ctx.device)?;
+    precision.check(&choice)?;
     let base = Weights::load(model_dir)?;
     let packed = Packed::open(data_dir)?;
     let reader = packed.reader()?;
@@ -416,7 +423,6 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
     let threads = ctx.threads.max(1);
     let positions = seq_len.max(1);
     let lora_rank = adapters.as_ref().map(|a| a.spec.rank);
-    let choice = device::select(ctx.device)?;
     let device_name = choice.describe();
     let mut trainer: Box<dyn Trainer> = match choice {
         Choice::Cpu => Box::new(CpuTrainer::new(
@@ -432,6 +438,7 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
             adapters,
             &opt,
             dev,
+            precision,
         )),
     };
     let mut state = LoopState {
@@ -494,7 +501,7 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
         None => None,
     };
     log.line(&format!(
-        "training {} ({} params{}) for {}: {global} rows x {seq_len} tokens per step, micro-batch {micro}, {threads} threads, device {device_name}",
+        "training {} ({} params{}) for {}: {global} rows x {seq_len} tokens per step, micro-batch {micro}, {threads} threads, device {device_name}, precision {}",
         if lora { "LoRA" } else { "all weights" },
         trainer.trainable_count(),
         if lora { " trainable" } else { "" },
@@ -502,6 +509,7 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
             Phase::Whole => format!("{steps} steps"),
             Phase::Trunk => format!("the trunk of a {steps}-step run, up to its cooldown at step {stop}"),
         },
+        precision.name(),
     ));
     ctx.progress.set_length(stop);
     ctx.progress.set_position(state.step);
@@ -579,7 +587,15 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
                     ctx.scratch.display()
                 )));
             }
-            let norm = trainer.apply(lr as f32, p.clip_grad_norm);
+            let update = trainer.apply(lr as f32, p.clip_grad_norm);
+            let norm = update.grad_norm;
+            if update.skipped {
+                log.line(&format!(
+                    "step {}: f16 gradients overflowed (norm {norm}); step skipped, loss scale now {}",
+                    step + 1,
+                    trainer.loss_scale().unwrap_or(1.0)
+                ));
+            }
             state.step = step + 1;
             state.tokens += tokens_per_step;
             last_loss = loss;
@@ -630,11 +646,22 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
     result?;
     let secs = clock.elapsed().as_secs_f64();
     let ran = state.step - start_step;
+    // Skipped steps are in the curve (a non-finite grad_norm), resumed parts included.
+    let skipped = skipped_steps(&state.curve);
     let tps = (ran * tokens_per_step) as f64 / secs.max(1e-9);
     let mut outcome = StageOutcome::default();
     outcome
         .metrics
         .insert("final_loss".into(), json!(last_loss));
+    if precision == Precision::F16 {
+        outcome
+            .metrics
+            .insert("skipped_steps".into(), json!(skipped));
+        log.line(&format!(
+            "{skipped} of {} steps skipped by f16 loss scaling",
+            state.step
+        ));
+    }
     outcome
         .metrics
         .insert("tokens_per_s".into(), json!(tps.round()));
@@ -711,6 +738,8 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
         "trainable_params": trainable_params,
         "lr": p.lr,
         "rank": lora_rank,
+        "precision": precision.name(),
+        "skipped_steps": skipped,
     });
     std::fs::write(
         curve_dir.join("summary.json"),
@@ -726,6 +755,16 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
     outcome.metrics.insert("steps".into(), json!(steps));
     outcome.metrics.insert("tokens".into(), json!(state.tokens));
     Ok(outcome)
+}
+
+/// Steps whose update was skipped (f16 gradients overflowed): their curve rows carry the
+/// non-finite gradient norm.
+fn skipped_steps(curve: &[String]) -> usize {
+    curve
+        .iter()
+        .filter_map(|line| CurveRow::parse(line))
+        .filter(|row| !row.grad_norm.is_finite())
+        .count()
 }
 
 #[cfg(test)]

@@ -10,9 +10,8 @@ pub trait Trainer: Send + Sync {
     /// Adds the gradient of `scale * summed loss` of a micro-batch; returns (summed loss,
     /// targets).
     fn accumulate(&mut self, batch: &Batch, scale: f32, drop: Option<Dropouts>) -> (f64, usize);
-    /// Clips to `clip` (0 = off), updates at `lr`, clears the gradients; returns the global
-    /// gradient norm before clipping.
-    fn apply(&mut self, lr: f32, clip: f64) -> f64;
+    /// Clips to `clip` (0 = off), updates at `lr`, clears the gradients.
+    fn apply(&mut self, lr: f32, clip: f64) -> Update;
     /// Summed loss and targets of a batch, without dropout or gradients.
     fn eval(&self, batch: &Batch) -> (f64, usize);
     /// Trainable parameter count.
@@ -25,6 +24,21 @@ pub trait Trainer: Send + Sync {
     fn finish(self: Box<Self>) -> (Weights, Option<Adapters>);
     /// LoRA's input dropout (0 without LoRA).
     fn lora_dropout(&self) -> f32;
+    /// f16's dynamic loss scale now, where there is one (see `gpu::precision::LossScale`).
+    fn loss_scale(&self) -> Option<f32> {
+        None
+    }
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Update {
+    /// The global gradient norm before clipping (of the unscaled gradients; not finite
+    /// when they overflowed).
+    pub grad_norm: f64,
+    /// Nothing changed but the loss scale: f16 gradients overflowed under loss scaling,
+    /// and the step was skipped (as PyTorch's `GradScaler.step` skips it).
+    pub skipped: bool,
 }
 
 /// Puts a checkpoint's tensors into `current`, matched by name, each with its element count:
