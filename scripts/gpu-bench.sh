@@ -19,6 +19,10 @@ chmod +x .devbin/train-bench
 for prec in f32 f16; do for cfg in small large; do for mode in full lora16; do
   peak timeout 150 .devbin/train-bench --one $cfg $mode --device wgpu --precision $prec 2>&1 | grep -v WARN | tail -2
 done; done; done
+# Activation checkpointing: peak memory against time, large config in f16.
+for mode in full lora16; do
+  peak timeout 150 .devbin/train-bench --one large $mode --device wgpu --precision f16 --checkpointing 2>&1 | grep -v WARN | tail -2
+done
 peak timeout 120 .devbin/train-bench --lora-linear 4096 4096 --device wgpu 2>&1 | tail -2
 for prec in f32 f16 bf16; do for cfg in small large; do for mode in full lora16; do
   peak timeout 150 python3 benches/train_torch.py --device cuda --config $cfg --modes $mode --precision $prec 2>&1 | grep '"impl"'

@@ -201,6 +201,25 @@ fn a_killed_f16_wgpu_run_resumes_bit_exactly() {
     assert_eq!(as_f32["params"]["precision"], "\"f32\"");
     assert!(as_f16["key"].is_string(), "{as_f16}");
     assert_ne!(as_f16["key"], as_f32["key"], "precision is part of the key");
+    // Activation checkpointing is how memory is used, not what is made: the same key, so
+    // the run just made is reused (`explain` shows it, and says it is not keyed).
+    let recomputing = &whole.json(
+        &[
+            "explain",
+            ps,
+            "train",
+            "--set",
+            "stage.train.activation_checkpointing=true",
+        ],
+        true,
+    )[0];
+    assert_eq!(recomputing["params"]["activation_checkpointing"], "true");
+    assert_eq!(
+        recomputing["unkeyed"],
+        serde_json::json!(["activation_checkpointing"])
+    );
+    assert_eq!(recomputing["key"], as_f16["key"]);
+    assert_eq!(recomputing["done"], true);
 }
 
 /// A precision the device cannot compute in stops the stage before it loads anything, with

@@ -45,6 +45,7 @@ impl Context {
                 "{}",
                 json!({"stage": stage.name, "kind": stage.kind.name, "kind_version": stage.kind.version,
                        "format": flow::key::KEY_FORMAT, "params": params, "origins": origins,
+                       "unkeyed": stage.kind.unkeyed,
                        "inputs": inputs,
                        "salt": pipeline.salt, "key": key, "done": done, "parts": parts})
             );
@@ -57,7 +58,12 @@ impl Context {
             stage.kind.name, stage.kind.version
         );
         for (k, v, origin) in &described {
-            println!("param        {k} = {v}  ({origin})");
+            let unkeyed = if stage.kind.unkeyed.contains(&k.as_str()) {
+                ", not in the key"
+            } else {
+                ""
+            };
+            println!("param        {k} = {v}  ({origin}{unkeyed})");
         }
         for b in &stage.inputs {
             for s in &b.sources {

@@ -72,7 +72,12 @@ pub fn key_parts(
         inputs.insert(binding.path.clone(), digests);
     }
     let mut params = BTreeMap::new();
-    for (name, value) in &stage.params {
+    // Params that change how a stage runs, not what it makes, stay out of its key.
+    let keyed = stage
+        .params
+        .iter()
+        .filter(|(name, _)| !stage.kind.unkeyed.contains(&name.as_str()));
+    for (name, value) in keyed {
         let text = match value {
             // External files enter the key by content, URLs as written.
             Val::Files(refs) => {

@@ -4,7 +4,8 @@
 //!
 //! Without arguments: every configuration on the CPU engine, then on wgpu when an adapter is
 //! there. `-- --device wgpu` (or cuda, vulkan) selects the device, `-- --precision f16` (or
-//! bf16) a burn device's compute type; `-- --one CONFIG MODE` is the per-process worker.
+//! bf16) a burn device's compute type, `-- --checkpointing` activation checkpointing there;
+//! `-- --one CONFIG MODE` is the per-process worker.
 use std::process::Command;
 use std::time::Instant;
 
@@ -51,7 +52,14 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn one(config: &str, mode: &str, device: &str, threads: usize, precision: Precision) {
+fn one(
+    config: &str,
+    mode: &str,
+    device: &str,
+    threads: usize,
+    precision: Precision,
+    checkpointing: bool,
+) {
     // As the stage worker does (`flow __stage`); FLOW_BENCH_GLIBC_DEFAULTS measures without.
     if std::env::var_os("FLOW_BENCH_GLIBC_DEFAULTS").is_none() {
         flow_stages::cpu::alloc::keep_freed_memory();
@@ -131,9 +139,10 @@ fn one(config: &str, mode: &str, device: &str, threads: usize, precision: Precis
         ),
         #[cfg(any(feature = "wgpu", feature = "cuda"))]
         Choice::Burn(dev, what) => (
-            Box::new(flow_stages::gpu::trainer::BurnTrainer::new(
-                w, lora, &opt, dev, precision,
-            )),
+            Box::new(
+                flow_stages::gpu::trainer::BurnTrainer::new(w, lora, &opt, dev, precision)
+                    .with_activation_checkpointing(checkpointing),
+            ),
             what,
         ),
     };
@@ -160,7 +169,7 @@ fn one(config: &str, mode: &str, device: &str, threads: usize, precision: Precis
         "{}",
         serde_json::json!({
             "impl": "flow", "device": what, "config": config, "mode": mode, "threads": threads,
-            "precision": precision.name(),
+            "precision": precision.name(), "activation_checkpointing": checkpointing,
             "step_s": (med * 1e4).round() / 1e4, "tokens_per_s": ((rows * seq) as f64 / med).round(),
             "peak_rss_mib": peak_rss_mib().round(),
         })
@@ -244,6 +253,7 @@ fn main() {
         .map(|i| args[i + 1].clone())
         .unwrap_or_else(|| "f32".into());
     let precision = Precision::parse(&precision_name).expect("--precision f32, f16 or bf16");
+    let checkpointing = args.iter().any(|a| a == "--checkpointing");
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
     if let Some(i) = args.iter().position(|a| a == "--lora-linear") {
         let d: usize = args[i + 1].parse().unwrap();
@@ -252,7 +262,14 @@ fn main() {
         return;
     }
     if let Some(i) = args.iter().position(|a| a == "--one") {
-        one(&args[i + 1], &args[i + 2], &device, threads, precision);
+        one(
+            &args[i + 1],
+            &args[i + 2],
+            &device,
+            threads,
+            precision,
+            checkpointing,
+        );
         return;
     }
     let exe = std::env::current_exe().unwrap();

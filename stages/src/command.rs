@@ -64,6 +64,7 @@ pub static KIND: Kind = Kind {
     ],
     outputs: &["out"],
     uses_device: false,
+    unkeyed: &[],
     run,
 };
 

@@ -20,6 +20,11 @@ pub struct Kind {
     /// Runs on an accelerator when one is there (training, evaluation): a cluster executor
     /// asks GPUs for these stages only, and a local run gives each its own device.
     pub uses_device: bool,
+    /// Params that change how the stage runs, not what it makes (memory against time):
+    /// `flow explain` shows them, the cache key leaves them out, so changing one reuses a
+    /// result. A kind lists only params whose every value computes the same math (results
+    /// equal up to float rounding, as on another device, which is not keyed either).
+    pub unkeyed: &'static [&'static str],
     /// Produces the outputs. Must be deterministic in (params, inputs) for the cache to be
     /// meaningful; it may use `scratch` to resume after an interruption.
     pub run: fn(&StageContext) -> Result<StageOutcome, StageError>,

@@ -62,6 +62,7 @@ pub static KIND: Kind = Kind {
     ],
     outputs: &["choice"],
     uses_device: false,
+    unkeyed: &[],
     run,
 };
 

@@ -94,6 +94,7 @@ pub static KIND: Kind = Kind {
     ],
     outputs: &["packed"],
     uses_device: false,
+    unkeyed: &[],
     run,
 };
 

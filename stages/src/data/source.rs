@@ -95,6 +95,7 @@ pub static KIND: Kind = Kind {
     ],
     outputs: &["train", "eval"],
     uses_device: false,
+    unkeyed: &[],
     run,
 };
 

@@ -94,6 +94,7 @@ pub static KIND: Kind = Kind {
     ],
     outputs: &["tokens", "tokenizer"],
     uses_device: false,
+    unkeyed: &[],
     run,
 };
 

@@ -191,6 +191,7 @@ pub static KIND: Kind = Kind {
     ],
     outputs: &["results"],
     uses_device: true,
+    unkeyed: &[],
     run,
 };
 

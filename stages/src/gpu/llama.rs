@@ -217,6 +217,13 @@ fn dropout<const D: usize>(x: Tensor<D>, p: f32, device: &Device) -> Tensor<D> {
     x * keep.div_scalar(1.0 - p).cast(dtype)
 }
 
+/// The dropout seed of layer `l` in a micro-batch whose seed is `seed`.
+fn layer_seed(seed: u64, l: usize) -> u64 {
+    crate::data::rng::Rng::new(seed)
+        .fork(&format!("layer-{l}"))
+        .next_u64()
+}
+
 /// In f32 (the residual stream's, the norms' and the loss's type).
 fn f32<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     x.cast(FloatDType::F32)
@@ -352,6 +359,11 @@ impl DeviceModel<'_> {
     ) -> Tensor<2> {
         let c = self.config;
         let (h, hk) = (c.num_attention_heads, c.kv_heads());
+        if let Some(d) = drop {
+            // Each layer's masks from its own seed: a block recomputed on its own (activation
+            // checkpointing) draws the masks it drew in the forward pass.
+            self.device.seed(layer_seed(d.seed, l));
+        }
         let h1 = self.rms(x.clone(), &self.w[Weights::layer_index(l, 0)]);
         let q = self.head_norm(l, self.proj(l, Proj::Q, h1.clone(), drop), h, Extra::QNorm);
         let k = self.head_norm(l, self.proj(l, Proj::K, h1.clone(), drop), hk, Extra::KNorm);
@@ -438,19 +450,41 @@ impl DeviceModel<'_> {
 
     /// Summed loss over the targets (a `[1]` tensor; differentiable when the parameters are).
     pub fn loss_sum(&self, inp: &Inputs, drop: Option<&Dropouts>) -> Tensor<1> {
+        let mut x = self.embed_inputs(inp);
+        for l in 0..self.config.num_hidden_layers {
+            x = self.block(l, x, inp, drop);
+        }
+        self.head_loss(x, inp)
+    }
+
+    /// The batch's token embeddings, the first block's input.
+    pub fn embed_inputs(&self, inp: &Inputs) -> Tensor<2> {
+        self.embed(inp.ids.clone(), inp.not_pad.as_ref())
+    }
+
+    /// Decoder layer `l` over the batch (attention within its rows, under its masks).
+    pub fn block(
+        &self,
+        l: usize,
+        x: Tensor<2>,
+        inp: &Inputs,
+        drop: Option<&Dropouts>,
+    ) -> Tensor<2> {
         let c = self.config;
         let (b, t) = (inp.rows, inp.seq);
         let (h, hk, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
-        let mut x = self.embed(inp.ids.clone(), inp.not_pad.as_ref());
         let mut attend = |l: usize, q: Tensor<2>, k: Tensor<2>, v: Tensor<2>| {
             let heads =
                 |z: Tensor<2>, n: usize| -> Tensor<4> { z.reshape([b, t, n, hd]).swap_dims(1, 2) };
             let mask = inp.masks.of(self.arch.windows[l]);
             self.attention(heads(q, h), heads(k, hk), heads(v, hk), mask, drop)
         };
-        for l in 0..c.num_hidden_layers {
-            x = self.layer(l, x, (&inp.cos, &inp.sin), drop, &mut attend);
-        }
+        self.layer(l, x, (&inp.cos, &inp.sin), drop, &mut attend)
+    }
+
+    /// Summed loss of the last block's output over the batch's targets: final norm, LM
+    /// head, log-softmax in f32.
+    pub fn head_loss(&self, x: Tensor<2>, inp: &Inputs) -> Tensor<1> {
         let lp = log_softmax(self.logits(x), 1).gather(1, inp.targets.clone());
         total(lp * inp.weights.clone()).neg()
     }

@@ -33,6 +33,8 @@ pub struct BurnTrainer {
     precision: Precision,
     /// f16's loss scale (None in f32 and bf16).
     loss_scale: Option<LossScale>,
+    /// Recompute each block in the backward pass instead of keeping its activations.
+    activation_checkpointing: bool,
 }
 
 impl BurnTrainer {
@@ -98,10 +100,18 @@ impl BurnTrainer {
             v: Vec::new(),
             precision,
             loss_scale: None,
+            activation_checkpointing: false,
         };
         me.grads = vec![None; me.trainable().len()];
         me.set_optimizer(opt);
         me
+    }
+
+    /// Recomputes each block in the backward pass (see `checkpointed_grads`): a forward
+    /// pass more for a block's activations instead of every block's.
+    pub fn with_activation_checkpointing(mut self, on: bool) -> BurnTrainer {
+        self.activation_checkpointing = on;
+        self
     }
 
     fn trainable(&self) -> &Vec<Tensor<2>> {
@@ -154,30 +164,130 @@ impl BurnTrainer {
             .collect()
     }
 
+    /// The parameters as autodiff leaves (those that train requiring gradients when `grad`),
+    /// and the model over them: (base, LoRA tensors).
+    fn leaves(&self, grad: bool) -> (Vec<Tensor<2>>, Vec<Tensor<2>>) {
+        let full = self.lora_meta.is_none();
+        let wrap = |t: &Tensor<2>, train: bool| {
+            let a = t.clone().autodiff();
+            if train && grad { a.require_grad() } else { a }
+        };
+        let base = self.base.iter().map(|t| wrap(t, full)).collect();
+        let lora = self.lora.iter().map(|t| wrap(t, !full)).collect();
+        (base, lora)
+    }
+
+    /// The forward pass over parameters `w` and `lora` (autodiff leaves or plain tensors)
+    /// on `device`.
+    fn model<'a>(
+        &'a self,
+        w: &'a [Tensor<2>],
+        lora: &'a [Tensor<2>],
+        device: &'a Device,
+    ) -> DeviceModel<'a> {
+        DeviceModel {
+            config: &self.weights.config,
+            arch: &self.weights.arch,
+            w,
+            lora: self.lora_meta.as_ref().map(|m| (m, lora)),
+            device,
+            dtype: self.precision.dtype(),
+        }
+    }
+
     fn forward_loss(
         &self,
         batch: &Batch,
         drop: Option<&Dropouts>,
         grad: bool,
     ) -> (Tensor<1>, Vec<Tensor<2>>) {
-        let full = self.lora_meta.is_none();
-        let wrap = |t: &Tensor<2>, train: bool| {
-            let a = t.clone().autodiff();
-            if train && grad { a.require_grad() } else { a }
-        };
-        let base: Vec<Tensor<2>> = self.base.iter().map(|t| wrap(t, full)).collect();
-        let lora: Vec<Tensor<2>> = self.lora.iter().map(|t| wrap(t, !full)).collect();
+        let (base, lora) = self.leaves(grad);
         let inputs = Inputs::new(&self.weights, batch, &self.device);
-        let model = DeviceModel {
-            config: &self.weights.config,
-            arch: &self.weights.arch,
-            w: &base,
-            lora: self.lora_meta.as_ref().map(|m| (m, &lora[..])),
-            device: &self.device,
-            dtype: self.precision.dtype(),
+        let loss = self
+            .model(&base, &lora, &self.device)
+            .loss_sum(&inputs, drop);
+        (loss, if self.lora_meta.is_none() { base } else { lora })
+    }
+
+    /// Adds the gradients `grads` holds for the trainable leaves to `into`.
+    fn collect(
+        &self,
+        into: &mut [Option<Tensor<2>>],
+        base: &[Tensor<2>],
+        lora: &[Tensor<2>],
+        grads: &burn::tensor::Gradients,
+    ) {
+        let leaves = if self.lora_meta.is_none() { base } else { lora };
+        for (i, leaf) in leaves.iter().enumerate() {
+            if let Some(g) = leaf.grad(grads) {
+                let g = g.inner();
+                into[i] = Some(match into[i].take() {
+                    Some(acc) => acc + g,
+                    None => g,
+                });
+            }
+        }
+    }
+
+    /// A micro-batch's gradients (of `scale` times its summed loss) with activation
+    /// checkpointing, as `torch.utils.checkpoint` per block: a forward pass without a graph
+    /// keeps only each block's input; the head's loss is differentiated from the last one;
+    /// then, from the last block to the first, the block is recomputed with a graph from
+    /// its input and differentiated against the gradient of its output (the surrogate
+    /// `sum(y * dy)`, whose gradient at `y` is exactly `dy`), giving its parameters'
+    /// gradients and its input's. Memory holds the blocks' inputs and one block's graph;
+    /// the cost is a forward pass more. Each layer's dropout masks come from its own seed,
+    /// so the recomputed block draws the forward pass's masks: the same bits as without.
+    fn checkpointed_grads(
+        &self,
+        batch: &Batch,
+        scale: f32,
+        drop: Option<&Dropouts>,
+    ) -> (f32, Vec<Option<Tensor<2>>>) {
+        let layers = self.weights.config.num_hidden_layers;
+        let plain = self.device.clone().without_autodiff();
+        let mut inputs: Vec<Tensor<2>> = Vec::with_capacity(layers);
+        let last = {
+            let model = self.model(&self.base, &self.lora, &plain);
+            let inp = Inputs::new(&self.weights, batch, &plain);
+            let mut x = model.embed_inputs(&inp);
+            for l in 0..layers {
+                inputs.push(x.clone());
+                x = model.block(l, x, &inp, drop);
+            }
+            x
         };
-        let loss = model.loss_sum(&inputs, drop);
-        (loss, if full { base } else { lora })
+        let (base, lora) = self.leaves(true);
+        let model = self.model(&base, &lora, &self.device);
+        let inp = Inputs::new(&self.weights, batch, &self.device);
+        let mut grads = vec![None; self.trainable().len()];
+        let x = last.autodiff().require_grad();
+        let loss = model.head_loss(x.clone(), &inp);
+        let sum: f32 = loss.clone().into_scalar();
+        let g = loss.mul_scalar(scale).backward();
+        self.collect(&mut grads, &base, &lora, &g);
+        let mut dy = x
+            .grad(&g)
+            .expect("the loss depends on the last block")
+            .inner();
+        for l in (0..layers).rev() {
+            let x = inputs
+                .pop()
+                .expect("an input per block")
+                .autodiff()
+                .require_grad();
+            let y = model.block(l, x.clone(), &inp, drop);
+            let g = total(y * dy.autodiff()).backward();
+            self.collect(&mut grads, &base, &lora, &g);
+            dy = x.grad(&g).expect("a block depends on its input").inner();
+        }
+        // The embedding trains in full finetuning only (LoRA leaves it frozen).
+        if self.lora_meta.is_none() {
+            let x0 = model.embed_inputs(&inp);
+            let g = total(x0 * dy.autodiff()).backward();
+            self.collect(&mut grads, &base, &lora, &g);
+        }
+        (sum, grads)
     }
 }
 
@@ -189,15 +299,27 @@ impl Trainer for BurnTrainer {
             // resume, as the CPU engine's do.
             self.device.seed(d.seed);
         }
-        let (loss, leaves) = self.forward_loss(batch, drop.as_ref(), true);
-        let sum: f32 = loss.clone().into_scalar();
         let scale = scale * self.loss_scale.map_or(1.0, |s| s.scale);
-        let grads = loss.mul_scalar(scale).backward();
-        for (i, leaf) in leaves.iter().enumerate() {
-            if let Some(g) = leaf.grad(&grads) {
-                let g = g.inner();
-                self.grads[i] = Some(match self.grads[i].take() {
-                    Some(acc) => acc + g,
+        // This micro-batch's gradients, then added to the step's: the same sums in the same
+        // order whether or not blocks are recomputed.
+        let (sum, mut mine) = if self.activation_checkpointing {
+            self.checkpointed_grads(batch, scale, drop.as_ref())
+        } else {
+            let (base, lora) = self.leaves(true);
+            let inputs = Inputs::new(&self.weights, batch, &self.device);
+            let loss = self
+                .model(&base, &lora, &self.device)
+                .loss_sum(&inputs, drop.as_ref());
+            let sum: f32 = loss.clone().into_scalar();
+            let g = loss.mul_scalar(scale).backward();
+            let mut mine = vec![None; self.trainable().len()];
+            self.collect(&mut mine, &base, &lora, &g);
+            (sum, mine)
+        };
+        for (acc, g) in self.grads.iter_mut().zip(&mut mine) {
+            if let Some(g) = g.take() {
+                *acc = Some(match acc.take() {
+                    Some(a) => a + g,
                     None => g,
                 });
             }

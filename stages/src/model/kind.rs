@@ -99,6 +99,7 @@ pub static KIND: Kind = Kind {
     ],
     outputs: &["model"],
     uses_device: false,
+    unkeyed: &[],
     run,
 };
 

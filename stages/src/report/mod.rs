@@ -99,6 +99,7 @@ pub static KIND: Kind = Kind {
     ],
     outputs: &["report"],
     uses_device: false,
+    unkeyed: &[],
     run,
 };
 

@@ -89,6 +89,7 @@ pub static KIND: Kind = Kind {
     ],
     outputs: &["spectra"],
     uses_device: false,
+    unkeyed: &[],
     run,
 };
 

@@ -28,7 +28,7 @@ pub const DURATION_PARAMS: [&str; 3] = ["steps", "tokens", "epochs"];
 
 /// Params that only shape the cooldown or the run's bookkeeping (logs and scratch
 /// checkpoints), so a trunk may be continued by stages that differ in them.
-const FREE_PARAMS: [&str; 7] = [
+const FREE_PARAMS: [&str; 8] = [
     "steps",
     "tokens",
     "epochs",
@@ -36,6 +36,7 @@ const FREE_PARAMS: [&str; 7] = [
     "final_lr_fraction",
     "log_every",
     "checkpoint_every",
+    "activation_checkpointing",
 ];
 
 /// The file a trunk's checkpoint artifact carries beside the checkpoint: what trained it.

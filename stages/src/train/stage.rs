@@ -74,10 +74,14 @@ macro_rules! train_params {
             Param { name: "seed", ty: ParamType::Int, default: Default::PipelineSeed, doc: "data order of later epochs, dropout and LoRA init" },
             Param { name: "resume", ty: ParamType::Input, default: Default::Optional, doc: "start from a trunk's checkpoint (cooldown branches; `branch = \"cooldown\"` wires it)" },
             precision::PARAM,
+            Param { name: "activation_checkpointing", ty: ParamType::Bool, default: Default::Value("false"), doc: "on a burn device, keep only each block's input and recompute the block in the backward pass (a forward pass more, a block's activations instead of every block's); the same math, so not part of the key" },
             $($extra),*
         ]
     };
 }
+
+/// The training kinds' params that are not part of their key: how a run uses memory.
+const UNKEYED: &[&str] = &["activation_checkpointing"];
 
 /// Registered as `kind = "train-full"`. Version 4: the padding token's embedding row gets
 /// no gradient from its lookups (as transformers' `padding_idx`), which changes what a model
@@ -89,6 +93,7 @@ pub static FULL: Kind = Kind {
     params: train_params!(),
     outputs: &["model", "curve"],
     uses_device: true,
+    unkeyed: UNKEYED,
     run: run_full,
 };
 
@@ -100,6 +105,7 @@ pub static LORA: Kind = Kind {
     params: train_params!(lora),
     outputs: &["model", "adapter", "curve"],
     uses_device: true,
+    unkeyed: UNKEYED,
     run: run_lora,
 };
 
@@ -112,6 +118,7 @@ pub static FULL_TRUNK: Kind = Kind {
     params: train_params!(),
     outputs: &["checkpoint"],
     uses_device: true,
+    unkeyed: UNKEYED,
     run: run_full_trunk,
 };
 
@@ -123,6 +130,7 @@ pub static LORA_TRUNK: Kind = Kind {
     params: train_params!(lora),
     outputs: &["checkpoint"],
     uses_device: true,
+    unkeyed: UNKEYED,
     run: run_lora_trunk,
 };
 
@@ -167,6 +175,7 @@ struct TrainParams {
     checkpoint_every: i64,
     seed: i64,
     precision: String,
+    activation_checkpointing: bool,
     // train-lora
     rank: Option<i64>,
     alpha: Option<f64>,
@@ -424,6 +433,7 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
     let positions = seq_len.max(1);
     let lora_rank = adapters.as_ref().map(|a| a.spec.rank);
     let device_name = choice.describe();
+    let on_cpu = matches!(choice, Choice::Cpu);
     let mut trainer: Box<dyn Trainer> = match choice {
         Choice::Cpu => Box::new(CpuTrainer::new(
             base.clone(),
@@ -433,14 +443,14 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
             threads,
         )),
         #[cfg(any(feature = "wgpu", feature = "cuda"))]
-        Choice::Burn(dev, _) => Box::new(crate::gpu::trainer::BurnTrainer::new(
-            base.clone(),
-            adapters,
-            &opt,
-            dev,
-            precision,
-        )),
+        Choice::Burn(dev, _) => Box::new(
+            crate::gpu::trainer::BurnTrainer::new(base.clone(), adapters, &opt, dev, precision)
+                .with_activation_checkpointing(p.activation_checkpointing),
+        ),
     };
+    if p.activation_checkpointing && on_cpu {
+        log.line("activation_checkpointing applies to burn devices; the CPU engine keeps its activations");
+    }
     let mut state = LoopState {
         step: 0,
         tokens: 0,

@@ -64,6 +64,7 @@ pub static KIND: Kind = Kind {
     ],
     outputs: &["cpt", "ift", "eval", "heldout"],
     uses_device: false,
+    unkeyed: &[],
     run,
 };
 
