@@ -2,7 +2,7 @@
 //! of parameters, same `Arch` variations, same RoPE convention, same targets); burn's
 //! autodiff differentiates it.
 
-use burn::tensor::activation::{log_softmax, silu, softmax};
+use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Bool, Device, Distribution, FloatDType, Int, Tensor, TensorData};
 
 use crate::cpu::llama::{Batch, Dropouts};
@@ -95,8 +95,10 @@ pub fn total<const D: usize>(x: Tensor<D>) -> Tensor<1> {
     x.reshape([1, n]).sum_dim(1).reshape([1])
 }
 
-/// cos and sin `[tokens, 1, head_dim]` (rotate-half layout: the same angles for both halves
-/// of a head) of the CPU engine's tables at these positions.
+/// cos and signed sin `[tokens, 1, head_dim]` of the CPU engine's tables at these
+/// positions, in the rotate-half layout: the same angles for both halves of a head, sin
+/// negated in the first half (which multiplies the second half of x, `-x2`; see
+/// `DeviceModel::rope`).
 pub fn rope_tables(rope: &Rope, pos: &[u32], hd: usize, device: &Device) -> (Tensor<3>, Tensor<3>) {
     let half = rope.half;
     let n = pos.len();
@@ -104,9 +106,9 @@ pub fn rope_tables(rope: &Rope, pos: &[u32], hd: usize, device: &Device) -> (Ten
     let mut sin = Vec::with_capacity(n * hd);
     for &p in pos {
         let at = p as usize * half..(p as usize + 1) * half;
-        for _half in 0..2 {
+        for sign in [-1.0f32, 1.0] {
             cos.extend_from_slice(&rope.cos[at.clone()]);
-            sin.extend_from_slice(&rope.sin[at.clone()]);
+            sin.extend(rope.sin[at.clone()].iter().map(|s| sign * s));
         }
     }
     let up = |v: Vec<f32>| Tensor::<3>::from_data(TensorData::new(v, [n, 1, hd]), device);
@@ -288,46 +290,94 @@ impl DeviceModel<'_> {
     }
 
     fn proj(&self, layer: usize, p: Proj, x: Tensor<2>, drop: Option<&Dropouts>) -> Tensor<2> {
-        let w = self.low(self.w[Weights::proj_index(layer, p)].clone());
+        self.projs(layer, &[p], x, drop).remove(0)
+    }
+
+    /// Projections of one input (q, k and v; gate and up) as one matmul against their
+    /// weights stacked (cast to the compute type in the same pass), split by columns after,
+    /// each piece with its bias and LoRA update: one large matmul where there were two or
+    /// three, and one read of the input.
+    fn projs(
+        &self,
+        layer: usize,
+        ps: &[Proj],
+        x: Tensor<2>,
+        drop: Option<&Dropouts>,
+    ) -> Vec<Tensor<2>> {
+        let weights: Vec<Tensor<2>> = ps
+            .iter()
+            .map(|&p| self.w[Weights::proj_index(layer, p)].clone())
+            .collect();
+        let widths: Vec<usize> = weights.iter().map(|w| w.dims()[0]).collect();
+        let w = match weights.len() {
+            1 => weights.into_iter().next().expect("one weight"),
+            _ => Tensor::cat(weights, 0),
+        };
         let x = self.low(x);
-        let mut y = x.clone().matmul(w.transpose());
-        if let Some(b) = self.extra(layer, Extra::Bias(p)) {
-            y = y + self.low(b.clone());
+        let y = x.clone().matmul(self.low(w).transpose());
+        let n = y.dims()[0];
+        let mut at = 0;
+        let mut out = Vec::with_capacity(ps.len());
+        for (&p, width) in ps.iter().zip(widths) {
+            let mut y = if ps.len() == 1 {
+                y.clone()
+            } else {
+                y.clone().slice([0..n, at..at + width])
+            };
+            at += width;
+            if let Some(b) = self.extra(layer, Extra::Bias(p)) {
+                y = y + self.low(b.clone());
+            }
+            out.push(self.lora_update(layer, p, x.clone(), y, drop));
         }
-        match self.lora {
-            Some((l, t)) => match l.factors.get(&(layer, p)) {
-                Some(f) => {
-                    let xin = match drop {
-                        Some(d) if d.lora > 0.0 => dropout(x, d.lora, self.device),
-                        _ => x,
-                    };
-                    let xa = xin.matmul(self.low(t[f.a].clone()).transpose());
-                    let [rows, r] = t[f.b].dims();
-                    let b = self.low(t[f.b].clone());
-                    let b = if f.rows == (0..rows) {
-                        b
-                    } else {
-                        b.slice([f.rows.clone(), 0..r])
-                    };
-                    y + xa.matmul(b.transpose()).mul_scalar(l.scale)
-                }
-                None => y,
-            },
-            None => y,
-        }
+        out
+    }
+
+    /// `y` plus the projection's LoRA update of its input `x`, where it has an adapter.
+    fn lora_update(
+        &self,
+        layer: usize,
+        p: Proj,
+        x: Tensor<2>,
+        y: Tensor<2>,
+        drop: Option<&Dropouts>,
+    ) -> Tensor<2> {
+        let Some((l, t)) = self.lora else {
+            return y;
+        };
+        let Some(f) = l.factors.get(&(layer, p)) else {
+            return y;
+        };
+        let xin = match drop {
+            Some(d) if d.lora > 0.0 => dropout(x, d.lora, self.device),
+            _ => x,
+        };
+        let xa = xin.matmul(self.low(t[f.a].clone()).transpose());
+        let [rows, r] = t[f.b].dims();
+        let b = self.low(t[f.b].clone());
+        let b = if f.rows == (0..rows) {
+            b
+        } else {
+            b.slice([f.rows.clone(), 0..r])
+        };
+        y + xa.matmul(b.transpose()).mul_scalar(l.scale)
     }
 
     /// RoPE in the rotate-half layout, in the compute type (as transformers casts its
-    /// tables to q's); `cos`, `sin`: `[tokens, 1, head_dim]`.
+    /// tables to q's): `x cos + swap(x) sin`, where `swap` exchanges a head's halves (one
+    /// flip of a `[.., 2, half]` view) and `sin` carries the sign of `-x2` (`rope_tables`):
+    /// elementwise after one gather, where slicing, negating and concatenating took three
+    /// kernels and a copy. `cos`, `sin`: `[tokens, 1, head_dim]`.
     fn rope(&self, x: Tensor<2>, heads: usize, cos: &Tensor<3>, sin: &Tensor<3>) -> Tensor<2> {
         let n = x.dims()[0];
         let hd = self.config.head_dim();
-        let half = hd / 2;
         let x3 = x.reshape([n, heads, hd]);
-        let x1 = x3.clone().slice([0..n, 0..heads, 0..half]);
-        let x2 = x3.clone().slice([0..n, 0..heads, half..hd]);
-        let rot = Tensor::cat(vec![x2.neg(), x1], 2);
-        let out = x3 * self.low(cos.clone()) + rot * self.low(sin.clone());
+        let swapped: Tensor<3> = x3
+            .clone()
+            .reshape([n, heads, 2, hd / 2])
+            .flip([2])
+            .reshape([n, heads, hd]);
+        let out = x3 * self.low(cos.clone()) + swapped * self.low(sin.clone());
         out.reshape([n, heads * hd])
     }
 
@@ -365,13 +415,16 @@ impl DeviceModel<'_> {
             self.device.seed(layer_seed(d.seed, l));
         }
         let h1 = self.rms(x.clone(), &self.w[Weights::layer_index(l, 0)]);
-        let q = self.head_norm(l, self.proj(l, Proj::Q, h1.clone(), drop), h, Extra::QNorm);
-        let k = self.head_norm(l, self.proj(l, Proj::K, h1.clone(), drop), hk, Extra::KNorm);
+        let [q, k, v]: [Tensor<2>; 3] = self
+            .projs(l, &[Proj::Q, Proj::K, Proj::V], h1, drop)
+            .try_into()
+            .expect("three projections");
+        let q = self.head_norm(l, q, h, Extra::QNorm);
+        let k = self.head_norm(l, k, hk, Extra::KNorm);
         let (q, k) = (
             self.rope(q, h, rope.0, rope.1),
             self.rope(k, hk, rope.0, rope.1),
         );
-        let v = self.proj(l, Proj::V, h1, drop);
         let attn = attend(l, q, k, v);
         let ao = f32(self.proj(l, Proj::O, attn, drop));
         let mut ao = self.post_norm(l, Extra::PostAttnNorm, ao);
@@ -380,8 +433,10 @@ impl DeviceModel<'_> {
         }
         let x2 = x + ao;
         let h2 = self.rms(x2.clone(), &self.w[Weights::layer_index(l, 5)]);
-        let g = self.proj(l, Proj::Gate, h2.clone(), drop);
-        let u = self.proj(l, Proj::Up, h2, drop);
+        let [g, u]: [Tensor<2>; 2] = self
+            .projs(l, &[Proj::Gate, Proj::Up], h2, drop)
+            .try_into()
+            .expect("two projections");
         let mut m = f32(self.proj(l, Proj::Down, self.act(g) * u, drop));
         m = self.post_norm(l, Extra::PostMlpNorm, m);
         if let Some(d) = drop.filter(|d| d.hidden > 0.0) {
@@ -483,9 +538,15 @@ impl DeviceModel<'_> {
     }
 
     /// Summed loss of the last block's output over the batch's targets: final norm, LM
-    /// head, log-softmax in f32.
+    /// head, then cross-entropy in f32 as `logsumexp(z) - z[target]` per row, which keeps
+    /// one `[tokens, vocab]` tensor for the backward pass (the exponentials) where a
+    /// log-softmax made and kept its own beside them. The row maximum is a constant to
+    /// autodiff: the result does not depend on it.
     pub fn head_loss(&self, x: Tensor<2>, inp: &Inputs) -> Tensor<1> {
-        let lp = log_softmax(self.logits(x), 1).gather(1, inp.targets.clone());
-        total(lp * inp.weights.clone()).neg()
+        let z = self.logits(x);
+        let m = z.clone().max_dim(1).detach();
+        let lse = (z.clone() - m.clone()).exp().sum_dim(1).log() + m;
+        let nll = lse - z.gather(1, inp.targets.clone());
+        total(nll * inp.weights.clone())
     }
 }
