@@ -31,12 +31,16 @@ p.add_argument("--attn", default="sdpa")
 p.add_argument("--device", default="cpu")
 p.add_argument("--precision", default="f32", choices=["f32", "f16", "bf16"],
                help="f32, or autocast to f16 (with GradScaler) or bf16: flow's `precision`")
-p.add_argument("--config", default=None, help="small, wide or large: the configs of stages/benches/train.rs")
+p.add_argument("--checkpointing", action="store_true",
+               help="activation checkpointing per decoder layer (gradient_checkpointing_enable)")
+p.add_argument("--config", default=None, help="small, wide, large or 7b: the configs of stages/benches/train.rs")
 a = p.parse_args()
 if a.config == "small":
     a.d, a.layers, a.heads, a.seq, a.batch, a.vocab, a.ff = 256, 4, 8, 256, 8, 8192, 704
 elif a.config == "large":
     a.d, a.layers, a.heads, a.seq, a.batch, a.vocab, a.ff, a.steps = 2048, 8, 16, 1024, 4, 32000, 5632, 6
+elif a.config == "7b":
+    a.d, a.layers, a.heads, a.seq, a.batch, a.vocab, a.ff, a.steps = 4096, 32, 32, 4096, 1, 32000, 11008, 4
 elif a.config == "wide":
     a.d, a.layers, a.heads, a.seq, a.batch, a.vocab, a.ff, a.steps = 1024, 8, 16, 128, 2, 8192, 2816, 4
 torch.set_num_threads(a.threads)
@@ -53,6 +57,9 @@ for mode in a.modes.split(","):
     model = transformers.LlamaForCausalLM(cfg).float().train().to(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    if a.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     if mode.startswith("lora"):
         r = int(mode[4:])
         model = peft.get_peft_model(model, peft.LoraConfig(
@@ -79,7 +86,7 @@ for mode in a.modes.split(","):
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None
     print(json.dumps({"impl": "pytorch", "device": a.device, "config": a.config, "mode": mode,
-                      "precision": a.precision, "threads": a.threads, "step_s": round(med, 4),
+                      "precision": a.precision, "checkpointing": a.checkpointing, "threads": a.threads, "step_s": round(med, 4),
                       "tokens_per_s": round(a.batch * a.seq / med), "peak_rss_mib": round(rss),
                       "peak_gpu_mib": gpu and round(gpu), "torch": torch.__version__}))
     del model, opt

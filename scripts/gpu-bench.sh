@@ -23,6 +23,12 @@ done; done; done
 for mode in full lora16; do
   peak timeout 150 .devbin/train-bench --one large $mode --device wgpu --precision f16 --checkpointing 2>&1 | grep -v WARN | tail -2
 done
+# Llama-2-7B's shape, seq 4096, micro-batch 1 (issue 19 item 7: full finetuning within
+# 80 GB with f16 and checkpointing; LoRA r=256 on all seven projections in much less).
+for mode in full lora256; do
+  peak timeout 400 .devbin/train-bench --one 7b $mode --device wgpu --precision f16 --checkpointing 2>&1 | grep -v WARN | tail -2
+  peak timeout 400 python3 benches/train_torch.py --device cuda --config 7b --modes $mode --precision bf16 --checkpointing 2>&1 | grep '"impl"'
+done
 peak timeout 120 .devbin/train-bench --lora-linear 4096 4096 --device wgpu 2>&1 | tail -2
 for prec in f32 f16 bf16; do for cfg in small large; do for mode in full lora16; do
   peak timeout 150 python3 benches/train_torch.py --device cuda --config $cfg --modes $mode --precision $prec 2>&1 | grep '"impl"'

@@ -41,6 +41,9 @@ const CONFIGS: &[Config] = &[
     ("wide", 1024, 8, 16, 128, 2, 8192, 2816, 4),
     // GPU-sized (run with --one large ...; far too slow for a CPU run).
     ("large", 2048, 8, 16, 1024, 4, 32000, 5632, 6),
+    // Llama-2-7B's shape at the paper's sequence length, micro-batch 1 (issue 19's memory
+    // target: full finetuning in 80 GB with f16 and activation checkpointing, LoRA r=256).
+    ("7b", 4096, 32, 32, 4096, 1, 32000, 11008, 4),
 ];
 
 fn peak_rss_mib() -> f64 {
@@ -279,7 +282,7 @@ fn main() {
         vec!["cpu".into(), "wgpu".into()]
     };
     for dev in devices {
-        for (config, ..) in CONFIGS.iter().filter(|c| c.0 != "large") {
+        for (config, ..) in CONFIGS.iter().filter(|c| c.0 != "large" && c.0 != "7b") {
             for mode in ["full", "lora16", "lora16-drop"] {
                 if dev != "cpu" && *config == "wide" && std::env::var("FLOW_BENCH_WIDE").is_err() {
                     continue; // minutes on a software rasterizer; set FLOW_BENCH_WIDE to run it

@@ -36,8 +36,11 @@ pub struct Inputs {
     cos: Tensor<3>,
     sin: Tensor<3>,
     /// Which keys each query may see, `[B, 1, T, T]`, one per distinct layer window: made
-    /// on the device from indices and document ids ([`attention_mask`]).
+    /// on the device from indices and document ids ([`attention_mask`]); none for chunked
+    /// attention, which makes each chunk's rows as it goes ([`mask_rows`]).
     masks: WindowMasks,
+    /// Document ids `[B, T]` (packed rows with `attention = "document"`).
+    docs: Option<Tensor<2, Int>>,
     /// `[N, 1]`: 0 at the padding token, 1 elsewhere, when the batch holds the padding
     /// token (whose embedding row gets no gradient from lookups, as in transformers).
     not_pad: Option<Tensor<2>>,
@@ -49,7 +52,27 @@ pub struct Inputs {
 }
 
 impl Inputs {
+    /// With the whole masks, for attention that materializes its scores.
     pub fn new(w: &Weights, b: &Batch, device: &Device) -> Inputs {
+        Inputs::build(w, b, device, true)
+    }
+
+    /// Without them, for chunked attention (`super::attention`).
+    pub fn for_chunks(w: &Weights, b: &Batch, device: &Device) -> Inputs {
+        Inputs::build(w, b, device, false)
+    }
+
+    /// Rows and their length.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows, self.seq)
+    }
+
+    /// Document ids, where the rows have them.
+    pub fn docs(&self) -> Option<&Tensor<2, Int>> {
+        self.docs.as_ref()
+    }
+
+    fn build(w: &Weights, b: &Batch, device: &Device, whole_masks: bool) -> Inputs {
         let c = &w.config;
         let n = b.rows * b.seq;
         let hd = c.head_dim();
@@ -58,8 +81,13 @@ impl Inputs {
         let (cos, sin) = rope_tables(&Rope::new(&w.arch, positions), &b.pos, hd, device);
         // Rows of one length only: the CPU engine alone takes batches without their tails.
         assert!(b.lens.is_none(), "the burn model takes rectangular batches");
-        let masks = WindowMasks::new(&w.arch.windows, |window| {
-            attention_mask(b.rows, b.seq, b.seq_ids.as_deref(), window, device)
+        let docs = b
+            .seq_ids
+            .as_deref()
+            .map(|d| doc_ids(b.rows, b.seq, d, device));
+        let windows: &[Option<usize>] = if whole_masks { &w.arch.windows } else { &[] };
+        let masks = WindowMasks::new(windows, |window| {
+            mask_rows(b.rows, b.seq, 0..b.seq, docs.as_ref(), window, device)
         });
         let ids: Vec<i64> = b.ids.iter().map(|&i| i as i64).collect();
         let not_pad = c.pad_token_id.filter(|p| b.ids.contains(p)).map(|p| {
@@ -77,6 +105,7 @@ impl Inputs {
             cos,
             sin,
             masks,
+            docs,
             not_pad,
             targets: Tensor::<2, Int>::from_data(TensorData::new(tg, [n, 1]), device),
             weights: Tensor::<2>::from_data(TensorData::new(w, [n, 1]), device),
@@ -127,25 +156,52 @@ pub fn attention_mask(
     window: Option<usize>,
     device: &Device,
 ) -> Tensor<4, Bool> {
-    let idx = Tensor::<1, Int>::arange(0..t as i64, device);
-    let qi: Tensor<2, Int> = idx.clone().reshape([t, 1]).expand([t, t]);
-    let kj: Tensor<2, Int> = idx.reshape([1, t]).expand([t, t]);
+    let docs = docs.map(|d| doc_ids(rows, t, d, device));
+    mask_rows(rows, t, 0..t, docs.as_ref(), window, device)
+}
+
+/// The `rows x t` document ids on the device.
+pub fn doc_ids(rows: usize, t: usize, docs: &[u16], device: &Device) -> Tensor<2, Int> {
+    let ids: Vec<i64> = docs.iter().map(|&d| i64::from(d)).collect();
+    Tensor::<2, Int>::from_data(TensorData::new(ids, [rows, t]), device)
+}
+
+/// [`attention_mask`]'s rows for the queries in `queries` only, `[rows, 1, queries, t]`:
+/// what chunked attention needs at a time (linear in `t` for a fixed chunk).
+pub fn mask_rows(
+    rows: usize,
+    t: usize,
+    queries: std::ops::Range<usize>,
+    docs: Option<&Tensor<2, Int>>,
+    window: Option<usize>,
+    device: &Device,
+) -> Tensor<4, Bool> {
+    let c = queries.len();
+    let qi: Tensor<2, Int> =
+        Tensor::<1, Int>::arange(queries.start as i64..queries.end as i64, device)
+            .reshape([c, 1])
+            .expand([c, t]);
+    let kj: Tensor<2, Int> = Tensor::<1, Int>::arange(0..t as i64, device)
+        .reshape([1, t])
+        .expand([c, t]);
     let back = qi - kj; // i - j
     let seen: Tensor<4, Bool> = visible(back.clone(), window)
-        .reshape([1, 1, t, t])
-        .expand([rows, 1, t, t]);
-    let Some(docs) = docs else {
+        .reshape([1, 1, c, t])
+        .expand([rows, 1, c, t]);
+    let Some(doc) = docs else {
         return seen;
     };
-    let ids: Vec<i64> = docs.iter().map(|&d| i64::from(d)).collect();
-    let doc = Tensor::<2, Int>::from_data(TensorData::new(ids, [rows, t]), device);
-    let di: Tensor<4, Int> = doc.clone().reshape([rows, 1, t, 1]).expand([rows, 1, t, t]);
-    let dj: Tensor<4, Int> = doc.reshape([rows, 1, 1, t]).expand([rows, 1, t, t]);
+    let di: Tensor<4, Int> = doc
+        .clone()
+        .slice([0..rows, queries])
+        .reshape([rows, 1, c, 1])
+        .expand([rows, 1, c, t]);
+    let dj: Tensor<4, Int> = doc.clone().reshape([rows, 1, 1, t]).expand([rows, 1, c, t]);
     let same = di.clone().equal(dj).bool_and(di.not_equal_elem(0));
     let own: Tensor<4, Bool> = back
         .equal_elem(0)
-        .reshape([1, 1, t, t])
-        .expand([rows, 1, t, t]);
+        .reshape([1, 1, c, t])
+        .expand([rows, 1, c, t]);
     seen.bool_and(same.bool_or(own))
 }
 
@@ -515,6 +571,18 @@ impl DeviceModel<'_> {
     /// The batch's token embeddings, the first block's input.
     pub fn embed_inputs(&self, inp: &Inputs) -> Tensor<2> {
         self.embed(inp.ids.clone(), inp.not_pad.as_ref())
+    }
+
+    /// Decoder layer `l` over the batch with another attention (`attend`, as [`Self::layer`]'s).
+    pub fn block_attending(
+        &self,
+        l: usize,
+        x: Tensor<2>,
+        inp: &Inputs,
+        drop: Option<&Dropouts>,
+        attend: &mut dyn FnMut(usize, Tensor<2>, Tensor<2>, Tensor<2>) -> Tensor<2>,
+    ) -> Tensor<2> {
+        self.layer(l, x, (&inp.cos, &inp.sin), drop, attend)
     }
 
     /// Decoder layer `l` over the batch (attention within its rows, under its masks).

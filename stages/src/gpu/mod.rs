@@ -4,6 +4,8 @@
 //! `wgpu` (Vulkan, Metal, DX12) or `cuda` features; without them only the CPU engine exists.
 
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub mod attention;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub mod decode;
 pub mod device;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]

@@ -5,8 +5,9 @@
 //! optimizer's moments stay f32 (master weights); LoRA's frozen base is stored in the half
 //! type, as PEFT users load it. f16 scales the loss ([`LossScale`]).
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, FloatDType, Int, Tensor};
 
+use super::attention::{self, Problem};
 use super::llama::{DeviceLora, DeviceModel, Inputs, download, total, upload};
 use super::precision::{LossScale, Precision};
 use crate::cpu::llama::{Batch, Dropouts};
@@ -14,6 +15,16 @@ use crate::cpu::lora::Adapters;
 use crate::model::weights::{Tensor as HostTensor, Weights};
 use crate::train::optim::{Optimizer, Rule};
 use crate::train::trainer::{Trainer, Update, restore_by_name};
+
+/// What a layer's chunked attention keeps for its backward pass: q and the expanded k and v
+/// `[rows, heads, t, head_dim]` in f32, the output and each query's log-sum-exp.
+struct ChunkedAttention {
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    out: Tensor<4>,
+    lse: Tensor<4>,
+}
 
 /// A model being trained on a burn device.
 pub struct BurnTrainer {
@@ -246,20 +257,42 @@ impl BurnTrainer {
     ) -> (f32, Vec<Option<Tensor<2>>>) {
         let layers = self.weights.config.num_hidden_layers;
         let plain = self.device.clone().without_autodiff();
+        // Attention in query chunks, with its backward written out (linear memory in the
+        // sequence length), where nothing sits between the scores and the softmax but the
+        // mask: not with attention dropout or a soft cap (Gemma 2), which keep the
+        // materialized attention.
+        let chunked =
+            self.weights.arch.attn_softcap.is_none() && drop.is_none_or(|d| d.attention == 0.0);
+        let inputs_on = |device: &Device| {
+            if chunked {
+                Inputs::for_chunks(&self.weights, batch, device)
+            } else {
+                Inputs::new(&self.weights, batch, device)
+            }
+        };
         let mut inputs: Vec<Tensor<2>> = Vec::with_capacity(layers);
         let last = {
             let model = self.model(&self.base, &self.lora, &plain);
-            let inp = Inputs::new(&self.weights, batch, &plain);
+            let inp = inputs_on(&plain);
+            let docs = inp.docs().cloned();
             let mut x = model.embed_inputs(&inp);
             for l in 0..layers {
                 inputs.push(x.clone());
-                x = model.block(l, x, &inp, drop);
+                x = if chunked {
+                    model.block_attending(l, x, &inp, drop, &mut |l, q, k, v| {
+                        let at = self.chunked_attention(l, [q, k, v], &inp, docs.as_ref(), &plain);
+                        self.flat(at.out)
+                    })
+                } else {
+                    model.block(l, x, &inp, drop)
+                };
             }
             x
         };
         let (base, lora) = self.leaves(true);
         let model = self.model(&base, &lora, &self.device);
-        let inp = Inputs::new(&self.weights, batch, &self.device);
+        let inp = inputs_on(&self.device);
+        let docs = inp.docs().map(|d| d.clone().inner());
         let mut grads = vec![None; self.trainable().len()];
         let x = last.autodiff().require_grad();
         let loss = model.head_loss(x.clone(), &inp);
@@ -276,10 +309,39 @@ impl BurnTrainer {
                 .expect("an input per block")
                 .autodiff()
                 .require_grad();
-            let y = model.block(l, x.clone(), &inp, drop);
+            if !chunked {
+                let y = model.block(l, x.clone(), &inp, drop);
+                let g = total(y * dy.autodiff()).backward();
+                self.collect(&mut grads, &base, &lora, &g);
+                dy = x.grad(&g).expect("a block depends on its input").inner();
+                continue;
+            }
+            // The block's graph up to q, k and v, and after the attention (from its output
+            // as a leaf); the attention between them is differentiated by hand.
+            let mut saved = None;
+            let y = model.block_attending(l, x.clone(), &inp, drop, &mut |l, q, k, v| {
+                let at = self.chunked_attention(
+                    l,
+                    [q.clone(), k.clone(), v.clone()],
+                    &inp,
+                    docs.as_ref(),
+                    &plain,
+                );
+                let out = self.flat(at.out.clone()).autodiff().require_grad();
+                saved = Some((at, [q, k, v], out.clone()));
+                out
+            });
             let g = total(y * dy.autodiff()).backward();
             self.collect(&mut grads, &base, &lora, &g);
-            dy = x.grad(&g).expect("a block depends on its input").inner();
+            let (at, [q, k, v], out) = saved.expect("the block attends");
+            let d_out = out.grad(&g).expect("the block uses its attention").inner();
+            let d_qkv = self.chunked_backward(l, at, d_out, &inp, docs.as_ref(), &plain);
+            let [dq, dk, dv] = d_qkv.map(|d| d.autodiff());
+            let g2 = (total(q * dq) + total(k * dk) + total(v * dv)).backward();
+            self.collect(&mut grads, &base, &lora, &g2);
+            let residual = x.grad(&g).expect("a block adds its input").inner();
+            let through = x.grad(&g2).expect("q, k and v depend on the input").inner();
+            dy = residual + through;
         }
         // The embedding trains in full finetuning only (LoRA leaves it frozen).
         if self.lora_meta.is_none() {
@@ -288,6 +350,103 @@ impl BurnTrainer {
             self.collect(&mut grads, &base, &lora, &g);
         }
         (sum, grads)
+    }
+
+    /// The chunked attention problem of layer `l` over the batch.
+    fn problem<'a>(
+        &self,
+        l: usize,
+        inp: &Inputs,
+        docs: Option<&'a Tensor<2, Int>>,
+        device: &'a Device,
+    ) -> Problem<'a> {
+        let (rows, t) = inp.shape();
+        Problem {
+            rows,
+            t,
+            docs,
+            window: self.weights.arch.windows[l],
+            scale: self.weights.arch.attn_scale,
+            device,
+        }
+    }
+
+    /// Layer `l`'s attention in query chunks on plain f32 tensors, from its rotated q
+    /// `[tokens, heads * head_dim]` and k, v `[tokens, kv_heads * head_dim]`.
+    fn chunked_attention(
+        &self,
+        l: usize,
+        [q, k, v]: [Tensor<2>; 3],
+        inp: &Inputs,
+        docs: Option<&Tensor<2, Int>>,
+        device: &Device,
+    ) -> ChunkedAttention {
+        let c = &self.weights.config;
+        let (h, hk, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let (b, t) = inp.shape();
+        let heads = |z: Tensor<2>, n: usize| -> Tensor<4> {
+            z.inner()
+                .cast(FloatDType::F32)
+                .reshape([b, t, n, hd])
+                .swap_dims(1, 2)
+        };
+        let expand = |z: Tensor<4>| -> Tensor<4> {
+            if h == hk {
+                return z;
+            }
+            let z5: Tensor<5> = z.reshape([b, hk, 1, t, hd]);
+            z5.repeat_dim(2, h / hk).reshape([b, h, t, hd])
+        };
+        let (q, k, v) = (heads(q, h), expand(heads(k, hk)), expand(heads(v, hk)));
+        let (out, lse) = attention::forward(
+            &self.problem(l, inp, docs, device),
+            q.clone(),
+            k.clone(),
+            v.clone(),
+        );
+        ChunkedAttention { q, k, v, out, lse }
+    }
+
+    /// The gradients of layer `l`'s q, k and v (as `[tokens, width]`, in the compute type)
+    /// from its attention output's, `d_out` `[tokens, heads * head_dim]`.
+    fn chunked_backward(
+        &self,
+        l: usize,
+        at: ChunkedAttention,
+        d_out: Tensor<2>,
+        inp: &Inputs,
+        docs: Option<&Tensor<2, Int>>,
+        device: &Device,
+    ) -> [Tensor<2>; 3] {
+        let c = &self.weights.config;
+        let (h, hk, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let (b, t) = inp.shape();
+        let d_out = d_out
+            .cast(FloatDType::F32)
+            .reshape([b, t, h, hd])
+            .swap_dims(1, 2);
+        let (dq, dk, dv) = attention::backward(
+            &self.problem(l, inp, docs, device),
+            (at.q, at.k, at.v),
+            (at.out, at.lse),
+            d_out,
+        );
+        // Expanded key and value heads give their gradients back to their group's head.
+        let group = |d: Tensor<4>| -> Tensor<4> {
+            if h == hk {
+                return d;
+            }
+            let d5: Tensor<5> = d.reshape([b, hk, h / hk, t, hd]);
+            d5.sum_dim(2).reshape([b, hk, t, hd])
+        };
+        let dtype = self.precision.dtype();
+        [dq, group(dk), group(dv)].map(|d| self.flat(d).cast(dtype))
+    }
+
+    /// `[rows, heads, t, head_dim]` as `[rows * t, heads * head_dim]`.
+    fn flat(&self, x: Tensor<4>) -> Tensor<2> {
+        let [b, h, t, hd] = x.dims();
+        x.swap_dims(1, 2).reshape([b * t, h * hd])
     }
 }
 

@@ -329,30 +329,8 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
     let max_id = base.config.vocab_size;
     let rows_total = reader.rows as u64;
     let tokens_per_step = (global * seq_len) as u64;
-    let steps = match (p.steps, p.tokens, p.epochs) {
-        (Some(s), None, None) if s > 0 => s as u64,
-        (None, Some(t), None) if t > 0 => (t as u64).div_ceil(tokens_per_step),
-        (None, None, Some(e)) if e > 0.0 => ((e * rows_total as f64) / global as f64).ceil() as u64,
-        _ => {
-            return Err(bad(
-                "give exactly one positive duration: `steps`, `tokens` or `epochs`",
-            ));
-        }
-    };
-    let schedule = match p.schedule.as_str() {
-        "cosine" => Schedule::Cosine {
-            warmup: steps_or_fraction(p.warmup, steps),
-            final_fraction: p.final_lr_fraction.unwrap_or(0.01),
-        },
-        "trapezoid" => Schedule::Trapezoid {
-            warmup: steps_or_fraction(p.warmup, steps),
-            cooldown: steps_or_fraction(p.cooldown, steps),
-            final_fraction: p.final_lr_fraction.unwrap_or(0.0),
-        },
-        _ => Schedule::Constant {
-            warmup: steps_or_fraction(p.warmup, steps),
-        },
-    };
+    let steps = duration_steps(&p, rows_total, global as u64, tokens_per_step)?;
+    let schedule = schedule_of(&p, steps);
     // A trunk stops where its duration's cooldown starts; with `resume` a run starts from a
     // trunk's checkpoint. Both are sound only when the steps before the cooldown are the same
     // for every duration (see super::branch).
@@ -382,48 +360,11 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
     };
     let rng = Rng::new(p.seed as u64);
     let adapters = if lora {
-        let rank = p.rank.unwrap_or(0);
-        if rank < 1 {
-            return Err(bad(format!("rank must be positive (got {rank})")));
-        }
-        let ld = p.lora_dropout.unwrap_or(0.05);
-        if !(0.0..1.0).contains(&ld) {
-            return Err(bad(format!("lora_dropout must be in [0, 1) (got {ld})")));
-        }
-        let spec = LoraSpec {
-            rank: rank as usize,
-            alpha: p.alpha.unwrap_or(2.0 * rank as f64),
-            rslora: p.use_rslora.unwrap_or(false),
-            dropout: ld as f32,
-            targets: lora_targets(p.targets.as_deref().unwrap_or(&["all".to_string()]))?,
-        };
-        crate::cpu::lora::modules(&base.config, &base.arch, &spec.targets).map_err(bad)?;
-        let init = if p.init.as_deref() == Some("gaussian") {
-            LoraInit::Gaussian
-        } else {
-            LoraInit::Kaiming
-        };
-        Some(Adapters::init(
-            &base.config,
-            &spec,
-            init,
-            rng.fork("lora-init").next_u64(),
-        ))
+        Some(adapters_of(&p, &base, &rng)?)
     } else {
         None
     };
-    let rule = if p.optimizer == "adamw" {
-        Rule::AdamW {
-            beta1: p.beta1 as f32,
-            beta2: p.beta2 as f32,
-            eps: p.eps as f32,
-        }
-    } else {
-        Rule::LionW {
-            beta1: p.beta1 as f32,
-            beta2: p.beta2 as f32,
-        }
-    };
+    let rule = rule_of(&p);
     let sizes: Vec<usize> = match &adapters {
         Some(a) => a.tensors.iter().map(|t| t.data.len()).collect(),
         None => base.tensors.iter().map(|t| t.data.len()).collect(),
@@ -451,55 +392,13 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
     if p.activation_checkpointing && on_cpu {
         log.line("activation_checkpointing applies to burn devices; the CPU engine keeps its activations");
     }
-    let mut state = LoopState {
-        step: 0,
-        tokens: 0,
-        curve: Vec::new(),
-    };
-    let loaded = checkpoint::load(ctx.scratch)?;
-    let resuming_from = loaded.checkpoint.as_ref().map(|ck| {
-        ck.dir.file_name().map_or_else(
-            || ck.dir.display().to_string(),
-            |n| n.to_string_lossy().into_owned(),
-        )
-    });
-    for why in &loaded.skipped {
-        match &resuming_from {
-            Some(name) => log.line(&format!("{why}; resuming from {name}")),
-            None => log.line(why),
-        }
-    }
-    if resuming_from.is_none() && !loaded.skipped.is_empty() {
-        log.line("no checkpoint is usable (every one was damaged); training starts from step 0");
-    }
-    // The stage's own scratch checkpoint first (it continues the trunk, if there is one).
-    let (start, from) = match loaded.checkpoint {
-        Some(ck) => (Some(ck), None),
-        None => match &fingerprint {
-            Some(f) => match branch::read_resume(ctx, f, cooldown_from)? {
-                Some((ck, stage)) => (Some(ck), Some(stage)),
-                None => (None, None),
-            },
-            None => (None, None),
-        },
-    };
-    if let Some(ck) = start {
-        trainer
-            .restore(ck.trainable, ck.opt)
-            .map_err(|e| StageError::Failed(format!("{}: {e}", ck.dir.display())))?;
-        state = ck.state;
-        match from {
-            Some(stage) => log.line(&format!(
-                "starting at step {} from the checkpoint of trunk {stage}",
-                state.step
-            )),
-            None => log.line(&format!(
-                "resumed from checkpoint at step {} ({})",
-                state.step,
-                ck.dir.display()
-            )),
-        }
-    }
+    let mut state = resume(
+        ctx,
+        trainer.as_mut(),
+        fingerprint.as_ref(),
+        cooldown_from,
+        &mut log,
+    )?;
     let heldout = match input_dir(ctx, "heldout") {
         Some(d) => {
             let hp = Packed::open(d)?;
@@ -702,41 +601,7 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
     }
 
     // Outputs.
-    let model_out = ctx.output("model")?;
-    let tokenizer = model_dir.join("tokenizer.json");
-    let (weights, adapters) = trainer.finish();
-    match &adapters {
-        Some(a) => {
-            a.save(ctx.output("adapter")?, None)?;
-            a.merge(&weights).save(model_out, Some(2 << 30))?;
-        }
-        None => weights.save(model_out, Some(2 << 30))?,
-    }
-    if tokenizer.is_file() {
-        std::fs::copy(&tokenizer, model_out.join("tokenizer.json"))
-            .map_err(|e| StageError::io("copying tokenizer.json", e))?;
-    }
-    let curve_dir = ctx.output("curve")?;
-    let mut csv = String::from("step,tokens,lr,loss,grad_norm,heldout_loss\n");
-    for line in &state.curve {
-        csv.push_str(line);
-        csv.push('\n');
-    }
-    std::fs::write(curve_dir.join("curve.csv"), csv)
-        .map_err(|e| StageError::io("writing curve.csv", e))?;
-    let mut rows = Vec::with_capacity(state.curve.len());
-    for line in &state.curve {
-        rows.push(CurveRow::parse(line).ok_or_else(|| {
-            StageError::Failed(format!(
-                "curve row `{line}` is not step,tokens,lr,loss,grad_norm,heldout_loss"
-            ))
-        })?);
-    }
-    std::fs::write(
-        curve_dir.join(tensorboard::CURVE_FILE),
-        tensorboard::curve_events(&rows),
-    )
-    .map_err(|e| StageError::io(format!("writing {}", tensorboard::CURVE_FILE), e))?;
+    write_model(ctx, model_dir, trainer)?;
     let summary = json!({
         "method": if lora { "lora" } else { "full" },
         "steps": steps,
@@ -751,11 +616,7 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
         "precision": precision.name(),
         "skipped_steps": skipped,
     });
-    std::fs::write(
-        curve_dir.join("summary.json"),
-        serde_json::to_string_pretty(&summary).expect("json"),
-    )
-    .map_err(|e| StageError::io("writing summary.json", e))?;
+    write_curve(ctx.output("curve")?, &state.curve, &summary)?;
     log.line(&format!(
         "done: {ran} steps in {secs:.1}s ({tps:.0} tokens/s)"
     ));
@@ -765,6 +626,210 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
     outcome.metrics.insert("steps".into(), json!(steps));
     outcome.metrics.insert("tokens".into(), json!(state.tokens));
     Ok(outcome)
+}
+
+/// Where training starts: the stage's own newest usable scratch checkpoint (damaged ones
+/// skipped, and said so in the log), else with `fingerprint` (a trunk or a `resume` run)
+/// the trunk's checkpoint at the cooldown, else step 0. Restores the trainer to it.
+fn resume(
+    ctx: &StageContext,
+    trainer: &mut dyn Trainer,
+    fingerprint: Option<&serde_json::Value>,
+    cooldown_from: u64,
+    log: &mut Log,
+) -> Result<LoopState, StageError> {
+    let loaded = checkpoint::load(ctx.scratch)?;
+    let resuming_from = loaded.checkpoint.as_ref().map(|ck| {
+        ck.dir.file_name().map_or_else(
+            || ck.dir.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        )
+    });
+    for why in &loaded.skipped {
+        match &resuming_from {
+            Some(name) => log.line(&format!("{why}; resuming from {name}")),
+            None => log.line(why),
+        }
+    }
+    if resuming_from.is_none() && !loaded.skipped.is_empty() {
+        log.line("no checkpoint is usable (every one was damaged); training starts from step 0");
+    }
+    // The stage's own scratch checkpoint first (it continues the trunk, if there is one).
+    let (start, from) = match loaded.checkpoint {
+        Some(ck) => (Some(ck), None),
+        None => match fingerprint {
+            Some(f) => match branch::read_resume(ctx, f, cooldown_from)? {
+                Some((ck, stage)) => (Some(ck), Some(stage)),
+                None => (None, None),
+            },
+            None => (None, None),
+        },
+    };
+    let Some(ck) = start else {
+        return Ok(LoopState {
+            step: 0,
+            tokens: 0,
+            curve: Vec::new(),
+        });
+    };
+    trainer
+        .restore(ck.trainable, ck.opt)
+        .map_err(|e| StageError::Failed(format!("{}: {e}", ck.dir.display())))?;
+    let state = ck.state;
+    match from {
+        Some(stage) => log.line(&format!(
+            "starting at step {} from the checkpoint of trunk {stage}",
+            state.step
+        )),
+        None => log.line(&format!(
+            "resumed from checkpoint at step {} ({})",
+            state.step,
+            ck.dir.display()
+        )),
+    }
+    Ok(state)
+}
+
+/// The trained model (merged, for LoRA, beside the PEFT adapter), with the base's
+/// tokenizer.
+fn write_model(
+    ctx: &StageContext,
+    model_dir: &Path,
+    trainer: Box<dyn Trainer>,
+) -> Result<(), StageError> {
+    let model_out = ctx.output("model")?;
+    let tokenizer = model_dir.join("tokenizer.json");
+    let (weights, adapters) = trainer.finish();
+    match &adapters {
+        Some(a) => {
+            a.save(ctx.output("adapter")?, None)?;
+            a.merge(&weights).save(model_out, Some(2 << 30))?;
+        }
+        None => weights.save(model_out, Some(2 << 30))?,
+    }
+    if tokenizer.is_file() {
+        std::fs::copy(&tokenizer, model_out.join("tokenizer.json"))
+            .map_err(|e| StageError::io("copying tokenizer.json", e))?;
+    }
+    Ok(())
+}
+
+/// The curve output: `curve.csv`, the same rows as a TensorBoard event file, and the run's
+/// summary.
+fn write_curve(
+    curve_dir: &Path,
+    curve: &[String],
+    summary: &serde_json::Value,
+) -> Result<(), StageError> {
+    let mut csv = String::from("step,tokens,lr,loss,grad_norm,heldout_loss\n");
+    for line in curve {
+        csv.push_str(line);
+        csv.push('\n');
+    }
+    std::fs::write(curve_dir.join("curve.csv"), csv)
+        .map_err(|e| StageError::io("writing curve.csv", e))?;
+    let mut rows = Vec::with_capacity(curve.len());
+    for line in curve {
+        rows.push(CurveRow::parse(line).ok_or_else(|| {
+            StageError::Failed(format!(
+                "curve row `{line}` is not step,tokens,lr,loss,grad_norm,heldout_loss"
+            ))
+        })?);
+    }
+    std::fs::write(
+        curve_dir.join(tensorboard::CURVE_FILE),
+        tensorboard::curve_events(&rows),
+    )
+    .map_err(|e| StageError::io(format!("writing {}", tensorboard::CURVE_FILE), e))?;
+    std::fs::write(
+        curve_dir.join("summary.json"),
+        serde_json::to_string_pretty(summary).expect("json"),
+    )
+    .map_err(|e| StageError::io("writing summary.json", e))
+}
+
+/// The run's length in optimizer steps from its one duration param: `steps`, `tokens`
+/// (rounded up to whole steps of `tokens_per_step`) or `epochs` over `rows` rows.
+fn duration_steps(
+    p: &TrainParams,
+    rows: u64,
+    global: u64,
+    tokens_per_step: u64,
+) -> Result<u64, StageError> {
+    match (p.steps, p.tokens, p.epochs) {
+        (Some(s), None, None) if s > 0 => Ok(s as u64),
+        (None, Some(t), None) if t > 0 => Ok((t as u64).div_ceil(tokens_per_step)),
+        (None, None, Some(e)) if e > 0.0 => Ok(((e * rows as f64) / global as f64).ceil() as u64),
+        _ => Err(bad(
+            "give exactly one positive duration: `steps`, `tokens` or `epochs`",
+        )),
+    }
+}
+
+/// The learning-rate schedule the params give, over `steps`.
+fn schedule_of(p: &TrainParams, steps: u64) -> Schedule {
+    match p.schedule.as_str() {
+        "cosine" => Schedule::Cosine {
+            warmup: steps_or_fraction(p.warmup, steps),
+            final_fraction: p.final_lr_fraction.unwrap_or(0.01),
+        },
+        "trapezoid" => Schedule::Trapezoid {
+            warmup: steps_or_fraction(p.warmup, steps),
+            cooldown: steps_or_fraction(p.cooldown, steps),
+            final_fraction: p.final_lr_fraction.unwrap_or(0.0),
+        },
+        _ => Schedule::Constant {
+            warmup: steps_or_fraction(p.warmup, steps),
+        },
+    }
+}
+
+/// Fresh LoRA adapters as the params describe them (rank, alpha, rsLoRA, dropout, targets,
+/// A's init), seeded from the stage's generator.
+fn adapters_of(p: &TrainParams, base: &Weights, rng: &Rng) -> Result<Adapters, StageError> {
+    let rank = p.rank.unwrap_or(0);
+    if rank < 1 {
+        return Err(bad(format!("rank must be positive (got {rank})")));
+    }
+    let ld = p.lora_dropout.unwrap_or(0.05);
+    if !(0.0..1.0).contains(&ld) {
+        return Err(bad(format!("lora_dropout must be in [0, 1) (got {ld})")));
+    }
+    let spec = LoraSpec {
+        rank: rank as usize,
+        alpha: p.alpha.unwrap_or(2.0 * rank as f64),
+        rslora: p.use_rslora.unwrap_or(false),
+        dropout: ld as f32,
+        targets: lora_targets(p.targets.as_deref().unwrap_or(&["all".to_string()]))?,
+    };
+    crate::cpu::lora::modules(&base.config, &base.arch, &spec.targets).map_err(bad)?;
+    let init = if p.init.as_deref() == Some("gaussian") {
+        LoraInit::Gaussian
+    } else {
+        LoraInit::Kaiming
+    };
+    Ok(Adapters::init(
+        &base.config,
+        &spec,
+        init,
+        rng.fork("lora-init").next_u64(),
+    ))
+}
+
+/// The optimizer's update rule with its hyperparameters.
+fn rule_of(p: &TrainParams) -> Rule {
+    if p.optimizer == "adamw" {
+        Rule::AdamW {
+            beta1: p.beta1 as f32,
+            beta2: p.beta2 as f32,
+            eps: p.eps as f32,
+        }
+    } else {
+        Rule::LionW {
+            beta1: p.beta1 as f32,
+            beta2: p.beta2 as f32,
+        }
+    }
 }
 
 /// Steps whose update was skipped (f16 gradients overflowed): their curve rows carry the
