@@ -25,11 +25,17 @@ pub const CHUNK: usize = 128;
 /// Tensors are `[rows, heads, t, head_dim]` in f32, keys and values already expanded to the
 /// query heads.
 pub struct Problem<'a> {
+    /// Rows of the batch.
     pub rows: usize,
+    /// Tokens per row (queries and keys).
     pub t: usize,
+    /// Document ids `[rows, t]`, where attention stays within documents.
     pub docs: Option<&'a Tensor<2, Int>>,
+    /// The layer's sliding window, if it has one.
     pub window: Option<usize>,
+    /// What the scores are multiplied by (`1/sqrt(head_dim)` unless the model says).
     pub scale: f32,
+    /// Where the masks are made: the device of the tensors, without autodiff.
     pub device: &'a Device,
 }
 

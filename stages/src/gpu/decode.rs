@@ -21,12 +21,16 @@ use crate::model::weights::Weights;
 /// A model's weights uploaded once to a device (no autodiff), shared by every decoder made
 /// for it, stored in the type they compute in (nothing trains: no f32 master copy).
 pub struct DeviceWeights {
+    /// The device, without autodiff.
     pub device: Device,
+    /// The weights in `Weights` order, in the compute type.
     pub tensors: Vec<Tensor<2>>,
+    /// What the model computes in (and the KV cache is stored in).
     pub precision: Precision,
 }
 
 impl DeviceWeights {
+    /// Uploads `w` to `device`, cast to `precision`'s type.
     pub fn upload(w: &Weights, device: &Device, precision: Precision) -> DeviceWeights {
         let device = device.clone().without_autodiff();
         let tensors = w

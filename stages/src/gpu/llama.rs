@@ -263,6 +263,7 @@ pub struct DeviceModel<'a> {
     pub w: &'a [Tensor<2>],
     pub lora: Option<(&'a DeviceLora, &'a [Tensor<2>])>,
     pub device: &'a Device,
+    /// What matmuls and activations compute in.
     pub dtype: FloatDType,
 }
 

@@ -17,8 +17,11 @@ use crate::kind::{Default, Param, ParamType, StageError};
 /// The float type of a stage's matmuls and activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
+    /// Everything in f32 (the CPU engine's only type).
     F32,
+    /// IEEE half: 11 significant bits, range to 65504 (hence the loss scaling).
     F16,
+    /// bfloat16: 8 significant bits, f32's range (no loss scaling needed).
     Bf16,
 }
 
@@ -116,16 +119,19 @@ impl Precision {
 /// row it doubles. Kept in checkpoints, so a resumed run scales as an uninterrupted one.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct LossScale {
+    /// What the loss is multiplied by.
     pub scale: f32,
     /// Good steps since the scale last changed.
     pub good_steps: u32,
 }
 
 impl LossScale {
-    /// PyTorch's defaults: `init_scale=2**16`, `growth_interval=2000`.
+    /// PyTorch's `init_scale=2**16`.
     pub const INITIAL: f32 = 65536.0;
+    /// PyTorch's `growth_interval=2000`: good steps in a row before the scale doubles.
     pub const GROWTH_INTERVAL: u32 = 2000;
 
+    /// The scale a run starts at.
     pub fn new() -> LossScale {
         LossScale {
             scale: Self::INITIAL,
