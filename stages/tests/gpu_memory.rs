@@ -26,13 +26,17 @@ fn peak_bytes(trainer: &mut BurnTrainer, batch: &Batch, device: &burn::tensor::D
     after.bytes_reserved.saturating_sub(before.bytes_in_use)
 }
 
-fn one_row(seq: usize, vocab: usize) -> Batch {
+/// `rows` rows of `seq` tokens (ids and next-token targets from a fixed stride), each
+/// row's positions from 0.
+fn rows_of(rows: usize, seq: usize, vocab: usize) -> Batch {
     Batch {
-        rows: 1,
+        rows,
         seq,
-        ids: (0..seq).map(|i| (i * 7919 % vocab) as u32).collect(),
-        targets: (0..seq).map(|i| ((i + 1) * 7919 % vocab) as i32).collect(),
-        pos: (0..seq as u32).collect(),
+        ids: (0..rows * seq).map(|i| (i * 7919 % vocab) as u32).collect(),
+        targets: (0..rows * seq)
+            .map(|i| ((i + 1) * 7919 % vocab) as i32)
+            .collect(),
+        pos: (0..rows).flat_map(|_| 0..seq as u32).collect(),
         seq_ids: None,
         lens: None,
     }
@@ -71,7 +75,7 @@ fn chunked_attention_memory_grows_linearly_in_the_sequence() {
                 Precision::F32,
             )
             .with_activation_checkpointing(checkpointing);
-            peaks.push(peak_bytes(&mut t, &one_row(seq, vocab), &device) as f64);
+            peaks.push(peak_bytes(&mut t, &rows_of(1, seq, vocab), &device) as f64);
         }
         let ratio = peaks[2] / peaks[1];
         eprintln!(
@@ -100,20 +104,7 @@ fn activation_checkpointing_keeps_one_blocks_activations() {
     let device = burn_device();
     let cfg = ModelConfig::new(512, 64, 176, 8, 4, 4, 256, false);
     let w = Weights::init(&cfg, 3);
-    let (rows, seq) = (4, 256);
-    let ids: Vec<u32> = (0..rows * seq).map(|i| (i * 7919 % 512) as u32).collect();
-    let targets = (0..rows * seq)
-        .map(|i| ((i + 1) * 7919 % 512) as i32)
-        .collect();
-    let batch = Batch {
-        rows,
-        seq,
-        ids,
-        targets,
-        pos: (0..rows).flat_map(|_| 0..seq as u32).collect(),
-        seq_ids: None,
-        lens: None,
-    };
+    let batch = rows_of(4, 256, 512);
     let sizes: Vec<usize> = w.tensors.iter().map(|t| t.data.len()).collect();
     let opt = lion(&sizes);
     let mut peaks = Vec::new();

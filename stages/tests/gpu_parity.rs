@@ -39,6 +39,14 @@ fn batch(vocab: u32, rows: usize, seq: usize, salt: u32) -> Batch {
     }
 }
 
+/// The tensors that train: the adapters' with LoRA, else the model's.
+fn trainable<'a>(
+    w: &'a Weights,
+    adapters: Option<&'a Adapters>,
+) -> impl Iterator<Item = &'a flow_stages::model::weights::Tensor> {
+    adapters.map_or(&w.tensors, |a| &a.tensors).iter()
+}
+
 /// Per-step losses and final trainable tensors of one trainer.
 type Run = (Vec<f64>, Vec<Vec<f32>>);
 
@@ -59,10 +67,9 @@ fn train_both(model: &str, lora: bool, steps: usize, precision: Precision) -> (R
         }
         a
     });
-    let sizes: Vec<usize> = match &adapters {
-        Some(a) => a.tensors.iter().map(|t| t.data.len()).collect(),
-        None => w.tensors.iter().map(|t| t.data.len()).collect(),
-    };
+    let sizes: Vec<usize> = trainable(&w, adapters.as_ref())
+        .map(|t| t.data.len())
+        .collect();
     // A large epsilon keeps near-zero gradients (whose sign rounding may flip) from taking
     // full-size Adam steps, so the comparison measures the model, not Adam's sign noise.
     let rule = Rule::AdamW {
@@ -405,10 +412,9 @@ fn activation_checkpointing_is_the_same_math() {
             spec.dropout = 0.1;
             Adapters::init(&w.config, &spec, LoraInit::Kaiming, 9)
         });
-        let sizes: Vec<usize> = match &adapters {
-            Some(a) => a.tensors.iter().map(|t| t.data.len()).collect(),
-            None => w.tensors.iter().map(|t| t.data.len()).collect(),
-        };
+        let sizes: Vec<usize> = trainable(&w, adapters.as_ref())
+            .map(|t| t.data.len())
+            .collect();
         // AdamW with a large epsilon, as train_both: rounding-level differences in a
         // gradient stay rounding-level in the weights (a sign-based rule would flip them).
         let rule = Rule::AdamW {
@@ -454,10 +460,9 @@ fn activation_checkpointing_is_the_same_math() {
             (losses, norms, bits)
         };
         let (plain, recomputed) = (run(false), run(true));
-        let start: Vec<Vec<f32>> = match &adapters {
-            Some(a) => a.tensors.iter().map(|t| t.data.clone()).collect(),
-            None => w.tensors.iter().map(|t| t.data.clone()).collect(),
-        };
+        let start: Vec<Vec<f32>> = trainable(&w, adapters.as_ref())
+            .map(|t| t.data.clone())
+            .collect();
         assert!(plain.2 != start, "it trains");
         let what = format!(
             "lora {lora} {precision:?} attention dropout {attention} documents {documents}"

@@ -16,6 +16,14 @@ use crate::model::weights::{Tensor as HostTensor, Weights};
 use crate::train::optim::{Optimizer, Rule};
 use crate::train::trainer::{Trainer, Update, restore_by_name};
 
+/// Adds a gradient to a sum that may not have started.
+fn add_into(sum: &mut Option<Tensor<2>>, g: Tensor<2>) {
+    *sum = Some(match sum.take() {
+        Some(acc) => acc + g,
+        None => g,
+    });
+}
+
 /// What a layer's chunked attention keeps for its backward pass: q and the expanded k and v
 /// `[rows, heads, t, head_dim]` in f32, the output and each query's log-sum-exp.
 struct ChunkedAttention {
@@ -231,11 +239,7 @@ impl BurnTrainer {
         let leaves = if self.lora_meta.is_none() { base } else { lora };
         for (i, leaf) in leaves.iter().enumerate() {
             if let Some(g) = leaf.grad(grads) {
-                let g = g.inner();
-                into[i] = Some(match into[i].take() {
-                    Some(acc) => acc + g,
-                    None => g,
-                });
+                add_into(&mut into[i], g.inner());
             }
         }
     }
@@ -461,7 +465,7 @@ impl Trainer for BurnTrainer {
         let scale = scale * self.loss_scale.map_or(1.0, |s| s.scale);
         // This micro-batch's gradients, then added to the step's: the same sums in the same
         // order whether or not blocks are recomputed.
-        let (sum, mut mine) = if self.activation_checkpointing {
+        let (sum, mine) = if self.activation_checkpointing {
             self.checkpointed_grads(batch, scale, drop.as_ref())
         } else {
             let (base, lora) = self.leaves(true);
@@ -475,12 +479,9 @@ impl Trainer for BurnTrainer {
             self.collect(&mut mine, &base, &lora, &g);
             (sum, mine)
         };
-        for (acc, g) in self.grads.iter_mut().zip(&mut mine) {
-            if let Some(g) = g.take() {
-                *acc = Some(match acc.take() {
-                    Some(a) => a + g,
-                    None => g,
-                });
+        for (acc, g) in self.grads.iter_mut().zip(mine) {
+            if let Some(g) = g {
+                add_into(acc, g);
             }
         }
         (sum as f64, batch.target_count())
