@@ -2,7 +2,9 @@
 # The training benchmark on a GPU machine (run by hand, or by the device tool): flow's burn
 # trainer on wgpu/Vulkan next to PyTorch on CUDA, same configurations, peak GPU memory sampled
 # with nvidia-smi for both. Expects the bench binary at .devbin/train-bench (built elsewhere:
-# `cargo bench -p flow-stages --bench train --no-run`) and Vulkan loaders in .gl/*.deb.
+# `cargo bench -p flow-stages --bench train --no-run --features cuda`, so it has wgpu and
+# CUDA) and Vulkan loaders in .gl/*.deb. CUDA takes NVRTC and its headers from PyTorch's
+# python environment (gpu/cuda.rs; the nvcc and cccl wheels from .wheels/*.whl if absent).
 set -u
 out=${OUT:-/tmp/gpu-bench}; mkdir -p "$out"
 for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
@@ -15,6 +17,14 @@ peak() { # peak memory.used (MiB) while "$@" runs
   echo "{\"peak_gpu_used_mib\": $(sort -n "$out/smi.txt" | tail -1), \"rc\": $rc}"
 }
 chmod +x .devbin/train-bench
+# CUDA through NVRTC (issue 19 item 6): the wheels PyTorch lacks, from files carried here.
+ls .wheels/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-deps --no-index .wheels/*.whl
+for prec in f32 bf16; do for cfg in small large; do for mode in full lora16; do
+  peak timeout 150 .devbin/train-bench --one $cfg $mode --device cuda --precision $prec 2>&1 | grep -v WARN | tail -2
+done; done; done
+for mode in full lora256; do
+  peak timeout 400 .devbin/train-bench --one 7b $mode --device cuda --precision bf16 --checkpointing 2>&1 | grep -v WARN | tail -2
+done
 # f32, and f16 autocast (flow's `precision`; WGSL has no bf16, PyTorch is run in both).
 for prec in f32 f16; do for cfg in small large; do for mode in full lora16; do
   peak timeout 150 .devbin/train-bench --one $cfg $mode --device wgpu --precision $prec 2>&1 | grep -v WARN | tail -2

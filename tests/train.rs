@@ -259,6 +259,38 @@ fn a_precision_the_device_lacks_fails_before_training() {
     }
 }
 
+/// `device = "cuda"` (a build with `--features cuda`, as the test suite is) checks the
+/// driver, NVRTC and the headers before anything loads: on a machine without an NVIDIA
+/// driver (CI) the stage fails naming the driver's library, not with a panic.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_without_a_driver_fails_naming_what_is_missing() {
+    if flow_stages::gpu::cuda::driver_version().is_ok() {
+        // A machine with a driver: the device opens; gpu-bench.sh measures it.
+        return;
+    }
+    let ws = Workspace::new();
+    let toml = FULL.replace(
+        "kind = \"train-full\"\n",
+        "kind = \"train-full\"\ndevice = \"cuda\"\n",
+    );
+    let p = ws.write("p.toml", &pipeline(&toml));
+    let out = ws.flow(&["run", p.to_str().unwrap()]);
+    assert!(!out.status.success(), "cuda ran without a driver");
+    let all = format!(
+        "{}{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        logs(&ws)
+    );
+    assert!(
+        all.contains("device `cuda`: no NVIDIA driver: libcuda.so.1"),
+        "{all}"
+    );
+    assert!(!all.contains("panicked"), "{all}");
+    assert!(!all.contains("training all weights"), "{all}");
+}
+
 /// burn's autotune keeps its kernel choices in the user cache directory, where every stage
 /// process finds them, not in cubecl's default, the `target/` of the outermost Cargo project
 /// above the working directory (a stage runs in its pipeline's directory: here one with a

@@ -122,3 +122,56 @@ fn activation_checkpointing_keeps_one_blocks_activations() {
         "checkpointing {recomputed} bytes, plain {plain}"
     );
 }
+
+/// The footprint a training stage checks before loading (train/memory.rs) is a lower bound
+/// of what the device really holds: after a whole step (weights and moments uploaded, one
+/// micro-batch's gradients, the update) the pool has reserved at least that much, and not
+/// so much more that the figure says nothing (lavapipe: see the printed ratios).
+#[test]
+fn the_memory_footprint_is_a_lower_bound_of_the_pool() {
+    use flow_stages::train::memory::{Setup, footprint};
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let device = burn_device();
+    let (vocab, seq, micro) = (512, 256, 4);
+    let cfg = ModelConfig::new(vocab, 64, 176, 4, 4, 4, seq, false);
+    let w = Weights::init(&cfg, 3);
+    let rule = Rule::AdamW {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+    };
+    for checkpointing in [false, true] {
+        let setup = Setup {
+            config: &cfg,
+            lora: None,
+            rule: &rule,
+            precision: Precision::F32,
+            checkpointing,
+            micro,
+            seq,
+        };
+        let need = footprint(&setup).total();
+        device.memory_cleanup();
+        let before = device.memory_pool_usage().expect("cubecl reports its pool");
+        let sizes: Vec<usize> = w.tensors.iter().map(|t| t.data.len()).collect();
+        let opt = Optimizer::new(rule, 0.0, 1e-4, &sizes);
+        let mut t = BurnTrainer::new(w.clone(), None, &opt, device.clone(), Precision::F32)
+            .with_activation_checkpointing(checkpointing);
+        t.accumulate(&rows_of(micro, seq, vocab), 1e-3, None);
+        t.apply(1e-4, 1.0);
+        let after = device.memory_pool_usage().expect("cubecl reports its pool");
+        let held = after.bytes_reserved.saturating_sub(before.bytes_in_use);
+        let ratio = held as f64 / need as f64;
+        eprintln!(
+            "checkpointing {checkpointing}: footprint {need} bytes, pool {held} ({ratio:.2}x)"
+        );
+        assert!(
+            held >= need,
+            "the pool held {held} bytes, under the {need} counted"
+        );
+        assert!(
+            ratio < 4.0,
+            "the footprint {need} is far under the {held} held"
+        );
+    }
+}

@@ -211,7 +211,7 @@ impl Adapters {
 }
 
 /// (out, in) of an adapted module (a fused one's out is its parts' together).
-fn module_shape(c: &ModelConfig, arch: &Arch, module: &str) -> (usize, usize) {
+pub fn module_shape(c: &ModelConfig, arch: &Arch, module: &str) -> (usize, usize) {
     let mut out = 0;
     let mut inp = 0;
     for p in Proj::ALL {

@@ -148,6 +148,7 @@ impl Lm {
     /// weights and the KV cache of one sequence of the model's full context fit (what the
     /// smallest batch needs; larger batches take the slots that fit), before anything
     /// is read.
+    #[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(unused_variables))]
     pub fn load_on(
         dir: &Path,
         batch: usize,

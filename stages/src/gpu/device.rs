@@ -136,15 +136,25 @@ fn wgpu(name: &str) -> Result<Choice, StageError> {
 #[cfg(feature = "cuda")]
 fn cuda() -> Result<Choice, StageError> {
     use burn::tensor::Device;
+    let runtime =
+        super::cuda::prepare().map_err(|e| StageError::Failed(format!("device `cuda`: {e}")))?;
     share_autotune_cache();
     let device = std::panic::catch_unwind(|| {
         let d = Device::cuda(0);
         let _ = d.identity();
         d
     })
-    .map_err(|_| StageError::Failed("device `cuda`: no CUDA device could be opened".into()))?;
+    .map_err(|_| {
+        StageError::Failed(format!(
+            "device `cuda`: the driver and NVRTC are there ({runtime}) but no CUDA device \
+             could be opened"
+        ))
+    })?;
     let (what, _) = describe(&device, "cuda");
-    Ok(Choice::Burn(device.autodiff(), what))
+    Ok(Choice::Burn(
+        device.autodiff(),
+        format!("{what} ({runtime})"),
+    ))
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -5,6 +5,8 @@
 
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub mod attention;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub mod decode;
 pub mod device;

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod cpu;
 pub mod data;
 pub mod hparams;
+pub mod memory;
 pub mod optim;
 pub mod schedule;
 pub mod stage;

@@ -17,6 +17,7 @@ use super::branch;
 use super::checkpoint::{self, LoopState};
 use super::cpu::CpuTrainer;
 use super::data::{self, Attention, Order};
+use super::memory;
 use super::optim::{Optimizer, Rule};
 use super::schedule::{Schedule, cooldown_start, steps_or_fraction};
 use super::tensorboard::{self, CurveRow, LiveWriter};
@@ -25,7 +26,7 @@ use crate::cpu::llama::Dropouts;
 use crate::cpu::lora::{Adapters, LoraInit, LoraSpec};
 use crate::data::pack::Packed;
 use crate::data::rng::Rng;
-use crate::gpu::device::{self, Choice};
+use crate::gpu::device::{self, Choice, gib};
 use crate::gpu::precision::{self, Precision};
 use crate::kind::{Default, Kind, Param, ParamType, StageContext, StageError, StageOutcome};
 use crate::model::weights::{Proj, Weights};
@@ -309,10 +310,11 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
     let precision = Precision::parse(&p.precision)?;
     let choice = device::select(ctx.device)?;
     precision.check(&choice)?;
-    let base = Weights::load(model_dir)?;
     let packed = Packed::open(data_dir)?;
-    let reader = packed.reader()?;
     let seq_len = packed.summary.seq_len;
+    let footprint = fits(&p, lora, &choice, model_dir, precision, micro, seq_len)?;
+    let base = Weights::load(model_dir)?;
+    let reader = packed.reader()?;
     if reader.rows == 0 {
         return Err(StageError::Failed(format!(
             "{}: no rows to train on",
@@ -391,6 +393,13 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
     };
     if p.activation_checkpointing && on_cpu {
         log.line("activation_checkpointing applies to burn devices; the CPU engine keeps its activations");
+    }
+    if let Some(f) = &footprint {
+        log.line(&format!(
+            "device memory: at least {:.1} GiB ({})",
+            gib(f.total()),
+            f.describe()
+        ));
     }
     let mut state = resume(
         ctx,
@@ -817,6 +826,48 @@ fn adapters_of(p: &TrainParams, base: &Weights, rng: &Rng) -> Result<Adapters, S
 }
 
 /// The optimizer's update rule with its hyperparameters.
+/// On a burn device, what training needs at least ([`memory::footprint`], from the model's
+/// config alone) against what the device has, before any weight loads; None on the CPU.
+#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(unused_variables))]
+fn fits(
+    p: &TrainParams,
+    lora: bool,
+    choice: &Choice,
+    model_dir: &Path,
+    precision: Precision,
+    micro: usize,
+    seq_len: usize,
+) -> Result<Option<memory::Footprint>, StageError> {
+    match choice {
+        Choice::Cpu => Ok(None),
+        #[cfg(any(feature = "wgpu", feature = "cuda"))]
+        Choice::Burn(device, name) => {
+            let config = crate::model::config::ModelConfig::read(&model_dir.join("config.json"))?;
+            let targets = if lora {
+                lora_targets(p.targets.as_deref().unwrap_or(&["all".to_string()]))?
+            } else {
+                Vec::new()
+            };
+            let rank = p.rank.unwrap_or(1).max(1) as usize;
+            let footprint = memory::footprint(&memory::Setup {
+                config: &config,
+                lora: lora.then_some((rank, targets.as_slice())),
+                rule: &rule_of(p),
+                precision,
+                checkpointing: p.activation_checkpointing,
+                micro,
+                seq: seq_len,
+            });
+            let what = format!(
+                "training ({}; precision, activation_checkpointing, micro_batch or LoRA lower it)",
+                footprint.describe()
+            );
+            device::check_fits(device, name, footprint.total(), &what)?;
+            Ok(Some(footprint))
+        }
+    }
+}
+
 fn rule_of(p: &TrainParams) -> Rule {
     if p.optimizer == "adamw" {
         Rule::AdamW {

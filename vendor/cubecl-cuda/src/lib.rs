@@ -13,6 +13,31 @@ pub use runtime::*;
 
 pub mod install {
     use std::path::PathBuf;
+    use std::sync::OnceLock;
+
+    static INCLUDE_PATHS: OnceLock<Vec<PathBuf>> = OnceLock::new();
+
+    /// flow's patch: the directories NVRTC searches for headers (`cuda_fp16.h`,
+    /// `cuda_bf16.h`, `cuda/std/...`), for a CUDA that is not one toolkit tree, such as the
+    /// PyPI wheels (`nvidia/cuda_runtime/include`, `nvidia/cuda_cccl/include`). Set before the
+    /// first kernel compiles; the first call wins. Returns whether this call set them.
+    pub fn set_include_paths(paths: Vec<PathBuf>) -> bool {
+        INCLUDE_PATHS.set(paths).is_ok()
+    }
+
+    /// The `--include-path`s NVRTC gets: those given to [`set_include_paths`], else the
+    /// toolkit's `include` and, where it exists, its `include/cccl`.
+    pub fn include_paths() -> Vec<PathBuf> {
+        if let Some(paths) = INCLUDE_PATHS.get() {
+            return paths.clone();
+        }
+        let cccl = cccl_include_path();
+        let mut paths = vec![include_path()];
+        if cccl.exists() {
+            paths.push(cccl);
+        }
+        paths
+    }
 
     pub fn include_path() -> PathBuf {
         let mut path = cuda_path().expect("

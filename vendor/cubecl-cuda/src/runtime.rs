@@ -35,7 +35,8 @@ use cubecl_cpp::{
         register_scaled_mma_features, register_wmma_features,
     },
 };
-use cubecl_llvm::nvptx::ptx_version::PtxVersion;
+use crate::compiler::PtxVersion;
+#[cfg(feature = "llvm")]
 use cubecl_llvm::shared::lowered_features::{GpuTarget, restrict_features};
 use cubecl_monitoring::{DeviceUtilization, UtilizationUnavailable, gpu_utilization::CardCounters};
 use cubecl_server::{
@@ -374,6 +375,7 @@ impl DeviceService for CudaServer {
         // same point, and a feature the selected one cannot honour is a kernel that fails to
         // compile rather than a slower one.
         let backend = CudaBackend::default();
+        #[cfg(feature = "llvm")]
         if backend == CudaBackend::Llvm {
             restrict_features(&mut device_props, GpuTarget::Nvptx);
         }

@@ -11,7 +11,7 @@ use cubecl_server::{
 use crate::compiler::{CudaBackend, CudaCompilationOptions, CudaCompiler, CudaRepresentation};
 use crate::compute::events::{EventProfiler, driver_error, poisons_device};
 use crate::compute::stream::Stream;
-use crate::install::{cccl_include_path, include_path};
+use crate::install::include_paths;
 use cubecl_core::{
     hash::{StableHash, StableHasher},
     ir::DeviceProperties,
@@ -19,7 +19,7 @@ use cubecl_core::{
     server::ResourceLimitError,
 };
 use cubecl_environment::persistence::Store;
-use cubecl_llvm::nvptx::ptx_version::PtxVersion;
+use crate::compiler::PtxVersion;
 use cubecl_server::{
     compiler::KernelCacheKey,
     kernel::{CompiledKernel, CubeKernel},
@@ -100,7 +100,9 @@ fn cache_namespace(
 ) -> String {
     match (backend, ptx_version) {
         (CudaBackend::Cpp, _) => format!("{fingerprint}-cpp"),
+        #[cfg(feature = "llvm")]
         (CudaBackend::Llvm, None) => format!("{fingerprint}-llvm"),
+        #[cfg(feature = "llvm")]
         (CudaBackend::Llvm, Some(ptx_version)) => format!("{fingerprint}-llvm-{ptx_version}"),
     }
 }
@@ -235,6 +237,7 @@ impl CudaContext {
             Some(CudaRepresentation::Cpp(_)) => {
                 self.load_transpiled(kernel_id, key, jitc_kernel, logger, recording)
             }
+            #[cfg(feature = "llvm")]
             Some(CudaRepresentation::Llvm(_)) => {
                 self.load_emitted_ptx(kernel_id, key, jitc_kernel, logger, recording)
             }
@@ -246,6 +249,7 @@ impl CudaContext {
                 CudaBackend::Cpp => {
                     self.load_transpiled(kernel_id, key, jitc_kernel, logger, recording)
                 }
+                #[cfg(feature = "llvm")]
                 CudaBackend::Llvm => Err(CompilationError::Generic {
                     reason: "the LLVM backend cannot load a precompiled kernel: it has no text to \
                          compile from"
@@ -258,6 +262,7 @@ impl CudaContext {
     }
 
     /// Turns a kernel the LLVM backend just compiled into a loaded module.
+    #[cfg(feature = "llvm")]
     ///
     /// What it hands back is already PTX, so no `nvrtc*` call belongs here: the bytes go
     /// straight to [`Self::load_ptx`], exactly as a cache hit would. The driver still JITs
@@ -413,14 +418,12 @@ impl CudaContext {
             format!("--gpu-architecture=sm_{}", self.arch)
         };
 
-        let include_path = include_path();
-        let include_option = format!("--include-path={}", include_path.to_str().unwrap());
-        let cccl_include_path = cccl_include_path();
-        let cccl_include_option = format!("--include-path={}", cccl_include_path.to_str().unwrap());
-        let mut options = vec![arch.as_str(), include_option.as_str(), "-lineinfo"];
-        if cccl_include_path.exists() {
-            options.push(&cccl_include_option);
-        }
+        let include_options: Vec<String> = include_paths()
+            .iter()
+            .map(|path| format!("--include-path={}", path.display()))
+            .collect();
+        let mut options = vec![arch.as_str(), "-lineinfo"];
+        options.extend(include_options.iter().map(String::as_str));
 
         // SAFETY: Calling NVRTC FFI to create, compile, and extract PTX from a program.
         // The `CString` source is null-terminated and outlives the program. On compilation
@@ -612,7 +615,7 @@ fn launch_failed(op: &'static str, err: cudarc::driver::DriverError) -> LaunchEr
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "llvm"))]
 mod tests {
     use super::cache_namespace;
     use crate::compiler::CudaBackend;

@@ -1,0 +1,419 @@
+//! CUDA's run-time pieces, found and checked before burn opens a CUDA device.
+//!
+//! flow builds cubecl's CUDA runtime without LLVM (`vendor/cubecl-cuda/PATCH.md`): every
+//! kernel is CUDA C++ compiled at run time by NVRTC. So a CUDA run needs, besides the GPU:
+//! the driver (`libcuda.so.1`), NVRTC (`libnvrtc.so.12`), and the headers cubecl's kernels
+//! include (`cuda_fp16.h`, `cuda_bf16.h`, `mma.h` and its `crt/mma.h`, `cuda/barrier`). NVRTC
+//! and the headers come from a toolkit (`CUDA_PATH`, else `/usr/local/cuda` or `/opt/cuda`)
+//! or, the way PyTorch ships them, from NVIDIA's PyPI wheels in python3's environment.
+//!
+//! Without this module a missing piece is cudarc's panic at the first kernel, or NVRTC's
+//! "cannot open source file" with the kernel's source; with it, an error before the first
+//! step naming each missing piece and the package that has it. It also loads NVRTC by its
+//! full path, so the wheels work without `LD_LIBRARY_PATH`, and checks that NVRTC is not newer
+//! than the driver: the driver JIT-compiles NVRTC's PTX, and PTX from a newer CUDA than the
+//! driver's does not load (CUDA's minor-version compatibility does not cover PTX).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The wheels a CUDA run takes from PyPI when there is no toolkit (pick the CUDA version of
+/// the driver or older, e.g. `nvidia-cuda-nvrtc-cu12==12.4.*` for driver 550).
+pub const WHEELS: &str =
+    "nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12 nvidia-cuda-nvcc-cu12 nvidia-cuda-cccl-cu12";
+
+/// Headers cubecl's CUDA kernels include, and the wheel that has each (cubecl-cpp's
+/// `cuda/ty.rs`, `cuda/mma`, `cuda/dialect.rs`).
+const HEADERS: &[(&str, &str)] = &[
+    ("cuda_fp16.h", "nvidia-cuda-runtime-cu12"),
+    ("cuda_bf16.h", "nvidia-cuda-runtime-cu12"),
+    ("mma.h", "nvidia-cuda-runtime-cu12"),
+    ("crt/mma.h", "nvidia-cuda-nvcc-cu12"),
+    ("cuda/barrier", "nvidia-cuda-cccl-cu12"),
+];
+
+/// Where NVRTC and the headers are.
+#[derive(Clone, Debug)]
+pub struct Toolkit {
+    /// NVRTC's shared library.
+    pub nvrtc: PathBuf,
+    /// NVRTC's `--include-path`s.
+    pub include: Vec<PathBuf>,
+    /// Where they were found, for the log.
+    pub origin: String,
+}
+
+/// Finds NVRTC and the headers: in `cuda_path` (the `CUDA_PATH` variable) when given, and
+/// then only there; else in `/usr/local/cuda` or `/opt/cuda`; else in the `nvidia/` wheels
+/// on `python`'s `sys.path`. The error names every place looked at and what to install.
+pub fn find(cuda_path: Option<&Path>, python: &str) -> Result<Toolkit, String> {
+    if let Some(root) = cuda_path {
+        return toolkit_at(root, &format!("CUDA_PATH={}", root.display()));
+    }
+    for root in ["/usr/local/cuda", "/opt/cuda"] {
+        if Path::new(root).is_dir() {
+            return toolkit_at(Path::new(root), root);
+        }
+    }
+    let sites = python_sites(python);
+    for site in &sites {
+        if site.join("nvidia/cuda_nvrtc/lib").is_dir() {
+            return wheels_at(site);
+        }
+    }
+    Err(format!(
+        "NVRTC not found: CUDA_PATH is not set, neither /usr/local/cuda nor /opt/cuda exists, \
+         and {python}'s environment ({}) has no nvidia-cuda-nvrtc-cu12 wheel. Install the \
+         wheels (`{python} -m pip install {WHEELS}`, the driver's CUDA version or older) or \
+         set CUDA_PATH to a CUDA toolkit",
+        if sites.is_empty() {
+            format!("{python} did not run")
+        } else {
+            format!("{} directories on sys.path", sites.len())
+        }
+    ))
+}
+
+/// A toolkit tree: `lib64/` (or `lib/`) holds NVRTC, `include/` (and `include/cccl/` where
+/// the toolkit puts CCCL there) the headers.
+fn toolkit_at(root: &Path, origin: &str) -> Result<Toolkit, String> {
+    let nvrtc = ["lib64", "lib", "targets/x86_64-linux/lib"]
+        .iter()
+        .find_map(|dir| nvrtc_in(&root.join(dir)))
+        .ok_or_else(|| format!("{origin}: no libnvrtc.so in its lib64/ or lib/"))?;
+    let include: Vec<PathBuf> = ["include", "include/cccl"]
+        .iter()
+        .map(|dir| root.join(dir))
+        .filter(|dir| dir.is_dir())
+        .collect();
+    check_headers(&include, origin)?;
+    Ok(Toolkit {
+        nvrtc,
+        include,
+        origin: origin.to_string(),
+    })
+}
+
+/// NVIDIA's wheels under one `site-packages`: `nvidia/cuda_nvrtc/lib`, and the headers in
+/// `nvidia/{cuda_runtime,cuda_nvcc,cuda_cccl}/include`.
+fn wheels_at(site: &Path) -> Result<Toolkit, String> {
+    let origin = format!("python wheels in {}", site.display());
+    let nvidia = site.join("nvidia");
+    let nvrtc = nvrtc_in(&nvidia.join("cuda_nvrtc/lib"))
+        .ok_or_else(|| format!("{origin}: nvidia/cuda_nvrtc/lib has no libnvrtc.so"))?;
+    let include: Vec<PathBuf> = ["cuda_runtime", "cuda_nvcc", "cuda_cccl"]
+        .iter()
+        .map(|wheel| nvidia.join(wheel).join("include"))
+        .filter(|dir| dir.is_dir())
+        .collect();
+    check_headers(&include, &origin)?;
+    Ok(Toolkit {
+        nvrtc,
+        include,
+        origin,
+    })
+}
+
+/// NVRTC's library in `dir`: `libnvrtc.so.<major>` or `libnvrtc.so`, not its builtins or
+/// the `alt` variant.
+fn nvrtc_in(dir: &Path) -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n == "libnvrtc.so" || n.starts_with("libnvrtc.so."))
+        })
+        .collect();
+    // The shortest name is the one a loader asks for (`libnvrtc.so.12` before its
+    // `libnvrtc.so.12.4.127` target).
+    found.sort_by_key(|p| p.as_os_str().len());
+    found.into_iter().next()
+}
+
+fn check_headers(include: &[PathBuf], origin: &str) -> Result<(), String> {
+    let missing: Vec<String> = HEADERS
+        .iter()
+        .filter(|(header, _)| !include.iter().any(|dir| dir.join(header).is_file()))
+        .map(|(header, wheel)| format!("{header} (in {wheel})"))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{origin}: NVRTC is there but not the headers cubecl's kernels include: {}",
+            missing.join(", ")
+        ))
+    }
+}
+
+/// `python`'s `sys.path` directories (none when it does not run).
+fn python_sites(python: &str) -> Vec<PathBuf> {
+    Command::new(python)
+        .args([
+            "-c",
+            "import sys; print('\\n'.join(p for p in sys.path if p))",
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(PathBuf::from)
+                .filter(|p| p.is_dir())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A CUDA version as the driver and NVRTC report it, e.g. 12.4 is `12040`.
+fn version_name(v: i32) -> String {
+    format!("{}.{}", v / 1000, (v % 1000) / 10)
+}
+
+/// The driver's CUDA version (`cuDriverGetVersion`), or why there is no driver.
+pub fn driver_version() -> Result<i32, String> {
+    let lib = open_global(Path::new("libcuda.so.1")).map_err(|e| {
+        format!("no NVIDIA driver: libcuda.so.1 could not be loaded ({e}); install the driver")
+    })?;
+    let mut version = 0i32;
+    // SAFETY: cuDriverGetVersion(int*) writes one int and needs no cuInit; the library stays
+    // loaded (open_global keeps it).
+    let status = unsafe {
+        let f: libloading::os::unix::Symbol<unsafe extern "C" fn(*mut i32) -> i32> = lib
+            .get(b"cuDriverGetVersion\0")
+            .map_err(|e| format!("libcuda.so.1 has no cuDriverGetVersion: {e}"))?;
+        f(&mut version)
+    };
+    if status != 0 {
+        return Err(format!("cuDriverGetVersion failed (CUresult {status})"));
+    }
+    Ok(version)
+}
+
+/// Loads NVRTC from `toolkit` by its full path and globally, so cudarc's later lookup by
+/// name (`libnvrtc.so.12`, which it finds among loaded libraries by their soname) gets this
+/// one with no `LD_LIBRARY_PATH`; returns NVRTC's version.
+pub fn load_nvrtc(toolkit: &Toolkit) -> Result<i32, String> {
+    let lib =
+        open_global(&toolkit.nvrtc).map_err(|e| format!("{}: {e}", toolkit.nvrtc.display()))?;
+    let (mut major, mut minor) = (0i32, 0i32);
+    // SAFETY: nvrtcVersion(int*, int*) writes two ints.
+    let status = unsafe {
+        let f: libloading::os::unix::Symbol<unsafe extern "C" fn(*mut i32, *mut i32) -> i32> = lib
+            .get(b"nvrtcVersion\0")
+            .map_err(|e| format!("{} has no nvrtcVersion: {e}", toolkit.nvrtc.display()))?;
+        f(&mut major, &mut minor)
+    };
+    if status != 0 {
+        return Err(format!("nvrtcVersion failed (nvrtcResult {status})"));
+    }
+    Ok(major * 1000 + minor * 10)
+}
+
+/// dlopen with `RTLD_NOW | RTLD_GLOBAL`, never unloaded (cudarc and the driver keep pointers
+/// into it for the life of the process).
+fn open_global(path: &Path) -> Result<&'static libloading::os::unix::Library, String> {
+    use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
+    // SAFETY: the driver and NVRTC run no initializers that depend on the caller.
+    let lib = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_GLOBAL) }.map_err(|e| {
+        match std::error::Error::source(&e) {
+            // dlerror's text ("libcuda.so.1: cannot open shared object file: ...").
+            Some(why) => why.to_string(),
+            None => e.to_string(),
+        }
+    })?;
+    Ok(Box::leak(Box::new(lib)))
+}
+
+/// A kernel using every header in [`HEADERS`] (half and bfloat16 arithmetic, a tensor-core
+/// WMMA tile, CCCL's barrier), as cubecl's generated kernels do.
+const PROBE: &str = r#"
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <mma.h>
+#include <cuda/barrier>
+extern "C" __global__ void flow_probe(const __nv_bfloat16* a, const __half* h, float* out) {
+    using namespace nvcuda;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> x;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> y;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.0f);
+    wmma::load_matrix_sync(x, a, 16);
+    wmma::load_matrix_sync(y, a, 16);
+    wmma::mma_sync(acc, x, y, acc);
+    wmma::store_matrix_sync(out, acc, 16, wmma::mem_row_major);
+    out[threadIdx.x] += __bfloat162float(a[threadIdx.x] * a[threadIdx.x]) + __half2float(h[threadIdx.x]);
+}
+"#;
+
+/// Compiles [`PROBE`] with NVRTC (through cudarc, the way cubecl-cuda compiles its kernels,
+/// with its options) for `arch` (e.g. `sm_90a`), and returns the PTX. NVRTC must be loaded
+/// ([`load_nvrtc`]). A failure carries NVRTC's log.
+pub fn compile_probe(toolkit: &Toolkit, arch: &str) -> Result<String, String> {
+    use cudarc::nvrtc::result as nvrtc;
+    let source = std::ffi::CString::new(PROBE).expect("no NUL in the probe");
+    let mut options = vec![
+        format!("--gpu-architecture={arch}"),
+        "-lineinfo".to_string(),
+    ];
+    options.extend(
+        toolkit
+            .include
+            .iter()
+            .map(|dir| format!("--include-path={}", dir.display())),
+    );
+    let program = nvrtc::create_program(&source, None).map_err(|e| e.to_string())?;
+    // SAFETY: `program` is live until destroyed below; the options outlive the call.
+    unsafe {
+        let compiled = nvrtc::compile_program(program, &options);
+        let result = match compiled {
+            Ok(()) => nvrtc::get_ptx(program).map_err(|e| e.to_string()),
+            Err(e) => Err(format!(
+                "NVRTC ({}) could not compile a kernel with cubecl's headers ({e}): {}",
+                toolkit.origin,
+                nvrtc::get_program_log(program)
+                    .map(|log| c_text(&log))
+                    .unwrap_or_default()
+            )),
+        };
+        let _ = nvrtc::destroy_program(program);
+        result.map(|ptx| c_text(&ptx))
+    }
+}
+
+fn c_text(chars: &[std::ffi::c_char]) -> String {
+    let bytes: Vec<u8> = chars
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    String::from_utf8_lossy(&bytes).trim().to_string()
+}
+
+/// Everything a CUDA device needs, checked once per process: the driver, NVRTC and the
+/// headers (found as [`find`] says, `CUDA_PATH` and `python3`), NVRTC no newer than the
+/// driver, and a probe kernel compiled; then hands cubecl the include paths. Returns one
+/// line for the log (`NVRTC 12.4 from ...`).
+pub fn prepare() -> Result<String, String> {
+    static PREPARED: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
+    PREPARED
+        .get_or_init(|| {
+            let driver = driver_version()?;
+            let cuda_path = std::env::var_os("CUDA_PATH").map(PathBuf::from);
+            let toolkit = find(cuda_path.as_deref(), "python3")?;
+            let nvrtc = load_nvrtc(&toolkit)?;
+            if nvrtc > driver {
+                return Err(format!(
+                    "NVRTC {} ({}) is newer than the driver's CUDA {}: the driver cannot load \
+                     the PTX it makes. Install NVRTC {} or older (e.g. `python3 -m pip install \
+                     \"nvidia-cuda-nvrtc-cu12=={}.*\"`) or update the driver",
+                    version_name(nvrtc),
+                    toolkit.origin,
+                    version_name(driver),
+                    version_name(driver),
+                    version_name(driver)
+                ));
+            }
+            compile_probe(&toolkit, "sm_80")?;
+            burn::cubecl::cuda::install::set_include_paths(toolkit.include.clone());
+            Ok(format!(
+                "NVRTC {} from {}, driver CUDA {}",
+                version_name(nvrtc),
+                toolkit.origin,
+                version_name(driver)
+            ))
+        })
+        .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wheels `scripts/test` installs (or a toolkit, where the machine has one).
+    fn installed() -> Toolkit {
+        let cuda_path = std::env::var_os("CUDA_PATH").map(PathBuf::from);
+        find(cuda_path.as_deref(), "python3").unwrap_or_else(|e| {
+            panic!("{e}\n(scripts/test installs the wheels: python3 -m pip install {WHEELS})")
+        })
+    }
+
+    /// NVRTC from the wheels (no CUDA toolkit, no LD_LIBRARY_PATH, no GPU) compiles a kernel
+    /// with every header cubecl's kernels include, for the H100/H200's architecture, into
+    /// tensor-core and bfloat16 PTX: the compile half of a CUDA run, checked on any machine.
+    #[test]
+    fn nvrtc_from_the_wheels_compiles_cubecls_headers_to_tensor_core_ptx() {
+        let toolkit = installed();
+        let version = load_nvrtc(&toolkit).unwrap();
+        assert!(version >= 12000, "NVRTC {}", version_name(version));
+        let ptx = compile_probe(&toolkit, "sm_90a").unwrap();
+        assert!(ptx.contains(".target sm_90a"), "{ptx:.400}");
+        assert!(ptx.contains(".entry flow_probe"), "{ptx:.400}");
+        assert!(
+            ptx.contains("wmma.mma.sync"),
+            "no tensor-core MMA in the PTX"
+        );
+        assert!(ptx.contains("bf16"), "no bfloat16 in the PTX");
+    }
+
+    /// A `CUDA_PATH` that is not a toolkit is an error naming it and what it lacks, even
+    /// where other CUDA installs exist: CUDA_PATH is the user's explicit choice.
+    #[test]
+    fn a_cuda_path_without_nvrtc_names_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = find(Some(dir.path()), "python3").unwrap_err();
+        assert!(err.contains("CUDA_PATH="), "{err}");
+        assert!(err.contains("libnvrtc.so"), "{err}");
+    }
+
+    /// Wheels with NVRTC but without nvcc's `crt/` headers (PyTorch's set) are refused
+    /// before any kernel, naming the header and the wheel that has it.
+    #[test]
+    fn wheels_without_nvcc_name_the_missing_wheel() {
+        let toolkit = installed();
+        let site = tempfile::tempdir().unwrap();
+        let nvidia = site.path().join("nvidia");
+        std::fs::create_dir(&nvidia).unwrap();
+        let nvrtc_lib = toolkit.nvrtc.parent().unwrap();
+        std::fs::create_dir_all(nvidia.join("cuda_nvrtc")).unwrap();
+        std::os::unix::fs::symlink(nvrtc_lib, nvidia.join("cuda_nvrtc/lib")).unwrap();
+        // The runtime wheel's headers, one by one (a toolkit's include/ would bring crt/ too).
+        let runtime = nvidia.join("cuda_runtime/include");
+        std::fs::create_dir_all(&runtime).unwrap();
+        for header in ["cuda_fp16.h", "cuda_bf16.h", "mma.h"] {
+            let real = toolkit
+                .include
+                .iter()
+                .map(|d| d.join(header))
+                .find(|p| p.is_file());
+            std::os::unix::fs::symlink(real.unwrap(), runtime.join(header)).unwrap();
+        }
+        let err = wheels_at(site.path()).unwrap_err();
+        assert!(
+            err.contains("crt/mma.h (in nvidia-cuda-nvcc-cu12)"),
+            "{err}"
+        );
+        assert!(
+            err.contains("cuda/barrier (in nvidia-cuda-cccl-cu12)"),
+            "{err}"
+        );
+        assert!(!err.contains("cuda_fp16.h"), "{err}");
+    }
+
+    /// With a driver the checks pass; without one (CI) the error names the driver's library.
+    #[test]
+    fn prepare_names_the_driver_when_there_is_none() {
+        match driver_version() {
+            Ok(_) => {
+                prepare().unwrap();
+            }
+            Err(_) => {
+                let err = prepare().unwrap_err();
+                assert!(err.contains("libcuda.so.1"), "{err}");
+            }
+        }
+    }
+}
