@@ -4,7 +4,7 @@
 # with nvidia-smi for both. Expects the bench binary at .devbin/train-bench (built elsewhere:
 # `cargo bench -p flow-stages --bench train --no-run --features cuda`, so it has wgpu and
 # CUDA) and Vulkan loaders in .gl/*.deb. CUDA takes NVRTC and its headers from PyTorch's
-# python environment (gpu/cuda.rs; the nvcc and cccl wheels from .wheels/*.whl if absent).
+# python environment (gpu/cuda.rs), the headers it lacks from .cuda-headers.tgz (below).
 set -u
 out=${OUT:-/tmp/gpu-bench}; mkdir -p "$out"
 for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
@@ -17,8 +17,12 @@ peak() { # peak memory.used (MiB) while "$@" runs
   echo "{\"peak_gpu_used_mib\": $(sort -n "$out/smi.txt" | tail -1), \"rc\": $rc}"
 }
 chmod +x .devbin/train-bench
-# CUDA through NVRTC (issue 19 item 6): the wheels PyTorch lacks, from files carried here.
-ls .wheels/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-deps --no-index .wheels/*.whl
+# CUDA through NVRTC (issue 19 item 6). PyTorch's environment has NVRTC and the runtime's
+# headers; nvcc's crt/ and CCCL's cuda/ headers come from .cuda-headers.tgz, made where pip
+# works: `cd "$(python3 -c 'import nvidia; print(nvidia.__path__[0])')" && tar czf
+# .../.cuda-headers.tgz cuda_nvcc/include cuda_cccl/include` (1.6 MB).
+nv=$(python3 -c 'import nvidia; print(nvidia.__path__[0])' 2>/dev/null)
+[ -n "$nv" ] && [ -f .cuda-headers.tgz ] && tar xzf .cuda-headers.tgz -C "$nv"
 for prec in f32 bf16; do for cfg in small large; do for mode in full lora16; do
   peak timeout 150 .devbin/train-bench --one $cfg $mode --device cuda --precision $prec 2>&1 | grep -v WARN | tail -2
 done; done; done

@@ -825,7 +825,6 @@ fn adapters_of(p: &TrainParams, base: &Weights, rng: &Rng) -> Result<Adapters, S
     ))
 }
 
-/// The optimizer's update rule with its hyperparameters.
 /// On a burn device, what training needs at least ([`memory::footprint`], from the model's
 /// config alone) against what the device has, before any weight loads; None on the CPU.
 #[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(unused_variables))]
@@ -868,6 +867,7 @@ fn fits(
     }
 }
 
+/// The optimizer's update rule with its hyperparameters.
 fn rule_of(p: &TrainParams) -> Rule {
     if p.optimizer == "adamw" {
         Rule::AdamW {
