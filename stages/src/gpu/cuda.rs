@@ -50,27 +50,41 @@ pub fn find(cuda_path: Option<&Path>, python: &str) -> Result<Toolkit, String> {
     if let Some(root) = cuda_path {
         return toolkit_at(root, &format!("CUDA_PATH={}", root.display()));
     }
+    // An incomplete install (a driver-only /usr/local/cuda, wheels without nvcc) does not
+    // stop the search; if nothing is complete, the error lists why each place was not.
+    let mut refused = Vec::new();
     for root in ["/usr/local/cuda", "/opt/cuda"] {
         if Path::new(root).is_dir() {
-            return toolkit_at(Path::new(root), root);
+            match toolkit_at(Path::new(root), root) {
+                Ok(toolkit) => return Ok(toolkit),
+                Err(e) => refused.push(e),
+            }
         }
     }
     let sites = python_sites(python);
     for site in &sites {
         if site.join("nvidia/cuda_nvrtc/lib").is_dir() {
-            return wheels_at(site);
+            match wheels_at(site) {
+                Ok(toolkit) => return Ok(toolkit),
+                Err(e) => refused.push(e),
+            }
         }
     }
+    if refused.is_empty() {
+        refused.push(format!(
+            "CUDA_PATH is not set, neither /usr/local/cuda nor /opt/cuda exists, and \
+             {python}'s environment ({}) has no nvidia-cuda-nvrtc-cu12 wheel",
+            if sites.is_empty() {
+                format!("{python} did not run")
+            } else {
+                format!("{} directories on sys.path", sites.len())
+            }
+        ));
+    }
     Err(format!(
-        "NVRTC not found: CUDA_PATH is not set, neither /usr/local/cuda nor /opt/cuda exists, \
-         and {python}'s environment ({}) has no nvidia-cuda-nvrtc-cu12 wheel. Install the \
-         wheels (`{python} -m pip install {WHEELS}`, the driver's CUDA version or older) or \
-         set CUDA_PATH to a CUDA toolkit",
-        if sites.is_empty() {
-            format!("{python} did not run")
-        } else {
-            format!("{} directories on sys.path", sites.len())
-        }
+        "NVRTC and its headers not found: {}. Install the wheels (`{python} -m pip install \
+         {WHEELS}`, the driver's CUDA version or older) or set CUDA_PATH to a CUDA toolkit",
+        refused.join("; ")
     ))
 }
 
@@ -80,7 +94,9 @@ fn toolkit_at(root: &Path, origin: &str) -> Result<Toolkit, String> {
     let nvrtc = ["lib64", "lib", "targets/x86_64-linux/lib"]
         .iter()
         .find_map(|dir| nvrtc_in(&root.join(dir)))
-        .ok_or_else(|| format!("{origin}: no libnvrtc.so in its lib64/ or lib/"))?;
+        .ok_or_else(|| {
+            format!("{origin}: no libnvrtc.so in its lib64/, lib/ or targets/x86_64-linux/lib/")
+        })?;
     let include: Vec<PathBuf> = ["include", "include/cccl"]
         .iter()
         .map(|dir| root.join(dir))
@@ -121,9 +137,10 @@ fn nvrtc_in(dir: &Path) -> Option<PathBuf> {
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n == "libnvrtc.so" || n.starts_with("libnvrtc.so."))
+            p.is_file() // a dangling link is not a library
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n == "libnvrtc.so" || n.starts_with("libnvrtc.so."))
         })
         .collect();
     // The shortest name is the one a loader asks for (`libnvrtc.so.12` before its
@@ -193,9 +210,10 @@ pub fn driver_version() -> Result<i32, String> {
     Ok(version)
 }
 
-/// Loads NVRTC from `toolkit` by its full path and globally, so cudarc's later lookup by
-/// name (`libnvrtc.so.12`, which it finds among loaded libraries by their soname) gets this
-/// one with no `LD_LIBRARY_PATH`; returns NVRTC's version.
+/// Loads NVRTC from `toolkit` by its full path and globally, so that cudarc's later lookup
+/// by name finds it among the loaded libraries by its soname (`libnvrtc.so.12`) with no
+/// `LD_LIBRARY_PATH`, unless a `libnvrtc.so` on the library path comes first ([`prepare`]
+/// checks which one cudarc took); returns NVRTC's version.
 pub fn load_nvrtc(toolkit: &Toolkit) -> Result<i32, String> {
     let lib =
         open_global(&toolkit.nvrtc).map_err(|e| format!("{}: {e}", toolkit.nvrtc.display()))?;
@@ -211,6 +229,21 @@ pub fn load_nvrtc(toolkit: &Toolkit) -> Result<i32, String> {
         return Err(format!("nvrtcVersion failed (nvrtcResult {status})"));
     }
     Ok(major * 1000 + minor * 10)
+}
+
+/// The version of the NVRTC cudarc loads by name, or None where it finds none (cudarc's
+/// presence check catches its own panic).
+fn cudarc_nvrtc_version() -> Option<i32> {
+    use cudarc::nvrtc::sys;
+    let (mut major, mut minor) = (0i32, 0i32);
+    // SAFETY: the library is checked present first; nvrtcVersion writes two ints.
+    unsafe {
+        if !sys::is_culib_present() {
+            return None;
+        }
+        let status = sys::nvrtcVersion(&mut major, &mut minor);
+        (status == sys::nvrtcResult::NVRTC_SUCCESS).then_some(major * 1000 + minor * 10)
+    }
 }
 
 /// dlopen with `RTLD_NOW | RTLD_GLOBAL`, never unloaded (cudarc and the driver keep pointers
@@ -302,25 +335,63 @@ pub fn prepare() -> Result<String, String> {
     PREPARED
         .get_or_init(|| {
             let driver = driver_version()?;
-            let cuda_path = std::env::var_os("CUDA_PATH").map(PathBuf::from);
+            let cuda_path = std::env::var_os("CUDA_PATH")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from);
             let toolkit = find(cuda_path.as_deref(), "python3")?;
             let nvrtc = load_nvrtc(&toolkit)?;
+            // cudarc (and so cubecl) finds NVRTC by name, `libnvrtc.so` on the library path
+            // first: make sure that is the library just checked, and that it is found at all
+            // (a name cudarc does not try would be its panic at the first kernel).
+            let used = cudarc_nvrtc_version().ok_or_else(|| {
+                format!(
+                    "{} loaded, but cudarc finds no NVRTC by the names it tries (libnvrtc.so, \
+                     libnvrtc.so.12, ...): use a CUDA 12 NVRTC",
+                    toolkit.nvrtc.display()
+                )
+            })?;
+            if used != nvrtc {
+                return Err(format!(
+                    "cudarc finds NVRTC {} on the library path, not {} ({}): remove the other \
+                     one from the library path, or set CUDA_PATH to its toolkit",
+                    version_name(used),
+                    toolkit.nvrtc.display(),
+                    version_name(nvrtc)
+                ));
+            }
             if nvrtc > driver {
                 return Err(format!(
                     "NVRTC {} ({}) is newer than the driver's CUDA {}: the driver cannot load \
-                     the PTX it makes. Install NVRTC {} or older (e.g. `python3 -m pip install \
-                     \"nvidia-cuda-nvrtc-cu12=={}.*\"`) or update the driver",
+                     the PTX it makes. Install NVRTC and its headers at {} or older (e.g. \
+                     `python3 -m pip install {}`, all four at that version) or update the \
+                     driver",
                     version_name(nvrtc),
                     toolkit.origin,
                     version_name(driver),
                     version_name(driver),
-                    version_name(driver)
+                    WHEELS
+                        .split(' ')
+                        .map(|w| format!("\"{w}=={}.*\"", version_name(driver)))
+                        .collect::<Vec<_>>()
+                        .join(" ")
                 ));
             }
             compile_probe(&toolkit, "sm_80")?;
             burn::cubecl::cuda::install::set_include_paths(toolkit.include.clone());
+            // cudarc's bindings are of one CUDA version (.cargo/config.toml): an older
+            // driver lacks the functions that version added, which cubecl rarely calls.
+            let bindings = cudarc::driver::sys::CUDA_VERSION as i32;
+            let note = if driver < bindings {
+                format!(
+                    "; built for CUDA {}: if a driver function is missing, rebuild with \
+                     CUDARC_CUDA_VERSION={driver}",
+                    version_name(bindings)
+                )
+            } else {
+                String::new()
+            };
             Ok(format!(
-                "NVRTC {} from {}, driver CUDA {}",
+                "NVRTC {} from {}, driver CUDA {}{note}",
                 version_name(nvrtc),
                 toolkit.origin,
                 version_name(driver)
@@ -407,8 +478,12 @@ mod tests {
     #[test]
     fn prepare_names_the_driver_when_there_is_none() {
         match driver_version() {
+            // A GPU machine: ready, or refused for a reason named (the suite pins NVRTC 12.9,
+            // newer than many drivers).
             Ok(_) => {
-                prepare().unwrap();
+                if let Err(e) = prepare() {
+                    assert!(e.contains("newer than the driver"), "{e}");
+                }
             }
             Err(_) => {
                 let err = prepare().unwrap_err();
