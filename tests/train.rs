@@ -222,6 +222,25 @@ fn a_killed_f16_wgpu_run_resumes_bit_exactly() {
     assert_eq!(recomputing["done"], true);
 }
 
+/// Runs the full-finetuning pipeline with `params` added to its stage, asserts that it
+/// failed, and returns its stdout, stderr and stage logs together.
+fn failed_full_run(params: &str) -> String {
+    let ws = Workspace::new();
+    let toml = FULL.replace(
+        "kind = \"train-full\"\n",
+        &format!("kind = \"train-full\"\n{params}"),
+    );
+    let p = ws.write("p.toml", &pipeline(&toml));
+    let out = ws.flow(&["run", p.to_str().unwrap()]);
+    assert!(!out.status.success(), "{params} ran");
+    format!(
+        "{}{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        logs(&ws)
+    )
+}
+
 /// A precision the device cannot compute in stops the stage before it loads anything, with
 /// a message naming the device and the type: bf16 on lavapipe (WGSL has no bf16), f16 on
 /// flow's CPU engine (f32 only).
@@ -231,20 +250,9 @@ fn a_precision_the_device_lacks_fails_before_training() {
         ("wgpu", "bf16", "has no bf16 arithmetic"),
         ("cpu", "f16", "CPU engine computes in f32 only"),
     ] {
-        let ws = Workspace::new();
-        let toml = FULL.replace(
-            "kind = \"train-full\"\n",
-            &format!("kind = \"train-full\"\ndevice = \"{device}\"\nprecision = \"{precision}\"\n"),
-        );
-        let p = ws.write("p.toml", &pipeline(&toml));
-        let out = ws.flow(&["run", p.to_str().unwrap()]);
-        assert!(!out.status.success(), "{device} {precision} ran");
-        let all = format!(
-            "{}{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            logs(&ws)
-        );
+        let all = failed_full_run(&format!(
+            "device = \"{device}\"\nprecision = \"{precision}\"\n"
+        ));
         assert!(
             all.contains(says) && all.contains(precision),
             "{device} {precision}: {all}"
@@ -269,20 +277,7 @@ fn cuda_without_a_driver_fails_naming_what_is_missing() {
         // A machine with a driver: the device opens; gpu-bench.sh measures it.
         return;
     }
-    let ws = Workspace::new();
-    let toml = FULL.replace(
-        "kind = \"train-full\"\n",
-        "kind = \"train-full\"\ndevice = \"cuda\"\n",
-    );
-    let p = ws.write("p.toml", &pipeline(&toml));
-    let out = ws.flow(&["run", p.to_str().unwrap()]);
-    assert!(!out.status.success(), "cuda ran without a driver");
-    let all = format!(
-        "{}{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        logs(&ws)
-    );
+    let all = failed_full_run("device = \"cuda\"\n");
     assert!(
         all.contains("device `cuda`: no NVIDIA driver: libcuda.so.1"),
         "{all}"
