@@ -26,6 +26,10 @@ nv=$(python3 -c 'import nvidia; print(nvidia.__path__[0])' 2>/dev/null)
 for prec in f32 bf16; do for cfg in small large; do for mode in full lora16; do
   peak timeout 150 .devbin/train-bench --one $cfg $mode --device cuda --precision $prec 2>&1 | grep -v WARN | tail -2
 done; done; done
+# Llama-2-7B's shape with LionW, as `--profile paper` trains it: full finetuning with the
+# moment in bf16 (at least 65 GiB counted; it must stay under 80 GB), and with it in f32
+# (78 GiB counted: over an H100's memory, under this H200's); LoRA r=256.
+peak timeout 400 .devbin/train-bench --one 7b full --device cuda --precision bf16 --checkpointing --bf16-state 2>&1 | grep -v WARN | tail -2
 for mode in full lora256; do
   peak timeout 400 .devbin/train-bench --one 7b $mode --device cuda --precision bf16 --checkpointing 2>&1 | grep -v WARN | tail -2
 done
@@ -63,11 +67,12 @@ fi
 # The paper's study at smoke size (issue 20, item 5): every stage of math_cpt on this GPU,
 # timed stage by stage (the run's log and `flow status`). The full 7B shape writes a 27 GB
 # f32 model per trained model, more than this machine's disk holds for the whole study, so
-# this runs a 4-layer slice of it; every other shape and setting is the profile's. Needs
-# the flow binary at .devbin/flow and the test data at ../shared/data (or --set the files).
+# this runs a 4-layer slice of it; every other shape and setting is the profile's (bf16
+# training, so on CUDA: WGSL has no bf16). Needs the flow binary at .devbin/flow (built
+# with `--features cuda`) and the test data at ../shared/data (or --set the files).
 if [ -x .devbin/flow ] || chmod +x .devbin/flow 2>/dev/null; then
   if [ -d ../shared/data ]; then
     timeout 540 .devbin/flow run pipelines/math_cpt.toml --profile paper --profile paper-smoke \
-      --set stage.pretrained.layers=4 --device wgpu --cache "$out/smoke-cache" 2>&1 | tail -90
+      --set stage.pretrained.layers=4 --device cuda --cache "$out/smoke-cache" 2>&1 | tail -90
   fi
 fi

@@ -807,3 +807,83 @@ fn study_outcome(name: &str, results: &[(String, String, f64)]) -> (String, bool
         ok,
     )
 }
+
+/// A param as the stage gets it, from `flow explain`'s key encoding of it (`i:4`, `f:1e-5`,
+/// `"bf16"`, `true`, lists as JSON); None for an input (`@input(..)`).
+fn decoded(encoded: &str) -> Option<serde_json::Value> {
+    if encoded.starts_with("@input(") {
+        return None;
+    }
+    if let Some(i) = encoded.strip_prefix("i:") {
+        return Some(i.parse::<i64>().unwrap().into());
+    }
+    if let Some(f) = encoded.strip_prefix("f:") {
+        return Some(f.parse::<f64>().unwrap().into());
+    }
+    Some(serde_json::from_str(encoded).unwrap_or_else(|e| panic!("{encoded}: {e}")))
+}
+
+/// `--profile paper` fits one 80 GB GPU stage by stage: every training stage of every study,
+/// with its params as planned and Llama-2-7B's config, needs at most 80 GB (74.5 GiB) by the
+/// count the stage itself checks before loading (`flow_stages::train::stage::device_memory`:
+/// weights, gradients and moments exactly, activations as a lower bound), with 5 GiB of it
+/// left for workspaces and the allocator. The largest is full finetuning with attention
+/// dropout (its recomputed blocks materialize their probabilities): 67.3 GiB.
+#[test]
+fn every_training_stage_of_the_paper_profile_fits_an_80_gb_gpu() {
+    use flow_stages::model::config::ModelConfig;
+    let ws = Workspace::new();
+    let env = &Hub::shared().env;
+    let mut llama2_7b = ModelConfig::new(32000, 4096, 11008, 32, 32, 32, 4096, false);
+    llama2_7b.rms_norm_eps = 1e-5;
+    let budget = 80_000_000_000u64 - 5 * (1 << 30);
+    for name in STUDIES {
+        let stages = key_parts(&ws, &shipped(name), &["--profile", "paper"], env);
+        let mut checked = 0;
+        for (stage, parts) in &stages {
+            let kind = parts["kind"].as_str().unwrap();
+            if !kind.starts_with("train-") {
+                continue;
+            }
+            let params: serde_json::Map<String, serde_json::Value> = parts["params"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), decoded(v.as_str().unwrap())?)))
+                .collect();
+            // Rows come packed by the stage feeding `data`.
+            let data = parts["inputs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|i| i["param"] == "data")
+                .unwrap();
+            let packer = data["from"][0]["stage"].as_str().unwrap();
+            let seq = decoded(stages[packer]["params"]["seq_len"].as_str().unwrap())
+                .unwrap()
+                .as_u64()
+                .unwrap() as usize;
+            let lora = kind.starts_with("train-lora");
+            let need = flow_stages::train::stage::device_memory(
+                &serde_json::Value::Object(params),
+                lora,
+                &llama2_7b,
+                seq,
+            )
+            .unwrap();
+            eprintln!(
+                "{name}: {stage}: {} GiB: {}",
+                need.total() >> 30,
+                need.describe()
+            );
+            assert!(
+                need.total() <= budget,
+                "{name}: {stage} needs at least {:.1} GiB ({})",
+                need.total() as f64 / (1u64 << 30) as f64,
+                need.describe()
+            );
+            checked += 1;
+        }
+        assert!(checked > 0, "{name} trains");
+    }
+}

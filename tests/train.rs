@@ -28,6 +28,23 @@ attention_dropout = 0.1
 hidden_dropout = 0.1
 "#;
 
+/// The `train` stage's curve directory and its `summary.json`.
+fn curve_and_summary(ws: &Workspace, p: &Path) -> (PathBuf, serde_json::Value) {
+    let curve = common::output_named(ws, p, "train", "curve");
+    let summary = std::fs::read_to_string(curve.join("summary.json")).unwrap();
+    (curve, serde_json::from_str(&summary).unwrap())
+}
+
+/// The full-finetuning stage with `params` (TOML lines) added to it.
+fn full_with(params: &str) -> String {
+    let toml = FULL.replace(
+        "kind = \"train-full\"\n",
+        &format!("kind = \"train-full\"\n{params}"),
+    );
+    assert!(toml.contains(params), "{params} added");
+    toml
+}
+
 fn model_bytes(ws: &Workspace, p: &Path, stage: &str) -> Vec<u8> {
     let dir = ws.output_dir(p, stage);
     std::fs::read(dir.join("model.safetensors")).unwrap()
@@ -124,11 +141,7 @@ fn a_killed_wgpu_run_with_dropout_resumes_bit_exactly() {
     // full reduction has a fixed order (`gpu::llama::total`): an uninterrupted run and one
     // killed at a checkpoint and resumed end with the same bits. With burn's atomic `sum`
     // the grad norm differed in its last bits from step 6 on, in three runs of three.
-    let on_wgpu = FULL.replace(
-        "kind = \"train-full\"\n",
-        "kind = \"train-full\"\ndevice = \"wgpu\"\n",
-    );
-    assert!(on_wgpu.contains("device = \"wgpu\""));
+    let on_wgpu = full_with("device = \"wgpu\"\n");
     let whole = resumes_bit_exactly(&pipeline(&on_wgpu));
     assert!(
         logs(&whole).contains("device wgpu"),
@@ -137,16 +150,56 @@ fn a_killed_wgpu_run_with_dropout_resumes_bit_exactly() {
     );
 }
 
+/// Moments stored in bf16 on the CPU engine (rounded to nearest-even in f32 words): the
+/// checkpoints keep them exactly, so a killed run resumes to the same bits; the rounding
+/// changes what trains (it is part of the key), and the log and summary say the type.
+#[test]
+fn a_killed_run_with_bf16_optimizer_state_resumes_bit_exactly() {
+    let bf16 = full_with("optimizer_state = \"bf16\"\n");
+    let whole = resumes_bit_exactly(&pipeline(&bf16));
+    let log = logs(&whole);
+    assert!(log.contains("optimizer state bf16"), "{log}");
+    let pw = whole.path().join("p.toml");
+    let (_, summary) = curve_and_summary(&whole, &pw);
+    assert_eq!(summary["optimizer_state"], "bf16");
+    let (f32_state, pf) = uninterrupted(&pipeline(FULL));
+    assert_ne!(
+        model_bytes(&whole, &pw, "train"),
+        model_bytes(&f32_state, &pf, "train"),
+        "rounding the moments changes the weights"
+    );
+    // So it is part of the key: `--set` to f32 names another result, not yet made.
+    let ps = pw.to_str().unwrap();
+    let as_bf16 = &whole.json(&["explain", ps, "train"], true)[0];
+    let set = "stage.train.optimizer_state=\"f32\"";
+    let as_f32 = &whole.json(&["explain", ps, "train", "--set", set], true)[0];
+    assert_eq!(as_bf16["params"]["optimizer_state"], "\"bf16\"");
+    assert!(as_bf16["key"].is_string(), "{as_bf16}");
+    assert_ne!(as_bf16["key"], as_f32["key"]);
+    assert_eq!(as_f32["done"], false);
+}
+
+/// bf16 optimizer state on a device without the type (lavapipe) stops the stage before it
+/// loads anything, naming the device and the type.
+#[test]
+fn bf16_optimizer_state_on_a_device_without_bf16_fails_before_training() {
+    let all = failed_full_run("device = \"wgpu\"\noptimizer_state = \"bf16\"\n");
+    assert!(
+        all.contains("optimizer_state `bf16`") && all.contains("llvmpipe"),
+        "{all}"
+    );
+    assert!(
+        !all.contains("training all weights"),
+        "it stopped before training: {all}"
+    );
+}
+
 /// f16 on wgpu (lavapipe has shader-f16): autocast with f32 master weights and a dynamic
 /// loss scale that the checkpoints keep, so a killed run resumes to the same bits; the log
 /// and summary say the precision and how many steps loss scaling skipped.
 #[test]
 fn a_killed_f16_wgpu_run_resumes_bit_exactly() {
-    let f16 = FULL.replace(
-        "kind = \"train-full\"\n",
-        "kind = \"train-full\"\ndevice = \"wgpu\"\nprecision = \"f16\"\n",
-    );
-    assert!(f16.contains("precision = \"f16\""));
+    let f16 = full_with("device = \"wgpu\"\nprecision = \"f16\"\n");
     let p = pipeline(&f16);
     let whole = resumes_bit_exactly(&p);
     let log = logs(&whole);
@@ -155,10 +208,7 @@ fn a_killed_f16_wgpu_run_resumes_bit_exactly() {
         "{log}"
     );
     let pw = whole.path().join("p.toml");
-    let curve = common::output_named(&whole, &pw, "train", "curve");
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(curve.join("summary.json")).unwrap())
-            .unwrap();
+    let (curve, summary) = curve_and_summary(&whole, &pw);
     assert_eq!(summary["precision"], "f16");
     let skipped = summary["skipped_steps"].as_u64().expect("skipped_steps");
     let csv = std::fs::read_to_string(curve.join("curve.csv")).unwrap();
@@ -226,11 +276,7 @@ fn a_killed_f16_wgpu_run_resumes_bit_exactly() {
 /// failed, and returns its stdout, stderr and stage logs together.
 fn failed_full_run(params: &str) -> String {
     let ws = Workspace::new();
-    let toml = FULL.replace(
-        "kind = \"train-full\"\n",
-        &format!("kind = \"train-full\"\n{params}"),
-    );
-    let p = ws.write("p.toml", &pipeline(&toml));
+    let p = ws.write("p.toml", &pipeline(&full_with(params)));
     let out = ws.flow(&["run", p.to_str().unwrap()]);
     assert!(!out.status.success(), "{params} ran");
     format!(

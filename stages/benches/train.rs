@@ -4,8 +4,9 @@
 //!
 //! Without arguments: every configuration on the CPU engine, then on wgpu when an adapter is
 //! there. `-- --device wgpu` (or cuda, vulkan) selects the device, `-- --precision f16` (or
-//! bf16) a burn device's compute type, `-- --checkpointing` activation checkpointing there;
-//! `-- --one CONFIG MODE` is the per-process worker.
+//! bf16) a burn device's compute type, `-- --checkpointing` activation checkpointing there,
+//! `-- --bf16-state` the optimizer's moments stored in bf16; `-- --one CONFIG MODE` is the
+//! per-process worker.
 use std::process::Command;
 use std::time::Instant;
 
@@ -16,7 +17,7 @@ use flow_stages::gpu::precision::Precision;
 use flow_stages::model::config::ModelConfig;
 use flow_stages::model::weights::{Proj, Weights};
 use flow_stages::train::cpu::CpuTrainer;
-use flow_stages::train::optim::{Optimizer, Rule};
+use flow_stages::train::optim::{Optimizer, Rule, StateType};
 use flow_stages::train::trainer::Trainer;
 
 /// (name, d, layers, heads, seq, rows, vocab, ff, steps)
@@ -62,6 +63,7 @@ fn one(
     threads: usize,
     precision: Precision,
     checkpointing: bool,
+    state_type: StateType,
 ) {
     // As the stage worker does (`flow __stage`); FLOW_BENCH_GLIBC_DEFAULTS measures without.
     if std::env::var_os("FLOW_BENCH_GLIBC_DEFAULTS").is_none() {
@@ -117,16 +119,21 @@ fn one(
         Some(l) => l.tensors.iter().map(|t| t.data.len()).collect(),
         None => w.tensors.iter().map(|t| t.data.len()).collect(),
     };
-    let opt = Optimizer::new(
+    // The 7B shape trains with the paper's LionW (one moment; issue 19 item 7), the rest
+    // with AdamW as PyTorch's side does.
+    let rule = if config == "7b" {
+        Rule::LionW {
+            beta1: 0.9,
+            beta2: 0.99,
+        }
+    } else {
         Rule::AdamW {
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
-        },
-        0.0,
-        1e-3,
-        &sizes,
-    );
+        }
+    };
+    let opt = Optimizer::new(rule, 0.0, 1e-3, &sizes).with_state_type(state_type);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -173,6 +180,8 @@ fn one(
         serde_json::json!({
             "impl": "flow", "device": what, "config": config, "mode": mode, "threads": threads,
             "precision": precision.name(), "activation_checkpointing": checkpointing,
+            "optimizer": if matches!(rule, Rule::LionW { .. }) { "lionw" } else { "adamw" },
+            "optimizer_state": state_type.name(),
             "step_s": (med * 1e4).round() / 1e4, "tokens_per_s": ((rows * seq) as f64 / med).round(),
             "peak_rss_mib": peak_rss_mib().round(),
         })
@@ -257,6 +266,11 @@ fn main() {
         .unwrap_or_else(|| "f32".into());
     let precision = Precision::parse(&precision_name).expect("--precision f32, f16 or bf16");
     let checkpointing = args.iter().any(|a| a == "--checkpointing");
+    let state_type = if args.iter().any(|a| a == "--bf16-state") {
+        StateType::Bf16
+    } else {
+        StateType::F32
+    };
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
     if let Some(i) = args.iter().position(|a| a == "--lora-linear") {
         let d: usize = args[i + 1].parse().unwrap();
@@ -272,6 +286,7 @@ fn main() {
             threads,
             precision,
             checkpointing,
+            state_type,
         );
         return;
     }

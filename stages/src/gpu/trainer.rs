@@ -13,8 +13,13 @@ use super::precision::{LossScale, Precision};
 use crate::cpu::llama::{Batch, Dropouts};
 use crate::cpu::lora::Adapters;
 use crate::model::weights::{Tensor as HostTensor, Weights};
-use crate::train::optim::{Optimizer, Rule};
+use crate::train::optim::{Optimizer, Rule, StateType};
 use crate::train::trainer::{Trainer, Update, restore_by_name};
+
+/// A tensor stored in any float type (moments in bf16), read back as f32 values.
+fn download_f32(t: &Tensor<2>) -> Vec<f32> {
+    download(&t.clone().cast(FloatDType::F32))
+}
 
 /// Adds a gradient to a sum that may not have started.
 fn add_into(sum: &mut Option<Tensor<2>>, g: Tensor<2>) {
@@ -49,6 +54,8 @@ pub struct BurnTrainer {
     step: u64,
     m: Vec<Tensor<2>>,
     v: Vec<Tensor<2>>,
+    /// The type `m` and `v` are stored in (the update computes in f32).
+    state_type: StateType,
     precision: Precision,
     /// f16's loss scale (None in f32 and bf16).
     loss_scale: Option<LossScale>,
@@ -117,6 +124,7 @@ impl BurnTrainer {
             step: 0,
             m: Vec::new(),
             v: Vec::new(),
+            state_type: opt.state_type,
             precision,
             loss_scale: None,
             activation_checkpointing: false,
@@ -141,12 +149,23 @@ impl BurnTrainer {
         }
     }
 
+    /// The type moments are stored in on the device.
+    fn state_dtype(&self) -> FloatDType {
+        match self.state_type {
+            StateType::F32 => FloatDType::F32,
+            StateType::Bf16 => FloatDType::BF16,
+        }
+    }
+
     fn set_optimizer(&mut self, opt: &Optimizer) {
+        self.state_type = opt.state_type;
         let shapes: Vec<[usize; 2]> = self.trainable().iter().map(|t| t.dims()).collect();
+        let stored = self.state_dtype();
+        // The host's moments are values of the state type: the cast is exact.
         let up = |data: &Vec<Vec<f32>>| -> Vec<Tensor<2>> {
             data.iter()
                 .zip(&shapes)
-                .map(|(d, s)| upload(d, &[s[0], s[1]], &self.device).inner())
+                .map(|(d, s)| upload(d, &[s[0], s[1]], &self.device).inner().cast(stored))
                 .collect()
         };
         self.m = up(&opt.m);
@@ -228,24 +247,25 @@ impl BurnTrainer {
         (loss, if self.lora_meta.is_none() { base } else { lora })
     }
 
-    /// Adds the gradients `grads` holds for the trainable leaves to `into`.
+    /// Moves the gradients `grads` holds for the trainable leaves into the sums `into`: each
+    /// leaves `grads` as it is added, so its memory is free for the next.
     fn collect(
         &self,
         into: &mut [Option<Tensor<2>>],
         base: &[Tensor<2>],
         lora: &[Tensor<2>],
-        grads: &burn::tensor::Gradients,
+        grads: &mut burn::tensor::Gradients,
     ) {
         let leaves = if self.lora_meta.is_none() { base } else { lora };
         for (i, leaf) in leaves.iter().enumerate() {
-            if let Some(g) = leaf.grad(grads) {
+            if let Some(g) = leaf.grad_remove(grads) {
                 add_into(&mut into[i], g.inner());
             }
         }
     }
 
-    /// A micro-batch's gradients (of `scale` times its summed loss) with activation
-    /// checkpointing, as `torch.utils.checkpoint` per block: a forward pass without a graph
+    /// Adds a micro-batch's gradients (of `scale` times its summed loss) to the step's sums
+    /// `into`, with activation checkpointing, as `torch.utils.checkpoint` per block: a forward pass without a graph
     /// keeps only each block's input; the head's loss is differentiated from the last one;
     /// then, from the last block to the first, the block is recomputed with a graph from
     /// its input and differentiated against the gradient of its output (the surrogate
@@ -253,12 +273,19 @@ impl BurnTrainer {
     /// gradients and its input's. Memory holds the blocks' inputs and one block's graph;
     /// the cost is a forward pass more. Each layer's dropout masks come from its own seed,
     /// so the recomputed block draws the forward pass's masks: the same bits as without.
+    ///
+    /// A block's gradients go into the sums as its backward makes them, so that from a
+    /// step's second micro-batch on no second set of gradients is held beside the sums (7B's
+    /// is 25 GiB). Only the head's and the embedding's, which two backward passes reach when
+    /// the embedding is tied, are summed first: every weight's sum is `sum + micro-batch's`,
+    /// as without checkpointing. Returns the micro-batch's summed loss.
     fn checkpointed_grads(
         &self,
         batch: &Batch,
         scale: f32,
         drop: Option<&Dropouts>,
-    ) -> (f32, Vec<Option<Tensor<2>>>) {
+        into: &mut [Option<Tensor<2>>],
+    ) -> f32 {
         let layers = self.weights.config.num_hidden_layers;
         let plain = self.device.clone().without_autodiff();
         // Attention in query chunks, with its backward written out (linear memory in the
@@ -297,12 +324,12 @@ impl BurnTrainer {
         let model = self.model(&base, &lora, &self.device);
         let inp = inputs_on(&self.device);
         let docs = inp.docs().map(|d| d.clone().inner());
-        let mut grads = vec![None; self.trainable().len()];
+        let mut ends = vec![None; self.trainable().len()];
         let x = last.autodiff().require_grad();
         let loss = model.head_loss(x.clone(), &inp);
         let sum: f32 = loss.clone().into_scalar();
-        let g = loss.mul_scalar(scale).backward();
-        self.collect(&mut grads, &base, &lora, &g);
+        let mut g = loss.mul_scalar(scale).backward();
+        self.collect(&mut ends, &base, &lora, &mut g);
         let mut dy = x
             .grad(&g)
             .expect("the loss depends on the last block")
@@ -315,8 +342,8 @@ impl BurnTrainer {
                 .require_grad();
             if !chunked {
                 let y = model.block(l, x.clone(), &inp, drop);
-                let g = total(y * dy.autodiff()).backward();
-                self.collect(&mut grads, &base, &lora, &g);
+                let mut g = total(y * dy.autodiff()).backward();
+                self.collect(into, &base, &lora, &mut g);
                 dy = x.grad(&g).expect("a block depends on its input").inner();
                 continue;
             }
@@ -335,14 +362,14 @@ impl BurnTrainer {
                 saved = Some((at, [q, k, v], out.clone()));
                 out
             });
-            let g = total(y * dy.autodiff()).backward();
-            self.collect(&mut grads, &base, &lora, &g);
+            let mut g = total(y * dy.autodiff()).backward();
+            self.collect(into, &base, &lora, &mut g);
             let (at, [q, k, v], out) = saved.expect("the block attends");
             let d_out = out.grad(&g).expect("the block uses its attention").inner();
             let d_qkv = self.chunked_backward(l, at, d_out, &inp, docs.as_ref(), &plain);
             let [dq, dk, dv] = d_qkv.map(|d| d.autodiff());
-            let g2 = (total(q * dq) + total(k * dk) + total(v * dv)).backward();
-            self.collect(&mut grads, &base, &lora, &g2);
+            let mut g2 = (total(q * dq) + total(k * dk) + total(v * dv)).backward();
+            self.collect(into, &base, &lora, &mut g2);
             let residual = x.grad(&g).expect("a block adds its input").inner();
             let through = x.grad(&g2).expect("q, k and v depend on the input").inner();
             dy = residual + through;
@@ -350,10 +377,15 @@ impl BurnTrainer {
         // The embedding trains in full finetuning only (LoRA leaves it frozen).
         if self.lora_meta.is_none() {
             let x0 = model.embed_inputs(&inp);
-            let g = total(x0 * dy.autodiff()).backward();
-            self.collect(&mut grads, &base, &lora, &g);
+            let mut g = total(x0 * dy.autodiff()).backward();
+            self.collect(&mut ends, &base, &lora, &mut g);
         }
-        (sum, grads)
+        for (sum, g) in into.iter_mut().zip(ends) {
+            if let Some(g) = g {
+                add_into(sum, g);
+            }
+        }
+        sum
     }
 
     /// The chunked attention problem of layer `l` over the batch.
@@ -463,10 +495,11 @@ impl Trainer for BurnTrainer {
             self.device.seed(d.seed);
         }
         let scale = scale * self.loss_scale.map_or(1.0, |s| s.scale);
-        // This micro-batch's gradients, then added to the step's: the same sums in the same
-        // order whether or not blocks are recomputed.
-        let (sum, mine) = if self.activation_checkpointing {
-            self.checkpointed_grads(batch, scale, drop.as_ref())
+        // This micro-batch's gradients, added to the step's sums: `sum + micro-batch's` for
+        // every weight whether or not blocks are recomputed.
+        let mut sums = std::mem::take(&mut self.grads);
+        let sum = if self.activation_checkpointing {
+            self.checkpointed_grads(batch, scale, drop.as_ref(), &mut sums)
         } else {
             let (base, lora) = self.leaves(true);
             let inputs = Inputs::new(&self.weights, batch, &self.device);
@@ -474,16 +507,11 @@ impl Trainer for BurnTrainer {
                 .model(&base, &lora, &self.device)
                 .loss_sum(&inputs, drop.as_ref());
             let sum: f32 = loss.clone().into_scalar();
-            let g = loss.mul_scalar(scale).backward();
-            let mut mine = vec![None; self.trainable().len()];
-            self.collect(&mut mine, &base, &lora, &g);
-            (sum, mine)
+            let mut g = loss.mul_scalar(scale).backward();
+            self.collect(&mut sums, &base, &lora, &mut g);
+            sum
         };
-        for (acc, g) in self.grads.iter_mut().zip(mine) {
-            if let Some(g) = g {
-                add_into(acc, g);
-            }
-        }
+        self.grads = sums;
         (sum as f64, batch.target_count())
     }
 
@@ -523,6 +551,10 @@ impl Trainer for BurnTrainer {
         let wd = self.weight_decay;
         let lr_max = self.lr_max;
         let rule = self.rule;
+        // Moments are read in f32 and stored back in their type (rounded to nearest-even
+        // in bf16), as the CPU engine's optimizer does.
+        let stored = self.state_dtype();
+        let (m, v) = (&mut self.m, &mut self.v);
         let params = if self.lora_meta.is_some() {
             &mut self.lora
         } else {
@@ -538,10 +570,10 @@ impl Trainer for BurnTrainer {
                     } else {
                         p
                     };
-                    let m = self.m[i].clone();
-                    let c = m.clone().mul_scalar(beta1) + g.clone().mul_scalar(1.0 - beta1);
+                    let m0 = m[i].clone().cast(FloatDType::F32);
+                    let c = m0.clone().mul_scalar(beta1) + g.clone().mul_scalar(1.0 - beta1);
                     params[i] = p - c.sign().mul_scalar(lr);
-                    self.m[i] = m.mul_scalar(beta2) + g.mul_scalar(1.0 - beta2);
+                    m[i] = (m0.mul_scalar(beta2) + g.mul_scalar(1.0 - beta2)).cast(stored);
                 }
                 Rule::AdamW { beta1, beta2, eps } => {
                     let p = if wd != 0.0 {
@@ -549,15 +581,16 @@ impl Trainer for BurnTrainer {
                     } else {
                         p
                     };
-                    let m = self.m[i].clone().mul_scalar(beta1) + g.clone().mul_scalar(1.0 - beta1);
-                    let v = self.v[i].clone().mul_scalar(beta2)
+                    let m1 = m[i].clone().cast(FloatDType::F32).mul_scalar(beta1)
+                        + g.clone().mul_scalar(1.0 - beta1);
+                    let v1 = v[i].clone().cast(FloatDType::F32).mul_scalar(beta2)
                         + g.powi_scalar(2).mul_scalar(1.0 - beta2);
                     let bc1 = 1.0 - beta1.powi(t);
                     let bc2 = 1.0 - beta2.powi(t);
-                    let denom = v.clone().sqrt().div_scalar(bc2.sqrt()).add_scalar(eps);
-                    params[i] = p - (m.clone() / denom).mul_scalar(lr / bc1);
-                    self.m[i] = m;
-                    self.v[i] = v;
+                    let denom = v1.clone().sqrt().div_scalar(bc2.sqrt()).add_scalar(eps);
+                    params[i] = p - (m1.clone() / denom).mul_scalar(lr / bc1);
+                    m[i] = m1.cast(stored);
+                    v[i] = v1.cast(stored);
                 }
             }
         }
@@ -585,9 +618,10 @@ impl Trainer for BurnTrainer {
             weight_decay: self.weight_decay,
             lr_max: self.lr_max,
             step: self.step,
-            m: self.m.iter().map(download).collect(),
-            v: self.v.iter().map(download).collect(),
+            m: self.m.iter().map(download_f32).collect(),
+            v: self.v.iter().map(download_f32).collect(),
             loss_scale: self.loss_scale,
+            state_type: self.state_type,
         };
         (self.host_trainable(), opt)
     }

@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use crate::gpu::precision::LossScale;
 use crate::kind::StageError;
 use crate::model::weights::Tensor;
-use crate::train::optim::{Optimizer, Rule};
+use crate::train::optim::{Optimizer, Rule, StateType};
 
 /// The loop's state besides tensors: where a resumed run continues.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -95,6 +95,9 @@ struct OptMeta {
     /// Absent in checkpoints of runs without one (and in those written before f16).
     #[serde(default)]
     loss_scale: Option<LossScale>,
+    /// Absent in checkpoints written before `optimizer_state` (f32 moments).
+    #[serde(default)]
+    state_type: StateType,
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> StageError + '_ {
@@ -338,7 +341,7 @@ pub fn save(
     );
     let meta = serde_json::json!({
         "state": state,
-        "optimizer": {"rule": opt.rule, "weight_decay": opt.weight_decay, "lr_max": opt.lr_max, "step": opt.step, "loss_scale": opt.loss_scale},
+        "optimizer": {"rule": opt.rule, "weight_decay": opt.weight_decay, "lr_max": opt.lr_max, "step": opt.step, "loss_scale": opt.loss_scale, "state_type": opt.state_type},
     });
     files.insert(
         STATE.to_string(),
@@ -479,9 +482,23 @@ fn read_ckpt(scratch: &Path, name: &str) -> Result<Checkpoint, String> {
         lr_max: meta.optimizer.lr_max,
         step: meta.optimizer.step,
         loss_scale: meta.optimizer.loss_scale,
+        state_type: meta.optimizer.state_type,
         m: m.into_iter().map(|t| t.data).collect(),
         v: v.into_iter().map(|t| t.data).collect(),
     };
+    let st = opt.state_type;
+    if let Some(x) = opt
+        .m
+        .iter()
+        .chain(&opt.v)
+        .flatten()
+        .find(|x| st.store(**x).to_bits() != x.to_bits())
+    {
+        return Err(format!(
+            "{OPTIMIZER}: moment {x} is not a {} value, the type `{STATE}` says they are stored in",
+            st.name()
+        ));
+    }
     Ok(Checkpoint {
         trainable,
         opt,
@@ -729,6 +746,37 @@ mod tests {
             names(scratch),
             ["ckpt-00000005", "ckpt-00000010", "latest.json"],
             "leftover temporaries are removed"
+        );
+    }
+
+    /// bf16 optimizer state comes back as it was saved, type included; a checkpoint whose
+    /// moments are not values of the type it names is damaged, skipped with a line saying so.
+    #[test]
+    fn bf16_moments_round_trip_and_other_values_are_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let scratch = root.path().join("scratch");
+        std::fs::create_dir(&scratch).unwrap();
+        let mut opt = optimizer(3).with_state_type(StateType::Bf16);
+        for x in opt.m.iter_mut().chain(opt.v.iter_mut()).flatten() {
+            *x = StateType::Bf16.store(*x + 0.1);
+        }
+        save(&scratch, &tensors(3.0), &opt, &state(3)).unwrap();
+        let back = load(&scratch).unwrap().checkpoint.expect("a checkpoint");
+        assert_eq!(back.opt, opt);
+        assert_eq!(back.opt.state_type, StateType::Bf16);
+        opt.m[0][0] = 1.0 / 3.0;
+        save(&scratch, &tensors(4.0), &opt, &state(4)).unwrap();
+        let l = load(&scratch).unwrap();
+        assert_eq!(
+            l.checkpoint.map(|c| c.state.step),
+            Some(3),
+            "{:?}",
+            l.skipped
+        );
+        assert!(
+            l.skipped.iter().any(|s| s.contains("is not a bf16 value")),
+            "{:?}",
+            l.skipped
         );
     }
 

@@ -3,8 +3,9 @@
 //! device has, not an out-of-memory crash after minutes of uploading weights.
 //!
 //! The persistent state is counted exactly (what [`crate::gpu::trainer::BurnTrainer`] keeps:
-//! f32 trainable weights, one f32 gradient accumulator per trainable weight, the optimizer's
-//! f32 moments, LoRA's frozen base in the compute type). Activations are a lower bound: the
+//! f32 trainable weights, one f32 gradient sum per trainable weight (two sets while a
+//! micro-batch's plain backward pass returns its gradients beside the step's sums), the
+//! optimizer's moments in their type, LoRA's frozen base in the compute type). Activations are a lower bound: the
 //! tensors a backward pass cannot do without (each block's saved inputs, q/k/v, the MLP's
 //! hidden activations, attention's probabilities where they are materialized, the logits).
 //! So the total is what the device needs at least, before workspaces, temporaries and the
@@ -15,7 +16,7 @@ use crate::gpu::precision::Precision;
 use crate::model::arch::Arch;
 use crate::model::config::ModelConfig;
 use crate::model::weights::Proj;
-use crate::train::optim::Rule;
+use crate::train::optim::{Rule, StateType};
 
 /// What a training run keeps on the device.
 pub struct Setup<'a> {
@@ -25,13 +26,20 @@ pub struct Setup<'a> {
     pub lora: Option<(usize, &'a [Proj])>,
     /// The optimizer (its moments per trainable weight).
     pub rule: &'a Rule,
+    /// The type the moments are stored in.
+    pub state_type: StateType,
     /// The compute type (LoRA's frozen base is stored in it).
     pub precision: Precision,
     /// Whether blocks are recomputed in the backward pass (only their inputs kept).
     pub checkpointing: bool,
+    /// Whether attention probabilities drop out: a recomputed block then materializes them
+    /// instead of attending in chunks.
+    pub attention_dropout: bool,
     /// Rows per micro-batch and tokens per row.
     pub micro: usize,
     pub seq: usize,
+    /// Whether a step sums more than one micro-batch's gradients.
+    pub accumulates: bool,
 }
 
 /// Bytes by part, in the order a message lists them.
@@ -99,7 +107,10 @@ pub fn footprint(setup: &Setup) -> Footprint {
     // compute type. Materialized attention adds its f32 probabilities, one row of the
     // sequence per head; the chunked attention (checkpointing) keeps one log-sum-exp.
     let per_token = 4 * 2 * d + half * (2 * d + q + 2 * kv + q + 3 * f);
-    let layer = if setup.checkpointing {
+    // Checkpointing attends in query chunks where nothing sits between scores and softmax
+    // but the mask (`gpu::trainer::BurnTrainer::checkpointed_grads`).
+    let chunked = setup.checkpointing && !setup.attention_dropout && arch.attn_softcap.is_none();
+    let layer = if chunked {
         tokens * per_token + tokens * heads * 4
     } else {
         tokens * (per_token + heads * setup.seq as u64 * 4)
@@ -128,17 +139,33 @@ pub fn footprint(setup: &Setup) -> Footprint {
     } else {
         0
     };
+    // A plain backward pass returns every gradient at once, beside the step's sums from the
+    // second micro-batch on; the checkpointed one adds each block's to the sums as it goes.
+    let gradient_sets = if setup.accumulates && !setup.checkpointing {
+        2
+    } else {
+        1
+    };
+    let moment_type = setup.state_type.name();
     Footprint {
         parts: vec![
             ("trainable weights (f32)", trainable * 4),
             ("frozen base", frozen * half),
-            ("gradients (f32)", trainable * 4),
             (
-                match moments {
-                    1 => "LionW moment (f32)",
+                match gradient_sets {
+                    1 => "gradients (f32)",
+                    _ => "gradients (f32, the step's sums and a micro-batch's)",
+                },
+                trainable * 4 * gradient_sets,
+            ),
+            (
+                match (moments, moment_type) {
+                    (1, "bf16") => "LionW moment (bf16)",
+                    (1, _) => "LionW moment (f32)",
+                    (_, "bf16") => "AdamW moments (bf16)",
                     _ => "AdamW moments (f32)",
                 },
-                trainable * 4 * moments,
+                trainable * setup.state_type.bytes() * moments,
             ),
             ("half-precision weight copies", cast_copies),
             ("activations (at least)", activations),
@@ -176,38 +203,52 @@ mod tests {
         assert_eq!(lora_params(&c, &arch, 16, &Proj::ALL), 39_976_960);
     }
 
-    /// Full finetuning of the 7B shape with LionW keeps f32 weights, gradients and moment:
-    /// 80.9 GB (75.3 GiB) before any activation, whatever the compute type, and at least
-    /// 77.9 GiB with checkpointing at seq 4096, micro-batch 1: of an 80 GB H100's 79.6 GiB,
-    /// under 1.8 GiB is left for workspaces, temporaries and the allocator. LoRA r=256 on all seven
-    /// projections keeps the base in bf16 and needs under a third of that.
+    fn seven_b(lora: Option<(usize, &[Proj])>, state_type: StateType) -> Footprint {
+        footprint(&Setup {
+            config: &llama2_7b(),
+            lora,
+            rule: &lion(),
+            state_type,
+            precision: Precision::Bf16,
+            checkpointing: true,
+            attention_dropout: false,
+            micro: 1,
+            seq: 4096,
+            accumulates: true,
+        })
+    }
+
+    /// Full finetuning of the 7B shape with LionW keeps f32 weights and gradient sums:
+    /// with an f32 moment that is 80.9 GB (75.3 GiB) before any activation, whatever the
+    /// compute type, and at least 77.9 GiB with checkpointing at seq 4096, micro-batch 1: of
+    /// an 80 GB H100's 79.6 GiB, under 1.8 GiB would be left for workspaces and the
+    /// allocator. With the moment in bf16 it needs at least 65.4 GiB, and 14 GiB of the 79.6
+    /// are left. LoRA r=256 on all seven projections keeps the base in bf16 and needs under
+    /// a third of that.
     #[test]
-    fn seven_b_full_finetuning_leaves_little_of_an_80_gb_gpu() {
-        let c = llama2_7b();
-        let full = footprint(&Setup {
-            config: &c,
-            lora: None,
-            rule: &lion(),
-            precision: Precision::Bf16,
-            checkpointing: true,
-            micro: 1,
-            seq: 4096,
-        });
-        let state: u64 = full.parts[..4].iter().map(|(_, b)| b).sum();
-        assert_eq!(state, 3 * 4 * 6_738_415_616);
-        assert!(full.total() > 77 * (1 << 30), "{}", full.describe());
-        let lora = footprint(&Setup {
-            config: &c,
-            lora: Some((256, &Proj::ALL)),
-            rule: &lion(),
-            precision: Precision::Bf16,
-            checkpointing: true,
-            micro: 1,
-            seq: 4096,
-        });
+    fn seven_b_full_finetuning_fits_an_80_gb_gpu_with_a_bf16_moment() {
+        let params = 6_738_415_616u64;
+        let f32_state = seven_b(None, StateType::F32);
+        let state: u64 = f32_state.parts[..4].iter().map(|(_, b)| b).sum();
+        assert_eq!(state, 3 * 4 * params);
+        assert!(
+            f32_state.total() > 77 * (1 << 30),
+            "{}",
+            f32_state.describe()
+        );
+        let bf16_state = seven_b(None, StateType::Bf16);
+        let state: u64 = bf16_state.parts[..4].iter().map(|(_, b)| b).sum();
+        assert_eq!(state, (4 + 4 + 2) * params);
+        assert!(
+            bf16_state.total() < 66 * (1 << 30),
+            "{}",
+            bf16_state.describe()
+        );
+        let lora = seven_b(Some((256, &Proj::ALL)), StateType::F32);
         eprintln!(
-            "7B full: {}\n7B LoRA r=256: {}",
-            full.describe(),
+            "7B full, f32 moment: {}\n7B full, bf16 moment: {}\n7B LoRA r=256: {}",
+            f32_state.describe(),
+            bf16_state.describe(),
             lora.describe()
         );
         assert!(lora.total() < 26 * (1 << 30), "{}", lora.describe());
@@ -218,27 +259,62 @@ mod tests {
         );
     }
 
+    /// A plain backward pass returns all of a micro-batch's gradients beside the step's
+    /// sums: with more than one micro-batch a step, the footprint counts two sets; the
+    /// checkpointed one adds them block by block, one set.
+    #[test]
+    fn accumulating_without_checkpointing_counts_two_gradient_sets() {
+        let c = llama2_7b();
+        let grads = |checkpointing, accumulates| {
+            footprint(&Setup {
+                config: &c,
+                lora: None,
+                rule: &lion(),
+                state_type: StateType::F32,
+                precision: Precision::Bf16,
+                checkpointing,
+                attention_dropout: false,
+                micro: 1,
+                seq: 512,
+                accumulates,
+            })
+            .parts[2]
+                .1
+        };
+        let set = 4 * c.param_count() as u64;
+        assert_eq!(grads(false, true), 2 * set);
+        assert_eq!(grads(false, false), set);
+        assert_eq!(grads(true, true), set);
+    }
+
     /// Checkpointing's activations grow linearly in the sequence, materialized attention's
     /// quadratically: doubling the sequence at least doubles, and nearly quadruples, them.
+    /// Attention dropout makes a recomputed block materialize its probabilities again.
     #[test]
     fn activations_grow_as_the_attention_does() {
         let c = llama2_7b();
-        let acts = |checkpointing, seq| {
+        let acts_with = |checkpointing, attention_dropout, seq| {
             footprint(&Setup {
                 config: &c,
                 lora: Some((16, &Proj::ALL)),
                 rule: &lion(),
+                state_type: StateType::F32,
                 precision: Precision::F32,
                 checkpointing,
+                attention_dropout,
                 micro: 1,
                 seq,
+                accumulates: false,
             })
             .parts[5]
                 .1 as f64
         };
+        let acts = |checkpointing, seq| acts_with(checkpointing, false, seq);
         let chunked = acts(true, 8192) / acts(true, 4096);
         let materialized = acts(false, 8192) / acts(false, 4096);
         assert!((1.99..2.01).contains(&chunked), "{chunked}");
         assert!(materialized > 3.0, "{materialized}");
+        let dropping = acts_with(true, true, 8192) / acts_with(true, true, 4096);
+        assert!(dropping > 2.5, "{dropping}");
     }
 }

@@ -18,7 +18,7 @@ use super::checkpoint::{self, LoopState};
 use super::cpu::CpuTrainer;
 use super::data::{self, Attention, Order};
 use super::memory;
-use super::optim::{Optimizer, Rule};
+use super::optim::{Optimizer, Rule, StateType};
 use super::schedule::{Schedule, cooldown_start, steps_or_fraction};
 use super::tensorboard::{self, CurveRow, LiveWriter};
 use super::trainer::Trainer;
@@ -54,6 +54,7 @@ macro_rules! train_params {
             Param { name: "beta1", ty: ParamType::Float, default: Default::Value("0.9"), doc: "first moment decay" },
             Param { name: "beta2", ty: ParamType::Float, default: Default::Value("0.95"), doc: "second moment decay (LionW: momentum update)" },
             Param { name: "eps", ty: ParamType::Float, default: Default::Value("1e-8"), doc: "AdamW's epsilon" },
+            Param { name: "optimizer_state", ty: ParamType::Choice(crate::train::optim::STATE_TYPES), default: Default::Value("\"f32\""), doc: "type the optimizer's moments are stored in: bf16 halves them (Llama-2-7B full finetuning with LionW then fits an 80 GB GPU); the update computes in f32 and rounds each moment to nearest-even as it stores it" },
             Param { name: "weight_decay", ty: ParamType::Float, default: Default::Value("0.0"), doc: "decoupled weight decay (LionW: times lr/lr_max; AdamW: times lr)" },
             Param { name: "schedule", ty: ParamType::Choice(&["cosine", "trapezoid", "constant"]), default: Default::Value("\"cosine\""), doc: "cosine decay, the CPT trapezoid (warmup, constant, linear cooldown) or constant" },
             Param { name: "warmup", ty: ParamType::Float, default: Default::Value("0.1"), doc: "warmup: a fraction of the steps if < 1, else a step count" },
@@ -156,6 +157,7 @@ struct TrainParams {
     beta1: f64,
     beta2: f64,
     eps: f64,
+    optimizer_state: String,
     weight_decay: f64,
     schedule: String,
     warmup: f64,
@@ -310,9 +312,11 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
     let precision = Precision::parse(&p.precision)?;
     let choice = device::select(ctx.device)?;
     precision.check(&choice)?;
+    let state_type = state_type_of(&p)?;
+    state_type.check(&choice)?;
     let packed = Packed::open(data_dir)?;
     let seq_len = packed.summary.seq_len;
-    let footprint = fits(&p, lora, &choice, model_dir, precision, micro, seq_len)?;
+    let footprint = fits(&p, lora, &choice, model_dir, seq_len)?;
     let base = Weights::load(model_dir)?;
     let reader = packed.reader()?;
     if reader.rows == 0 {
@@ -371,7 +375,8 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
         Some(a) => a.tensors.iter().map(|t| t.data.len()).collect(),
         None => base.tensors.iter().map(|t| t.data.len()).collect(),
     };
-    let opt = Optimizer::new(rule, p.weight_decay as f32, p.lr as f32, &sizes);
+    let opt = Optimizer::new(rule, p.weight_decay as f32, p.lr as f32, &sizes)
+        .with_state_type(state_type);
     let threads = ctx.threads.max(1);
     let positions = seq_len.max(1);
     let lora_rank = adapters.as_ref().map(|a| a.spec.rank);
@@ -419,7 +424,7 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
         None => None,
     };
     log.line(&format!(
-        "training {} ({} params{}) for {}: {global} rows x {seq_len} tokens per step, micro-batch {micro}, {threads} threads, device {device_name}, precision {}",
+        "training {} ({} params{}) for {}: {global} rows x {seq_len} tokens per step, micro-batch {micro}, {threads} threads, device {device_name}, precision {}, optimizer state {}",
         if lora { "LoRA" } else { "all weights" },
         trainer.trainable_count(),
         if lora { " trainable" } else { "" },
@@ -428,6 +433,7 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
             Phase::Trunk => format!("the trunk of a {steps}-step run, up to its cooldown at step {stop}"),
         },
         precision.name(),
+        state_type.name(),
     ));
     ctx.progress.set_length(stop);
     ctx.progress.set_position(state.step);
@@ -623,6 +629,7 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
         "lr": p.lr,
         "rank": lora_rank,
         "precision": precision.name(),
+        "optimizer_state": state_type.name(),
         "skipped_steps": skipped,
     });
     write_curve(ctx.output("curve")?, &state.curve, &summary)?;
@@ -833,8 +840,6 @@ fn fits(
     lora: bool,
     choice: &Choice,
     model_dir: &Path,
-    precision: Precision,
-    micro: usize,
     seq_len: usize,
 ) -> Result<Option<memory::Footprint>, StageError> {
     match choice {
@@ -842,29 +847,69 @@ fn fits(
         #[cfg(any(feature = "wgpu", feature = "cuda"))]
         Choice::Burn(device, name) => {
             let config = crate::model::config::ModelConfig::read(&model_dir.join("config.json"))?;
-            let targets = if lora {
-                lora_targets(p.targets.as_deref().unwrap_or(&["all".to_string()]))?
-            } else {
-                Vec::new()
-            };
-            let rank = p.rank.unwrap_or(1).max(1) as usize;
-            let footprint = memory::footprint(&memory::Setup {
-                config: &config,
-                lora: lora.then_some((rank, targets.as_slice())),
-                rule: &rule_of(p),
-                precision,
-                checkpointing: p.activation_checkpointing,
-                micro,
-                seq: seq_len,
-            });
+            let footprint = footprint_of(p, lora, &config, seq_len)?;
             let what = format!(
-                "training ({}; precision, activation_checkpointing, micro_batch or LoRA lower it)",
+                "training ({}; precision, optimizer_state, activation_checkpointing, micro_batch \
+                 or LoRA lower it)",
                 footprint.describe()
             );
             device::check_fits(device, name, footprint.total(), &what)?;
             Ok(Some(footprint))
         }
     }
+}
+
+/// The device memory a training stage with `params` (as the stage gets them, defaults
+/// filled in) needs at least for a model of `config` on rows of `seq_len` tokens: what it
+/// checks against the device before loading. Public so that a profile can be checked
+/// against a GPU's memory stage by stage without running it (the paper profile's test).
+pub fn device_memory(
+    params: &serde_json::Value,
+    lora: bool,
+    config: &crate::model::config::ModelConfig,
+    seq_len: usize,
+) -> Result<memory::Footprint, StageError> {
+    let p: TrainParams = serde_json::from_value(params.clone())
+        .map_err(|e| StageError::Params(format!("training params: {e}")))?;
+    footprint_of(&p, lora, config, seq_len)
+}
+
+fn footprint_of(
+    p: &TrainParams,
+    lora: bool,
+    config: &crate::model::config::ModelConfig,
+    seq_len: usize,
+) -> Result<memory::Footprint, StageError> {
+    let targets = if lora {
+        lora_targets(p.targets.as_deref().unwrap_or(&["all".to_string()]))?
+    } else {
+        Vec::new()
+    };
+    let rank = p.rank.unwrap_or(1).max(1) as usize;
+    let micro = p.micro_batch.unwrap_or(p.global_batch).max(1);
+    Ok(memory::footprint(&memory::Setup {
+        config,
+        lora: lora.then_some((rank, targets.as_slice())),
+        rule: &rule_of(p),
+        state_type: state_type_of(p)?,
+        precision: Precision::parse(&p.precision)?,
+        checkpointing: p.activation_checkpointing,
+        attention_dropout: p.attention_dropout > 0.0,
+        micro: micro as usize,
+        seq: seq_len,
+        accumulates: p.global_batch > micro,
+    }))
+}
+
+/// The `optimizer_state` param's type.
+fn state_type_of(p: &TrainParams) -> Result<StateType, StageError> {
+    StateType::parse(&p.optimizer_state).ok_or_else(|| {
+        StageError::Params(format!(
+            "unknown optimizer_state `{}` (one of {})",
+            p.optimizer_state,
+            crate::train::optim::STATE_TYPES.join(", ")
+        ))
+    })
 }
 
 /// The optimizer's update rule with its hyperparameters.
