@@ -26,6 +26,11 @@ nv=$(python3 -c 'import nvidia; print(nvidia.__path__[0])' 2>/dev/null)
 for prec in f32 bf16; do for cfg in small large; do for mode in full lora16; do
   peak timeout 150 .devbin/train-bench --one $cfg $mode --device cuda --precision $prec 2>&1 | grep -v WARN | tail -2
 done; done; done
+# The device's optimizer against the CPU engine's (the reference) after 7 AdamW steps on
+# `small`: f32 moments, then bf16 ones (rounded to nearest-even on both sides).
+for st in "" --bf16-state; do
+  timeout 150 .devbin/train-bench --one small full --device cuda --compare $st 2>&1 | grep -v WARN | tail -1
+done
 # Llama-2-7B's shape with LionW, as `--profile paper` trains it: full finetuning with the
 # moment in bf16 (at least 65 GiB counted; it must stay under 80 GB), and with it in f32
 # (78 GiB counted: over an H100's memory, under this H200's); LoRA r=256.

@@ -5,7 +5,8 @@
 //! Without arguments: every configuration on the CPU engine, then on wgpu when an adapter is
 //! there. `-- --device wgpu` (or cuda, vulkan) selects the device, `-- --precision f16` (or
 //! bf16) a burn device's compute type, `-- --checkpointing` activation checkpointing there,
-//! `-- --bf16-state` the optimizer's moments stored in bf16; `-- --one CONFIG MODE` is the
+//! `-- --bf16-state` the optimizer's moments stored in bf16, `-- --compare` the CPU engine
+//! beside it as the reference (the largest weight difference); `-- --one CONFIG MODE` is the
 //! per-process worker.
 use std::process::Command;
 use std::time::Instant;
@@ -56,15 +57,22 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn one(
-    config: &str,
-    mode: &str,
-    device: &str,
-    threads: usize,
+/// How a burn device trains in a run: `--precision`, `--checkpointing`, `--bf16-state`, and
+/// `--compare` (the CPU engine beside it).
+struct Options {
     precision: Precision,
     checkpointing: bool,
     state_type: StateType,
-) {
+    compare: bool,
+}
+
+fn one(config: &str, mode: &str, device: &str, threads: usize, options: &Options) {
+    let &Options {
+        precision,
+        checkpointing,
+        state_type,
+        compare,
+    } = options;
     // As the stage worker does (`flow __stage`); FLOW_BENCH_GLIBC_DEFAULTS measures without.
     if std::env::var_os("FLOW_BENCH_GLIBC_DEFAULTS").is_none() {
         flow_stages::cpu::alloc::keep_freed_memory();
@@ -142,6 +150,20 @@ fn one(
     precision
         .check(&choice)
         .expect("a device with that precision");
+    state_type
+        .check(&choice)
+        .expect("a device that stores the optimizer state's type");
+    // `--compare`: flow's CPU engine (the reference) trains the same steps beside the device
+    // and the largest weight difference is reported (its step times then count both).
+    let mut reference: Option<Box<dyn Trainer>> = compare.then(|| {
+        Box::new(CpuTrainer::new(
+            w.clone(),
+            lora.clone(),
+            opt.clone(),
+            seq,
+            threads,
+        )) as Box<dyn Trainer>
+    });
     let (mut trainer, what): (Box<dyn Trainer>, String) = match choice {
         Choice::Cpu => (
             Box::new(CpuTrainer::new(w, lora, opt, seq, threads)),
@@ -166,12 +188,23 @@ fn one(
                 seed: step as u64,
                 ..Dropouts::default()
             });
+            if let Some(r) = &mut reference {
+                r.accumulate(&batch, scale, drop);
+                r.apply(1e-3, 1.0);
+            }
             trainer.accumulate(&batch, scale, drop);
             trainer.apply(1e-3, 1.0);
             if step >= 2 {
                 times.push(t0.elapsed().as_secs_f64());
             }
         }
+    });
+    let max_weight_diff_vs_cpu = reference.map(|r| {
+        let (cpu, dev) = (r.snapshot().0, trainer.snapshot().0);
+        cpu.iter()
+            .zip(&dev)
+            .flat_map(|(a, b)| a.data.iter().zip(&b.data).map(|(x, y)| (x - y).abs()))
+            .fold(0.0f32, f32::max)
     });
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let med = times[times.len() / 2];
@@ -182,6 +215,7 @@ fn one(
             "precision": precision.name(), "activation_checkpointing": checkpointing,
             "optimizer": if matches!(rule, Rule::LionW { .. }) { "lionw" } else { "adamw" },
             "optimizer_state": state_type.name(),
+            "max_weight_diff_vs_cpu": max_weight_diff_vs_cpu,
             "step_s": (med * 1e4).round() / 1e4, "tokens_per_s": ((rows * seq) as f64 / med).round(),
             "peak_rss_mib": peak_rss_mib().round(),
         })
@@ -284,9 +318,12 @@ fn main() {
             &args[i + 2],
             &device,
             threads,
-            precision,
-            checkpointing,
-            state_type,
+            &Options {
+                precision,
+                checkpointing,
+                state_type,
+                compare: args.iter().any(|a| a == "--compare"),
+            },
         );
         return;
     }

@@ -1,8 +1,9 @@
 //! Training on a burn device: parameters, gradient accumulators and optimizer moments stay
 //! on the device; only the loss (one number per micro-batch) and checkpoints come back.
 //!
-//! In f16 or bf16 (`super::precision`) the parameters that train, their gradients and the
-//! optimizer's moments stay f32 (master weights); LoRA's frozen base is stored in the half
+//! In f16 or bf16 (`super::precision`) the parameters that train and their gradients stay
+//! f32 (master weights); the optimizer's moments are f32 too unless `optimizer_state` stores
+//! them in bf16 (the update still computes in f32). LoRA's frozen base is stored in the half
 //! type, as PEFT users load it. f16 scales the loss ([`LossScale`]).
 
 use burn::tensor::{Device, FloatDType, Int, Tensor};
@@ -276,9 +277,9 @@ impl BurnTrainer {
     ///
     /// A block's gradients go into the sums as its backward makes them, so that from a
     /// step's second micro-batch on no second set of gradients is held beside the sums (7B's
-    /// is 25 GiB). Only the head's and the embedding's, which two backward passes reach when
-    /// the embedding is tied, are summed first: every weight's sum is `sum + micro-batch's`,
-    /// as without checkpointing. Returns the micro-batch's summed loss.
+    /// is 25 GiB). Only a tied embedding's, which two backward passes reach (the head's and
+    /// the embedding's), is summed first: every weight's sum is `sum + micro-batch's`, as
+    /// without checkpointing. Returns the micro-batch's summed loss.
     fn checkpointed_grads(
         &self,
         batch: &Batch,
@@ -330,6 +331,17 @@ impl BurnTrainer {
         let sum: f32 = loss.clone().into_scalar();
         let mut g = loss.mul_scalar(scale).backward();
         self.collect(&mut ends, &base, &lora, &mut g);
+        // What the head's pass reached joins the sums now (the head's weights, the final
+        // norm), but a tied embedding's part (the first tensor in storage order), which waits
+        // for the embedding's pass.
+        let tied = self.weights.config.tie_word_embeddings && self.lora_meta.is_none();
+        for (i, (sum, g)) in into.iter_mut().zip(ends.iter_mut()).enumerate() {
+            if !(tied && i == 0)
+                && let Some(g) = g.take()
+            {
+                add_into(sum, g);
+            }
+        }
         let mut dy = x
             .grad(&g)
             .expect("the loss depends on the last block")

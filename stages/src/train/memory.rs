@@ -104,16 +104,26 @@ pub fn footprint(setup: &Setup) -> Footprint {
     let heads = c.num_attention_heads as u64;
     // Per token and layer, what the backward pass reads: the f32 inputs of the two norms,
     // their outputs, q/k/v, attention's output and the MLP's gate, up and activation in the
-    // compute type. Materialized attention adds its f32 probabilities, one row of the
-    // sequence per head; the chunked attention (checkpointing) keeps one log-sum-exp.
+    // compute type. Materialized attention adds its probabilities, one row of the sequence
+    // per head (`per_score` bytes each); the chunked attention (checkpointing) keeps one
+    // log-sum-exp.
     let per_token = 4 * 2 * d + half * (2 * d + q + 2 * kv + q + 3 * f);
     // Checkpointing attends in query chunks where nothing sits between scores and softmax
     // but the mask (`gpu::trainer::BurnTrainer::checkpointed_grads`).
     let chunked = setup.checkpointing && !setup.attention_dropout && arch.attn_softcap.is_none();
+    // Materialized attention keeps, per score, the f32 softmax output; with dropout the f32
+    // keep-mask and the dropped probabilities (f32, or their cast copy in a half type); in
+    // a half type without dropout the probabilities' cast copy.
+    let per_score = 4 + match (setup.attention_dropout, half < 4) {
+        (false, false) => 0,
+        (false, true) => half,
+        (true, false) => 4 + 4,
+        (true, true) => 4 + half,
+    };
     let layer = if chunked {
         tokens * per_token + tokens * heads * 4
     } else {
-        tokens * (per_token + heads * setup.seq as u64 * 4)
+        tokens * (per_token + heads * setup.seq as u64 * per_score)
     };
     let logits = tokens * c.vocab_size as u64 * 4;
     // With LoRA nothing before layer 0's first projection trains: its attention norm's
