@@ -133,12 +133,12 @@ pub fn footprint(setup: &Setup) -> Footprint {
     } else {
         0
     };
-    let (activations, logits) = if setup.checkpointing {
+    let activations = if setup.checkpointing {
         // Every block's input, and either the head's logits or one block recomputed: the
         // head's backward ends before the first block is recomputed.
-        (layers * tokens * d * 4 + layer.max(logits) - logits, logits)
+        layers * tokens * d * 4 + layer.max(logits) - logits
     } else {
-        (layers * layer - untracked, logits)
+        layers * layer - untracked
     };
     // Without checkpointing, full finetuning in a half type keeps the cast copy of every
     // matmul's weight for the backward pass: the projections and the head (the embedding is
@@ -156,7 +156,6 @@ pub fn footprint(setup: &Setup) -> Footprint {
     } else {
         1
     };
-    let moment_type = setup.state_type.name();
     Footprint {
         parts: vec![
             ("trainable weights (f32)", trainable * 4),
@@ -169,11 +168,11 @@ pub fn footprint(setup: &Setup) -> Footprint {
                 trainable * 4 * gradient_sets,
             ),
             (
-                match (moments, moment_type) {
-                    (1, "bf16") => "LionW moment (bf16)",
-                    (1, _) => "LionW moment (f32)",
-                    (_, "bf16") => "AdamW moments (bf16)",
-                    _ => "AdamW moments (f32)",
+                match (moments, setup.state_type) {
+                    (1, StateType::F32) => "LionW moment (f32)",
+                    (1, StateType::Bf16) => "LionW moment (bf16)",
+                    (_, StateType::F32) => "AdamW moments (f32)",
+                    (_, StateType::Bf16) => "AdamW moments (bf16)",
                 },
                 trainable * setup.state_type.bytes() * moments,
             ),
@@ -232,7 +231,7 @@ mod tests {
     /// with an f32 moment that is 80.9 GB (75.3 GiB) before any activation, whatever the
     /// compute type, and at least 77.9 GiB with checkpointing at seq 4096, micro-batch 1: of
     /// an 80 GB H100's 79.6 GiB, under 1.8 GiB would be left for workspaces and the
-    /// allocator. With the moment in bf16 it needs at least 65.4 GiB, and 14 GiB of the 79.6
+    /// allocator. With the moment in bf16 it needs at least 65.3 GiB, and 14 GiB of the 79.6
     /// are left. LoRA r=256 on all seven projections keeps the base in bf16 and needs under
     /// a third of that.
     #[test]

@@ -42,12 +42,16 @@ pub enum StateType {
 pub const STATE_TYPES: &[&str] = &["f32", "bf16"];
 
 impl StateType {
-    /// The param's value; the engine has already checked it is one of [`STATE_TYPES`].
-    pub fn parse(name: &str) -> Option<StateType> {
+    /// The param's value; the engine has already checked it is one of [`STATE_TYPES`]
+    /// (as [`crate::gpu::precision::Precision::parse`] for `precision`).
+    pub fn parse(name: &str) -> Result<StateType, StageError> {
         match name {
-            "f32" => Some(StateType::F32),
-            "bf16" => Some(StateType::Bf16),
-            _ => None,
+            "f32" => Ok(StateType::F32),
+            "bf16" => Ok(StateType::Bf16),
+            other => Err(StageError::Params(format!(
+                "unknown optimizer_state `{other}` (one of {})",
+                STATE_TYPES.join(", ")
+            ))),
         }
     }
 

@@ -312,7 +312,7 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
     let precision = Precision::parse(&p.precision)?;
     let choice = device::select(ctx.device)?;
     precision.check(&choice)?;
-    let state_type = state_type_of(&p)?;
+    let state_type = StateType::parse(&p.optimizer_state)?;
     state_type.check(&choice)?;
     let packed = Packed::open(data_dir)?;
     let seq_len = packed.summary.seq_len;
@@ -891,7 +891,7 @@ fn footprint_of(
         config,
         lora: lora.then_some((rank, targets.as_slice())),
         rule: &rule_of(p),
-        state_type: state_type_of(p)?,
+        state_type: StateType::parse(&p.optimizer_state)?,
         precision: Precision::parse(&p.precision)?,
         checkpointing: p.activation_checkpointing,
         attention_dropout: p.attention_dropout > 0.0,
@@ -899,17 +899,6 @@ fn footprint_of(
         seq: seq_len,
         accumulates: p.global_batch > micro,
     }))
-}
-
-/// The `optimizer_state` param's type.
-fn state_type_of(p: &TrainParams) -> Result<StateType, StageError> {
-    StateType::parse(&p.optimizer_state).ok_or_else(|| {
-        StageError::Params(format!(
-            "unknown optimizer_state `{}` (one of {})",
-            p.optimizer_state,
-            crate::train::optim::STATE_TYPES.join(", ")
-        ))
-    })
 }
 
 /// The optimizer's update rule with its hyperparameters.
