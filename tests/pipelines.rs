@@ -829,7 +829,8 @@ fn decoded(encoded: &str) -> Option<serde_json::Value> {
 /// moments exactly, activations as a lower bound) at most an 80 GB H100's memory (81,559 MiB
 /// as nvidia-smi reports it, 79.6 GiB) less 5 GiB for workspaces and the allocator. The
 /// largest is full finetuning with attention dropout (its recomputed blocks materialize
-/// their probabilities, the dropout mask and the dropped copy): 70.3 GiB.
+/// their probabilities, the dropout mask and the dropped copy): 71.1 GiB, one block's
+/// gradients in flight beside the step's sums included.
 #[test]
 fn every_training_stage_of_the_paper_profile_fits_an_80_gb_gpu() {
     use flow_stages::model::config::ModelConfig;

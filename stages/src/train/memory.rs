@@ -3,9 +3,11 @@
 //! device has, not an out-of-memory crash after minutes of uploading weights.
 //!
 //! The persistent state is counted exactly (what [`crate::gpu::trainer::BurnTrainer`] keeps:
-//! f32 trainable weights, one f32 gradient sum per trainable weight (two sets while a
-//! micro-batch's plain backward pass returns its gradients beside the step's sums), the
-//! optimizer's moments in their type, LoRA's frozen base in the compute type). Activations are a lower bound: the
+//! f32 trainable weights, one f32 gradient sum per trainable weight, the optimizer's moments
+//! in their type, LoRA's frozen base in the compute type), and so are the gradients in flight
+//! beside the sums from a step's second micro-batch on: a whole set where the plain backward
+//! pass returns them all at once, one block's (or the head's) where the checkpointed one adds
+//! them block by block. Activations are a lower bound: the
 //! tensors a backward pass cannot do without (each block's saved inputs, q/k/v, the MLP's
 //! hidden activations, attention's probabilities where they are materialized, the logits).
 //! So the total is what the device needs at least, before workspaces, temporaries and the
@@ -149,24 +151,31 @@ pub fn footprint(setup: &Setup) -> Footprint {
     } else {
         0
     };
-    // A plain backward pass returns every gradient at once, beside the step's sums from the
-    // second micro-batch on; the checkpointed one adds each block's to the sums as it goes.
-    let gradient_sets = if setup.accumulates && !setup.checkpointing {
-        2
-    } else {
-        1
+    // From a step's second micro-batch on, gradients exist beside the sums before they are
+    // added: a plain backward pass returns every one at once; the checkpointed one adds each
+    // block's as it makes them, so the largest in flight is a block's share of the trainable
+    // weights or, in full finetuning, the head's (its gradient joins the sums first). On
+    // lavapipe the pool's reservation for a second micro-batch grows by a fraction of the
+    // gradients that doubling the layers adds (gpu_memory
+    // `a_second_micro_batch_holds_a_blocks_gradients_not_a_set`).
+    let in_flight = match (setup.accumulates, setup.checkpointing) {
+        (false, _) => 0,
+        (true, false) => trainable,
+        (true, true) => match setup.lora {
+            Some(_) => trainable.div_ceil(layers),
+            None => {
+                let vocab = c.vocab_size as u64;
+                let outside = vocab * d * if c.tie_word_embeddings { 1 } else { 2 } + d;
+                ((all - outside) / layers).max(vocab * d)
+            }
+        },
     };
     Footprint {
         parts: vec![
             ("trainable weights (f32)", trainable * 4),
             ("frozen base", frozen * half),
-            (
-                match gradient_sets {
-                    1 => "gradients (f32)",
-                    _ => "gradients (f32, the step's sums and a micro-batch's)",
-                },
-                trainable * 4 * gradient_sets,
-            ),
+            ("gradients (f32)", trainable * 4),
+            ("gradients in flight (f32)", in_flight * 4),
             (
                 match (moments, setup.state_type) {
                     (1, StateType::F32) => "LionW moment (f32)",
@@ -212,6 +221,10 @@ mod tests {
         assert_eq!(lora_params(&c, &arch, 16, &Proj::ALL), 39_976_960);
     }
 
+    fn gib(bytes: u64) -> f64 {
+        crate::gpu::device::gib(bytes)
+    }
+
     fn seven_b(lora: Option<(usize, &[Proj])>, state_type: StateType) -> Footprint {
         footprint(&Setup {
             config: &llama2_7b(),
@@ -229,35 +242,51 @@ mod tests {
 
     /// Full finetuning of the 7B shape with LionW keeps f32 weights and gradient sums:
     /// with an f32 moment that is 80.9 GB (75.3 GiB) before any activation, whatever the
-    /// compute type, and at least 77.9 GiB with checkpointing at seq 4096, micro-batch 1: of
-    /// an 80 GB H100's 79.6 GiB, under 1.8 GiB would be left for workspaces and the
-    /// allocator. With the moment in bf16 it needs at least 65.3 GiB, and 14 GiB of the 79.6
-    /// are left. LoRA r=256 on all seven projections keeps the base in bf16 and needs under
-    /// a third of that.
+    /// compute type, and at least 78.6 GiB with checkpointing at seq 4096, micro-batch 1 and
+    /// gradient accumulation (a block's gradients in flight beside the sums): of an 80 GB
+    /// H100's 79.6 GiB, 1 GiB would be left for workspaces and the allocator. With the moment
+    /// in bf16 it needs at least 66.1 GiB, and 13.5 GiB of the 79.6 are left. LoRA r=256 on
+    /// all seven projections keeps the base in bf16 and needs under a third of that.
     #[test]
     fn seven_b_full_finetuning_fits_an_80_gb_gpu_with_a_bf16_moment() {
         let params = 6_738_415_616u64;
         let f32_state = seven_b(None, StateType::F32);
-        let state: u64 = f32_state.parts[..4].iter().map(|(_, b)| b).sum();
-        assert_eq!(state, 3 * 4 * params);
+        let state = |f: &Footprint| -> u64 {
+            let held = [
+                "trainable weights",
+                "frozen base",
+                "gradients (f32)",
+                "LionW moment",
+            ];
+            let parts = f.parts.iter();
+            parts
+                .filter(|(what, _)| held.iter().any(|h| what.starts_with(h)))
+                .map(|(_, b)| b)
+                .sum()
+        };
+        let state_f32 = state(&f32_state);
+        assert_eq!(state_f32, 3 * 4 * params);
         assert!(
             f32_state.total() > 77 * (1 << 30),
             "{}",
             f32_state.describe()
         );
         let bf16_state = seven_b(None, StateType::Bf16);
-        let state: u64 = bf16_state.parts[..4].iter().map(|(_, b)| b).sum();
-        assert_eq!(state, (4 + 4 + 2) * params);
+        assert_eq!(state(&bf16_state), (4 + 4 + 2) * params);
         assert!(
-            bf16_state.total() < 66 * (1 << 30),
+            bf16_state.total() < 67 * (1 << 30),
             "{}",
             bf16_state.describe()
         );
         let lora = seven_b(Some((256, &Proj::ALL)), StateType::F32);
         eprintln!(
-            "7B full, f32 moment: {}\n7B full, bf16 moment: {}\n7B LoRA r=256: {}",
+            "7B full, f32 moment: {:.2} GiB: {}\n7B full, bf16 moment: {:.2} GiB: {}\n\
+             7B LoRA r=256: {:.2} GiB: {}",
+            gib(f32_state.total()),
             f32_state.describe(),
+            gib(bf16_state.total()),
             bf16_state.describe(),
+            gib(lora.total()),
             lora.describe()
         );
         assert!(lora.total() < 26 * (1 << 30), "{}", lora.describe());
@@ -270,7 +299,8 @@ mod tests {
 
     /// A plain backward pass returns all of a micro-batch's gradients beside the step's
     /// sums: with more than one micro-batch a step, the footprint counts two sets; the
-    /// checkpointed one adds them block by block, one set.
+    /// checkpointed one adds them block by block: the sums and one block's (Llama-2-7B's
+    /// 202,383,360 weights a block, its embedding, head and final norm aside).
     #[test]
     fn accumulating_without_checkpointing_counts_two_gradient_sets() {
         let c = llama2_7b();
@@ -287,13 +317,19 @@ mod tests {
                 seq: 512,
                 accumulates,
             })
-            .parts[2]
-                .1
+            .parts
+            .iter()
+            .filter(|(what, _)| what.starts_with("gradients"))
+            .map(|(_, b)| b)
+            .sum::<u64>()
         };
         let set = 4 * c.param_count() as u64;
         assert_eq!(grads(false, true), 2 * set);
         assert_eq!(grads(false, false), set);
-        assert_eq!(grads(true, true), set);
+        assert_eq!(grads(true, false), set);
+        let block = 4 * (4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096);
+        assert_eq!(block, 4 * 202_383_360);
+        assert_eq!(grads(true, true), set + block);
     }
 
     /// Checkpointing's activations grow linearly in the sequence, materialized attention's
@@ -315,8 +351,11 @@ mod tests {
                 seq,
                 accumulates: false,
             })
-            .parts[5]
-                .1 as f64
+            .parts
+            .iter()
+            .find(|(what, _)| what.starts_with("activations"))
+            .expect("activations are counted")
+            .1 as f64
         };
         let acts = |checkpointing, seq| acts_with(checkpointing, false, seq);
         let chunked = acts(true, 8192) / acts(true, 4096);
