@@ -33,6 +33,10 @@ p.add_argument("--precision", default="f32", choices=["f32", "f16", "bf16"],
                help="f32, or autocast to f16 (with GradScaler) or bf16: flow's `precision`")
 p.add_argument("--checkpointing", action="store_true",
                help="activation checkpointing per decoder layer (gradient_checkpointing_enable)")
+p.add_argument("--optimizer", default="adamw", choices=["adamw", "lion"],
+               help="AdamW (torch.optim), or LionW as flow's (the 7B shape's, below)")
+p.add_argument("--bf16-state", action="store_true",
+               help="LionW's moment stored in bf16, updated in f32 (flow's optimizer_state)")
 p.add_argument("--config", default=None, help="small, wide, large or 7b: the configs of stages/benches/train.rs")
 a = p.parse_args()
 if a.config == "small":
@@ -43,6 +47,33 @@ elif a.config == "7b":
     a.d, a.layers, a.heads, a.seq, a.batch, a.vocab, a.ff, a.steps = 4096, 32, 32, 4096, 1, 32000, 11008, 4
 elif a.config == "wide":
     a.d, a.layers, a.heads, a.seq, a.batch, a.vocab, a.ff, a.steps = 1024, 8, 16, 128, 2, 8192, 2816, 4
+
+
+class LionW(torch.optim.Optimizer):
+    """LionW as flow's train/optim.rs: decoupled decay, sign of the beta1 mix as the
+    update, the moment then mixed with beta2; kept in `state_dtype`, computed in f32.
+    torch.optim has no Lion; this is the reference for flow's 7B runs, which use it."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.99), weight_decay=0.0, state_dtype=torch.float32):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+        self.state_dtype = state_dtype
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            b1, b2 = g["betas"]
+            for w in g["params"]:
+                if w.grad is None:
+                    continue
+                st = self.state[w]
+                if not st:
+                    st["m"] = torch.zeros_like(w, dtype=self.state_dtype)
+                m = st["m"].float()
+                w.mul_(1 - g["lr"] * g["weight_decay"])
+                w.add_(torch.lerp(w.grad, m, b1).sign_(), alpha=-g["lr"])
+                st["m"].copy_(m.lerp_(w.grad, 1 - b2))
+
+
 torch.set_num_threads(a.threads)
 dev = torch.device(a.device)
 torch.manual_seed(0)
@@ -65,7 +96,11 @@ for mode in a.modes.split(","):
         model = peft.get_peft_model(model, peft.LoraConfig(
             r=r, lora_alpha=2 * r, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-3, weight_decay=0.0)
+    trainable = [q for q in model.parameters() if q.requires_grad]
+    if a.optimizer == "lion":
+        opt = LionW(trainable, lr=1e-4, state_dtype=torch.bfloat16 if a.bf16_state else torch.float32)
+    else:
+        opt = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0)
     half = {"f16": torch.float16, "bf16": torch.bfloat16}.get(a.precision)
     scaler = torch.amp.GradScaler(dev.type, enabled=a.precision == "f16")
     times = []
@@ -86,7 +121,8 @@ for mode in a.modes.split(","):
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None
     print(json.dumps({"impl": "pytorch", "device": a.device, "config": a.config, "mode": mode,
-                      "precision": a.precision, "checkpointing": a.checkpointing, "threads": a.threads, "step_s": round(med, 4),
+                      "precision": a.precision, "checkpointing": a.checkpointing, "optimizer": a.optimizer,
+                      "bf16_state": a.bf16_state, "threads": a.threads, "step_s": round(med, 4),
                       "tokens_per_s": round(a.batch * a.seq / med), "peak_rss_mib": round(rss),
                       "peak_gpu_mib": gpu and round(gpu), "torch": torch.__version__}))
     del model, opt

@@ -1,83 +1,130 @@
 #!/usr/bin/env bash
-# The training benchmark on a GPU machine (run by hand, or by the device tool): flow's burn
-# trainer on wgpu/Vulkan next to PyTorch on CUDA, same configurations, peak GPU memory sampled
-# with nvidia-smi for both. Expects the bench binary at .devbin/train-bench (built elsewhere:
-# `cargo bench -p flow-stages --bench train --no-run --features cuda`, so it has wgpu and
-# CUDA) and Vulkan loaders in .gl/*.deb. CUDA takes NVRTC and its headers from PyTorch's
-# python environment (gpu/cuda.rs), the headers it lacks from .cuda-headers.tgz (below).
+# Every GPU check and benchmark, in one call of the device tool, most important first, within
+# a time budget: `scripts/gpu-bench.sh [SECONDS] [SECTION ...]` (default 540 s, every section).
+# A step that would outrun the budget gets what is left, and none starts with under 30 s
+# left, so the call ends inside the tool's 10-minute limit with everything so far in
+# $OUT/gpu-bench.log and one JSON line per step in $OUT/steps.jsonl (its peak GPU memory
+# sampled by nvidia-smi, exit status, seconds). Sections, in order:
+#   cuda     flow on CUDA (NVRTC) beside PyTorch eager (transformers LlamaForCausalLM, SDPA;
+#            PEFT), `small` and `large`, full and LoRA r=16, bf16 autocast then f32
+#   7b       Llama-2-7B's shape, seq 4096, micro-batch 1, checkpointed, bf16: flow's full
+#            finetuning with LionW and the moment in bf16 (66 GiB counted: must stay under
+#            80 GB), LoRA r=256; PyTorch's full finetuning with the same checkpointing,
+#            optimizer and moment type (benches/train_torch.py's LionW)
+#   eval     flow's device decoder beside transformers `generate` and forward scoring
+#   parity   the device's optimizer against the CPU engine's after 7 AdamW steps, f32 and
+#            bf16 moments
+#   wgpu     flow on wgpu (Vulkan, WGSL) in f32 and f16
+#   smoke    the paper's math_cpt study at smoke size, stage by stage (needs .devbin/flow)
+# What it runs comes from scripts/gpu-prepare.sh: .devbin/{train-bench,generate-bench,flow}.xz,
+# .gl (Vulkan's loader) and .shared-data (the smoke study's records, linked as ../shared/data).
+# The tree that travels holds 64 MiB at most, so one call carries the benches and .gl
+# (`scripts/gpu-bench.sh 540`), another, if time is left, .devbin/flow.xz and .shared-data
+# (`scripts/gpu-bench.sh 300 smoke`). A first CUDA step that fails skips the other CUDA
+# steps (its error is in the log). Only the log and steps.jsonl are written under $OUT (the
+# device tool brings back 8 files at most).
 set -u
-out=${OUT:-/tmp/gpu-bench}; mkdir -p "$out"
-for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
+budget=${1:-540}
+shift || true
+sections=${*:-cuda 7b eval parity wgpu smoke}
+start=$SECONDS
+out=${OUT:-/tmp/gpu-bench}
+mkdir -p "$out"
+exec > >(tee -a "$out/gpu-bench.log") 2>&1
+
+for f in .devbin/*.xz; do
+  [ -f "$f" ] || continue
+  xz -dc "$f" >"${f%.xz}" 2>/dev/null ||
+    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$f" "${f%.xz}"
+  chmod +x "${f%.xz}"
+done
+for f in .gl/*.deb; do [ -f "$f" ] && dpkg -x "$f" /; done
+ldconfig
 export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 [ -f "$VK_DRIVER_FILES" ] || unset VK_DRIVER_FILES
+# NVRTC and the headers from the toolkit beside nvcc where it is not at /usr/local/cuda.
+if [ ! -d /usr/local/cuda ] && command -v nvcc >/dev/null; then
+  CUDA_PATH=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+  export CUDA_PATH
+fi
+export PYTHONUNBUFFERED=1
+work=$(mktemp -d)
+if [ ! -d ../shared/data ] && [ -d .shared-data ]; then
+  mkdir -p ../shared && ln -s "$PWD/.shared-data" ../shared/data
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-peak() { # peak memory.used (MiB) while "$@" runs
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$out/smi.txt" &
-  local s=$!; "$@"; local rc=$?; kill $s; wait $s 2>/dev/null
-  echo "{\"peak_gpu_used_mib\": $(sort -n "$out/smi.txt" | tail -1), \"rc\": $rc}"
+python3 -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
+
+# step LIMIT CMD...: CMD under at most LIMIT seconds (less if the budget has less), its last
+# lines, and a JSON line with its peak GPU memory, exit status and seconds.
+step() {
+  local limit=$1 left=$((budget - (SECONDS - start)))
+  shift
+  if [ "$left" -lt 30 ]; then
+    echo "skipped (budget spent): $*"
+    return 99
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "== $* (at most ${limit}s)"
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$work/smi.txt" &
+  local smi=$! began=$SECONDS
+  timeout "$limit" "$@" >"$work/step.txt" 2>&1
+  local rc=$?
+  kill $smi
+  wait $smi 2>/dev/null
+  grep -v WARN "$work/step.txt" | tail -4
+  local line
+  line=$(printf '{"step": "%s", "peak_gpu_used_mib": %s, "rc": %d, "seconds": %d}' \
+    "$*" "$(sort -n "$work/smi.txt" | tail -1)" "$rc" $((SECONDS - began)))
+  echo "$line" | tee -a "$out/steps.jsonl"
+  return $rc
 }
-chmod +x .devbin/train-bench
-# CUDA through NVRTC (issue 19 item 6). PyTorch's environment has NVRTC and the runtime's
-# headers; nvcc's crt/ and CCCL's cuda/ headers come from .cuda-headers.tgz, made where pip
-# works: `cd "$(python3 -c 'import nvidia; print(nvidia.__path__[0])')" && tar czf
-# .../.cuda-headers.tgz cuda_nvcc/include cuda_cccl/include` (1.6 MB).
-nv=$(python3 -c 'import nvidia; print(nvidia.__path__[0])' 2>/dev/null)
-[ -n "$nv" ] && [ -f .cuda-headers.tgz ] && tar xzf .cuda-headers.tgz -C "$nv"
-for prec in f32 bf16; do for cfg in small large; do for mode in full lora16; do
-  peak timeout 150 .devbin/train-bench --one $cfg $mode --device cuda --precision $prec 2>&1 | grep -v WARN | tail -2
-done; done; done
-# The device's optimizer against the CPU engine's (the reference) after 7 AdamW steps on
-# `small`: f32 moments, then bf16 ones (rounded to nearest-even on both sides).
-for st in "" --bf16-state; do
-  timeout 150 .devbin/train-bench --one small full --device cuda --compare $st 2>&1 | grep -v WARN | tail -1
-done
-# Llama-2-7B's shape with LionW, as `--profile paper` trains it: full finetuning with the
-# moment in bf16 (at least 65 GiB counted; it must stay under 80 GB), and with it in f32
-# (78 GiB counted: over an H100's memory, under this H200's); LoRA r=256.
-peak timeout 400 .devbin/train-bench --one 7b full --device cuda --precision bf16 --checkpointing --bf16-state 2>&1 | grep -v WARN | tail -2
-for mode in full lora256; do
-  peak timeout 400 .devbin/train-bench --one 7b $mode --device cuda --precision bf16 --checkpointing 2>&1 | grep -v WARN | tail -2
-done
-# f32, and f16 autocast (flow's `precision`; WGSL has no bf16, PyTorch is run in both).
-for prec in f32 f16; do for cfg in small large; do for mode in full lora16; do
-  peak timeout 150 .devbin/train-bench --one $cfg $mode --device wgpu --precision $prec 2>&1 | grep -v WARN | tail -2
-done; done; done
-# Activation checkpointing: peak memory against time, large config in f16.
-for mode in full lora16; do
-  peak timeout 150 .devbin/train-bench --one large $mode --device wgpu --precision f16 --checkpointing 2>&1 | grep -v WARN | tail -2
-done
-# Llama-2-7B's shape, seq 4096, micro-batch 1 (issue 19 item 7: full finetuning within
-# 80 GB with f16 and checkpointing; LoRA r=256 on all seven projections in much less).
-for mode in full lora256; do
-  peak timeout 400 .devbin/train-bench --one 7b $mode --device wgpu --precision f16 --checkpointing 2>&1 | grep -v WARN | tail -2
-  peak timeout 400 python3 benches/train_torch.py --device cuda --config 7b --modes $mode --precision bf16 --checkpointing 2>&1 | grep '"impl"'
-done
-peak timeout 120 .devbin/train-bench --lora-linear 4096 4096 --device wgpu 2>&1 | tail -2
-for prec in f32 f16 bf16; do for cfg in small large; do for mode in full lora16; do
-  peak timeout 150 python3 benches/train_torch.py --device cuda --config $cfg --modes $mode --precision $prec 2>&1 | grep '"impl"'
-done; done; done
-# Evaluation (issue 20): flow's device decoder against transformers `generate` and forward
-# scoring, same shape, batch and lengths; build the binary with
-# `cargo bench -p flow-stages --bench generate --no-run` and copy it to .devbin/generate-bench.
-if [ -x .devbin/generate-bench ] || chmod +x .devbin/generate-bench 2>/dev/null; then
-  for shape in 256,4,8,8,704,4096 4096,4,32,32,11008,32000; do
-    for prec in f32 f16; do
-      peak timeout 150 .devbin/generate-bench --device wgpu --shape $shape --batch 8 --prompt 128 --new 64 --precision $prec 2>&1 | grep '"impl"'
-    done
-    for dt in float32 float16 bfloat16; do
-      peak timeout 150 python3 benches/eval_torch.py --device cuda --shape $shape --batch 8 --prompt 128 --new 64 --dtype $dt 2>&1 | grep '"impl"'
-    done
+has() { [[ " $sections " == *" $1 "* ]]; }
+flow_train() { step "$1" .devbin/train-bench --one "${@:2}"; }
+torch_train() { step "$1" python3 benches/train_torch.py --device cuda "${@:2}"; }
+
+cuda=0
+if [ -x .devbin/train-bench ]; then
+  if flow_train 120 small full --device cuda --precision bf16; then cuda=1; fi
+fi
+if has cuda && [ $cuda = 1 ]; then
+  torch_train 90 --config small --modes full --precision bf16
+  for prec in bf16 f32; do for cfg in small large; do for mode in full lora16; do
+    [ "$prec $cfg $mode" = "bf16 small full" ] && continue
+    flow_train 120 $cfg $mode --device cuda --precision $prec
+    torch_train 90 --config $cfg --modes $mode --precision $prec
+  done; done; done
+fi
+if has 7b && [ $cuda = 1 ]; then
+  flow_train 240 7b full --device cuda --precision bf16 --checkpointing --bf16-state
+  torch_train 240 --config 7b --modes full --precision bf16 --checkpointing --optimizer lion --bf16-state
+  flow_train 180 7b lora256 --device cuda --precision bf16 --checkpointing
+fi
+if has eval && [ -x .devbin/generate-bench ]; then
+  shape=4096,4,32,32,11008,32000 # the 7B's layers, 4 of them
+  for dev in cuda; do
+    [ $cuda = 1 ] || continue
+    step 120 .devbin/generate-bench --device $dev --shape $shape --batch 8 --prompt 128 --new 64 --precision bf16
+  done
+  step 120 python3 benches/eval_torch.py --device cuda --shape $shape --batch 8 --prompt 128 --new 64 --dtype bfloat16
+fi
+if has parity && [ $cuda = 1 ]; then
+  for st in "" --bf16-state; do
+    # shellcheck disable=SC2086
+    flow_train 120 small full --device cuda --compare $st
   done
 fi
-# The paper's study at smoke size (issue 20, item 5): every stage of math_cpt on this GPU,
-# timed stage by stage (the run's log and `flow status`). The full 7B shape writes a 27 GB
-# f32 model per trained model, more than this machine's disk holds for the whole study, so
-# this runs a 4-layer slice of it; every other shape and setting is the profile's (bf16
-# training, so on CUDA: WGSL has no bf16). Needs the flow binary at .devbin/flow (built
-# with `--features cuda`) and the test data at ../shared/data (or --set the files).
-if [ -x .devbin/flow ] || chmod +x .devbin/flow 2>/dev/null; then
-  if [ -d ../shared/data ]; then
-    timeout 540 .devbin/flow run pipelines/math_cpt.toml --profile paper --profile paper-smoke \
-      --set stage.pretrained.layers=4 --device cuda --cache "$out/smoke-cache" 2>&1 | tail -90
-  fi
+if has wgpu && [ -x .devbin/train-bench ]; then
+  for prec in f16 f32; do for cfg in small large; do for mode in full lora16; do
+    flow_train 120 $cfg $mode --device wgpu --precision $prec
+  done; done; done
+  torch_train 90 --config large --modes full --precision f16
 fi
+if has smoke && [ -x .devbin/flow ] && [ -d ../shared/data ] && [ $cuda = 1 ]; then
+  # Every stage of math_cpt's paper profile at smoke size, on a 4-layer slice of the 7B
+  # shape (the whole 7B writes a 27 GB model per trained model, more than the disk holds
+  # for the study); the log and `flow status` give each stage's time.
+  step 540 .devbin/flow run pipelines/math_cpt.toml --profile paper --profile paper-smoke \
+    --set stage.pretrained.layers=4 --device cuda --cache "$work/smoke-cache"
+fi
+echo "done in $((SECONDS - start))s of ${budget}s"

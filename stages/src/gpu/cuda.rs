@@ -23,13 +23,42 @@ pub const WHEELS: &str =
     "nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12 nvidia-cuda-nvcc-cu12 nvidia-cuda-cccl-cu12";
 
 /// Headers cubecl's CUDA kernels include, and the wheel that has each (cubecl-cpp's
-/// `cuda/ty.rs`, `cuda/mma`, `cuda/dialect.rs`).
+/// `cuda/ty.rs`, `cuda/mma`, `cuda/dialect.rs`), named without the CUDA 12 wheels' `-cu12`
+/// (CUDA 13's wheels have no suffix).
 const HEADERS: &[(&str, &str)] = &[
-    ("cuda_fp16.h", "nvidia-cuda-runtime-cu12"),
-    ("cuda_bf16.h", "nvidia-cuda-runtime-cu12"),
-    ("mma.h", "nvidia-cuda-runtime-cu12"),
-    ("crt/mma.h", "nvidia-cuda-nvcc-cu12"),
-    ("cuda/barrier", "nvidia-cuda-cccl-cu12"),
+    ("cuda_fp16.h", "nvidia-cuda-runtime"),
+    ("cuda_bf16.h", "nvidia-cuda-runtime"),
+    ("mma.h", "nvidia-cuda-runtime"),
+    ("crt/mma.h", "nvidia-cuda-nvcc"),
+    ("cuda/barrier", "nvidia-cuda-cccl"),
+];
+
+/// Where NVIDIA's wheels put NVRTC and the headers under `site-packages/nvidia`: CUDA 12's
+/// one folder per wheel, CUDA 13's one `cu13/` for all (what PyTorch's cu130 builds pull in).
+struct WheelLayout {
+    /// NVRTC's folder.
+    lib: &'static str,
+    /// Include folders.
+    include: &'static [&'static str],
+    /// What the wheels' names end with (`nvidia-cuda-nvcc-cu12`).
+    suffix: &'static str,
+}
+
+const WHEEL_LAYOUTS: [WheelLayout; 2] = [
+    WheelLayout {
+        lib: "cuda_nvrtc/lib",
+        include: &[
+            "cuda_runtime/include",
+            "cuda_nvcc/include",
+            "cuda_cccl/include",
+        ],
+        suffix: "-cu12",
+    },
+    WheelLayout {
+        lib: "cu13/lib",
+        include: &["cu13/include", "cu13/include/cccl"],
+        suffix: "",
+    },
 ];
 
 /// Where NVRTC and the headers are.
@@ -63,17 +92,19 @@ pub fn find(cuda_path: Option<&Path>, python: &str) -> Result<Toolkit, String> {
     }
     let sites = python_sites(python);
     for site in &sites {
-        if site.join("nvidia/cuda_nvrtc/lib").is_dir() {
-            match wheels_at(site) {
-                Ok(toolkit) => return Ok(toolkit),
-                Err(e) => refused.push(e),
+        for layout in &WHEEL_LAYOUTS {
+            if site.join("nvidia").join(layout.lib).is_dir() {
+                match wheels_at(site, layout) {
+                    Ok(toolkit) => return Ok(toolkit),
+                    Err(e) => refused.push(e),
+                }
             }
         }
     }
     if refused.is_empty() {
         refused.push(format!(
             "CUDA_PATH is not set, neither /usr/local/cuda nor /opt/cuda exists, and \
-             {python}'s environment ({}) has no nvidia-cuda-nvrtc-cu12 wheel",
+             {python}'s environment ({}) has no nvidia-cuda-nvrtc(-cu12) wheel",
             if sites.is_empty() {
                 format!("{python} did not run")
             } else {
@@ -102,7 +133,7 @@ fn toolkit_at(root: &Path, origin: &str) -> Result<Toolkit, String> {
         .map(|dir| root.join(dir))
         .filter(|dir| dir.is_dir())
         .collect();
-    check_headers(&include, origin)?;
+    check_headers(&include, origin, "")?;
     Ok(Toolkit {
         nvrtc,
         include,
@@ -110,19 +141,19 @@ fn toolkit_at(root: &Path, origin: &str) -> Result<Toolkit, String> {
     })
 }
 
-/// NVIDIA's wheels under one `site-packages`: `nvidia/cuda_nvrtc/lib`, and the headers in
-/// `nvidia/{cuda_runtime,cuda_nvcc,cuda_cccl}/include`.
-fn wheels_at(site: &Path) -> Result<Toolkit, String> {
+/// NVIDIA's wheels under one `site-packages`, laid out as `layout` says.
+fn wheels_at(site: &Path, layout: &WheelLayout) -> Result<Toolkit, String> {
     let origin = format!("python wheels in {}", site.display());
     let nvidia = site.join("nvidia");
-    let nvrtc = nvrtc_in(&nvidia.join("cuda_nvrtc/lib"))
-        .ok_or_else(|| format!("{origin}: nvidia/cuda_nvrtc/lib has no libnvrtc.so"))?;
-    let include: Vec<PathBuf> = ["cuda_runtime", "cuda_nvcc", "cuda_cccl"]
+    let nvrtc = nvrtc_in(&nvidia.join(layout.lib))
+        .ok_or_else(|| format!("{origin}: nvidia/{} has no libnvrtc.so", layout.lib))?;
+    let include: Vec<PathBuf> = layout
+        .include
         .iter()
-        .map(|wheel| nvidia.join(wheel).join("include"))
+        .map(|dir| nvidia.join(dir))
         .filter(|dir| dir.is_dir())
         .collect();
-    check_headers(&include, &origin)?;
+    check_headers(&include, &origin, layout.suffix)?;
     Ok(Toolkit {
         nvrtc,
         include,
@@ -149,11 +180,13 @@ fn nvrtc_in(dir: &Path) -> Option<PathBuf> {
     found.into_iter().next()
 }
 
-fn check_headers(include: &[PathBuf], origin: &str) -> Result<(), String> {
+/// Every header of [`HEADERS`] in one of `include`, or an error naming the missing ones and
+/// their wheels (names ending in `suffix`).
+fn check_headers(include: &[PathBuf], origin: &str, suffix: &str) -> Result<(), String> {
     let missing: Vec<String> = HEADERS
         .iter()
         .filter(|(header, _)| !include.iter().any(|dir| dir.join(header).is_file()))
-        .map(|(header, wheel)| format!("{header} (in {wheel})"))
+        .map(|(header, wheel)| format!("{header} (in {wheel}{suffix})"))
         .collect();
     if missing.is_empty() {
         Ok(())
@@ -343,11 +376,20 @@ pub fn prepare() -> Result<String, String> {
             // cudarc (and so cubecl) finds NVRTC by name, `libnvrtc.so` on the library path
             // first: make sure that is the library just checked, and that it is found at all
             // (a name cudarc does not try would be its panic at the first kernel).
+            let bindings = cudarc::driver::sys::CUDA_VERSION as i32;
             let used = cudarc_nvrtc_version().ok_or_else(|| {
                 format!(
-                    "{} loaded, but cudarc finds no NVRTC by the names it tries (libnvrtc.so, \
-                     libnvrtc.so.12, ...): use a CUDA 12 NVRTC",
-                    toolkit.nvrtc.display()
+                    "{} (NVRTC {}) loaded, but cudarc, built with CUDA {} bindings, loads \
+                     NVRTC by the names libnvrtc.so, libnvrtc.so.{} and libnvrtc.so.12 only: \
+                     build flow with CUDARC_CUDA_VERSION={}000 (the bindings of NVRTC's \
+                     version, which needs a driver of that version), or install a CUDA 12 \
+                     NVRTC and its headers (`python3 -m pip install {WHEELS}`) or set CUDA_PATH \
+                     to a CUDA 12 toolkit",
+                    toolkit.nvrtc.display(),
+                    version_name(nvrtc),
+                    version_name(bindings),
+                    bindings / 1000,
+                    nvrtc / 1000,
                 )
             })?;
             if used != nvrtc {
@@ -380,7 +422,6 @@ pub fn prepare() -> Result<String, String> {
             burn::cubecl::cuda::install::set_include_paths(toolkit.include.clone());
             // cudarc's bindings are of one CUDA version (.cargo/config.toml): an older
             // driver lacks the functions that version added, which cubecl rarely calls.
-            let bindings = cudarc::driver::sys::CUDA_VERSION as i32;
             let note = if driver < bindings {
                 format!(
                     "; built for CUDA {}: if a driver function is missing, rebuild with \
@@ -462,7 +503,7 @@ mod tests {
                 .find(|p| p.is_file());
             std::os::unix::fs::symlink(real.unwrap(), runtime.join(header)).unwrap();
         }
-        let err = wheels_at(site.path()).unwrap_err();
+        let err = wheels_at(site.path(), &WHEEL_LAYOUTS[0]).unwrap_err();
         assert!(
             err.contains("crt/mma.h (in nvidia-cuda-nvcc-cu12)"),
             "{err}"
@@ -472,6 +513,59 @@ mod tests {
             "{err}"
         );
         assert!(!err.contains("cuda_fp16.h"), "{err}");
+    }
+
+    /// CUDA 13's wheels (PyTorch's cu130 builds) put NVRTC and every header under one
+    /// `nvidia/cu13/` (CCCL's in `include/cccl/`): a site laid out so, holding the installed
+    /// NVRTC and headers, is found and compiles the probe with its include paths.
+    #[test]
+    fn cuda_13_wheels_are_found_in_their_one_folder() {
+        let toolkit = installed();
+        let site = tempfile::tempdir().unwrap();
+        let cu13 = site.path().join("nvidia/cu13");
+        std::fs::create_dir_all(cu13.join("lib")).unwrap();
+        let name = toolkit.nvrtc.file_name().unwrap();
+        std::os::unix::fs::symlink(&toolkit.nvrtc, cu13.join("lib").join(name)).unwrap();
+        // The installed include folders merged into CUDA 13's two: CCCL's (the one with
+        // `cuda/barrier`) into `include/cccl`, the others into `include`.
+        let cccl = toolkit
+            .include
+            .iter()
+            .find(|d| d.join("cuda/barrier").is_file())
+            .unwrap();
+        for dir in &toolkit.include {
+            if dir != cccl {
+                merge_links(dir, &cu13.join("include"));
+            }
+        }
+        merge_links(cccl, &cu13.join("include/cccl"));
+        let found = wheels_at(site.path(), &WHEEL_LAYOUTS[1]).unwrap();
+        assert_eq!(
+            found.include,
+            [cu13.join("include"), cu13.join("include/cccl")]
+        );
+        load_nvrtc(&found).unwrap();
+        let ptx = compile_probe(&found, "sm_90a").unwrap();
+        assert!(ptx.contains(".entry flow_probe"), "{ptx:.400}");
+        // Without CCCL's folder the error names the CUDA 13 wheel.
+        std::fs::remove_dir_all(cu13.join("include/cccl")).unwrap();
+        let err = wheels_at(site.path(), &WHEEL_LAYOUTS[1]).unwrap_err();
+        assert!(err.contains("cuda/barrier (in nvidia-cuda-cccl)"), "{err}");
+    }
+
+    /// Mirrors the tree `from` into `to` as folders and links to its files, keeping what
+    /// `to` already has.
+    fn merge_links(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let path = entry.unwrap().path();
+            let at = to.join(path.file_name().unwrap());
+            if path.is_dir() {
+                merge_links(&path, &at);
+            } else if !at.exists() {
+                std::os::unix::fs::symlink(&path, &at).unwrap();
+            }
+        }
     }
 
     /// With a driver the checks pass; without one (CI) the error names the driver's library.
