@@ -22,15 +22,23 @@ use std::process::Command;
 pub const WHEELS: &str =
     "nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12 nvidia-cuda-nvcc-cu12 nvidia-cuda-cccl-cu12";
 
-/// Headers cubecl's CUDA kernels include, and the wheel that has each (cubecl-cpp's
-/// `cuda/ty.rs`, `cuda/mma`, `cuda/dialect.rs`), named without the CUDA 12 wheels' `-cu12`
-/// (CUDA 13's wheels have no suffix).
-const HEADERS: &[(&str, &str)] = &[
-    ("cuda_fp16.h", "nvidia-cuda-runtime"),
-    ("cuda_bf16.h", "nvidia-cuda-runtime"),
-    ("mma.h", "nvidia-cuda-runtime"),
-    ("crt/mma.h", "nvidia-cuda-nvcc"),
-    ("cuda/barrier", "nvidia-cuda-cccl"),
+/// Headers cubecl's CUDA kernels include, and the wheel that has each, CUDA 12's and CUDA
+/// 13's (cubecl-cpp's `cuda/ty.rs`, `cuda/mma`, `cuda/dialect.rs`).
+const HEADERS: &[(&str, [&str; 2])] = &[
+    (
+        "cuda_fp16.h",
+        ["nvidia-cuda-runtime-cu12", "nvidia-cuda-runtime"],
+    ),
+    (
+        "cuda_bf16.h",
+        ["nvidia-cuda-runtime-cu12", "nvidia-cuda-runtime"],
+    ),
+    ("mma.h", ["nvidia-cuda-runtime-cu12", "nvidia-cuda-runtime"]),
+    ("crt/mma.h", ["nvidia-cuda-nvcc-cu12", "nvidia-cuda-crt"]),
+    (
+        "cuda/barrier",
+        ["nvidia-cuda-cccl-cu12", "nvidia-cuda-cccl"],
+    ),
 ];
 
 /// Where NVIDIA's wheels put NVRTC and the headers under `site-packages/nvidia`: CUDA 12's
@@ -40,8 +48,8 @@ struct WheelLayout {
     lib: &'static str,
     /// Include folders.
     include: &'static [&'static str],
-    /// What the wheels' names end with (`nvidia-cuda-nvcc-cu12`).
-    suffix: &'static str,
+    /// Which of [`HEADERS`]' wheel names are this layout's.
+    wheels: usize,
 }
 
 const WHEEL_LAYOUTS: [WheelLayout; 2] = [
@@ -52,12 +60,12 @@ const WHEEL_LAYOUTS: [WheelLayout; 2] = [
             "cuda_nvcc/include",
             "cuda_cccl/include",
         ],
-        suffix: "-cu12",
+        wheels: 0,
     },
     WheelLayout {
         lib: "cu13/lib",
         include: &["cu13/include", "cu13/include/cccl"],
-        suffix: "",
+        wheels: 1,
     },
 ];
 
@@ -133,7 +141,7 @@ fn toolkit_at(root: &Path, origin: &str) -> Result<Toolkit, String> {
         .map(|dir| root.join(dir))
         .filter(|dir| dir.is_dir())
         .collect();
-    check_headers(&include, origin, "")?;
+    check_headers(&include, origin, 0)?;
     Ok(Toolkit {
         nvrtc,
         include,
@@ -153,7 +161,7 @@ fn wheels_at(site: &Path, layout: &WheelLayout) -> Result<Toolkit, String> {
         .map(|dir| nvidia.join(dir))
         .filter(|dir| dir.is_dir())
         .collect();
-    check_headers(&include, &origin, layout.suffix)?;
+    check_headers(&include, &origin, layout.wheels)?;
     Ok(Toolkit {
         nvrtc,
         include,
@@ -181,12 +189,12 @@ fn nvrtc_in(dir: &Path) -> Option<PathBuf> {
 }
 
 /// Every header of [`HEADERS`] in one of `include`, or an error naming the missing ones and
-/// their wheels (names ending in `suffix`).
-fn check_headers(include: &[PathBuf], origin: &str, suffix: &str) -> Result<(), String> {
+/// their wheels (CUDA 12's names, or with `wheels` 1 CUDA 13's).
+fn check_headers(include: &[PathBuf], origin: &str, wheels: usize) -> Result<(), String> {
     let missing: Vec<String> = HEADERS
         .iter()
         .filter(|(header, _)| !include.iter().any(|dir| dir.join(header).is_file()))
-        .map(|(header, wheel)| format!("{header} (in {wheel}{suffix})"))
+        .map(|(header, names)| format!("{header} (in {})", names[wheels]))
         .collect();
     if missing.is_empty() {
         Ok(())
@@ -248,6 +256,19 @@ pub fn driver_version() -> Result<i32, String> {
 /// `LD_LIBRARY_PATH`, unless a `libnvrtc.so` on the library path comes first ([`prepare`]
 /// checks which one cudarc took); returns NVRTC's version.
 pub fn load_nvrtc(toolkit: &Toolkit) -> Result<i32, String> {
+    // NVRTC opens its builtins (`libnvrtc-builtins.so.13.0`) by name when it compiles: CUDA
+    // 12's wheel finds them beside it through its RUNPATH, CUDA 13's has none (and a
+    // toolkit's lib64 is not always on the library path). Loaded first, by full path and
+    // globally, they are found among the loaded libraries by their soname.
+    let dir = toolkit.nvrtc.parent().unwrap_or(Path::new("."));
+    for builtins in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = builtins.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("libnvrtc-builtins.so") && builtins.path().is_file() {
+            open_global(&builtins.path())
+                .map_err(|e| format!("{}: {e}", builtins.path().display()))?;
+        }
+    }
     let lib =
         open_global(&toolkit.nvrtc).map_err(|e| format!("{}: {e}", toolkit.nvrtc.display()))?;
     let (mut major, mut minor) = (0i32, 0i32);
