@@ -2,10 +2,12 @@
 //!
 //! flow builds cubecl's CUDA runtime without LLVM (`vendor/cubecl-cuda/PATCH.md`): every
 //! kernel is CUDA C++ compiled at run time by NVRTC. So a CUDA run needs, besides the GPU:
-//! the driver (`libcuda.so.1`), NVRTC (`libnvrtc.so.12`), and the headers cubecl's kernels
-//! include (`cuda_fp16.h`, `cuda_bf16.h`, `mma.h` and its `crt/mma.h`, `cuda/barrier`). NVRTC
-//! and the headers come from a toolkit (`CUDA_PATH`, else `/usr/local/cuda` or `/opt/cuda`)
-//! or, the way PyTorch ships them, from NVIDIA's PyPI wheels in python3's environment.
+//! the driver (`libcuda.so.1`), NVRTC (`libnvrtc.so.12` or `.13`), and the headers cubecl's
+//! kernels include (`cuda_fp16.h`, `cuda_bf16.h`, `mma.h` and its `crt/mma.h`,
+//! `cuda/barrier`). NVRTC and the headers come from a toolkit (`CUDA_PATH`, else
+//! `/usr/local/cuda` or `/opt/cuda`)
+//! or, the way PyTorch ships them, from NVIDIA's PyPI wheels in python3's environment
+//! (CUDA 12's folder per wheel, or CUDA 13's one `nvidia/cu13`).
 //!
 //! Without this module a missing piece is cudarc's panic at the first kernel, or NVRTC's
 //! "cannot open source file" with the kernel's source; with it, an error before the first
@@ -52,6 +54,7 @@ struct WheelLayout {
     wheels: usize,
 }
 
+/// The layouts [`find`] looks for, CUDA 12's first.
 const WHEEL_LAYOUTS: [WheelLayout; 2] = [
     WheelLayout {
         lib: "cuda_nvrtc/lib",
@@ -259,14 +262,23 @@ pub fn load_nvrtc(toolkit: &Toolkit) -> Result<i32, String> {
     // NVRTC opens its builtins (`libnvrtc-builtins.so.13.0`) by name when it compiles: CUDA
     // 12's wheel finds them beside it through its RUNPATH, CUDA 13's has none (and a
     // toolkit's lib64 is not always on the library path). Loaded first, by full path and
-    // globally, they are found among the loaded libraries by their soname.
-    let dir = toolkit.nvrtc.parent().unwrap_or(Path::new("."));
-    for builtins in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let name = builtins.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with("libnvrtc-builtins.so") && builtins.path().is_file() {
-            open_global(&builtins.path())
-                .map_err(|e| format!("{}: {e}", builtins.path().display()))?;
+    // globally, they are found among the loaded libraries by their soname. They sit beside
+    // the library NVRTC's path names, or beside the file it links to.
+    let real = std::fs::canonicalize(&toolkit.nvrtc).unwrap_or_else(|_| toolkit.nvrtc.clone());
+    let mut dirs: Vec<&Path> = [toolkit.nvrtc.parent(), real.parent()]
+        .into_iter()
+        .flatten()
+        .collect();
+    dirs.dedup();
+    for dir in dirs {
+        for builtins in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = builtins.file_name();
+            if name.to_string_lossy().starts_with("libnvrtc-builtins.so")
+                && builtins.path().is_file()
+            {
+                open_global(&builtins.path())
+                    .map_err(|e| format!("{}: {e}", builtins.path().display()))?;
+            }
         }
     }
     let lib =
