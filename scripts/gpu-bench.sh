@@ -109,7 +109,8 @@ if has eval && [ -x .devbin/generate-bench ]; then
   step 120 python3 benches/eval_torch.py --device cuda --shape $shape --batch 8 --prompt 128 --new 64 --dtype bfloat16
 fi
 if has parity && [ $cuda = 1 ]; then
-  for st in "" --bf16-state; do
+  # The last one recomputes blocks through the fused attention kernels (gpu/flash.rs).
+  for st in "" --bf16-state --checkpointing; do
     # shellcheck disable=SC2086
     flow_train 120 small full --device cuda --compare $st
   done

@@ -36,8 +36,8 @@ pub struct Inputs {
     cos: Tensor<3>,
     sin: Tensor<3>,
     /// Which keys each query may see, `[B, 1, T, T]`, one per distinct layer window: made
-    /// on the device from indices and document ids ([`attention_mask`]); none for chunked
-    /// attention, which makes each chunk's rows as it goes ([`mask_rows`]).
+    /// on the device from indices and document ids ([`attention_mask`]); none for the fused
+    /// attention kernels, which decide it per query and key from the document ids.
     masks: WindowMasks,
     /// Document ids `[B, T]` (packed rows with `attention = "document"`).
     docs: Option<Tensor<2, Int>>,
@@ -57,8 +57,8 @@ impl Inputs {
         Inputs::build(w, b, device, true)
     }
 
-    /// Without them, for chunked attention (`super::attention`).
-    pub fn for_chunks(w: &Weights, b: &Batch, device: &Device) -> Inputs {
+    /// Without them, for the fused attention kernels (`super::flash`).
+    pub fn for_fused(w: &Weights, b: &Batch, device: &Device) -> Inputs {
         Inputs::build(w, b, device, false)
     }
 
@@ -87,7 +87,7 @@ impl Inputs {
             .map(|d| doc_ids(b.rows, b.seq, d, device));
         let windows: &[Option<usize>] = if whole_masks { &w.arch.windows } else { &[] };
         let masks = WindowMasks::new(windows, |window| {
-            mask_rows(b.rows, b.seq, 0..b.seq, docs.as_ref(), window, device)
+            mask_of(b.rows, b.seq, docs.as_ref(), window, device)
         });
         let ids: Vec<i64> = b.ids.iter().map(|&i| i as i64).collect();
         let not_pad = c.pad_token_id.filter(|p| b.ids.contains(p)).map(|p| {
@@ -157,7 +157,7 @@ pub fn attention_mask(
     device: &Device,
 ) -> Tensor<4, Bool> {
     let docs = docs.map(|d| doc_ids(rows, t, d, device));
-    mask_rows(rows, t, 0..t, docs.as_ref(), window, device)
+    mask_of(rows, t, docs.as_ref(), window, device)
 }
 
 /// The `rows x t` document ids on the device.
@@ -166,21 +166,18 @@ pub fn doc_ids(rows: usize, t: usize, docs: &[u16], device: &Device) -> Tensor<2
     Tensor::<2, Int>::from_data(TensorData::new(ids, [rows, t]), device)
 }
 
-/// [`attention_mask`]'s rows for the queries in `queries` only, `[rows, 1, queries, t]`:
-/// what chunked attention needs at a time (linear in `t` for a fixed chunk).
-pub fn mask_rows(
+/// [`attention_mask`] from document ids already on the device.
+fn mask_of(
     rows: usize,
     t: usize,
-    queries: std::ops::Range<usize>,
     docs: Option<&Tensor<2, Int>>,
     window: Option<usize>,
     device: &Device,
 ) -> Tensor<4, Bool> {
-    let c = queries.len();
-    let qi: Tensor<2, Int> =
-        Tensor::<1, Int>::arange(queries.start as i64..queries.end as i64, device)
-            .reshape([c, 1])
-            .expand([c, t]);
+    let c = t;
+    let qi: Tensor<2, Int> = Tensor::<1, Int>::arange(0..t as i64, device)
+        .reshape([c, 1])
+        .expand([c, t]);
     let kj: Tensor<2, Int> = Tensor::<1, Int>::arange(0..t as i64, device)
         .reshape([1, t])
         .expand([c, t]);
@@ -191,11 +188,7 @@ pub fn mask_rows(
     let Some(doc) = docs else {
         return seen;
     };
-    let di: Tensor<4, Int> = doc
-        .clone()
-        .slice([0..rows, queries])
-        .reshape([rows, 1, c, 1])
-        .expand([rows, 1, c, t]);
+    let di: Tensor<4, Int> = doc.clone().reshape([rows, 1, c, 1]).expand([rows, 1, c, t]);
     let dj: Tensor<4, Int> = doc.clone().reshape([rows, 1, 1, t]).expand([rows, 1, c, t]);
     let same = di.clone().equal(dj).bool_and(di.not_equal_elem(0));
     let own: Tensor<4, Bool> = back

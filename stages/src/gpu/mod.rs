@@ -3,13 +3,13 @@
 //! optimizer state on the device, and a KV-cached decoder for evaluation. Built with the
 //! `wgpu` (Vulkan, Metal, DX12) or `cuda` features; without them only the CPU engine exists.
 
-#[cfg(any(feature = "wgpu", feature = "cuda"))]
-pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub mod decode;
 pub mod device;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub mod flash;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub mod llama;
 pub mod precision;

@@ -6,9 +6,9 @@
 //! them in bf16 (the update still computes in f32). LoRA's frozen base is stored in the half
 //! type, as PEFT users load it. f16 scales the loss ([`LossScale`]).
 
-use burn::tensor::{Device, FloatDType, Int, Tensor};
+use burn::tensor::{Device, FloatDType, Tensor};
 
-use super::attention::{self, Problem};
+use super::flash;
 use super::llama::{DeviceLora, DeviceModel, Inputs, download, total, upload};
 use super::precision::{LossScale, Precision};
 use crate::cpu::llama::{Batch, Dropouts};
@@ -30,9 +30,9 @@ fn add_into(sum: &mut Option<Tensor<2>>, g: Tensor<2>) {
     });
 }
 
-/// What a layer's chunked attention keeps for its backward pass: q and the expanded k and v
-/// `[rows, heads, t, head_dim]` in f32, the output and each query's log-sum-exp.
-struct ChunkedAttention {
+/// What a layer's fused attention keeps for its backward pass: q `[rows, heads, t, head_dim]`
+/// and k, v `[rows, kv_heads, t, head_dim]` in f32, the output and each query's log-sum-exp.
+struct FusedAttention {
     q: Tensor<4>,
     k: Tensor<4>,
     v: Tensor<4>,
@@ -289,15 +289,15 @@ impl BurnTrainer {
     ) -> f32 {
         let layers = self.weights.config.num_hidden_layers;
         let plain = self.device.clone().without_autodiff();
-        // Attention in query chunks, with its backward written out (linear memory in the
-        // sequence length), where nothing sits between the scores and the softmax but the
-        // mask: not with attention dropout or a soft cap (Gemma 2), which keep the
+        // Attention by the fused kernels, with its backward written out (linear memory in
+        // the sequence length), where nothing sits between the scores and the softmax but
+        // the mask: not with attention dropout or a soft cap (Gemma 2), which keep the
         // materialized attention.
-        let chunked =
+        let fused =
             self.weights.arch.attn_softcap.is_none() && drop.is_none_or(|d| d.attention == 0.0);
         let inputs_on = |device: &Device| {
-            if chunked {
-                Inputs::for_chunks(&self.weights, batch, device)
+            if fused {
+                Inputs::for_fused(&self.weights, batch, device)
             } else {
                 Inputs::new(&self.weights, batch, device)
             }
@@ -306,13 +306,13 @@ impl BurnTrainer {
         let last = {
             let model = self.model(&self.base, &self.lora, &plain);
             let inp = inputs_on(&plain);
-            let docs = inp.docs().cloned();
+            let docs = self.document_ids(&inp, &plain);
             let mut x = model.embed_inputs(&inp);
             for l in 0..layers {
                 inputs.push(x.clone());
-                x = if chunked {
+                x = if fused {
                     model.block_attending(l, x, &inp, drop, &mut |l, q, k, v| {
-                        let at = self.chunked_attention(l, [q, k, v], &inp, docs.as_ref(), &plain);
+                        let at = self.fused_attention(l, [q, k, v], &inp, &docs);
                         self.flat(at.out)
                     })
                 } else {
@@ -324,7 +324,7 @@ impl BurnTrainer {
         let (base, lora) = self.leaves(true);
         let model = self.model(&base, &lora, &self.device);
         let inp = inputs_on(&self.device);
-        let docs = inp.docs().map(|d| d.clone().inner());
+        let docs = self.document_ids(&inp, &plain);
         let mut ends = vec![None; self.trainable().len()];
         let x = last.autodiff().require_grad();
         let loss = model.head_loss(x.clone(), &inp);
@@ -352,7 +352,7 @@ impl BurnTrainer {
                 .expect("an input per block")
                 .autodiff()
                 .require_grad();
-            if !chunked {
+            if !fused {
                 let y = model.block(l, x.clone(), &inp, drop);
                 let mut g = total(y * dy.autodiff()).backward();
                 self.collect(into, &base, &lora, &mut g);
@@ -363,13 +363,7 @@ impl BurnTrainer {
             // as a leaf); the attention between them is differentiated by hand.
             let mut saved = None;
             let y = model.block_attending(l, x.clone(), &inp, drop, &mut |l, q, k, v| {
-                let at = self.chunked_attention(
-                    l,
-                    [q.clone(), k.clone(), v.clone()],
-                    &inp,
-                    docs.as_ref(),
-                    &plain,
-                );
+                let at = self.fused_attention(l, [q.clone(), k.clone(), v.clone()], &inp, &docs);
                 let out = self.flat(at.out.clone()).autodiff().require_grad();
                 saved = Some((at, [q, k, v], out.clone()));
                 out
@@ -378,7 +372,7 @@ impl BurnTrainer {
             self.collect(into, &base, &lora, &mut g);
             let (at, [q, k, v], out) = saved.expect("the block attends");
             let d_out = out.grad(&g).expect("the block uses its attention").inner();
-            let d_qkv = self.chunked_backward(l, at, d_out, &inp, docs.as_ref(), &plain);
+            let d_qkv = self.fused_backward(l, at, d_out, &inp, &docs);
             let [dq, dk, dv] = d_qkv.map(|d| d.autodiff());
             let mut g2 = (total(q * dq) + total(k * dk) + total(v * dv)).backward();
             self.collect(into, &base, &lora, &mut g2);
@@ -400,35 +394,28 @@ impl BurnTrainer {
         sum
     }
 
-    /// The chunked attention problem of layer `l` over the batch.
-    fn problem<'a>(
-        &self,
-        l: usize,
-        inp: &Inputs,
-        docs: Option<&'a Tensor<2, Int>>,
-        device: &'a Device,
-    ) -> Problem<'a> {
-        let (rows, t) = inp.shape();
-        Problem {
-            rows,
-            t,
-            docs,
-            window: self.weights.arch.windows[l],
-            scale: self.weights.arch.attn_scale,
-            device,
+    /// The rows' document ids as the fused kernels take them, f32 `[rows, t]` without
+    /// autodiff: ones (one document) for a batch without documents.
+    fn document_ids(&self, inp: &Inputs, plain: &Device) -> Tensor<2> {
+        match inp.docs() {
+            Some(d) => d.clone().without_autodiff().float(),
+            None => {
+                let (b, t) = inp.shape();
+                Tensor::ones([b, t], plain)
+            }
         }
     }
 
-    /// Layer `l`'s attention in query chunks on plain f32 tensors, from its rotated q
-    /// `[tokens, heads * head_dim]` and k, v `[tokens, kv_heads * head_dim]`.
-    fn chunked_attention(
+    /// Layer `l`'s attention by the fused kernels (`super::flash`) on plain f32 tensors, from
+    /// its rotated q `[tokens, heads * head_dim]` and k, v `[tokens, kv_heads * head_dim]`,
+    /// with the rows' document ids `docs` (f32 `[rows, t]`).
+    fn fused_attention(
         &self,
         l: usize,
         [q, k, v]: [Tensor<2>; 3],
         inp: &Inputs,
-        docs: Option<&Tensor<2, Int>>,
-        device: &Device,
-    ) -> ChunkedAttention {
+        docs: &Tensor<2>,
+    ) -> FusedAttention {
         let c = &self.weights.config;
         let (h, hk, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
         let (b, t) = inp.shape();
@@ -438,57 +425,45 @@ impl BurnTrainer {
                 .reshape([b, t, n, hd])
                 .swap_dims(1, 2)
         };
-        let expand = |z: Tensor<4>| -> Tensor<4> {
-            if h == hk {
-                return z;
-            }
-            let z5: Tensor<5> = z.reshape([b, hk, 1, t, hd]);
-            z5.repeat_dim(2, h / hk).reshape([b, h, t, hd])
-        };
-        let (q, k, v) = (heads(q, h), expand(heads(k, hk)), expand(heads(v, hk)));
-        let (out, lse) = attention::forward(
-            &self.problem(l, inp, docs, device),
-            q.clone(),
-            k.clone(),
-            v.clone(),
+        let (q, k, v) = (heads(q, h), heads(k, hk), heads(v, hk));
+        let arch = &self.weights.arch;
+        let (out, lse) = flash::forward(
+            [q.clone(), k.clone(), v.clone()],
+            docs.clone(),
+            arch.attn_scale,
+            arch.windows[l],
         );
-        ChunkedAttention { q, k, v, out, lse }
+        FusedAttention { q, k, v, out, lse }
     }
 
     /// The gradients of layer `l`'s q, k and v (as `[tokens, width]`, in the compute type)
     /// from its attention output's, `d_out` `[tokens, heads * head_dim]`.
-    fn chunked_backward(
+    fn fused_backward(
         &self,
         l: usize,
-        at: ChunkedAttention,
+        at: FusedAttention,
         d_out: Tensor<2>,
         inp: &Inputs,
-        docs: Option<&Tensor<2, Int>>,
-        device: &Device,
+        docs: &Tensor<2>,
     ) -> [Tensor<2>; 3] {
         let c = &self.weights.config;
-        let (h, hk, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let (h, hd) = (c.num_attention_heads, c.head_dim());
         let (b, t) = inp.shape();
         let d_out = d_out
             .cast(FloatDType::F32)
             .reshape([b, t, h, hd])
             .swap_dims(1, 2);
-        let (dq, dk, dv) = attention::backward(
-            &self.problem(l, inp, docs, device),
-            (at.q, at.k, at.v),
+        let arch = &self.weights.arch;
+        let grads = flash::backward(
+            [at.q, at.k, at.v],
             (at.out, at.lse),
             d_out,
+            docs.clone(),
+            arch.attn_scale,
+            arch.windows[l],
         );
-        // Expanded key and value heads give their gradients back to their group's head.
-        let group = |d: Tensor<4>| -> Tensor<4> {
-            if h == hk {
-                return d;
-            }
-            let d5: Tensor<5> = d.reshape([b, hk, h / hk, t, hd]);
-            d5.sum_dim(2).reshape([b, hk, t, hd])
-        };
         let dtype = self.precision.dtype();
-        [dq, group(dk), group(dv)].map(|d| self.flat(d).cast(dtype))
+        grads.map(|d| self.flat(d).cast(dtype))
     }
 
     /// `[rows, heads, t, head_dim]` as `[rows * t, heads * head_dim]`.

@@ -35,7 +35,7 @@ pub struct Setup<'a> {
     /// Whether blocks are recomputed in the backward pass (only their inputs kept).
     pub checkpointing: bool,
     /// Whether attention probabilities drop out: a recomputed block then materializes them
-    /// instead of attending in chunks.
+    /// instead of attending through the fused kernels.
     pub attention_dropout: bool,
     /// Rows per micro-batch and tokens per row.
     pub micro: usize,
@@ -107,12 +107,12 @@ pub fn footprint(setup: &Setup) -> Footprint {
     // Per token and layer, what the backward pass reads: the f32 inputs of the two norms,
     // their outputs, q/k/v, attention's output and the MLP's gate, up and activation in the
     // compute type. Materialized attention adds its probabilities, one row of the sequence
-    // per head (`per_score` bytes each); the chunked attention (checkpointing) keeps one
+    // per head (`per_score` bytes each); the fused attention (checkpointing) keeps one
     // log-sum-exp.
     let per_token = 4 * 2 * d + half * (2 * d + q + 2 * kv + q + 3 * f);
-    // Checkpointing attends in query chunks where nothing sits between scores and softmax
-    // but the mask (`gpu::trainer::BurnTrainer::checkpointed_grads`).
-    let chunked = setup.checkpointing && !setup.attention_dropout && arch.attn_softcap.is_none();
+    // Checkpointing attends through the fused kernels (`gpu::flash`) where nothing sits
+    // between scores and softmax but the mask (`gpu::trainer::BurnTrainer::checkpointed_grads`).
+    let fused = setup.checkpointing && !setup.attention_dropout && arch.attn_softcap.is_none();
     // Materialized attention keeps, per score, the f32 softmax output; with dropout the f32
     // keep-mask and the dropped probabilities (f32, or their cast copy in a half type); in
     // a half type without dropout the probabilities' cast copy.
@@ -122,7 +122,7 @@ pub fn footprint(setup: &Setup) -> Footprint {
         (true, false) => 4 + 4,
         (true, true) => 4 + half,
     };
-    let layer = if chunked {
+    let layer = if fused {
         tokens * per_token + tokens * heads * 4
     } else {
         tokens * (per_token + heads * setup.seq as u64 * per_score)
@@ -358,9 +358,9 @@ mod tests {
             .1 as f64
         };
         let acts = |checkpointing, seq| acts_with(checkpointing, false, seq);
-        let chunked = acts(true, 8192) / acts(true, 4096);
+        let fused = acts(true, 8192) / acts(true, 4096);
         let materialized = acts(false, 8192) / acts(false, 4096);
-        assert!((1.99..2.01).contains(&chunked), "{chunked}");
+        assert!((1.99..2.01).contains(&fused), "{fused}");
         assert!(materialized > 3.0, "{materialized}");
         let dropping = acts_with(true, true, 8192) / acts_with(true, true, 4096);
         assert!(dropping > 2.5, "{dropping}");

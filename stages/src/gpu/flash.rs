@@ -1,0 +1,465 @@
+//! Fused attention kernels for training: flash attention's forward pass (each query's
+//! output and the log-sum-exp of its scores, in one kernel) and its backward pass (the
+//! probabilities recomputed from that log-sum-exp, in two kernels: one over queries for
+//! their gradients, one over keys for the keys' and values'), with the causal, window and
+//! per-document masks decided in the kernel from positions and document ids. Nothing of
+//! size `t x t` exists at any time: a layer's attention holds its inputs, its output and
+//! two floats per query.
+//!
+//! Written as cubecl kernels by hand because burn 0.22's own flash kernels are forward-only
+//! and return no log-sum-exp (under autodiff burn materializes `t x t`, cubek #272), and
+//! cubek-attention 0.3's backward is a causal-only scaffold without document masks or
+//! grouped key/value heads. These kernels read grouped key/value heads in place (no copy to
+//! the query heads) and any strided layout (the trainer's `[tokens, heads * head_dim]`
+//! viewed as `[rows, heads, t, head_dim]`), in f32 whatever the compute type.
+//!
+//! One unit works one row (a query, or a key in the key/value pass) with its head's
+//! vectors in registers and the others read as it goes; it is a memory-linear fused kernel,
+//! not tensor-core tiles (BENCHMARKS.md, "Fused attention kernels", says what was measured
+//! where). They run through burn's backend extension (`#[backend_extension]`): under
+//! fusion they are one opaque operation in the stream, like a matmul.
+
+use burn::backend::fusion::custom::TensorSpec;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, Dispatch, backend_extension};
+use burn::tensor::{DType, Shape, Tensor};
+use burn_cubecl::CubeBackend;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
+
+use kernels::{dkv_kernel, dq_kernel, forward_kernel};
+
+/// The kernels, apart: cubecl's prelude has a `Tensor` of its own.
+mod kernels {
+    use cubecl::prelude::*;
+
+    /// Whether query `i` sees key `j <= i`: within the window (`window` is the sequence length
+    /// when the layer has none) and in the same document (`0` is padding, which sees only
+    /// itself; a batch without documents passes ones). The CPU engine's rule,
+    /// `cpu::attention::allowed`.
+    #[cube]
+    fn sees(i: usize, j: usize, window: usize, doc_i: f32, doc_j: f32) -> bool {
+        i - j < window && (i == j || (doc_i != 0.0 && doc_i == doc_j))
+    }
+
+    /// One query row per unit: `out = softmax(q k^T * scale) v` over the keys it sees, in one
+    /// pass with a running maximum (flash attention), and `lse = max + ln(sum)`.
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_kernel(
+        q: &Tensor<f32>,
+        k: &Tensor<f32>,
+        v: &Tensor<f32>,
+        docs: &Tensor<f32>,
+        out: &mut Tensor<f32>,
+        lse: &mut Tensor<f32>,
+        scale: f32,
+        window: u32,
+        #[comptime] head_dim: usize,
+    ) {
+        let heads = q.shape(1);
+        let t = q.shape(2);
+        if ABSOLUTE_POS >= q.shape(0) * heads * t {
+            terminate!();
+        }
+        let i = ABSOLUTE_POS % t;
+        let h = (ABSOLUTE_POS / t) % heads;
+        let b = ABSOLUTE_POS / (t * heads);
+        let kv = h / (heads / k.shape(1));
+        let window = window as usize;
+        let q0 = b * q.stride(0) + h * q.stride(1) + i * q.stride(2);
+        let k0 = b * k.stride(0) + kv * k.stride(1);
+        let v0 = b * v.stride(0) + kv * v.stride(1);
+        let doc_i = docs[b * docs.stride(0) + i * docs.stride(1)];
+
+        let mut qi = Array::<f32>::new(head_dim);
+        let mut acc = Array::<f32>::new(head_dim);
+        for d in 0..head_dim {
+            qi[d] = q[q0 + d * q.stride(3)] * scale;
+            acc[d] = 0.0;
+        }
+        // WGSL has no -inf literal (burn's CTC kernel says the same): a floor below any score.
+        let mut max = f32::new(-3.0e38);
+        let mut sum = f32::new(0.0);
+        for j in 0..i + 1 {
+            let doc_j = docs[b * docs.stride(0) + j * docs.stride(1)];
+            if sees(i, j, window, doc_i, doc_j) {
+                let kj = k0 + j * k.stride(2);
+                let mut s = f32::new(0.0);
+                for d in 0..head_dim {
+                    s += qi[d] * k[kj + d * k.stride(3)];
+                }
+                if s > max {
+                    let rescale = (max - s).exp();
+                    sum *= rescale;
+                    for d in 0..head_dim {
+                        acc[d] *= rescale;
+                    }
+                    max = s;
+                }
+                let p = (s - max).exp();
+                sum += p;
+                let vj = v0 + j * v.stride(2);
+                for d in 0..head_dim {
+                    acc[d] += p * v[vj + d * v.stride(3)];
+                }
+            }
+        }
+        let o0 = ABSOLUTE_POS * head_dim;
+        for d in 0..head_dim {
+            out[o0 + d] = acc[d] / sum;
+        }
+        lse[ABSOLUTE_POS] = max + sum.ln();
+    }
+
+    /// One query row per unit: `dq = scale * sum_j p_ij (dp_ij - delta_i) k_j`, with
+    /// `p_ij = exp(s_ij - lse_i)` recomputed and `dp_ij = d_out_i . v_j`. `stats` holds each
+    /// query's `(lse, delta)`, `delta = rowsum(d_out * out)`.
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn dq_kernel(
+        q: &Tensor<f32>,
+        k: &Tensor<f32>,
+        v: &Tensor<f32>,
+        d_out: &Tensor<f32>,
+        stats: &Tensor<f32>,
+        docs: &Tensor<f32>,
+        dq: &mut Tensor<f32>,
+        scale: f32,
+        window: u32,
+        #[comptime] head_dim: usize,
+    ) {
+        let heads = q.shape(1);
+        let t = q.shape(2);
+        if ABSOLUTE_POS >= q.shape(0) * heads * t {
+            terminate!();
+        }
+        let i = ABSOLUTE_POS % t;
+        let h = (ABSOLUTE_POS / t) % heads;
+        let b = ABSOLUTE_POS / (t * heads);
+        let kv = h / (heads / k.shape(1));
+        let window = window as usize;
+        let q0 = b * q.stride(0) + h * q.stride(1) + i * q.stride(2);
+        let o0 = b * d_out.stride(0) + h * d_out.stride(1) + i * d_out.stride(2);
+        let k0 = b * k.stride(0) + kv * k.stride(1);
+        let v0 = b * v.stride(0) + kv * v.stride(1);
+        let doc_i = docs[b * docs.stride(0) + i * docs.stride(1)];
+        let lse_i = stats[ABSOLUTE_POS * 2];
+        let delta_i = stats[ABSOLUTE_POS * 2 + 1];
+
+        let mut qi = Array::<f32>::new(head_dim);
+        let mut doi = Array::<f32>::new(head_dim);
+        let mut acc = Array::<f32>::new(head_dim);
+        for d in 0..head_dim {
+            qi[d] = q[q0 + d * q.stride(3)] * scale;
+            doi[d] = d_out[o0 + d * d_out.stride(3)];
+            acc[d] = 0.0;
+        }
+        for j in 0..i + 1 {
+            let doc_j = docs[b * docs.stride(0) + j * docs.stride(1)];
+            if sees(i, j, window, doc_i, doc_j) {
+                let kj = k0 + j * k.stride(2);
+                let vj = v0 + j * v.stride(2);
+                let mut s = f32::new(0.0);
+                let mut dp = f32::new(0.0);
+                for d in 0..head_dim {
+                    s += qi[d] * k[kj + d * k.stride(3)];
+                    dp += doi[d] * v[vj + d * v.stride(3)];
+                }
+                let ds = (s - lse_i).exp() * (dp - delta_i);
+                for d in 0..head_dim {
+                    acc[d] += ds * k[kj + d * k.stride(3)];
+                }
+            }
+        }
+        let out = ABSOLUTE_POS * head_dim;
+        for d in 0..head_dim {
+            dq[out + d] = acc[d] * scale;
+        }
+    }
+
+    /// One key row of one key/value head per unit, over the queries of every query head of its
+    /// group that see it: `dv_j = sum p_ij d_out_i`, `dk_j = scale * sum p_ij (dp_ij - delta_i)
+    /// q_i`, written side by side as `dkv[.., j, ..] = [dk_j, dv_j]` (one output: wgpu allows a
+    /// kernel few storage buffers).
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn dkv_kernel(
+        q: &Tensor<f32>,
+        k: &Tensor<f32>,
+        v: &Tensor<f32>,
+        d_out: &Tensor<f32>,
+        stats: &Tensor<f32>,
+        docs: &Tensor<f32>,
+        dkv: &mut Tensor<f32>,
+        scale: f32,
+        window: u32,
+        #[comptime] head_dim: usize,
+    ) {
+        let heads = q.shape(1);
+        let kv_heads = k.shape(1);
+        let t = k.shape(2);
+        if ABSOLUTE_POS >= k.shape(0) * kv_heads * t {
+            terminate!();
+        }
+        let j = ABSOLUTE_POS % t;
+        let kv = (ABSOLUTE_POS / t) % kv_heads;
+        let b = ABSOLUTE_POS / (t * kv_heads);
+        let group = heads / kv_heads;
+        let window = window as usize;
+        let kj = b * k.stride(0) + kv * k.stride(1) + j * k.stride(2);
+        let vj = b * v.stride(0) + kv * v.stride(1) + j * v.stride(2);
+        let doc_j = docs[b * docs.stride(0) + j * docs.stride(1)];
+
+        let mut kr = Array::<f32>::new(head_dim);
+        let mut vr = Array::<f32>::new(head_dim);
+        let mut dk = Array::<f32>::new(head_dim);
+        let mut dv = Array::<f32>::new(head_dim);
+        for d in 0..head_dim {
+            kr[d] = k[kj + d * k.stride(3)] * scale;
+            vr[d] = v[vj + d * v.stride(3)];
+            dk[d] = 0.0;
+            dv[d] = 0.0;
+        }
+        for g in 0..group {
+            let h = kv * group + g;
+            let q0 = b * q.stride(0) + h * q.stride(1);
+            let o0 = b * d_out.stride(0) + h * d_out.stride(1);
+            let s0 = (b * heads + h) * t * 2;
+            for i in j..t {
+                let doc_i = docs[b * docs.stride(0) + i * docs.stride(1)];
+                if sees(i, j, window, doc_i, doc_j) {
+                    let qi = q0 + i * q.stride(2);
+                    let oi = o0 + i * d_out.stride(2);
+                    let mut s = f32::new(0.0);
+                    let mut dp = f32::new(0.0);
+                    for d in 0..head_dim {
+                        s += q[qi + d * q.stride(3)] * kr[d];
+                        dp += d_out[oi + d * d_out.stride(3)] * vr[d];
+                    }
+                    let p = (s - stats[s0 + i * 2]).exp();
+                    let ds = p * (dp - stats[s0 + i * 2 + 1]);
+                    for d in 0..head_dim {
+                        dv[d] += p * d_out[oi + d * d_out.stride(3)];
+                        dk[d] += ds * q[qi + d * q.stride(3)];
+                    }
+                }
+            }
+        }
+        let out = ABSOLUTE_POS * head_dim * 2;
+        for d in 0..head_dim {
+            dkv[out + d] = dk[d] * scale;
+            dkv[out + head_dim + d] = dv[d];
+        }
+    }
+}
+
+/// The kernels as an operation of burn's backends: the cubecl backend runs them, and under
+/// fusion each is one operation whose outputs' shapes are known before it runs.
+#[backend_extension(Cube, Fusion)]
+pub trait FlashAttention: Backend {
+    /// `(out [b, h, t, hd], lse [b, h, t, 1])` of q `[b, h, t, hd]`, k and v
+    /// `[b, kv_heads, t, hd]`, documents `[b, t]`.
+    #[fusion(meta = forward_specs)]
+    fn flash_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        docs: FloatTensor<Self>,
+        scale: f32,
+        window: u32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// `(dq [b, h, t, hd], dkv [b, kv_heads, t, 2 hd])` from `stats` `[b, h, t, 2]`, each
+    /// query's `(lse, delta)`.
+    #[fusion(meta = backward_specs)]
+    #[allow(clippy::too_many_arguments)]
+    fn flash_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        d_out: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        docs: FloatTensor<Self>,
+        scale: f32,
+        window: u32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+}
+
+fn forward_specs(
+    q: &TensorSpec,
+    _k: &TensorSpec,
+    _v: &TensorSpec,
+    _docs: &TensorSpec,
+    _scale: &f32,
+    _window: &u32,
+) -> (TensorSpec, TensorSpec) {
+    let mut lse = q.clone();
+    lse.shape[3] = 1;
+    (q.clone(), lse)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_specs(
+    q: &TensorSpec,
+    k: &TensorSpec,
+    _v: &TensorSpec,
+    _d_out: &TensorSpec,
+    _stats: &TensorSpec,
+    _docs: &TensorSpec,
+    _scale: &f32,
+    _window: &u32,
+) -> (TensorSpec, TensorSpec) {
+    let mut dkv = k.clone();
+    dkv.shape[3] *= 2;
+    (q.clone(), dkv)
+}
+
+/// An f32 tensor of this shape on `like`'s device, to be written whole by a kernel.
+fn empty_like(like: &CubeTensor, shape: Shape) -> CubeTensor {
+    empty_device_dtype(like.client.clone(), like.device.clone(), shape, DType::F32)
+}
+
+/// The launch grid for one unit per row.
+fn grid(like: &CubeTensor, rows: usize) -> (CubeCount, CubeDim) {
+    let dim = CubeDim::new(&like.client, rows);
+    (calculate_cube_count_elemwise(&like.client, rows, dim), dim)
+}
+
+impl FlashAttention for CubeBackend {
+    fn flash_forward(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        docs: CubeTensor,
+        scale: f32,
+        window: u32,
+    ) -> (CubeTensor, CubeTensor) {
+        let [b, h, t, hd] = q.meta.shape.dims();
+        let out = empty_like(&q, Shape::new([b, h, t, hd]));
+        let lse = empty_like(&q, Shape::new([b, h, t, 1]));
+        let (count, dim) = grid(&q, b * h * t);
+        forward_kernel::launch(
+            &q.client.clone(),
+            count,
+            dim,
+            q.into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            docs.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            lse.clone().into_tensor_arg(),
+            scale,
+            window,
+            hd,
+        );
+        (out, lse)
+    }
+
+    fn flash_backward(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        d_out: CubeTensor,
+        stats: CubeTensor,
+        docs: CubeTensor,
+        scale: f32,
+        window: u32,
+    ) -> (CubeTensor, CubeTensor) {
+        let [b, h, t, hd] = q.meta.shape.dims();
+        let kv_heads = k.meta.shape[1];
+        let client = q.client.clone();
+        let dq = empty_like(&q, Shape::new([b, h, t, hd]));
+        let dkv = empty_like(&q, Shape::new([b, kv_heads, t, 2 * hd]));
+        let (count, dim) = grid(&q, b * h * t);
+        dq_kernel::launch(
+            &client,
+            count,
+            dim,
+            q.clone().into_tensor_arg(),
+            k.clone().into_tensor_arg(),
+            v.clone().into_tensor_arg(),
+            d_out.clone().into_tensor_arg(),
+            stats.clone().into_tensor_arg(),
+            docs.clone().into_tensor_arg(),
+            dq.clone().into_tensor_arg(),
+            scale,
+            window,
+            hd,
+        );
+        let (count, dim) = grid(&q, b * kv_heads * t);
+        dkv_kernel::launch(
+            &client,
+            count,
+            dim,
+            q.into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            d_out.into_tensor_arg(),
+            stats.into_tensor_arg(),
+            docs.into_tensor_arg(),
+            dkv.clone().into_tensor_arg(),
+            scale,
+            window,
+            hd,
+        );
+        (dq, dkv)
+    }
+}
+
+/// The window a kernel takes: the layer's, or the sequence length (every earlier key).
+fn window_of(window: Option<usize>, t: usize) -> u32 {
+    u32::try_from(window.unwrap_or(t).min(t)).expect("a sequence length fits u32")
+}
+
+/// Attention's output `[b, h, t, hd]` and each query's log-sum-exp `[b, h, t, 1]` from q
+/// `[b, h, t, hd]`, k and v `[b, kv_heads, t, hd]` (f32, any layout) and the rows' document
+/// ids as f32 `[b, t]` (ones for a batch without documents).
+pub fn forward(
+    [q, k, v]: [Tensor<4>; 3],
+    docs: Tensor<2>,
+    scale: f32,
+    window: Option<usize>,
+) -> (Tensor<4>, Tensor<4>) {
+    let window = window_of(window, q.dims()[2]);
+    let (out, lse) = Dispatch::flash_forward(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        docs.into_dispatch(),
+        scale,
+        window,
+    );
+    (Tensor::from_dispatch(out), Tensor::from_dispatch(lse))
+}
+
+/// The gradients of q, k and v (k's and v's per key/value head) given the output's, from
+/// what [`forward`] took and returned.
+pub fn backward(
+    [q, k, v]: [Tensor<4>; 3],
+    (out, lse): (Tensor<4>, Tensor<4>),
+    d_out: Tensor<4>,
+    docs: Tensor<2>,
+    scale: f32,
+    window: Option<usize>,
+) -> [Tensor<4>; 3] {
+    let [b, hk, t, hd] = k.dims();
+    let window = window_of(window, t);
+    let delta = (d_out.clone() * out).sum_dim(3);
+    let stats = Tensor::cat(vec![lse, delta], 3);
+    let (dq, dkv) = Dispatch::flash_backward(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        d_out.into_dispatch(),
+        stats.into_dispatch(),
+        docs.into_dispatch(),
+        scale,
+        window,
+    );
+    let dkv: Tensor<4> = Tensor::from_dispatch(dkv);
+    let dk = dkv.clone().slice([0..b, 0..hk, 0..t, 0..hd]);
+    let dv = dkv.slice([0..b, 0..hk, 0..t, hd..2 * hd]);
+    [Tensor::from_dispatch(dq), dk, dv]
+}
