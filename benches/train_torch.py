@@ -6,6 +6,9 @@ projections. Run by hand where torch, transformers and peft are installed:
     python3 benches/train_torch.py [--threads 2] [--d 256 --layers 4 --heads 8 --seq 256 --batch 8]
 
 Prints one JSON line per mode (tokens_per_s, median step seconds, peak RSS MiB).
+`--attention ROWS,HEADS,T,HEAD_DIM` instead times one layer's causal attention by
+`scaled_dot_product_attention` (forward, and forward + backward), the reference for
+`cargo bench --bench train -- --attention ...`.
 """
 import argparse
 import json
@@ -37,6 +40,8 @@ p.add_argument("--optimizer", default="adamw", choices=["adamw", "lion"],
                help="AdamW (torch.optim), or LionW as flow's (the 7B shape's, below)")
 p.add_argument("--bf16-state", action="store_true",
                help="LionW's moment stored in bf16, updated in f32 (flow's optimizer_state)")
+p.add_argument("--attention", default=None, metavar="ROWS,HEADS,T,HEAD_DIM",
+               help="time one layer's causal SDPA in --precision instead of training")
 p.add_argument("--config", default=None, help="small, wide, large or 7b: the configs of stages/benches/train.rs")
 a = p.parse_args()
 if a.config == "small":
@@ -77,6 +82,38 @@ class LionW(torch.optim.Optimizer):
 torch.set_num_threads(a.threads)
 dev = torch.device(a.device)
 torch.manual_seed(0)
+
+
+def median_seconds(f):
+    """Median of 5 runs after 3 warm-ups, as stages/benches/train.rs's."""
+    times = []
+    for i in range(8):
+        t0 = time.perf_counter()
+        f()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+if a.attention:
+    rows, heads, t, hd = map(int, a.attention.split(","))
+    dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[a.precision]
+    q, k, v, d_out = (torch.randn(rows, heads, t, hd, device=dev, dtype=dtype) for _ in range(4))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    with torch.no_grad():
+        fwd = median_seconds(lambda: sdpa(q, k, v, is_causal=True))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    both = median_seconds(lambda: torch.autograd.grad(sdpa(*leaves, is_causal=True), leaves, d_out))
+    flops = 2.0 * rows * heads * t * t * hd  # causal, FlashAttention's count; backward 2.5x
+    print(json.dumps({"impl": "pytorch", "bench": "attention", "device": a.device, "rows": rows,
+                      "heads": heads, "t": t, "head_dim": hd, "precision": a.precision,
+                      "sdpa_forward_s": round(fwd, 6), "sdpa_forward_backward_s": round(both, 6),
+                      "sdpa_forward_tflops": round(flops / fwd / 1e12, 3),
+                      "sdpa_forward_backward_tflops": round(3.5 * flops / both / 1e12, 3),
+                      "torch": torch.__version__}))
+    raise SystemExit
 
 cfg = transformers.LlamaConfig(
     vocab_size=a.vocab, hidden_size=a.d, intermediate_size=a.ff, num_hidden_layers=a.layers,

@@ -11,6 +11,9 @@
 #            finetuning with LionW and the moment in bf16 (66 GiB counted: must stay under
 #            80 GB), LoRA r=256; PyTorch's full finetuning with the same checkpointing,
 #            optimizer and moment type (benches/train_torch.py's LionW)
+#   attention  one layer of the 7B shape's attention (seq 4096, 32 heads of 128): flow's fused
+#            kernels (what the checkpointed 7B rows attend with) and materialized scores,
+#            forward and backward, beside PyTorch's SDPA in f32 and bf16
 #   eval     flow's device decoder beside transformers `generate` and forward scoring
 #   parity   the device's optimizer against the CPU engine's after 7 AdamW steps, f32 and
 #            bf16 moments
@@ -26,7 +29,7 @@
 set -u
 budget=${1:-540}
 shift || true
-sections=${*:-cuda 7b eval parity wgpu smoke}
+sections=${*:-cuda 7b attention eval parity wgpu smoke}
 start=$SECONDS
 out=${OUT:-/tmp/gpu-bench}
 mkdir -p "$out"
@@ -99,6 +102,12 @@ if has 7b && [ $cuda = 1 ]; then
   flow_train 240 7b full --device cuda --precision bf16 --checkpointing --bf16-state
   torch_train 240 --config 7b --modes full --precision bf16 --checkpointing --optimizer lion --bf16-state
   flow_train 180 7b lora256 --device cuda --precision bf16 --checkpointing
+fi
+if has attention && [ $cuda = 1 ]; then
+  step 120 .devbin/train-bench --attention 1,32,4096,128 --device cuda
+  for prec in f32 bf16; do
+    torch_train 60 --attention 1,32,4096,128 --precision $prec
+  done
 fi
 if has eval && [ -x .devbin/generate-bench ]; then
   shape=4096,4,32,32,11008,32000 # the 7B's layers, 4 of them

@@ -7,7 +7,8 @@
 //! bf16) a burn device's compute type, `-- --checkpointing` activation checkpointing there,
 //! `-- --bf16-state` the optimizer's moments stored in bf16, `-- --compare` the CPU engine
 //! beside it as the reference (the largest weight difference); `-- --one CONFIG MODE` is the
-//! per-process worker.
+//! per-process worker. `-- --attention ROWS,HEADS,T,HEAD_DIM` times one layer's attention
+//! (fused kernels against materialized scores), `-- --lora-linear D TOKENS` one LoRA Linear.
 use std::process::Command;
 use std::time::Instant;
 
@@ -222,6 +223,91 @@ fn one(config: &str, mode: &str, device: &str, threads: usize, options: &Options
     );
 }
 
+/// Median seconds of 5 runs of `f` after 3 warm-ups (kernel compilation, autotune); `f`
+/// ends by reading a scalar, which waits for the device.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn median_seconds(f: &dyn Fn() -> f32) -> f64 {
+    let mut t = Vec::new();
+    for i in 0..8 {
+        let t0 = Instant::now();
+        let _ = f();
+        if i >= 3 {
+            t.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    t[t.len() / 2]
+}
+
+/// flow's fused attention kernels (`gpu/flash.rs`, what recomputed blocks attend with)
+/// against attention by burn's tensor ops as flow's plain forward pass has it (`t x t`
+/// scores materialized, burn's tuned matmuls, autodiff's backward): median seconds of the
+/// forward pass and of forward + backward of one layer's causal attention over `rows` x
+/// `heads` sequences of `t` x `head_dim`, in f32, on a burn device, and the throughput that
+/// gives in causal FLOPs (FlashAttention's count: `2 rows heads t^2 head_dim` forward, 2.5x
+/// that backward). PyTorch's SDPA on the same shape: `benches/train_torch.py --attention`.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn attention(device: &str, [rows, heads, t, hd]: [usize; 4]) {
+    use burn::tensor::activation::softmax;
+    use burn::tensor::{Distribution, Tensor};
+    use flow_stages::gpu::{flash, llama};
+    let Choice::Burn(dev, what) = select(device).expect("a burn device") else {
+        panic!("--attention needs a burn device (wgpu, cuda)");
+    };
+    let plain = dev.clone().without_autodiff();
+    let random = || Tensor::<4>::random([rows, heads, t, hd], Distribution::Default, &plain);
+    let (q, k, v, d_out) = (random(), random(), random(), random());
+    let docs = Tensor::<2>::ones([rows, t], &plain);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let sum = |x: Tensor<4>| llama::total(x).into_scalar::<f32>();
+    let fused_forward =
+        || flash::forward([q.clone(), k.clone(), v.clone()], docs.clone(), scale, None);
+    let fused_fwd = median_seconds(&|| sum(fused_forward().0));
+    let fused_both = median_seconds(&|| {
+        let at = fused_forward();
+        let [dq, dk, dv] = flash::backward(
+            [q.clone(), k.clone(), v.clone()],
+            at,
+            d_out.clone(),
+            docs.clone(),
+            scale,
+            None,
+        );
+        sum(dq) + sum(dk) + sum(dv)
+    });
+    let allowed = llama::attention_mask(rows, t, None, None, &dev);
+    let materialized = |[q, k, v]: [Tensor<4>; 3]| {
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+        softmax(scores.mask_fill(allowed.clone().bool_not(), -1e9), 3).matmul(v)
+    };
+    let on_dev = |x: &Tensor<4>| x.clone().autodiff();
+    let mat_fwd = median_seconds(&|| sum(materialized([on_dev(&q), on_dev(&k), on_dev(&v)])));
+    let mat_both = median_seconds(&|| {
+        let leaves = [&q, &k, &v].map(|x| on_dev(x).require_grad());
+        let out = materialized(leaves.clone());
+        let g = llama::total(out * on_dev(&d_out)).backward();
+        leaves
+            .iter()
+            .map(|x| sum(x.grad(&g).expect("attention depends on q, k and v")))
+            .sum()
+    });
+    let flops = 2.0 * (rows * heads * t * t * hd) as f64;
+    let tflops = |flops: f64, s: f64| flops / s / 1e12;
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "attention", "device": what, "rows": rows, "heads": heads, "t": t,
+            "head_dim": hd, "precision": "f32",
+            "fused_forward_s": fused_fwd, "fused_forward_backward_s": fused_both,
+            "materialized_forward_s": mat_fwd, "materialized_forward_backward_s": mat_both,
+            "fused_forward_tflops": tflops(flops, fused_fwd),
+            "fused_forward_backward_tflops": tflops(3.5 * flops, fused_both),
+            "materialized_forward_tflops": tflops(flops, mat_fwd),
+            "materialized_forward_backward_tflops": tflops(3.5 * flops, mat_both),
+        })
+    );
+}
+
 /// burn's `apply_lora` (the adapted weight composed densely, `W + s A B`, every forward)
 /// against the unfused form flow's burn trainer uses (`x W + s (x A) B`): forward+backward
 /// time of one d x d Linear over `tokens` rows, on a burn device.
@@ -241,25 +327,13 @@ fn lora_linear(device: &str, d: usize, tokens: usize, rank: usize) {
     let w = Tensor::<2>::random([d, d], Distribution::Default, &dev);
     let a = Tensor::<2>::random([d, rank], Distribution::Default, &dev).require_grad();
     let b = Tensor::<2>::random([rank, d], Distribution::Default, &dev).require_grad();
-    let time = |f: &dyn Fn() -> f32| {
-        let mut t = Vec::new();
-        for i in 0..8 {
-            let t0 = Instant::now();
-            let _ = f(); // reading the scalar waits for the device
-            if i >= 3 {
-                t.push(t0.elapsed().as_secs_f64());
-            }
-        }
-        t.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        t[t.len() / 2]
-    };
-    let t_fused = time(&|| {
+    let t_fused = median_seconds(&|| {
         let y = fused.forward(x.clone());
         let g = y.clone().sum().backward();
         let _ = g;
         y.sum().into_scalar::<f32>()
     });
-    let t_unfused = time(&|| {
+    let t_unfused = median_seconds(&|| {
         let y = x.clone().matmul(w.clone())
             + x.clone()
                 .matmul(a.clone())
@@ -310,6 +384,18 @@ fn main() {
         let d: usize = args[i + 1].parse().unwrap();
         let tokens: usize = args[i + 2].parse().unwrap();
         lora_linear(&device, d, tokens, 16);
+        return;
+    }
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    if let Some(i) = args.iter().position(|a| a == "--attention") {
+        let dims = args[i + 1]
+            .split(',')
+            .map(|x| x.parse().expect("--attention ROWS,HEADS,T,HEAD_DIM"))
+            .collect::<Vec<usize>>();
+        attention(
+            &device,
+            dims.try_into().expect("--attention ROWS,HEADS,T,HEAD_DIM"),
+        );
         return;
     }
     if let Some(i) = args.iter().position(|a| a == "--one") {

@@ -689,7 +689,8 @@ fn documents(rows: usize, t: usize, cut: usize, pad: usize) -> Vec<u16> {
 /// backward) against the CPU engine's attention, which matches transformers
 /// (tests/llama_parity.rs): output and the gradients of q, k and v agree to f32 rounding,
 /// with grouped key/value heads read in place, documents with padding, a sliding window,
-/// strided inputs (the trainer's layout) and lengths that are no multiple of anything.
+/// strided inputs (the trainer's layout), lengths that are no multiple of anything, and
+/// sequences longer than a cube's block of rows.
 #[test]
 fn fused_attention_equals_the_cpu_engines() {
     let device = burn_device().without_autodiff();
@@ -723,6 +724,17 @@ fn fused_attention_equals_the_cpu_engines() {
             head_dim: 64,
             docs: Some(documents(1, 150, 61, 0)),
             window: None,
+        },
+        // Several cubes of queries and keys (the kernels take 64 a cube and tiles of 32 keys
+        // at this head size), a window that starts them past the first key, grouped heads.
+        Case {
+            rows: 2,
+            t: 230,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 32,
+            docs: Some(documents(2, 230, 140, 9)),
+            window: Some(50),
         },
     ];
     for case in &cases {

@@ -14,9 +14,11 @@
 //! viewed as `[rows, heads, t, head_dim]`), in f32 whatever the compute type.
 //!
 //! One unit works one row (a query, or a key in the key/value pass) with its head's
-//! vectors in registers and the others read as it goes; it is a memory-linear fused kernel,
-//! not tensor-core tiles (BENCHMARKS.md, "Fused attention kernels", says what was measured
-//! where). They run through burn's backend extension (`#[backend_extension]`): under
+//! vectors in registers; a cube of 64 such rows reads the rows they all go over (keys and
+//! values, or queries and their output gradients) through shared memory, a tile at a time,
+//! so each is read from device memory once per cube, not once per row. It is a
+//! memory-linear fused kernel, not tensor-core tiles (BENCHMARKS.md, "Fused attention
+//! kernels", says what was measured where). They run through burn's backend extension (`#[backend_extension]`): under
 //! fusion they are one opaque operation in the stream, like a matmul.
 
 use burn::backend::fusion::custom::TensorSpec;
@@ -43,8 +45,88 @@ mod kernels {
         i - j < window && (i == j || (doc_i != 0.0 && doc_i == doc_j))
     }
 
-    /// One query row per unit: `out = softmax(q k^T * scale) v` over the keys it sees, in one
-    /// pass with a running maximum (flash attention), and `lse = max + ln(sum)`.
+    /// The head (`batch row * heads + head`) whose rows this cube works, `CUBE_DIM` rows of
+    /// `t` a cube; past the last head for the cubes that round the grid up.
+    #[cube]
+    fn cube_head(t: usize) -> usize {
+        CUBE_POS / t.div_ceil(CUBE_DIM as usize)
+    }
+
+    /// The first of the rows this cube works.
+    #[cube]
+    fn cube_first(t: usize) -> usize {
+        (CUBE_POS % t.div_ceil(CUBE_DIM as usize)) * CUBE_DIM as usize
+    }
+
+    /// The earliest key a query at `first` or later sees: `window - 1` positions back.
+    #[cube]
+    fn window_start(first: usize, window: usize) -> usize {
+        let mut start = 0;
+        if first >= window {
+            start = first + 1 - window;
+        }
+        start
+    }
+
+    /// The smaller of `a` and `b`.
+    #[cube]
+    fn least(a: usize, b: usize) -> usize {
+        let mut m = a;
+        if b < a {
+            m = b;
+        }
+        m
+    }
+
+    /// Copies `rows` consecutive rows from row `first` of one head of `x` (`[b, heads, t,
+    /// head_dim]`, any strides; the head starts at `base`) into `tile`, row-major; rows past `t` are left as they are (no
+    /// unit reads them). Every
+    /// unit of the cube takes part, one element in `CUBE_DIM`, so neighbouring units read
+    /// neighbouring elements.
+    #[cube]
+    fn load_rows(
+        x: &Tensor<f32>,
+        base: usize,
+        first: usize,
+        t: usize,
+        tile: &mut Shared<[f32]>,
+        #[comptime] rows: usize,
+        #[comptime] head_dim: usize,
+    ) {
+        let mut e = UNIT_POS as usize;
+        while e < rows * head_dim {
+            let r = e / head_dim;
+            if first + r < t {
+                tile[e] = x[base + (first + r) * x.stride(2) + (e % head_dim) * x.stride(3)];
+            }
+            e += CUBE_DIM as usize;
+        }
+    }
+
+    /// Copies `rows` document ids from position `first` of batch row `b` into `tile`.
+    #[cube]
+    fn load_docs(
+        docs: &Tensor<f32>,
+        b: usize,
+        first: usize,
+        t: usize,
+        tile: &mut Shared<[f32]>,
+        #[comptime] rows: usize,
+    ) {
+        let mut r = UNIT_POS as usize;
+        while r < rows {
+            if first + r < t {
+                tile[r] = docs[b * docs.stride(0) + (first + r) * docs.stride(1)];
+            }
+            r += CUBE_DIM as usize;
+        }
+    }
+
+    /// `CUBE_DIM` consecutive queries of one head per cube, one query per unit: `out =
+    /// softmax(q k^T * scale) v` over the keys it sees, in one pass with a running maximum
+    /// (flash attention), and `lse = max + ln(sum)`. Keys, values and their document ids
+    /// come through shared memory, `tile` keys at a time, read from device memory once per
+    /// cube instead of once per query.
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
     pub fn forward_kernel(
@@ -57,65 +139,94 @@ mod kernels {
         scale: f32,
         window: u32,
         #[comptime] head_dim: usize,
+        #[comptime] tile: usize,
     ) {
         let heads = q.shape(1);
         let t = q.shape(2);
-        if ABSOLUTE_POS >= q.shape(0) * heads * t {
+        let row = cube_head(t);
+        // Whole cubes past the end (the grid is rounded up): uniform, so no barrier waits.
+        if row >= q.shape(0) * heads {
             terminate!();
         }
-        let i = ABSOLUTE_POS % t;
-        let h = (ABSOLUTE_POS / t) % heads;
-        let b = ABSOLUTE_POS / (t * heads);
+        let first = cube_first(t);
+        let i = first + UNIT_POS as usize;
+        let valid = i < t;
+        let h = row % heads;
+        let b = row / heads;
         let kv = h / (heads / k.shape(1));
         let window = window as usize;
-        let q0 = b * q.stride(0) + h * q.stride(1) + i * q.stride(2);
         let k0 = b * k.stride(0) + kv * k.stride(1);
         let v0 = b * v.stride(0) + kv * v.stride(1);
-        let doc_i = docs[b * docs.stride(0) + i * docs.stride(1)];
 
         let mut qi = Array::<f32>::new(head_dim);
         let mut acc = Array::<f32>::new(head_dim);
+        let mut doc_i = f32::new(0.0);
         for d in 0..head_dim {
-            qi[d] = q[q0 + d * q.stride(3)] * scale;
+            qi[d] = 0.0;
             acc[d] = 0.0;
         }
+        if valid {
+            let q0 = b * q.stride(0) + h * q.stride(1) + i * q.stride(2);
+            for d in 0..head_dim {
+                qi[d] = q[q0 + d * q.stride(3)] * scale;
+            }
+            doc_i = docs[b * docs.stride(0) + i * docs.stride(1)];
+        }
+        let mut keys = Shared::<[f32]>::new_slice(tile * head_dim);
+        let mut values = Shared::<[f32]>::new_slice(tile * head_dim);
+        let mut key_docs = Shared::<[f32]>::new_slice(tile);
         // WGSL has no -inf literal (burn's CTC kernel says the same): a floor below any score.
         let mut max = f32::new(-3.0e38);
         let mut sum = f32::new(0.0);
-        for j in 0..i + 1 {
-            let doc_j = docs[b * docs.stride(0) + j * docs.stride(1)];
-            if sees(i, j, window, doc_i, doc_j) {
-                let kj = k0 + j * k.stride(2);
-                let mut s = f32::new(0.0);
-                for d in 0..head_dim {
-                    s += qi[d] * k[kj + d * k.stride(3)];
-                }
-                if s > max {
-                    let rescale = (max - s).exp();
-                    sum *= rescale;
-                    for d in 0..head_dim {
-                        acc[d] *= rescale;
+        // The keys some query of the cube sees: from the first query's window to the last.
+        let mut j0 = window_start(first, window);
+        let end = least(first + CUBE_DIM as usize, t);
+        while j0 < end {
+            load_rows(k, k0, j0, t, &mut keys, tile, head_dim);
+            load_rows(v, v0, j0, t, &mut values, tile, head_dim);
+            load_docs(docs, b, j0, t, &mut key_docs, tile);
+            sync_cube();
+            if valid {
+                for r in 0..tile {
+                    let j = j0 + r;
+                    if j <= i && sees(i, j, window, doc_i, key_docs[r]) {
+                        let mut s = f32::new(0.0);
+                        for d in 0..head_dim {
+                            s += qi[d] * keys[r * head_dim + d];
+                        }
+                        if s > max {
+                            let rescale = (max - s).exp();
+                            sum *= rescale;
+                            for d in 0..head_dim {
+                                acc[d] *= rescale;
+                            }
+                            max = s;
+                        }
+                        let p = (s - max).exp();
+                        sum += p;
+                        for d in 0..head_dim {
+                            acc[d] += p * values[r * head_dim + d];
+                        }
                     }
-                    max = s;
-                }
-                let p = (s - max).exp();
-                sum += p;
-                let vj = v0 + j * v.stride(2);
-                for d in 0..head_dim {
-                    acc[d] += p * v[vj + d * v.stride(3)];
                 }
             }
+            sync_cube();
+            j0 += tile;
         }
-        let o0 = ABSOLUTE_POS * head_dim;
-        for d in 0..head_dim {
-            out[o0 + d] = acc[d] / sum;
+        if valid {
+            let o0 = (row * t + i) * head_dim;
+            for d in 0..head_dim {
+                out[o0 + d] = acc[d] / sum;
+            }
+            lse[row * t + i] = max + sum.ln();
         }
-        lse[ABSOLUTE_POS] = max + sum.ln();
     }
 
-    /// One query row per unit: `dq = scale * sum_j p_ij (dp_ij - delta_i) k_j`, with
-    /// `p_ij = exp(s_ij - lse_i)` recomputed and `dp_ij = d_out_i . v_j`. `stats` holds each
-    /// query's `(lse, delta)`, `delta = rowsum(d_out * out)`.
+    /// `CUBE_DIM` consecutive queries of one head per cube, one query per unit: `dq = scale *
+    /// sum_j p_ij (dp_ij - delta_i) k_j`, with `p_ij = exp(s_ij - lse_i)` recomputed and
+    /// `dp_ij = d_out_i . v_j`. `stats` `[b, h, t, 2]` holds each query's `(lse, delta)`,
+    /// `delta = rowsum(d_out * out)`. Keys and values come through shared memory as in the
+    /// forward kernel.
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
     pub fn dq_kernel(
@@ -129,60 +240,91 @@ mod kernels {
         scale: f32,
         window: u32,
         #[comptime] head_dim: usize,
+        #[comptime] tile: usize,
     ) {
         let heads = q.shape(1);
         let t = q.shape(2);
-        if ABSOLUTE_POS >= q.shape(0) * heads * t {
+        let row = cube_head(t);
+        if row >= q.shape(0) * heads {
             terminate!();
         }
-        let i = ABSOLUTE_POS % t;
-        let h = (ABSOLUTE_POS / t) % heads;
-        let b = ABSOLUTE_POS / (t * heads);
+        let first = cube_first(t);
+        let i = first + UNIT_POS as usize;
+        let valid = i < t;
+        let h = row % heads;
+        let b = row / heads;
         let kv = h / (heads / k.shape(1));
         let window = window as usize;
-        let q0 = b * q.stride(0) + h * q.stride(1) + i * q.stride(2);
-        let o0 = b * d_out.stride(0) + h * d_out.stride(1) + i * d_out.stride(2);
         let k0 = b * k.stride(0) + kv * k.stride(1);
         let v0 = b * v.stride(0) + kv * v.stride(1);
-        let doc_i = docs[b * docs.stride(0) + i * docs.stride(1)];
-        let lse_i = stats[ABSOLUTE_POS * 2];
-        let delta_i = stats[ABSOLUTE_POS * 2 + 1];
 
         let mut qi = Array::<f32>::new(head_dim);
         let mut doi = Array::<f32>::new(head_dim);
         let mut acc = Array::<f32>::new(head_dim);
+        let mut doc_i = f32::new(0.0);
+        let mut lse_i = f32::new(0.0);
+        let mut delta_i = f32::new(0.0);
         for d in 0..head_dim {
-            qi[d] = q[q0 + d * q.stride(3)] * scale;
-            doi[d] = d_out[o0 + d * d_out.stride(3)];
+            qi[d] = 0.0;
+            doi[d] = 0.0;
             acc[d] = 0.0;
         }
-        for j in 0..i + 1 {
-            let doc_j = docs[b * docs.stride(0) + j * docs.stride(1)];
-            if sees(i, j, window, doc_i, doc_j) {
-                let kj = k0 + j * k.stride(2);
-                let vj = v0 + j * v.stride(2);
-                let mut s = f32::new(0.0);
-                let mut dp = f32::new(0.0);
-                for d in 0..head_dim {
-                    s += qi[d] * k[kj + d * k.stride(3)];
-                    dp += doi[d] * v[vj + d * v.stride(3)];
-                }
-                let ds = (s - lse_i).exp() * (dp - delta_i);
-                for d in 0..head_dim {
-                    acc[d] += ds * k[kj + d * k.stride(3)];
+        if valid {
+            let q0 = b * q.stride(0) + h * q.stride(1) + i * q.stride(2);
+            let o0 = b * d_out.stride(0) + h * d_out.stride(1) + i * d_out.stride(2);
+            for d in 0..head_dim {
+                qi[d] = q[q0 + d * q.stride(3)] * scale;
+                doi[d] = d_out[o0 + d * d_out.stride(3)];
+            }
+            doc_i = docs[b * docs.stride(0) + i * docs.stride(1)];
+            let s0 = b * stats.stride(0) + h * stats.stride(1) + i * stats.stride(2);
+            lse_i = stats[s0];
+            delta_i = stats[s0 + stats.stride(3)];
+        }
+        let mut keys = Shared::<[f32]>::new_slice(tile * head_dim);
+        let mut values = Shared::<[f32]>::new_slice(tile * head_dim);
+        let mut key_docs = Shared::<[f32]>::new_slice(tile);
+        let mut j0 = window_start(first, window);
+        let end = least(first + CUBE_DIM as usize, t);
+        while j0 < end {
+            load_rows(k, k0, j0, t, &mut keys, tile, head_dim);
+            load_rows(v, v0, j0, t, &mut values, tile, head_dim);
+            load_docs(docs, b, j0, t, &mut key_docs, tile);
+            sync_cube();
+            if valid {
+                for r in 0..tile {
+                    let j = j0 + r;
+                    if j <= i && sees(i, j, window, doc_i, key_docs[r]) {
+                        let mut s = f32::new(0.0);
+                        let mut dp = f32::new(0.0);
+                        for d in 0..head_dim {
+                            s += qi[d] * keys[r * head_dim + d];
+                            dp += doi[d] * values[r * head_dim + d];
+                        }
+                        let ds = (s - lse_i).exp() * (dp - delta_i);
+                        for d in 0..head_dim {
+                            acc[d] += ds * keys[r * head_dim + d];
+                        }
+                    }
                 }
             }
+            sync_cube();
+            j0 += tile;
         }
-        let out = ABSOLUTE_POS * head_dim;
-        for d in 0..head_dim {
-            dq[out + d] = acc[d] * scale;
+        if valid {
+            let o0 = (row * t + i) * head_dim;
+            for d in 0..head_dim {
+                dq[o0 + d] = acc[d] * scale;
+            }
         }
     }
 
-    /// One key row of one key/value head per unit, over the queries of every query head of its
-    /// group that see it: `dv_j = sum p_ij d_out_i`, `dk_j = scale * sum p_ij (dp_ij - delta_i)
-    /// q_i`, written side by side as `dkv[.., j, ..] = [dk_j, dv_j]` (one output: wgpu allows a
-    /// kernel few storage buffers).
+    /// `CUBE_DIM` consecutive keys of one key/value head per cube, one key per unit, over the
+    /// queries of every query head of its group that see it: `dv_j = sum p_ij d_out_i`,
+    /// `dk_j = scale * sum p_ij (dp_ij - delta_i) q_i`, written side by side as `dkv[.., j,
+    /// ..] = [dk_j, dv_j]` (one output: wgpu allows a kernel few storage buffers). Queries,
+    /// their output gradients, stats and document ids come through shared memory, `tile`
+    /// queries at a time.
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
     pub fn dkv_kernel(
@@ -196,61 +338,92 @@ mod kernels {
         scale: f32,
         window: u32,
         #[comptime] head_dim: usize,
+        #[comptime] tile: usize,
     ) {
         let heads = q.shape(1);
         let kv_heads = k.shape(1);
         let t = k.shape(2);
-        if ABSOLUTE_POS >= k.shape(0) * kv_heads * t {
+        let row = cube_head(t);
+        if row >= k.shape(0) * kv_heads {
             terminate!();
         }
-        let j = ABSOLUTE_POS % t;
-        let kv = (ABSOLUTE_POS / t) % kv_heads;
-        let b = ABSOLUTE_POS / (t * kv_heads);
+        let first = cube_first(t);
+        let j = first + UNIT_POS as usize;
+        let valid = j < t;
+        let kv = row % kv_heads;
+        let b = row / kv_heads;
         let group = heads / kv_heads;
         let window = window as usize;
-        let kj = b * k.stride(0) + kv * k.stride(1) + j * k.stride(2);
-        let vj = b * v.stride(0) + kv * v.stride(1) + j * v.stride(2);
-        let doc_j = docs[b * docs.stride(0) + j * docs.stride(1)];
 
         let mut kr = Array::<f32>::new(head_dim);
         let mut vr = Array::<f32>::new(head_dim);
         let mut dk = Array::<f32>::new(head_dim);
         let mut dv = Array::<f32>::new(head_dim);
+        let mut doc_j = f32::new(0.0);
         for d in 0..head_dim {
-            kr[d] = k[kj + d * k.stride(3)] * scale;
-            vr[d] = v[vj + d * v.stride(3)];
+            kr[d] = 0.0;
+            vr[d] = 0.0;
             dk[d] = 0.0;
             dv[d] = 0.0;
         }
+        if valid {
+            let kj = b * k.stride(0) + kv * k.stride(1) + j * k.stride(2);
+            let vj = b * v.stride(0) + kv * v.stride(1) + j * v.stride(2);
+            for d in 0..head_dim {
+                kr[d] = k[kj + d * k.stride(3)] * scale;
+                vr[d] = v[vj + d * v.stride(3)];
+            }
+            doc_j = docs[b * docs.stride(0) + j * docs.stride(1)];
+        }
+        let mut queries = Shared::<[f32]>::new_slice(tile * head_dim);
+        let mut grads = Shared::<[f32]>::new_slice(tile * head_dim);
+        let mut query_stats = Shared::<[f32]>::new_slice(tile * 2);
+        let mut query_docs = Shared::<[f32]>::new_slice(tile);
+        // The queries that see some key of the cube: from its first key to the last key's
+        // window.
+        let last = least(first + CUBE_DIM as usize, t);
+        let end = least(last - 1 + window, t);
         for g in 0..group {
             let h = kv * group + g;
             let q0 = b * q.stride(0) + h * q.stride(1);
             let o0 = b * d_out.stride(0) + h * d_out.stride(1);
-            let s0 = (b * heads + h) * t * 2;
-            for i in j..t {
-                let doc_i = docs[b * docs.stride(0) + i * docs.stride(1)];
-                if sees(i, j, window, doc_i, doc_j) {
-                    let qi = q0 + i * q.stride(2);
-                    let oi = o0 + i * d_out.stride(2);
-                    let mut s = f32::new(0.0);
-                    let mut dp = f32::new(0.0);
-                    for d in 0..head_dim {
-                        s += q[qi + d * q.stride(3)] * kr[d];
-                        dp += d_out[oi + d * d_out.stride(3)] * vr[d];
-                    }
-                    let p = (s - stats[s0 + i * 2]).exp();
-                    let ds = p * (dp - stats[s0 + i * 2 + 1]);
-                    for d in 0..head_dim {
-                        dv[d] += p * d_out[oi + d * d_out.stride(3)];
-                        dk[d] += ds * q[qi + d * q.stride(3)];
+            let s0 = b * stats.stride(0) + h * stats.stride(1);
+            let mut i0 = first;
+            while i0 < end {
+                load_rows(q, q0, i0, t, &mut queries, tile, head_dim);
+                load_rows(d_out, o0, i0, t, &mut grads, tile, head_dim);
+                load_rows(stats, s0, i0, t, &mut query_stats, tile, 2usize);
+                load_docs(docs, b, i0, t, &mut query_docs, tile);
+                sync_cube();
+                if valid {
+                    for r in 0..tile {
+                        let i = i0 + r;
+                        if j <= i && i < t && sees(i, j, window, query_docs[r], doc_j) {
+                            let mut s = f32::new(0.0);
+                            let mut dp = f32::new(0.0);
+                            for d in 0..head_dim {
+                                s += queries[r * head_dim + d] * kr[d];
+                                dp += grads[r * head_dim + d] * vr[d];
+                            }
+                            let p = (s - query_stats[r * 2]).exp();
+                            let ds = p * (dp - query_stats[r * 2 + 1]);
+                            for d in 0..head_dim {
+                                dv[d] += p * grads[r * head_dim + d];
+                                dk[d] += ds * queries[r * head_dim + d];
+                            }
+                        }
                     }
                 }
+                sync_cube();
+                i0 += tile;
             }
         }
-        let out = ABSOLUTE_POS * head_dim * 2;
-        for d in 0..head_dim {
-            dkv[out + d] = dk[d] * scale;
-            dkv[out + head_dim + d] = dv[d];
+        if valid {
+            let o0 = (row * t + j) * head_dim * 2;
+            for d in 0..head_dim {
+                dkv[o0 + d] = dk[d] * scale;
+                dkv[o0 + head_dim + d] = dv[d];
+            }
         }
     }
 }
@@ -321,10 +494,21 @@ fn empty_like(like: &CubeTensor, shape: Shape) -> CubeTensor {
     empty_device_dtype(like.client.clone(), like.device.clone(), shape, DType::F32)
 }
 
-/// The launch grid for one unit per row.
-fn grid(like: &CubeTensor, rows: usize) -> (CubeCount, CubeDim) {
-    let dim = CubeDim::new(&like.client, rows);
-    (calculate_cube_count_elemwise(&like.client, rows, dim), dim)
+/// Units (queries or keys) per cube: a cube shares each tile of rows it reads among them.
+const BLOCK: usize = 64;
+
+/// Rows (keys, or queries in the key/value pass) per shared-memory tile: a kernel's two
+/// tiles of `head_dim` f32 take 12 KiB, its few floats a row beside them less than 1 KiB
+/// more, within the 16 KiB of workgroup memory every wgpu device has.
+fn tile_rows(head_dim: usize) -> usize {
+    (12 * 1024 / (2 * 4 * head_dim)).clamp(1, BLOCK)
+}
+
+/// The launch grid: one cube per [`BLOCK`] rows of each of `heads` heads of `t` rows.
+fn grid(like: &CubeTensor, heads: usize, t: usize) -> (CubeCount, CubeDim) {
+    let dim = CubeDim::new_1d(BLOCK as u32);
+    let units = heads * t.div_ceil(BLOCK) * BLOCK;
+    (calculate_cube_count_elemwise(&like.client, units, dim), dim)
 }
 
 impl FlashAttention for CubeBackend {
@@ -339,7 +523,7 @@ impl FlashAttention for CubeBackend {
         let [b, h, t, hd] = q.meta.shape.dims();
         let out = empty_like(&q, Shape::new([b, h, t, hd]));
         let lse = empty_like(&q, Shape::new([b, h, t, 1]));
-        let (count, dim) = grid(&q, b * h * t);
+        let (count, dim) = grid(&q, b * h, t);
         forward_kernel::launch(
             &q.client.clone(),
             count,
@@ -353,6 +537,7 @@ impl FlashAttention for CubeBackend {
             scale,
             window,
             hd,
+            tile_rows(hd),
         );
         (out, lse)
     }
@@ -372,7 +557,7 @@ impl FlashAttention for CubeBackend {
         let client = q.client.clone();
         let dq = empty_like(&q, Shape::new([b, h, t, hd]));
         let dkv = empty_like(&q, Shape::new([b, kv_heads, t, 2 * hd]));
-        let (count, dim) = grid(&q, b * h * t);
+        let (count, dim) = grid(&q, b * h, t);
         dq_kernel::launch(
             &client,
             count,
@@ -387,8 +572,9 @@ impl FlashAttention for CubeBackend {
             scale,
             window,
             hd,
+            tile_rows(hd),
         );
-        let (count, dim) = grid(&q, b * kv_heads * t);
+        let (count, dim) = grid(&q, b * kv_heads, t);
         dkv_kernel::launch(
             &client,
             count,
@@ -403,6 +589,7 @@ impl FlashAttention for CubeBackend {
             scale,
             window,
             hd,
+            tile_rows(hd),
         );
         (dq, dkv)
     }

@@ -303,10 +303,11 @@ impl BurnTrainer {
             }
         };
         let mut inputs: Vec<Tensor<2>> = Vec::with_capacity(layers);
+        let inp = inputs_on(&plain);
+        // The rows' document ids, for both passes (the forward and the recomputing one).
+        let docs = self.document_ids(&inp, &plain);
         let last = {
             let model = self.model(&self.base, &self.lora, &plain);
-            let inp = inputs_on(&plain);
-            let docs = self.document_ids(&inp, &plain);
             let mut x = model.embed_inputs(&inp);
             for l in 0..layers {
                 inputs.push(x.clone());
@@ -324,7 +325,6 @@ impl BurnTrainer {
         let (base, lora) = self.leaves(true);
         let model = self.model(&base, &lora, &self.device);
         let inp = inputs_on(&self.device);
-        let docs = self.document_ids(&inp, &plain);
         let mut ends = vec![None; self.trainable().len()];
         let x = last.autodiff().require_grad();
         let loss = model.head_loss(x.clone(), &inp);
