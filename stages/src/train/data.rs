@@ -2,8 +2,10 @@
 //! the step, so a resumed run reads exactly what an uninterrupted one would), and the
 //! conversion of rows into next-token targets.
 
+use std::path::Path;
+
 use crate::cpu::llama::Batch;
-use crate::data::pack::{PackedRow, RowReader};
+use crate::data::pack::{Packed, PackedRow, RowReader};
 use crate::data::rng::Rng;
 use crate::kind::StageError;
 
@@ -104,6 +106,49 @@ pub fn read_rows(
     (0..count as u64)
         .map(|j| reader.row(order.row(first_sample + j)))
         .collect()
+}
+
+/// The first `rows` rows of the `heldout` input (`dir`), when there is one.
+pub fn heldout_rows(dir: Option<&Path>, rows: usize) -> Result<Option<Vec<PackedRow>>, StageError> {
+    let Some(dir) = dir else {
+        return Ok(None);
+    };
+    let packed = Packed::open(dir)?;
+    let reader = packed.reader()?;
+    let n = rows.min(reader.rows);
+    let rows = (0..n).map(|i| reader.row(i)).collect::<Result<_, _>>()?;
+    Ok(Some(rows))
+}
+
+/// A step's rows as micro-batches of `micro` rows, and the targets they hold in all. A token
+/// id outside the model's vocabulary (`max_id`), or a step without a target, is an error.
+pub fn step_batches(
+    rows: &[PackedRow],
+    micro: usize,
+    attention: Attention,
+    max_id: usize,
+    data_dir: &Path,
+    step: u64,
+) -> Result<(Vec<Batch>, usize), StageError> {
+    if let Some(bad_id) = rows
+        .iter()
+        .flat_map(|r| &r.ids)
+        .find(|&&id| id as usize >= max_id)
+    {
+        return Err(StageError::Failed(format!(
+            "token id {bad_id} in {} is outside the model's vocabulary ({max_id})",
+            data_dir.display()
+        )));
+    }
+    let batches: Vec<Batch> = rows.chunks(micro).map(|c| batch(c, attention)).collect();
+    let targets: usize = batches.iter().map(|b| b.target_count()).sum();
+    if targets == 0 {
+        return Err(StageError::Failed(format!(
+            "step {}: the batch has no training targets (all masked)",
+            step + 1
+        )));
+    }
+    Ok((batches, targets))
 }
 
 #[cfg(test)]

@@ -22,9 +22,9 @@ use super::optim::{Optimizer, Rule, StateType};
 use super::schedule::{Schedule, cooldown_start, steps_or_fraction};
 use super::tensorboard::{self, CurveRow, LiveWriter};
 use super::trainer::Trainer;
-use crate::cpu::llama::Dropouts;
+use crate::cpu::llama::{Batch, Dropouts};
 use crate::cpu::lora::{Adapters, LoraInit, LoraSpec};
-use crate::data::pack::Packed;
+use crate::data::pack::{Packed, PackedRow};
 use crate::data::rng::Rng;
 use crate::gpu::device::{self, Choice, gib};
 use crate::gpu::precision::{self, Precision};
@@ -289,25 +289,7 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
         lr: super::hparams::learning_rate(ctx, p.lr_given)?,
         ..p
     };
-    if p.lr <= 0.0 || !p.lr.is_finite() {
-        return Err(bad(format!("lr must be positive (got {})", p.lr)));
-    }
-    for (name, v) in [
-        ("attention_dropout", p.attention_dropout),
-        ("hidden_dropout", p.hidden_dropout),
-    ] {
-        if !(0.0..1.0).contains(&v) {
-            return Err(bad(format!("{name} must be in [0, 1) (got {v})")));
-        }
-    }
-    let global = p.global_batch;
-    let micro = p.micro_batch.unwrap_or(global);
-    if global < 1 || micro < 1 || global % micro != 0 {
-        return Err(bad(format!(
-            "global_batch ({global}) must be a positive multiple of micro_batch ({micro})"
-        )));
-    }
-    let (global, micro) = (global as usize, micro as usize);
+    let (global, micro) = check_numbers(&p)?;
     // The device, and whether it computes in the asked type, before anything loads.
     let precision = Precision::parse(&p.precision)?;
     let choice = device::select(ctx.device)?;
@@ -413,16 +395,7 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
         cooldown_from,
         &mut log,
     )?;
-    let heldout = match input_dir(ctx, "heldout") {
-        Some(d) => {
-            let hp = Packed::open(d)?;
-            let r = hp.reader()?;
-            let n = (p.eval_rows.max(1) as usize).min(r.rows);
-            let rows: Vec<_> = (0..n).map(|i| r.row(i)).collect::<Result<_, _>>()?;
-            Some(rows)
-        }
-        None => None,
-    };
+    let heldout = data::heldout_rows(input_dir(ctx, "heldout"), p.eval_rows.max(1) as usize)?;
     log.line(&format!(
         "training {} ({} params{}) for {}: {global} rows x {seq_len} tokens per step, micro-batch {micro}, {threads} threads, device {device_name}, precision {}, optimizer state {}",
         if lora { "LoRA" } else { "all weights" },
@@ -437,37 +410,14 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
     ));
     ctx.progress.set_length(stop);
     ctx.progress.set_position(state.step);
-    // Live curves are for watching: a failure to write them is logged, never fatal.
-    let mut live = ctx
-        .live_logs
-        .and_then(|dir| match LiveWriter::create(dir, state.step + 1) {
-            Ok(w) => {
-                log.line(&format!("live TensorBoard events: {}", w.path().display()));
-                Some(w)
-            }
-            Err(e) => {
-                log.line(&format!(
-                    "live TensorBoard events off: {}: {e}",
-                    dir.display()
-                ));
-                None
-            }
-        });
+    let mut live = live_writer(ctx, state.step + 1, &mut log);
 
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
         .map_err(|e| StageError::Failed(format!("starting {threads} threads: {e}")))?;
-    let eval = |trainer: &dyn Trainer, rows: &[crate::data::pack::PackedRow]| -> f64 {
-        let (mut sum, mut n) = (0.0, 0usize);
-        for chunk in rows.chunks(micro) {
-            let b = data::batch(chunk, attention);
-            let (s, k) = trainer.eval(&b);
-            sum += s;
-            n += k;
-        }
-        sum / n.max(1) as f64
-    };
+    let eval =
+        |trainer: &dyn Trainer, rows: &[PackedRow]| mean_loss(trainer, rows, micro, attention);
     let mut order = Order::new(reader.rows, rng.fork("order").next_u64());
     let clock = Instant::now();
     let start_step = state.step;
@@ -478,31 +428,8 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
             let step_clock = Instant::now();
             let lr = schedule.lr(p.lr, step, steps);
             let rows = data::read_rows(&reader, &mut order, step * global as u64, global)?;
-            if let Some(bad_id) = rows.iter().flat_map(|r| &r.ids).find(|&&id| id as usize >= max_id) {
-                return Err(StageError::Failed(format!(
-                    "token id {bad_id} in {} is outside the model's vocabulary ({max_id})",
-                    data_dir.display()
-                )));
-            }
-            let batches: Vec<_> = rows.chunks(micro).map(|c| data::batch(c, attention)).collect();
-            let targets: usize = batches.iter().map(|b| b.target_count()).sum();
-            if targets == 0 {
-                return Err(StageError::Failed(format!("step {}: the batch has no training targets (all masked)", step + 1)));
-            }
-            let scale = 1.0 / targets as f32;
-            let mut loss_sum = 0.0;
-            for (k, b) in batches.iter().enumerate() {
-                let drop = Dropouts {
-                    attention: p.attention_dropout as f32,
-                    hidden: p.hidden_dropout as f32,
-                    lora: trainer.lora_dropout(),
-                    seed: rng.fork(&format!("dropout-{step}-{k}")).next_u64(),
-                };
-                let any = drop.attention > 0.0 || drop.hidden > 0.0 || drop.lora > 0.0;
-                let (s, _) = trainer.accumulate(b, scale, any.then_some(drop));
-                loss_sum += s;
-            }
-            let loss = loss_sum / targets as f64;
+            let (batches, targets) = data::step_batches(&rows, micro, attention, max_id, data_dir, step)?;
+            let loss = accumulate_step(trainer.as_mut(), &batches, targets, &p, &rng, step);
             if !loss.is_finite() {
                 return Err(StageError::Failed(format!(
                     "the loss is {loss} at step {} (lr {lr:.3e}); checkpoints up to step {} are kept in {}",
@@ -647,6 +574,88 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
 /// Where training starts: the stage's own newest usable scratch checkpoint (damaged ones
 /// skipped, and said so in the log), else with `fingerprint` (a trunk or a `resume` run)
 /// the trunk's checkpoint at the cooldown, else step 0. Restores the trainer to it.
+/// The numbers a stage's kind cannot check by type: a positive learning rate, dropouts in
+/// [0, 1), a global batch that the micro-batch divides. Returns (global, micro) batch rows.
+fn check_numbers(p: &TrainParams) -> Result<(usize, usize), StageError> {
+    if p.lr <= 0.0 || !p.lr.is_finite() {
+        return Err(bad(format!("lr must be positive (got {})", p.lr)));
+    }
+    for (name, v) in [
+        ("attention_dropout", p.attention_dropout),
+        ("hidden_dropout", p.hidden_dropout),
+    ] {
+        if !(0.0..1.0).contains(&v) {
+            return Err(bad(format!("{name} must be in [0, 1) (got {v})")));
+        }
+    }
+    let global = p.global_batch;
+    let micro = p.micro_batch.unwrap_or(global);
+    if global < 1 || micro < 1 || global % micro != 0 {
+        return Err(bad(format!(
+            "global_batch ({global}) must be a positive multiple of micro_batch ({micro})"
+        )));
+    }
+    Ok((global as usize, micro as usize))
+}
+
+/// The live TensorBoard writer, from step `first` on, where the run asks for live curves.
+/// They are for watching: a failure to write them is logged, never fatal.
+fn live_writer(ctx: &StageContext, first: u64, log: &mut Log) -> Option<LiveWriter> {
+    let dir = ctx.live_logs?;
+    match LiveWriter::create(dir, first) {
+        Ok(w) => {
+            log.line(&format!("live TensorBoard events: {}", w.path().display()));
+            Some(w)
+        }
+        Err(e) => {
+            log.line(&format!(
+                "live TensorBoard events off: {}: {e}",
+                dir.display()
+            ));
+            None
+        }
+    }
+}
+
+/// The mean loss per target of `rows`, `micro` rows at a time, without training (the
+/// held-out loss).
+fn mean_loss(trainer: &dyn Trainer, rows: &[PackedRow], micro: usize, attention: Attention) -> f64 {
+    let (mut sum, mut n) = (0.0, 0usize);
+    for chunk in rows.chunks(micro) {
+        let (s, k) = trainer.eval(&data::batch(chunk, attention));
+        sum += s;
+        n += k;
+    }
+    sum / n.max(1) as f64
+}
+
+/// A step's gradients, summed into the trainer over its micro-batches (each scaled by the
+/// step's `targets`, each with dropout masks from its own seed: the stage seed, the step and
+/// the micro-batch). Returns the step's mean loss per target.
+fn accumulate_step(
+    trainer: &mut dyn Trainer,
+    batches: &[Batch],
+    targets: usize,
+    p: &TrainParams,
+    rng: &Rng,
+    step: u64,
+) -> f64 {
+    let scale = 1.0 / targets as f32;
+    let mut loss_sum = 0.0;
+    for (k, b) in batches.iter().enumerate() {
+        let drop = Dropouts {
+            attention: p.attention_dropout as f32,
+            hidden: p.hidden_dropout as f32,
+            lora: trainer.lora_dropout(),
+            seed: rng.fork(&format!("dropout-{step}-{k}")).next_u64(),
+        };
+        let any = drop.attention > 0.0 || drop.hidden > 0.0 || drop.lora > 0.0;
+        let (s, _) = trainer.accumulate(b, scale, any.then_some(drop));
+        loss_sum += s;
+    }
+    loss_sum / targets as f64
+}
+
 fn resume(
     ctx: &StageContext,
     trainer: &mut dyn Trainer,
