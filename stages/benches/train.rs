@@ -12,7 +12,8 @@
 use std::process::Command;
 use std::time::Instant;
 
-use flow_stages::cpu::llama::{Batch, Dropouts};
+use flow_stages::cpu::batch::Batch;
+use flow_stages::cpu::llama::Dropouts;
 use flow_stages::cpu::lora::{Adapters, LoraInit, LoraSpec};
 use flow_stages::gpu::device::{Choice, select};
 use flow_stages::gpu::precision::Precision;

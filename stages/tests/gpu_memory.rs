@@ -5,7 +5,7 @@
 mod wgpu;
 
 use burn::tensor::Device;
-use flow_stages::cpu::llama::Batch;
+use flow_stages::cpu::batch::Batch;
 use flow_stages::gpu::precision::Precision;
 use flow_stages::gpu::trainer::BurnTrainer;
 use flow_stages::model::config::ModelConfig;

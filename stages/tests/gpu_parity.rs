@@ -10,7 +10,7 @@ use std::path::Path;
 
 use burn::tensor::{Device, Tensor};
 use flow_stages::cpu::attention::{self, Dims, Mask, Span};
-use flow_stages::cpu::llama::Batch;
+use flow_stages::cpu::batch::Batch;
 use flow_stages::cpu::lora::{Adapters, LoraInit};
 use flow_stages::gpu::flash;
 use flow_stages::gpu::llama::{download, upload};

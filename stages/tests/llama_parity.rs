@@ -10,8 +10,9 @@ mod families;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use flow_stages::cpu::batch::Batch;
 use flow_stages::cpu::decode::{Decoder, Token};
-use flow_stages::cpu::llama::{Batch, Llama, Trainable};
+use flow_stages::cpu::llama::{Llama, Trainable};
 use flow_stages::cpu::lora::Adapters;
 use flow_stages::cpu::ops::Rope;
 use flow_stages::model::weights::Weights;

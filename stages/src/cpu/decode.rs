@@ -275,7 +275,8 @@ pub fn log_prob(logits: &[f32], target: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::llama::{Batch, Llama};
+    use crate::cpu::batch::Batch;
+    use crate::cpu::llama::Llama;
     use crate::model::config::ModelConfig;
 
     fn tiny() -> Weights {

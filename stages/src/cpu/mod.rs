@@ -5,6 +5,7 @@
 
 pub mod alloc;
 pub mod attention;
+pub mod batch;
 pub mod decode;
 pub mod llama;
 pub mod lora;

@@ -12,8 +12,8 @@ use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::llama::{DeviceModel, Inputs, WindowMasks, download, rope_tables, upload, visible};
 use super::precision::Precision;
+use crate::cpu::batch::Batch;
 use crate::cpu::decode::Token;
-use crate::cpu::llama::Batch;
 use crate::cpu::ops::Rope;
 use crate::model::config::ModelConfig;
 use crate::model::weights::Weights;

@@ -5,7 +5,8 @@
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Bool, Device, Distribution, FloatDType, Int, Tensor, TensorData};
 
-use crate::cpu::llama::{Batch, Dropouts};
+use crate::cpu::batch::Batch;
+use crate::cpu::llama::Dropouts;
 use crate::cpu::lora::Factors;
 use crate::cpu::ops::{GELU_C, GELU_K, Rope};
 use crate::model::arch::{Act, Arch, Extra};

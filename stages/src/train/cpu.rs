@@ -1,6 +1,7 @@
 //! Training on the CPU engine: gradients accumulate in host buffers shaped like what trains.
 
-use crate::cpu::llama::{Batch, Dropouts, Llama, Trainable};
+use crate::cpu::batch::Batch;
+use crate::cpu::llama::{Dropouts, Llama, Trainable};
 use crate::cpu::lora::Adapters;
 use crate::cpu::ops::Rope;
 use crate::model::weights::{Tensor, Weights};

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::cpu::llama::Batch;
+use crate::cpu::batch::Batch;
 use crate::data::pack::{Packed, PackedRow, RowReader};
 use crate::data::rng::Rng;
 use crate::kind::StageError;

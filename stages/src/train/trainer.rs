@@ -1,6 +1,7 @@
 //! What the training loop needs from a device: the CPU engine and burn devices both provide it.
 
-use crate::cpu::llama::{Batch, Dropouts};
+use crate::cpu::batch::Batch;
+use crate::cpu::llama::Dropouts;
 use crate::cpu::lora::Adapters;
 use crate::model::weights::{Tensor, Weights};
 use crate::train::optim::Optimizer;
