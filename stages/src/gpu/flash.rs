@@ -18,8 +18,9 @@
 //! values, or queries and their output gradients) through shared memory, a tile at a time,
 //! so each is read from device memory once per cube, not once per row. It is a
 //! memory-linear fused kernel, not tensor-core tiles (BENCHMARKS.md, "Fused attention
-//! kernels", says what was measured where). They run through burn's backend extension (`#[backend_extension]`): under
-//! fusion they are one opaque operation in the stream, like a matmul.
+//! kernels", says what was measured where). They run through burn's backend extension
+//! (`#[backend_extension]`): under fusion they are one opaque operation in the stream, like
+//! a matmul.
 
 use burn::backend::fusion::custom::TensorSpec;
 use burn::backend::tensor::FloatTensor;
@@ -79,10 +80,9 @@ mod kernels {
     }
 
     /// Copies `rows` consecutive rows from row `first` of one head of `x` (`[b, heads, t,
-    /// head_dim]`, any strides; the head starts at `base`) into `tile`, row-major; rows past `t` are left as they are (no
-    /// unit reads them). Every
-    /// unit of the cube takes part, one element in `CUBE_DIM`, so neighbouring units read
-    /// neighbouring elements.
+    /// head_dim]`, any strides; the head starts at `base`) into `tile`, row-major; rows past
+    /// `t` are left as they are (no unit reads them). Every unit of the cube takes part, one
+    /// element in `CUBE_DIM`, so neighbouring units read neighbouring elements.
     #[cube]
     fn load_rows(
         x: &Tensor<f32>,
