@@ -304,11 +304,12 @@ impl BurnTrainer {
             }
         };
         let mut inputs: Vec<Tensor<2>> = Vec::with_capacity(layers);
-        let inp = inputs_on(&plain);
-        // The rows' document ids, for both passes (the forward and the recomputing one).
-        let docs = self.document_ids(&inp, &plain);
-        let last = {
+        // The forward pass's inputs (the plain path's masks among them) go with it; the rows'
+        // document ids serve the recomputing pass too.
+        let (last, docs) = {
             let model = self.model(&self.base, &self.lora, &plain);
+            let inp = inputs_on(&plain);
+            let docs = self.document_ids(&inp, &plain);
             let mut x = model.embed_inputs(&inp);
             for l in 0..layers {
                 inputs.push(x.clone());
@@ -321,7 +322,7 @@ impl BurnTrainer {
                     model.block(l, x, &inp, drop)
                 };
             }
-            x
+            (x, docs)
         };
         let (base, lora) = self.leaves(true);
         let model = self.model(&base, &lora, &self.device);

@@ -21,8 +21,10 @@ use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
+use super::plots::human;
+use super::points::{Family, Point, family_of, method_of};
 use super::stats::{self, Difference, Estimate, Items, Replicate, Source, Verdict};
-use super::{Family, Point, escape, family_of, fmt, human, method_of};
+use super::tables::{escape, fmt};
 use crate::kind::InputArtifact;
 
 /// The findings as the paper states them (PAPER.md), in its order.

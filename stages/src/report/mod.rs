@@ -21,16 +21,14 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use self::plots::{
-    by_duration, human, learning_vs_forgetting, loss_curves, rank_by_layer, spectra,
-};
+use self::plots::{by_duration, learning_vs_forgetting, loss_curves, rank_by_layer, spectra};
 use self::points::{
-    Curve, Run, checked_items, families, family_of, group, learning_path, metric,
-    perplexity_metric, read_curve, read_json, read_samples,
+    Curve, Run, checked_items, families, group, learning_path, metric, perplexity_metric,
+    read_curve, read_json, read_samples,
 };
 pub use self::points::{Family, Point, higher_is_better, method_of};
 pub use self::tables::escape;
-use self::tables::{fmt, html, markdown, summary_csv, summary_table};
+use self::tables::{html, markdown, summary_csv, summary_table};
 use crate::kind::{
     Default, InputArtifact, Kind, Param, ParamType, StageContext, StageError, StageOutcome,
 };

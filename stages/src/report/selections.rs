@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
-use super::escape;
+use super::tables::escape;
 use crate::kind::{InputArtifact, StageError};
 use crate::select::CHOICE_FILE;
 

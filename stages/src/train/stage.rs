@@ -572,9 +572,6 @@ fn train(ctx: &StageContext, lora: bool, phase: Phase) -> Result<StageOutcome, S
     Ok(outcome)
 }
 
-/// Where training starts: the stage's own newest usable scratch checkpoint (damaged ones
-/// skipped, and said so in the log), else with `fingerprint` (a trunk or a `resume` run)
-/// the trunk's checkpoint at the cooldown, else step 0. Restores the trainer to it.
 /// The numbers a stage's kind cannot check by type: a positive learning rate, dropouts in
 /// [0, 1), a global batch that the micro-batch divides. Returns (global, micro) batch rows.
 fn check_numbers(p: &TrainParams) -> Result<(usize, usize), StageError> {
@@ -657,6 +654,9 @@ fn accumulate_step(
     loss_sum / targets as f64
 }
 
+/// Where training starts: the stage's own newest usable scratch checkpoint (damaged ones
+/// skipped, and said so in the log), else with `fingerprint` (a trunk or a `resume` run)
+/// the trunk's checkpoint at the cooldown, else step 0. Restores the trainer to it.
 fn resume(
     ctx: &StageContext,
     trainer: &mut dyn Trainer,
