@@ -5,7 +5,10 @@ projections. Run by hand where torch, transformers and peft are installed:
 
     python3 benches/train_torch.py [--threads 2] [--d 256 --layers 4 --heads 8 --seq 256 --batch 8]
 
-Prints one JSON line per mode (tokens_per_s, median step seconds, peak RSS MiB).
+Prints one JSON line per mode (tokens_per_s, median step seconds, the first step's seconds,
+peak RSS MiB; on CUDA peak GPU memory and the kernels one more step launches, forward and
+backward then the optimizer, counted by torch.profiler; `--kernels` adds each kernel's device
+time in that step, the longest first, as flow's bench does).
 `--attention ROWS,HEADS,T,HEAD_DIM` instead times one layer's causal attention by
 `scaled_dot_product_attention` (forward, and forward + backward), the reference for
 `cargo bench --bench train -- --attention ...`.
@@ -42,6 +45,8 @@ p.add_argument("--bf16-state", action="store_true",
                help="LionW's moment stored in bf16, updated in f32 (flow's optimizer_state)")
 p.add_argument("--attention", default=None, metavar="ROWS,HEADS,T,HEAD_DIM",
                help="time one layer's causal SDPA in --precision instead of training")
+p.add_argument("--kernels", action="store_true",
+               help="on CUDA, each kernel's device time in one step, the longest first")
 p.add_argument("--config", default=None, help="small, wide, large or 7b: the configs of stages/benches/train.rs")
 a = p.parse_args()
 if a.config == "small":
@@ -115,6 +120,37 @@ if a.attention:
                       "torch": torch.__version__}))
     raise SystemExit
 
+
+def kernel_table(prof, top):
+    """Launches of CUDA kernels in a profile (copies and fills left out, as cubecl's launch
+    count has none), and the `top` kernels by summed device time."""
+    totals = {}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA or e.name.startswith(("Memcpy", "Memset")):
+            continue
+        n, us = totals.get(e.name, (0, 0.0))
+        totals[e.name] = (n + 1, us + e.time_range.elapsed_us())
+    launches = sum(n for n, _ in totals.values())
+    longest = sorted(totals.items(), key=lambda kv: -kv[1][1])[:top]
+    return launches, sum(us for _, us in totals.values()) / 1e6, [
+        {"kernel": k[:120], "launches": n, "ms": round(us / 1e3, 3)} for k, (n, us) in longest]
+
+
+def profile_step(passes, update):
+    """One more step under torch.profiler: kernels launched by the forward and backward
+    passes, then by the optimizer (flow's bench counts the same two phases)."""
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as p1:
+        passes()
+    with torch.profiler.profile(activities=acts) as p2:
+        update()
+    (n1, s1, top1), (n2, s2, top2) = kernel_table(p1, 15), kernel_table(p2, 5)
+    return {"forward_backward": n1, "optimizer": n2, "timing": "device",
+            "forward_backward_kernel_s": s1, "optimizer_kernel_s": s2,
+            "top_forward_backward": top1 if a.kernels else None,
+            "top_optimizer": top2 if a.kernels else None}
+
+
 cfg = transformers.LlamaConfig(
     vocab_size=a.vocab, hidden_size=a.d, intermediate_size=a.ff, num_hidden_layers=a.layers,
     num_attention_heads=a.heads, num_key_value_heads=a.heads, max_position_embeddings=a.seq,
@@ -140,26 +176,37 @@ for mode in a.modes.split(","):
         opt = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0)
     half = {"f16": torch.float16, "bf16": torch.bfloat16}.get(a.precision)
     scaler = torch.amp.GradScaler(dev.type, enabled=a.precision == "f16")
-    times = []
-    for step in range(a.steps):
-        t0 = time.perf_counter()
+
+    def passes():
         with torch.autocast(dev.type, dtype=half or torch.float32, enabled=half is not None):
             loss = model(input_ids=ids, labels=ids).loss
         scaler.scale(loss).backward()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def update():
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        if step >= 2:
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    med = times[len(times) // 2]
+
+    times = []
+    for step in range(a.steps):
+        t0 = time.perf_counter()
+        passes()
+        update()
+        times.append(time.perf_counter() - t0)
+    first = times[0]
+    steady = sorted(times[2:])
+    med = steady[len(steady) // 2]
+    kernels = profile_step(passes, update) if dev.type == "cuda" else None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None
     print(json.dumps({"impl": "pytorch", "device": a.device, "config": a.config, "mode": mode,
                       "precision": a.precision, "checkpointing": a.checkpointing, "optimizer": a.optimizer,
                       "bf16_state": a.bf16_state, "threads": a.threads, "step_s": round(med, 4),
-                      "tokens_per_s": round(a.batch * a.seq / med), "peak_rss_mib": round(rss),
+                      "tokens_per_s": round(a.batch * a.seq / med), "first_step_s": round(first, 3),
+                      "kernels_per_step": kernels, "peak_rss_mib": round(rss),
                       "peak_gpu_mib": gpu and round(gpu), "torch": torch.__version__}))
     del model, opt

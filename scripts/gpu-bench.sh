@@ -4,7 +4,8 @@
 # A step that would outrun the budget gets what is left, and none starts with under 30 s
 # left, so the call ends inside the tool's 10-minute limit with everything so far in
 # $OUT/gpu-bench.log and one JSON line per step in $OUT/steps.jsonl (its peak GPU memory
-# sampled by nvidia-smi, exit status, seconds). Sections, in order:
+# sampled by nvidia-smi, exit status, seconds). Every training step's JSON line has the
+# kernels one step launches (`kernels_per_step`), flow's and PyTorch's. Sections, in order:
 #   cuda     flow on CUDA (NVRTC) beside PyTorch eager (transformers LlamaForCausalLM, SDPA;
 #            PEFT), `small` and `large`, full and LoRA r=16, bf16 autocast then f32
 #   7b       Llama-2-7B's shape, seq 4096, micro-batch 1, checkpointed, bf16: flow's full
@@ -14,10 +15,14 @@
 #   attention  one layer of the 7B shape's attention (seq 4096, 32 heads of 128): flow's fused
 #            kernels (what the checkpointed 7B rows attend with) and materialized scores,
 #            forward and backward, beside PyTorch's SDPA in f32 and bf16
+#   profile  where a step's time goes, kernel by kernel: flow on CUDA and PyTorch, `large`
+#            full finetuning in bf16 (`--kernels`: each kernel's device time in one step)
 #   eval     flow's device decoder beside transformers `generate` and forward scoring
 #   parity   the device's optimizer against the CPU engine's after 7 AdamW steps, f32 and
 #            bf16 moments
-#   wgpu     flow on wgpu (Vulkan, WGSL) in f32 and f16
+#   wgpu     flow on wgpu in f32 and f16: Vulkan through cubecl's SPIR-V compiler (the benches
+#            are built with `spirv`: tensor-core matmuls where the driver has cooperative
+#            matrices), beside PyTorch in f16
 #   smoke    the paper's math_cpt study at smoke size, stage by stage (needs .devbin/flow)
 # What it runs comes from scripts/gpu-prepare.sh: .devbin/{train-bench,generate-bench,flow}.xz,
 # .gl (Vulkan's loader) and .shared-data (the smoke study's records, linked as ../shared/data).
@@ -29,7 +34,7 @@
 set -u
 budget=${1:-540}
 shift || true
-sections=${*:-cuda 7b attention eval parity wgpu smoke}
+sections=${*:-cuda 7b attention profile eval parity wgpu smoke}
 start=$SECONDS
 out=${OUT:-/tmp/gpu-bench}
 mkdir -p "$out"
@@ -108,6 +113,10 @@ if has attention && [ $cuda = 1 ]; then
   for prec in f32 bf16; do
     torch_train 60 --attention 1,32,4096,128 --precision $prec
   done
+fi
+if has profile && [ $cuda = 1 ]; then
+  flow_train 120 large full --device cuda --precision bf16 --kernels
+  torch_train 90 --config large --modes full --precision bf16 --kernels
 fi
 if has eval && [ -x .devbin/generate-bench ]; then
   shape=4096,4,32,32,11008,32000 # the 7B's layers, 4 of them

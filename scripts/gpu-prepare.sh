@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds and packs here what scripts/gpu-bench.sh runs on a lent GPU machine, so that the
 # machine's few minutes go to measuring: the train and generate benches and the flow binary,
-# built with `cuda` (and wgpu), stripped and xz-compressed into .devbin/; the Vulkan loaders
+# built with `cuda` and wgpu (the benches with `spirv` too: wgpu on Vulkan then compiles
+# through SPIR-V, the GPU path issue 19 benchmarks), stripped and xz-compressed into .devbin/; the Vulkan loaders
 # into .gl/; the smoke study's records (../shared/data, which does not travel) into
 # .shared-data/. All are ignored (.git/info/exclude) and travel as the device tool's `carry`
 # (NVRTC and the CUDA headers are the machine's toolkit, found beside its nvcc). The working tree
@@ -38,7 +39,7 @@ pack() { # pack EXECUTABLE NAME: stripped and compressed to .devbin/NAME.xz
 for what in $wanted; do
   case $what in
     train | generate)
-      exe=$(cargo bench -p flow-stages --bench "$what" --no-run --features cuda \
+      exe=$(cargo bench -p flow-stages --bench "$what" --no-run --features cuda,spirv \
         --message-format=json | built "$what")
       pack "$exe" "$what-bench" ;;
     flow)

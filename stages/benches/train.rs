@@ -9,6 +9,14 @@
 //! beside it as the reference (the largest weight difference); `-- --one CONFIG MODE` is the
 //! per-process worker. `-- --attention ROWS,HEADS,T,HEAD_DIM` times one layer's attention
 //! (fused kernels against materialized scores), `-- --lora-linear D TOKENS` one LoRA Linear.
+//!
+//! On a burn device a run also counts the kernels one step launches (forward and backward,
+//! then the optimizer); `-- --kernels` adds each kernel's device time in that step, the
+//! longest first: where the step's time goes.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+#[path = "train/kernels.rs"]
+mod kernels;
+
 use std::process::Command;
 use std::time::Instant;
 
@@ -37,6 +45,9 @@ type Config = (
 );
 
 const CONFIGS: &[Config] = &[
+    // A step's kernels, counted in seconds on a software adapter (lavapipe): a step launches
+    // the same kernels per layer whatever the width.
+    ("tiny", 64, 2, 4, 64, 2, 512, 176, 4),
     ("small", 256, 4, 8, 256, 8, 8192, 704, 7),
     // The shipped studies' model and batch (d=256, 4 layers, 16 rows of 128, their vocabulary).
     ("study", 256, 4, 8, 128, 16, 1132, 704, 12),
@@ -59,13 +70,14 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// How a burn device trains in a run: `--precision`, `--checkpointing`, `--bf16-state`, and
-/// `--compare` (the CPU engine beside it).
+/// How a burn device trains in a run: `--precision`, `--checkpointing`, `--bf16-state`,
+/// `--compare` (the CPU engine beside it) and `--kernels` (each kernel's time in a step).
 struct Options {
     precision: Precision,
     checkpointing: bool,
     state_type: StateType,
     compare: bool,
+    timed_kernels: bool,
 }
 
 fn one(config: &str, mode: &str, device: &str, threads: usize, options: &Options) {
@@ -74,6 +86,7 @@ fn one(config: &str, mode: &str, device: &str, threads: usize, options: &Options
         checkpointing,
         state_type,
         compare,
+        timed_kernels,
     } = options;
     // As the stage worker does (`flow __stage`); FLOW_BENCH_GLIBC_DEFAULTS measures without.
     if std::env::var_os("FLOW_BENCH_GLIBC_DEFAULTS").is_none() {
@@ -166,6 +179,11 @@ fn one(config: &str, mode: &str, device: &str, threads: usize, options: &Options
             threads,
         )) as Box<dyn Trainer>
     });
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    let burn_device = match &choice {
+        Choice::Burn(dev, _) => Some(dev.clone()),
+        _ => None,
+    };
     let (mut trainer, what): (Box<dyn Trainer>, String) = match choice {
         Choice::Cpu => (
             Box::new(CpuTrainer::new(w, lora, opt, seq, threads)),
@@ -180,27 +198,53 @@ fn one(config: &str, mode: &str, device: &str, threads: usize, options: &Options
             what,
         ),
     };
+    let scale = 1.0 / batch.target_count() as f32;
+    let drop = |step: usize| {
+        (lora_dropout > 0.0).then_some(Dropouts {
+            lora: lora_dropout,
+            seed: step as u64,
+            ..Dropouts::default()
+        })
+    };
     let mut times = Vec::new();
     pool.install(|| {
         for step in 0..steps {
             let t0 = Instant::now();
-            let scale = 1.0 / batch.target_count() as f32;
-            let drop = (lora_dropout > 0.0).then_some(Dropouts {
-                lora: lora_dropout,
-                seed: step as u64,
-                ..Dropouts::default()
-            });
             if let Some(r) = &mut reference {
-                r.accumulate(&batch, scale, drop);
+                r.accumulate(&batch, scale, drop(step));
                 r.apply(1e-3, 1.0);
             }
-            trainer.accumulate(&batch, scale, drop);
+            trainer.accumulate(&batch, scale, drop(step));
             trainer.apply(1e-3, 1.0);
-            if step >= 2 {
-                times.push(t0.elapsed().as_secs_f64());
-            }
+            times.push(t0.elapsed().as_secs_f64());
         }
     });
+    // One more step on a burn device, its kernels counted (and with --kernels timed): the
+    // forward and backward passes, then the optimizer.
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    let launches = burn_device.map(|dev| {
+        pool.install(|| {
+            if let Some(r) = &mut reference {
+                r.accumulate(&batch, scale, drop(steps));
+                r.apply(1e-3, 1.0);
+            }
+            let passes = kernels::observe(&dev, timed_kernels, || {
+                trainer.accumulate(&batch, scale, drop(steps));
+            });
+            let update = kernels::observe(&dev, timed_kernels, || {
+                trainer.apply(1e-3, 1.0);
+            });
+            serde_json::json!({
+                "forward_backward": passes.launches, "optimizer": update.launches,
+                "timing": passes.timing,
+                "forward_backward_kernel_s": passes.seconds(), "optimizer_kernel_s": update.seconds(),
+                "top_forward_backward": timed_kernels.then(|| passes.top_json(15)),
+                "top_optimizer": timed_kernels.then(|| update.top_json(5)),
+            })
+        })
+    });
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    let launches: Option<serde_json::Value> = None;
     let max_weight_diff_vs_cpu = reference.map(|r| {
         let (cpu, dev) = (r.snapshot().0, trainer.snapshot().0);
         cpu.iter()
@@ -208,8 +252,12 @@ fn one(config: &str, mode: &str, device: &str, threads: usize, options: &Options
             .flat_map(|(a, b)| a.data.iter().zip(&b.data).map(|(x, y)| (x - y).abs()))
             .fold(0.0f32, f32::max)
     });
-    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let med = times[times.len() / 2];
+    // The first step compiles kernels (and autotunes them on a burn device); the median
+    // leaves out the first two.
+    let first_step = times[0];
+    let mut steady = times[2..].to_vec();
+    steady.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let med = steady[steady.len() / 2];
     println!(
         "{}",
         serde_json::json!({
@@ -219,6 +267,8 @@ fn one(config: &str, mode: &str, device: &str, threads: usize, options: &Options
             "optimizer_state": state_type.name(),
             "max_weight_diff_vs_cpu": max_weight_diff_vs_cpu,
             "step_s": (med * 1e4).round() / 1e4, "tokens_per_s": ((rows * seq) as f64 / med).round(),
+            "first_step_s": (first_step * 1e3).round() / 1e3,
+            "kernels_per_step": launches,
             "peak_rss_mib": peak_rss_mib().round(),
         })
     );
@@ -410,6 +460,7 @@ fn main() {
                 checkpointing,
                 state_type,
                 compare: args.iter().any(|a| a == "--compare"),
+                timed_kernels: args.iter().any(|a| a == "--kernels"),
             },
         );
         return;
@@ -421,7 +472,10 @@ fn main() {
         vec!["cpu".into(), "wgpu".into()]
     };
     for dev in devices {
-        for (config, ..) in CONFIGS.iter().filter(|c| c.0 != "large" && c.0 != "7b") {
+        for (config, ..) in CONFIGS
+            .iter()
+            .filter(|c| !["tiny", "large", "7b"].contains(&c.0))
+        {
             for mode in ["full", "lora16", "lora16-drop"] {
                 if dev != "cpu" && *config == "wide" && std::env::var("FLOW_BENCH_WIDE").is_err() {
                     continue; // minutes on a software rasterizer; set FLOW_BENCH_WIDE to run it

@@ -515,7 +515,12 @@ impl Trainer for BurnTrainer {
             .collect();
         let sq: f32 = grads
             .iter()
-            .map(|g| total(g.clone().powi_scalar(2)))
+            // Reduced along each axis in turn, not by `total`: a weight's gradient from the
+            // transposed matmul is a transposed view, which `total`'s reshape to one row
+            // would copy whole first. Not burn's `sum` either, which adds partial sums
+            // atomically where the device can (CUDA): the norm, and with it the clipped
+            // step, would change in its last bits from run to run.
+            .map(|g| g.clone().powi_scalar(2).sum_dim(1).sum_dim(0).reshape([1]))
             .reduce(|a, b| a + b)
             .map(|t| t.into_scalar())
             .unwrap_or(0.0);
