@@ -236,7 +236,7 @@ fn one(config: &str, mode: &str, device: &str, threads: usize, options: &Options
             });
             serde_json::json!({
                 "forward_backward": passes.launches, "optimizer": update.launches,
-                "timing": passes.timing,
+                "timing": [passes.timing, update.timing],
                 "forward_backward_kernel_s": passes.seconds(), "optimizer_kernel_s": update.seconds(),
                 "top_forward_backward": timed_kernels.then(|| passes.top_json(15)),
                 "top_optimizer": timed_kernels.then(|| update.top_json(5)),

@@ -8,7 +8,10 @@
 //! it. Timed, every launch brackets its kernel with device timestamps read back once the
 //! phase is over (`TimingRequest::Deferred`), so kernels still run back to back; where the
 //! device has no timestamps cubecl falls back to host time around a blocking launch, and
-//! the figures say so (`timing`).
+//! the figures say so (`timing`). A launch's window opens before its kernel is submitted,
+//! so on a device that sat idle it holds the launch's latency too: each time is an upper
+//! bound of its kernel's (torch.profiler's CUPTI times, `benches/train_torch.py`, are the
+//! kernels alone).
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -90,7 +93,7 @@ pub struct Phase {
     /// Per kernel, the longest first (the most launched first when untimed).
     pub kernels: Vec<KernelTotal>,
     /// How the times were taken: "device" (timestamps), "system" (host time around each
-    /// launch, which serializes them) or "none".
+    /// launch, which serializes them), "mixed" (some of each) or "none".
     pub timing: &'static str,
 }
 
@@ -122,7 +125,7 @@ pub fn observe(device: &burn::tensor::Device, timed: bool, phase: impl FnOnce())
             Some(Measured::Read(d, m)) => (d.as_secs_f64(), *m),
             Some(Measured::Pending(_)) => continue,
         };
-        timing = method_name(method);
+        timing = combined(timing, method);
         *total.seconds.get_or_insert(0.0) += seconds;
     }
     for l in launches {
@@ -133,7 +136,7 @@ pub fn observe(device: &burn::tensor::Device, timed: bool, phase: impl FnOnce())
         let Some(ticks) = futures::executor::block_on(p.resolve()) else {
             continue;
         };
-        timing = method_name(method);
+        timing = combined(timing, method);
         let name = type_name_format(l.kernel, TypeNameFormatLevel::Balanced);
         let total = by_kernel.get_mut(&name).expect("counted above");
         *total.seconds.get_or_insert(0.0) += ticks.duration().as_secs_f64();
@@ -153,10 +156,16 @@ pub fn observe(device: &burn::tensor::Device, timed: bool, phase: impl FnOnce())
     }
 }
 
-fn method_name(method: TimingMethod) -> &'static str {
-    match method {
+/// The phase's timing label so far, with one more launch timed by `method`.
+fn combined(so_far: &'static str, method: TimingMethod) -> &'static str {
+    let this = match method {
         TimingMethod::Device => "device",
-        _ => "system",
+        TimingMethod::System => "system",
+    };
+    match so_far {
+        "none" => this,
+        s if s == this => this,
+        _ => "mixed",
     }
 }
 
