@@ -235,7 +235,7 @@ fn one(config: &str, mode: &str, device: &str, threads: usize, options: &Options
                 trainer.apply(1e-3, 1.0);
             });
             serde_json::json!({
-                "forward_backward": passes.launches, "optimizer": update.launches,
+                "forward_backward": passes.launches(), "optimizer": update.launches(),
                 "timing": [passes.timing, update.timing],
                 "forward_backward_kernel_s": passes.seconds(), "optimizer_kernel_s": update.seconds(),
                 "top_forward_backward": timed_kernels.then(|| passes.top_json(15)),

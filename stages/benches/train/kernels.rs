@@ -89,7 +89,6 @@ pub struct KernelTotal {
 
 /// What a phase launched.
 pub struct Phase {
-    pub launches: usize,
     /// Per kernel, the longest first (the most launched first when untimed).
     pub kernels: Vec<KernelTotal>,
     /// How the times were taken: "device" (timestamps), "system" (host time around each
@@ -112,7 +111,7 @@ pub fn observe(device: &burn::tensor::Device, timed: bool, phase: impl FnOnce())
     let launches = std::mem::take(&mut *recorder.launches.lock().unwrap());
     let mut by_kernel: HashMap<String, KernelTotal> = HashMap::new();
     let mut timing = "none";
-    for l in &launches {
+    for l in launches {
         let name = type_name_format(l.kernel, TypeNameFormatLevel::Balanced);
         let total = by_kernel.entry(name.clone()).or_insert(KernelTotal {
             kernel: name,
@@ -120,26 +119,20 @@ pub fn observe(device: &burn::tensor::Device, timed: bool, phase: impl FnOnce())
             seconds: None,
         });
         total.launches += 1;
-        let (seconds, method) = match &l.measured {
-            None => continue,
-            Some(Measured::Read(d, m)) => (d.as_secs_f64(), *m),
-            Some(Measured::Pending(_)) => continue,
+        // The device is done with the phase, so reading a pending window waits for nothing.
+        let measured = match l.measured {
+            None => None,
+            Some(Measured::Read(d, method)) => Some((d.as_secs_f64(), method)),
+            Some(Measured::Pending(p)) => {
+                let method = p.timing_method();
+                futures::executor::block_on(p.resolve())
+                    .map(|ticks| (ticks.duration().as_secs_f64(), method))
+            }
         };
-        timing = combined(timing, method);
-        *total.seconds.get_or_insert(0.0) += seconds;
-    }
-    for l in launches {
-        let Some(Measured::Pending(p)) = l.measured else {
-            continue;
-        };
-        let method = p.timing_method();
-        let Some(ticks) = futures::executor::block_on(p.resolve()) else {
-            continue;
-        };
-        timing = combined(timing, method);
-        let name = type_name_format(l.kernel, TypeNameFormatLevel::Balanced);
-        let total = by_kernel.get_mut(&name).expect("counted above");
-        *total.seconds.get_or_insert(0.0) += ticks.duration().as_secs_f64();
+        if let Some((seconds, method)) = measured {
+            timing = combined(timing, method);
+            *total.seconds.get_or_insert(0.0) += seconds;
+        }
     }
     let mut kernels: Vec<KernelTotal> = by_kernel.into_values().collect();
     kernels.sort_by(|a, b| {
@@ -149,11 +142,7 @@ pub fn observe(device: &burn::tensor::Device, timed: bool, phase: impl FnOnce())
             .then(b.launches.cmp(&a.launches))
             .then(a.kernel.cmp(&b.kernel))
     });
-    Phase {
-        launches: kernels.iter().map(|k| k.launches).sum(),
-        kernels,
-        timing,
-    }
+    Phase { kernels, timing }
 }
 
 /// The phase's timing label so far, with one more launch timed by `method`.
@@ -170,6 +159,11 @@ fn combined(so_far: &'static str, method: TimingMethod) -> &'static str {
 }
 
 impl Phase {
+    /// Kernels the phase launched, all kinds together.
+    pub fn launches(&self) -> usize {
+        self.kernels.iter().map(|k| k.launches).sum()
+    }
+
     /// The `top` kernels as JSON: name, launches, milliseconds.
     pub fn top_json(&self, top: usize) -> serde_json::Value {
         self.kernels
