@@ -290,9 +290,9 @@ fn median_seconds(f: &dyn Fn() -> f32) -> f64 {
     t[t.len() / 2]
 }
 
-/// flow's fused attention kernels (`gpu/flash.rs`, what recomputed blocks attend with)
-/// against attention by burn's tensor ops as flow's plain forward pass has it (`t x t`
-/// scores materialized, burn's tuned matmuls, autodiff's backward): median seconds of the
+/// flow's fused attention kernels (`gpu/flash.rs`, what recomputed blocks attend with, their
+/// backward through autodiff) against attention by burn's tensor ops as flow's plain forward
+/// pass has it (`t x t` scores materialized, burn's tuned matmuls): median seconds of the
 /// forward pass and of forward + backward of one layer's causal attention over `rows` x
 /// `heads` sequences of `t` x `head_dim`, in f32, on a burn device, and the throughput that
 /// gives in causal FLOPs (FlashAttention's count: `2 rows heads t^2 head_dim` forward, 2.5x
@@ -311,37 +311,30 @@ fn attention(device: &str, [rows, heads, t, hd]: [usize; 4]) {
     let docs = Tensor::<2>::ones([rows, t], &plain);
     let scale = 1.0 / (hd as f32).sqrt();
     let sum = |x: Tensor<4>| llama::total(x).into_scalar::<f32>();
-    let fused_forward =
-        || flash::forward([q.clone(), k.clone(), v.clone()], docs.clone(), scale, None);
-    let fused_fwd = median_seconds(&|| sum(fused_forward().0));
-    let fused_both = median_seconds(&|| {
-        let at = fused_forward();
-        let [dq, dk, dv] = flash::backward(
-            [q.clone(), k.clone(), v.clone()],
-            at,
-            d_out.clone(),
-            docs.clone(),
-            scale,
-            None,
-        );
-        sum(dq) + sum(dk) + sum(dv)
-    });
     let allowed = llama::attention_mask(rows, t, None, None, &dev);
+    let fused = |qkv: [Tensor<4>; 3]| flash::attention(qkv, docs.clone().autodiff(), scale, None);
     let materialized = |[q, k, v]: [Tensor<4>; 3]| {
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
         softmax(scores.mask_fill(allowed.clone().bool_not(), -1e9), 3).matmul(v)
     };
+    // Both through autodiff, as a model attends: the forward alone, then with the backward.
     let on_dev = |x: &Tensor<4>| x.clone().autodiff();
-    let mat_fwd = median_seconds(&|| sum(materialized([on_dev(&q), on_dev(&k), on_dev(&v)])));
-    let mat_both = median_seconds(&|| {
-        let leaves = [&q, &k, &v].map(|x| on_dev(x).require_grad());
-        let out = materialized(leaves.clone());
-        let g = llama::total(out * on_dev(&d_out)).backward();
-        leaves
-            .iter()
-            .map(|x| sum(x.grad(&g).expect("attention depends on q, k and v")))
-            .sum()
-    });
+    let forward = |attend: &dyn Fn([Tensor<4>; 3]) -> Tensor<4>| {
+        median_seconds(&|| sum(attend([on_dev(&q), on_dev(&k), on_dev(&v)])))
+    };
+    let both = |attend: &dyn Fn([Tensor<4>; 3]) -> Tensor<4>| {
+        median_seconds(&|| {
+            let leaves = [&q, &k, &v].map(|x| on_dev(x).require_grad());
+            let out = attend(leaves.clone());
+            let g = llama::total(out * on_dev(&d_out)).backward();
+            leaves
+                .iter()
+                .map(|x| sum(x.grad(&g).expect("attention depends on q, k and v")))
+                .sum()
+        })
+    };
+    let (fused_fwd, fused_both) = (forward(&fused), both(&fused));
+    let (mat_fwd, mat_both) = (forward(&materialized), both(&materialized));
     let flops = 2.0 * (rows * heads * t * t * hd) as f64;
     let tflops = |flops: f64, s: f64| flops / s / 1e12;
     println!(

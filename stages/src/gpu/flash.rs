@@ -20,12 +20,19 @@
 //! memory-linear fused kernel, not tensor-core tiles (BENCHMARKS.md, "Fused attention
 //! kernels", says what was measured where). They run through burn's backend extension
 //! (`#[backend_extension]`): under fusion they are one opaque operation in the stream, like
-//! a matmul.
+//! a matmul; under autodiff [`attention`] is one operation whose backward step launches the
+//! two backward kernels, so a model attends through it as through any tensor operation.
 
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::fusion::custom::TensorSpec;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Backend, Dispatch, backend_extension};
-use burn::tensor::{DType, Shape, Tensor};
+use burn::backend::{
+    Autodiff, AutodiffBackend, Backend, Dispatch, TensorMetadata, backend_extension,
+};
+use burn::tensor::{DType, Shape, Slice, Tensor};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
@@ -428,9 +435,10 @@ mod kernels {
     }
 }
 
-/// The kernels as an operation of burn's backends: the cubecl backend runs them, and under
-/// fusion each is one operation whose outputs' shapes are known before it runs.
-#[backend_extension(Cube, Fusion)]
+/// The kernels as an operation of burn's backends: the cubecl backend runs them, under
+/// fusion each is one operation whose outputs' shapes are known before it runs, and under
+/// autodiff the forward records [`FlashBackward`].
+#[backend_extension(Cube, Fusion, Autodiff)]
 pub trait FlashAttention: Backend {
     /// `(out [b, h, t, hd], lse [b, h, t, 1])` of q `[b, h, t, hd]`, k and v
     /// `[b, kv_heads, t, hd]`, documents `[b, t]`.
@@ -595,22 +603,121 @@ impl FlashAttention for CubeBackend {
     }
 }
 
+/// What the backward step keeps of the forward: q, k, v, the output and the log-sum-exp
+/// (nothing `t x t`), the document ids, the scale and the window.
+type FlashState<B> = (
+    [FloatTensor<B>; 3],
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    f32,
+    u32,
+);
+
+/// Attention's backward step: each query's `delta = rowsum(dO * O)` beside its log-sum-exp,
+/// then the dq kernel and the dk/dv kernel, whose one output is split into the two.
+#[derive(Debug)]
+struct FlashBackward;
+
+impl<B: FlashAttention> Backward<B, 3> for FlashBackward {
+    type State = FlashState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let ([q, k, v], out, lse, docs, scale, window) = ops.state;
+        let d_out = grads.consume::<B>(&ops.node);
+        let [b, kv_heads, t, hd] = k.shape().dims();
+        let delta = B::float_sum_dim(B::float_mul(d_out.clone(), out), 3);
+        let stats = B::float_cat(vec![lse, delta], 3);
+        let (dq, dkv) = B::flash_backward(q, k, v, d_out, stats, docs, scale, window);
+        let half =
+            |at: usize| -> [Slice; 4] { [0..b, 0..kv_heads, 0..t, at..at + hd].map(Slice::from) };
+        let [pq, pk, pv] = ops.parents;
+        let grads_of = [
+            (pq, dq),
+            (pk, B::float_slice(dkv.clone(), &half(0))),
+            (pv, B::float_slice(dkv, &half(hd))),
+        ];
+        for (parent, grad) in grads_of {
+            if let Some(node) = parent {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
+impl<B: FlashAttention, C: CheckpointStrategy> FlashAttention for Autodiff<B, C> {
+    fn flash_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        docs: FloatTensor<Self>,
+        scale: f32,
+        window: u32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let ((q, qn), (k, kn), (v, vn)) = (q.into_parts(), k.into_parts(), v.into_parts());
+        let docs = docs.into_primitive();
+        let (out, lse) = match FlashBackward
+            .prepare::<C>([qn, kn, vn])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (out, lse) =
+                    B::flash_forward(q.clone(), k.clone(), v.clone(), docs.clone(), scale, window);
+                let state = ([q, k, v], out.clone(), lse.clone(), docs, scale, window);
+                (prep.finish(state, out), lse)
+            }
+            OpsKind::UnTracked(prep) => {
+                let (out, lse) = B::flash_forward(q, k, v, docs, scale, window);
+                (prep.finish(out), lse)
+            }
+        };
+        (out, Self::from_inner(lse))
+    }
+
+    /// Not differentiated itself (it is the backward step's): on the inner backend.
+    fn flash_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        d_out: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        docs: FloatTensor<Self>,
+        scale: f32,
+        window: u32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let inner = |x: FloatTensor<Self>| x.into_primitive();
+        let (dq, dkv) = B::flash_backward(
+            inner(q),
+            inner(k),
+            inner(v),
+            inner(d_out),
+            inner(stats),
+            inner(docs),
+            scale,
+            window,
+        );
+        (Self::from_inner(dq), Self::from_inner(dkv))
+    }
+}
+
 /// The window a kernel takes: the layer's, or the sequence length (every earlier key).
 fn window_of(window: Option<usize>, t: usize) -> u32 {
     u32::try_from(window.unwrap_or(t).min(t)).expect("a sequence length fits u32")
 }
 
-/// Attention's output `[b, h, t, hd]` and each query's log-sum-exp `[b, h, t, 1]` from q
-/// `[b, h, t, hd]`, k and v `[b, kv_heads, t, hd]` (f32, any layout) and the rows' document
-/// ids as f32 `[b, t]` (ones for a batch without documents).
-pub fn forward(
+/// Attention's output `[b, h, t, hd]` from q `[b, h, t, hd]`, k and v `[b, kv_heads, t,
+/// hd]` (f32, any layout) and the rows' document ids as f32 `[b, t]` (ones for a batch
+/// without documents): causal, within `window`, within documents. Differentiable in q, k
+/// and v on an autodiff device, by the recomputing backward kernels.
+pub fn attention(
     [q, k, v]: [Tensor<4>; 3],
     docs: Tensor<2>,
     scale: f32,
     window: Option<usize>,
-) -> (Tensor<4>, Tensor<4>) {
+) -> Tensor<4> {
     let window = window_of(window, q.dims()[2]);
-    let (out, lse) = Dispatch::flash_forward(
+    let (out, _lse) = Dispatch::flash_forward(
         q.into_dispatch(),
         k.into_dispatch(),
         v.into_dispatch(),
@@ -618,35 +725,5 @@ pub fn forward(
         scale,
         window,
     );
-    (Tensor::from_dispatch(out), Tensor::from_dispatch(lse))
-}
-
-/// The gradients of q, k and v (k's and v's per key/value head) given the output's, from
-/// what [`forward`] took and returned.
-pub fn backward(
-    [q, k, v]: [Tensor<4>; 3],
-    (out, lse): (Tensor<4>, Tensor<4>),
-    d_out: Tensor<4>,
-    docs: Tensor<2>,
-    scale: f32,
-    window: Option<usize>,
-) -> [Tensor<4>; 3] {
-    let [b, hk, t, hd] = k.dims();
-    let window = window_of(window, t);
-    let delta = (d_out.clone() * out).sum_dim(3);
-    let stats = Tensor::cat(vec![lse, delta], 3);
-    let (dq, dkv) = Dispatch::flash_backward(
-        q.into_dispatch(),
-        k.into_dispatch(),
-        v.into_dispatch(),
-        d_out.into_dispatch(),
-        stats.into_dispatch(),
-        docs.into_dispatch(),
-        scale,
-        window,
-    );
-    let dkv: Tensor<4> = Tensor::from_dispatch(dkv);
-    let dk = dkv.clone().slice([0..b, 0..hk, 0..t, 0..hd]);
-    let dv = dkv.slice([0..b, 0..hk, 0..t, hd..2 * hd]);
-    [Tensor::from_dispatch(dq), dk, dv]
+    Tensor::from_dispatch(out)
 }

@@ -40,8 +40,10 @@ pub struct Inputs {
     /// on the device from indices and document ids ([`attention_mask`]); none for the fused
     /// attention kernels, which decide it per query and key from the document ids.
     masks: WindowMasks,
-    /// Document ids `[B, T]` (packed rows with `attention = "document"`).
-    docs: Option<Tensor<2, Int>>,
+    /// For the fused attention kernels (`super::flash`), instead of masks: the document ids
+    /// `[B, T]` (packed rows with `attention = "document"`) as f32, ones for rows without
+    /// documents.
+    kernel_docs: Option<Tensor<2>>,
     /// `[N, 1]`: 0 at the padding token, 1 elsewhere, when the batch holds the padding
     /// token (whose embedding row gets no gradient from lookups, as in transformers).
     not_pad: Option<Tensor<2>>,
@@ -63,16 +65,6 @@ impl Inputs {
         Inputs::build(w, b, device, false)
     }
 
-    /// Rows and their length.
-    pub fn shape(&self) -> (usize, usize) {
-        (self.rows, self.seq)
-    }
-
-    /// Document ids, where the rows have them.
-    pub fn docs(&self) -> Option<&Tensor<2, Int>> {
-        self.docs.as_ref()
-    }
-
     fn build(w: &Weights, b: &Batch, device: &Device, whole_masks: bool) -> Inputs {
         let c = &w.config;
         let n = b.rows * b.seq;
@@ -90,6 +82,10 @@ impl Inputs {
         let masks = WindowMasks::new(windows, |window| {
             mask_of(b.rows, b.seq, docs.as_ref(), window, device)
         });
+        let kernel_docs = (!whole_masks).then(|| match docs {
+            Some(d) => d.float(),
+            None => Tensor::ones([b.rows, b.seq], device),
+        });
         let ids: Vec<i64> = b.ids.iter().map(|&i| i as i64).collect();
         let not_pad = c.pad_token_id.filter(|p| b.ids.contains(p)).map(|p| {
             let m: Vec<f32> = b.ids.iter().map(|&i| f32::from(i != p)).collect();
@@ -106,7 +102,7 @@ impl Inputs {
             cos,
             sin,
             masks,
-            docs,
+            kernel_docs,
             not_pad,
             targets: Tensor::<2, Int>::from_data(TensorData::new(tg, [n, 1]), device),
             weights: Tensor::<2>::from_data(TensorData::new(w, [n, 1]), device),
@@ -414,22 +410,10 @@ impl DeviceModel<'_> {
         y + xa.matmul(b.transpose()).mul_scalar(l.scale)
     }
 
-    /// RoPE in the rotate-half layout, in the compute type (as transformers casts its
-    /// tables to q's): `x cos + swap(x) sin`, where `swap` exchanges a head's halves (one
-    /// flip of a `[.., 2, half]` view) and `sin` carries the sign of `-x2` (`rope_tables`):
-    /// elementwise after one gather, where slicing, negating and concatenating took three
-    /// kernels and a copy. `cos`, `sin`: `[tokens, 1, head_dim]`.
-    fn rope(&self, x: Tensor<2>, heads: usize, cos: &Tensor<3>, sin: &Tensor<3>) -> Tensor<2> {
-        let n = x.dims()[0];
-        let hd = self.config.head_dim();
-        let x3 = x.reshape([n, heads, hd]);
-        let swapped: Tensor<3> = x3
-            .clone()
-            .reshape([n, heads, 2, hd / 2])
-            .flip([2])
-            .reshape([n, heads, hd]);
-        let out = x3 * self.low(cos.clone()) + swapped * self.low(sin.clone());
-        out.reshape([n, heads * hd])
+    /// RoPE in the rotate-half layout (`super::rope`: one kernel each way), in `x`'s type.
+    /// `cos`, `sin`: `[tokens, 1, head_dim]`, f32.
+    fn rope(&self, x: Tensor<2>, cos: &Tensor<3>, sin: &Tensor<3>) -> Tensor<2> {
+        super::rope::rope(x, cos, sin)
     }
 
     /// Token embeddings `[tokens, hidden]` in f32, the residual stream's type (scaled where
@@ -472,10 +456,7 @@ impl DeviceModel<'_> {
             .expect("three projections");
         let q = self.head_norm(l, q, h, Extra::QNorm);
         let k = self.head_norm(l, k, hk, Extra::KNorm);
-        let (q, k) = (
-            self.rope(q, h, rope.0, rope.1),
-            self.rope(k, hk, rope.0, rope.1),
-        );
+        let (q, k) = (self.rope(q, rope.0, rope.1), self.rope(k, rope.0, rope.1));
         let attn = attend(l, q, k, v);
         let ao = f32(self.proj(l, Proj::O, attn, drop));
         let mut ao = self.post_norm(l, Extra::PostAttnNorm, ao);
@@ -568,19 +549,8 @@ impl DeviceModel<'_> {
         self.embed(inp.ids.clone(), inp.not_pad.as_ref())
     }
 
-    /// Decoder layer `l` over the batch with another attention (`attend`, as [`Self::layer`]'s).
-    pub fn block_attending(
-        &self,
-        l: usize,
-        x: Tensor<2>,
-        inp: &Inputs,
-        drop: Option<&Dropouts>,
-        attend: &mut dyn FnMut(usize, Tensor<2>, Tensor<2>, Tensor<2>) -> Tensor<2>,
-    ) -> Tensor<2> {
-        self.layer(l, x, (&inp.cos, &inp.sin), drop, attend)
-    }
-
-    /// Decoder layer `l` over the batch (attention within its rows, under its masks).
+    /// Decoder layer `l` over the batch: attention within its rows, by the fused kernels
+    /// where the inputs were made for them ([`Inputs::for_fused`]), else under its masks.
     pub fn block(
         &self,
         l: usize,
@@ -594,8 +564,15 @@ impl DeviceModel<'_> {
         let mut attend = |l: usize, q: Tensor<2>, k: Tensor<2>, v: Tensor<2>| {
             let heads =
                 |z: Tensor<2>, n: usize| -> Tensor<4> { z.reshape([b, t, n, hd]).swap_dims(1, 2) };
-            let mask = inp.masks.of(self.arch.windows[l]);
-            self.attention(heads(q, h), heads(k, hk), heads(v, hk), mask, drop)
+            let window = self.arch.windows[l];
+            let Some(docs) = &inp.kernel_docs else {
+                let mask = inp.masks.of(window);
+                return self.attention(heads(q, h), heads(k, hk), heads(v, hk), mask, drop);
+            };
+            let qkv = [heads(f32(q), h), heads(f32(k), hk), heads(f32(v), hk)];
+            super::flash::attention(qkv, docs.clone(), self.arch.attn_scale, window)
+                .swap_dims(1, 2)
+                .reshape([b * t, h * hd])
         };
         self.layer(l, x, (&inp.cos, &inp.sin), drop, &mut attend)
     }

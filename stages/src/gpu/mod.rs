@@ -14,4 +14,6 @@ pub mod flash;
 pub mod llama;
 pub mod precision;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub mod rope;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub mod trainer;

@@ -8,7 +8,6 @@
 
 use burn::tensor::{Device, FloatDType, Tensor};
 
-use super::flash;
 use super::llama::{DeviceLora, DeviceModel, Inputs, download, total, upload};
 use super::precision::{LossScale, Precision};
 use crate::cpu::batch::Batch;
@@ -29,16 +28,6 @@ fn add_into(sum: &mut Option<Tensor<2>>, g: Tensor<2>) {
         Some(acc) => acc + g,
         None => g,
     });
-}
-
-/// What a layer's fused attention keeps for its backward pass: q `[rows, heads, t, head_dim]`
-/// and k, v `[rows, kv_heads, t, head_dim]` in f32, the output and each query's log-sum-exp.
-struct FusedAttention {
-    q: Tensor<4>,
-    k: Tensor<4>,
-    v: Tensor<4>,
-    out: Tensor<4>,
-    lse: Tensor<4>,
 }
 
 /// A model being trained on a burn device.
@@ -290,10 +279,10 @@ impl BurnTrainer {
     ) -> f32 {
         let layers = self.weights.config.num_hidden_layers;
         let plain = self.device.clone().without_autodiff();
-        // Attention by the fused kernels, with its backward written out (linear memory in
-        // the sequence length), where nothing sits between the scores and the softmax but
-        // the mask: not with attention dropout or a soft cap (Gemma 2), which keep the
-        // materialized attention.
+        // Attention by the fused kernels (`super::flash`: linear memory in the sequence
+        // length) where nothing sits between the scores and the softmax but the mask: not
+        // with attention dropout or a soft cap (Gemma 2), which keep the materialized
+        // attention.
         let fused =
             self.weights.arch.attn_softcap.is_none() && drop.is_none_or(|d| d.attention == 0.0);
         let inputs_on = |device: &Device| {
@@ -304,25 +293,16 @@ impl BurnTrainer {
             }
         };
         let mut inputs: Vec<Tensor<2>> = Vec::with_capacity(layers);
-        // The forward pass's inputs (the plain path's masks among them) go with it; the rows'
-        // document ids serve the recomputing pass too.
-        let (last, docs) = {
+        // The forward pass's inputs (the plain path's masks among them) go with it.
+        let last = {
             let model = self.model(&self.base, &self.lora, &plain);
             let inp = inputs_on(&plain);
-            let docs = self.document_ids(&inp, &plain);
             let mut x = model.embed_inputs(&inp);
             for l in 0..layers {
                 inputs.push(x.clone());
-                x = if fused {
-                    model.block_attending(l, x, &inp, drop, &mut |l, q, k, v| {
-                        let at = self.fused_attention(l, [q, k, v], &inp, &docs);
-                        self.flat(at.out)
-                    })
-                } else {
-                    model.block(l, x, &inp, drop)
-                };
+                x = model.block(l, x, &inp, drop);
             }
-            (x, docs)
+            x
         };
         let (base, lora) = self.leaves(true);
         let model = self.model(&base, &lora, &self.device);
@@ -354,33 +334,10 @@ impl BurnTrainer {
                 .expect("an input per block")
                 .autodiff()
                 .require_grad();
-            if !fused {
-                let y = model.block(l, x.clone(), &inp, drop);
-                let mut g = total(y * dy.autodiff()).backward();
-                self.collect(into, &base, &lora, &mut g);
-                dy = x.grad(&g).expect("a block depends on its input").inner();
-                continue;
-            }
-            // The block's graph up to q, k and v, and after the attention (from its output
-            // as a leaf); the attention between them is differentiated by hand.
-            let mut saved = None;
-            let y = model.block_attending(l, x.clone(), &inp, drop, &mut |l, q, k, v| {
-                let at = self.fused_attention(l, [q.clone(), k.clone(), v.clone()], &inp, &docs);
-                let out = self.flat(at.out.clone()).autodiff().require_grad();
-                saved = Some((at, [q, k, v], out.clone()));
-                out
-            });
+            let y = model.block(l, x.clone(), &inp, drop);
             let mut g = total(y * dy.autodiff()).backward();
             self.collect(into, &base, &lora, &mut g);
-            let (at, [q, k, v], out) = saved.expect("the block attends");
-            let d_out = out.grad(&g).expect("the block uses its attention").inner();
-            let d_qkv = self.fused_backward(l, at, d_out, &inp, &docs);
-            let [dq, dk, dv] = d_qkv.map(|d| d.autodiff());
-            let mut g2 = (total(q * dq) + total(k * dk) + total(v * dv)).backward();
-            self.collect(into, &base, &lora, &mut g2);
-            let residual = x.grad(&g).expect("a block adds its input").inner();
-            let through = x.grad(&g2).expect("q, k and v depend on the input").inner();
-            dy = residual + through;
+            dy = x.grad(&g).expect("a block depends on its input").inner();
         }
         // The embedding trains in full finetuning only (LoRA leaves it frozen).
         if self.lora_meta.is_none() {
@@ -394,84 +351,6 @@ impl BurnTrainer {
             }
         }
         sum
-    }
-
-    /// The rows' document ids as the fused kernels take them, f32 `[rows, t]` without
-    /// autodiff: ones (one document) for a batch without documents.
-    fn document_ids(&self, inp: &Inputs, plain: &Device) -> Tensor<2> {
-        match inp.docs() {
-            Some(d) => d.clone().without_autodiff().float(),
-            None => {
-                let (b, t) = inp.shape();
-                Tensor::ones([b, t], plain)
-            }
-        }
-    }
-
-    /// Layer `l`'s attention by the fused kernels (`super::flash`) on plain f32 tensors, from
-    /// its rotated q `[tokens, heads * head_dim]` and k, v `[tokens, kv_heads * head_dim]`,
-    /// with the rows' document ids `docs` (f32 `[rows, t]`).
-    fn fused_attention(
-        &self,
-        l: usize,
-        [q, k, v]: [Tensor<2>; 3],
-        inp: &Inputs,
-        docs: &Tensor<2>,
-    ) -> FusedAttention {
-        let c = &self.weights.config;
-        let (h, hk, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
-        let (b, t) = inp.shape();
-        let heads = |z: Tensor<2>, n: usize| -> Tensor<4> {
-            z.inner()
-                .cast(FloatDType::F32)
-                .reshape([b, t, n, hd])
-                .swap_dims(1, 2)
-        };
-        let (q, k, v) = (heads(q, h), heads(k, hk), heads(v, hk));
-        let arch = &self.weights.arch;
-        let (out, lse) = flash::forward(
-            [q.clone(), k.clone(), v.clone()],
-            docs.clone(),
-            arch.attn_scale,
-            arch.windows[l],
-        );
-        FusedAttention { q, k, v, out, lse }
-    }
-
-    /// The gradients of layer `l`'s q, k and v (as `[tokens, width]`, in the compute type)
-    /// from its attention output's, `d_out` `[tokens, heads * head_dim]`.
-    fn fused_backward(
-        &self,
-        l: usize,
-        at: FusedAttention,
-        d_out: Tensor<2>,
-        inp: &Inputs,
-        docs: &Tensor<2>,
-    ) -> [Tensor<2>; 3] {
-        let c = &self.weights.config;
-        let (h, hd) = (c.num_attention_heads, c.head_dim());
-        let (b, t) = inp.shape();
-        let d_out = d_out
-            .cast(FloatDType::F32)
-            .reshape([b, t, h, hd])
-            .swap_dims(1, 2);
-        let arch = &self.weights.arch;
-        let grads = flash::backward(
-            [at.q, at.k, at.v],
-            (at.out, at.lse),
-            d_out,
-            docs.clone(),
-            arch.attn_scale,
-            arch.windows[l],
-        );
-        let dtype = self.precision.dtype();
-        grads.map(|d| self.flat(d).cast(dtype))
-    }
-
-    /// `[rows, heads, t, head_dim]` as `[rows * t, heads * head_dim]`.
-    fn flat(&self, x: Tensor<4>) -> Tensor<2> {
-        let [b, h, t, hd] = x.dims();
-        x.swap_dims(1, 2).reshape([b * t, h * hd])
     }
 }
 
