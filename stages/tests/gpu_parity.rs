@@ -639,7 +639,7 @@ impl Case {
         .unzip();
         let qkv: [Tensor<4>; 3] = views.try_into().expect("q, k and v");
         let out = flash::attention(qkv, docs, scale, self.window);
-        let (_, d_out_t) = self.heads_of(&d_out, self.heads, device);
+        let d_out_t = self.heads_of(&d_out, self.heads, device).1.detach();
         let g = total(out.clone() * d_out_t).backward();
         let [dq, dk, dv] = [0, 1, 2]
             .map(|i| download(&leaves[i].grad(&g).expect("attention depends on q, k and v")));
@@ -777,13 +777,14 @@ fn rope_kernel_equals_the_cpu_engines() {
     let mut want_dx = dy.clone();
     rope.apply(&mut want_dx, &pos, heads, true);
 
-    let (cos, sin) = rope_tables(&rope, &pos, hd, &device);
+    let (cos, sin) = rope_tables(&rope, &pos, &device);
     for (dtype, tol) in [(FloatDType::F32, 1e-6), (FloatDType::F16, 2e-3)] {
         let wide = upload(&x, &[tokens, 3 * width], &device).require_grad();
+        // Cast first: the kernel reads the slice strided in either type.
         let xin = wide
             .clone()
-            .slice([0..tokens, width..2 * width])
-            .cast(dtype);
+            .cast(dtype)
+            .slice([0..tokens, width..2 * width]);
         let y = flow_stages::gpu::rope::rope(xin, &cos, &sin);
         let g = total(y.clone().cast(FloatDType::F32) * upload(&dy, &[tokens, width], &device))
             .backward();

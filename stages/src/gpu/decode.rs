@@ -243,7 +243,7 @@ impl<'a> DeviceDecoder<'a> {
         };
         let (src, dst, gather) = (int(src), int(dst), int(gather));
         let offsets = int(offsets);
-        let (cos, sin) = rope_tables(&self.rope, &pos, hd, dev);
+        let (cos, sin) = rope_tables(&self.rope, &pos, dev);
         let masks = WindowMasks::new(&self.w.arch.windows, |window| {
             cache_mask(&offsets, t, keys, window, dev)
         });

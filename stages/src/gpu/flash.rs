@@ -672,6 +672,7 @@ impl<B: FlashAttention, C: CheckpointStrategy> FlashAttention for Autodiff<B, C>
                 (prep.finish(out), lse)
             }
         };
+        // The log-sum-exp is the backward step's, not differentiated: a leaf of its own.
         (out, Self::from_inner(lse))
     }
 

@@ -33,9 +33,9 @@ pub fn download(t: &Tensor<2>) -> Vec<f32> {
 /// What one forward pass needs besides parameters, uploaded once per micro-batch.
 pub struct Inputs {
     ids: Tensor<1, Int>,
-    /// cos and sin per token, `[N, 1, head_dim]` (rotate-half layout).
-    cos: Tensor<3>,
-    sin: Tensor<3>,
+    /// cos and sin per token, `[N, head_dim / 2]` ([`rope_tables`]).
+    cos: Tensor<2>,
+    sin: Tensor<2>,
     /// Which keys each query may see, `[B, 1, T, T]`, one per distinct layer window: made
     /// on the device from indices and document ids ([`attention_mask`]); none for the fused
     /// attention kernels, which decide it per query and key from the document ids.
@@ -60,18 +60,18 @@ impl Inputs {
         Inputs::build(w, b, device, true)
     }
 
-    /// Without them, for the fused attention kernels (`super::flash`).
-    pub fn for_fused(w: &Weights, b: &Batch, device: &Device) -> Inputs {
-        Inputs::build(w, b, device, false)
+    /// For the fused attention kernels (`super::flash`, without masks) where they compute
+    /// this model's attention ([`fused_attention_applies`]), else with the masks.
+    pub fn for_fused(w: &Weights, b: &Batch, drop: Option<&Dropouts>, device: &Device) -> Inputs {
+        Inputs::build(w, b, device, !fused_attention_applies(&w.arch, drop))
     }
 
     fn build(w: &Weights, b: &Batch, device: &Device, whole_masks: bool) -> Inputs {
         let c = &w.config;
         let n = b.rows * b.seq;
-        let hd = c.head_dim();
         // The CPU engine's RoPE tables and attention rule: both paths see the same numbers.
         let positions = b.pos.iter().max().map_or(1, |&p| p as usize + 1);
-        let (cos, sin) = rope_tables(&Rope::new(&w.arch, positions), &b.pos, hd, device);
+        let (cos, sin) = rope_tables(&Rope::new(&w.arch, positions), &b.pos, device);
         // Rows of one length only: the CPU engine alone takes batches without their tails.
         assert!(b.lens.is_none(), "the burn model takes rectangular batches");
         let docs = b
@@ -112,6 +112,13 @@ impl Inputs {
     }
 }
 
+/// Whether the fused attention kernels compute this model's attention: nothing may sit
+/// between the scores and the softmax but the mask, so not with a soft cap (Gemma 2) or
+/// attention dropout.
+pub fn fused_attention_applies(arch: &Arch, drop: Option<&Dropouts>) -> bool {
+    arch.attn_softcap.is_none() && drop.is_none_or(|d| d.attention == 0.0)
+}
+
 /// The sum of every element, `[1]`, in an order that is the same on every run. burn's own
 /// `sum` (cubecl's one-shot sum) adds the partial sums of several cubes atomically, in
 /// whatever order they finish: the same run twice could differ in the last bits, and so
@@ -121,24 +128,19 @@ pub fn total<const D: usize>(x: Tensor<D>) -> Tensor<1> {
     x.reshape([1, n]).sum_dim(1).reshape([1])
 }
 
-/// cos and signed sin `[tokens, 1, head_dim]` of the CPU engine's tables at these
-/// positions, in the rotate-half layout: the same angles for both halves of a head, sin
-/// negated in the first half (which multiplies the second half of x, `-x2`; see
-/// `DeviceModel::rope`).
-pub fn rope_tables(rope: &Rope, pos: &[u32], hd: usize, device: &Device) -> (Tensor<3>, Tensor<3>) {
+/// The CPU engine's cos and sin tables at these positions, `[tokens, head_dim / 2]` each:
+/// one angle per pair of a head's columns (`d`, `d + half`), as `super::rope` takes them.
+pub fn rope_tables(rope: &Rope, pos: &[u32], device: &Device) -> (Tensor<2>, Tensor<2>) {
     let half = rope.half;
-    let n = pos.len();
-    let mut cos = Vec::with_capacity(n * hd);
-    let mut sin = Vec::with_capacity(n * hd);
-    for &p in pos {
-        let at = p as usize * half..(p as usize + 1) * half;
-        for sign in [-1.0f32, 1.0] {
-            cos.extend_from_slice(&rope.cos[at.clone()]);
-            sin.extend(rope.sin[at.clone()].iter().map(|s| sign * s));
-        }
-    }
-    let up = |v: Vec<f32>| Tensor::<3>::from_data(TensorData::new(v, [n, 1, hd]), device);
-    (up(cos), up(sin))
+    let gather = |table: &[f32]| -> Tensor<2> {
+        let rows: Vec<f32> = pos
+            .iter()
+            .flat_map(|&p| &table[p as usize * half..(p as usize + 1) * half])
+            .copied()
+            .collect();
+        Tensor::<2>::from_data(TensorData::new(rows, [pos.len(), half]), device)
+    };
+    (gather(&rope.cos), gather(&rope.sin))
 }
 
 /// The CPU engine's attention rule (`cpu::attention::allowed`) as a device tensor
@@ -410,9 +412,9 @@ impl DeviceModel<'_> {
         y + xa.matmul(b.transpose()).mul_scalar(l.scale)
     }
 
-    /// RoPE in the rotate-half layout (`super::rope`: one kernel each way), in `x`'s type.
-    /// `cos`, `sin`: `[tokens, 1, head_dim]`, f32.
-    fn rope(&self, x: Tensor<2>, cos: &Tensor<3>, sin: &Tensor<3>) -> Tensor<2> {
+    /// RoPE in the rotate-half layout (`super::rope`: one kernel each way), in `x`'s type,
+    /// with [`rope_tables`]' tables.
+    fn rope(&self, x: Tensor<2>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<2> {
         super::rope::rope(x, cos, sin)
     }
 
@@ -438,7 +440,7 @@ impl DeviceModel<'_> {
         &self,
         l: usize,
         x: Tensor<2>,
-        rope: (&Tensor<3>, &Tensor<3>),
+        rope: (&Tensor<2>, &Tensor<2>),
         drop: Option<&Dropouts>,
         attend: &mut dyn FnMut(usize, Tensor<2>, Tensor<2>, Tensor<2>) -> Tensor<2>,
     ) -> Tensor<2> {
@@ -569,6 +571,10 @@ impl DeviceModel<'_> {
                 let mask = inp.masks.of(window);
                 return self.attention(heads(q, h), heads(k, hk), heads(v, hk), mask, drop);
             };
+            assert!(
+                fused_attention_applies(self.arch, drop),
+                "inputs for the fused attention kernels, which have no soft cap or dropout"
+            );
             let qkv = [heads(f32(q), h), heads(f32(k), hk), heads(f32(v), hk)];
             super::flash::attention(qkv, docs.clone(), self.arch.attn_scale, window)
                 .swap_dims(1, 2)

@@ -19,7 +19,7 @@
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, backend_extension};
 use burn::tensor::{DType, Shape, Tensor};
@@ -37,9 +37,9 @@ mod kernels {
 
     /// One unit per pair of an output row's columns, `d` and `d + half` of a head (`d <
     /// half`): it reads the pair from `x` (any strided layout) and the pair's angle from the
-    /// tables `cos`, `sin` `[tokens, head_dim]` (`sin`'s second half is `+sin`: the tables'
-    /// halves hold the same angles), and writes the rotated pair into `out` (`[tokens, heads
-    /// * head_dim]`, contiguous): the CPU engine's `Rope::apply`, in its order of operations.
+    /// tables `cos`, `sin` `[tokens, half]`, and writes the rotated pair into `out`
+    /// (`[tokens, heads * head_dim]`, unit column stride): the CPU engine's `Rope::apply`,
+    /// in its order of operations.
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
     pub fn rope_kernel<F: Float>(
@@ -65,7 +65,7 @@ mod kernels {
         let x1 = f32::cast_from(x[row + first * x.stride(1)]);
         let x2 = f32::cast_from(x[row + second * x.stride(1)]);
         let c = cos[n * cos.stride(0) + d * cos.stride(1)];
-        let s = sign * sin[n * sin.stride(0) + (d + half) * sin.stride(1)];
+        let s = sign * sin[n * sin.stride(0) + d * sin.stride(1)];
         let at = n * out.stride(0);
         out[at + first] = F::cast_from(x1 * c - x2 * s);
         out[at + second] = F::cast_from(x2 * c + x1 * s);
@@ -78,7 +78,7 @@ mod kernels {
 pub trait RotaryEmbedding: Backend {
     /// `x` `[tokens, heads * head_dim]` (f32, f16 or bf16, any layout) rotated by its
     /// tokens' angles (`sign` -1: by the opposite angles), from `llama::rope_tables`' f32
-    /// tables as `[tokens, head_dim]`; contiguous, in `x`'s type.
+    /// tables `[tokens, head_dim / 2]`; a new tensor in `x`'s type.
     #[fusion(dtype = x, shape = x)]
     fn rotate(
         x: FloatTensor<Self>,
@@ -107,10 +107,25 @@ impl RotaryEmbedding for CubeBackend {
         head_dim: u32,
         sign: f32,
     ) -> CubeTensor {
-        let shape = Shape::new(x.meta.shape.dims::<2>());
+        let [tokens, width] = x.meta.shape.dims::<2>();
+        let half = head_dim as usize / 2;
+        for table in [&cos, &sin] {
+            assert_eq!(table.dtype, DType::F32, "RoPE's tables are f32");
+            assert_eq!(
+                table.meta.shape.dims::<2>(),
+                [tokens, half],
+                "a table row per token"
+            );
+        }
+        assert_eq!(width % (2 * half), 0, "whole heads of {head_dim}");
         let dtype = x.dtype;
-        let out = empty_device_dtype(x.client.clone(), x.device.clone(), shape, dtype);
-        let units = out.meta.num_elements() / 2;
+        let out = empty_device_dtype(
+            x.client.clone(),
+            x.device.clone(),
+            Shape::new([tokens, width]),
+            dtype,
+        );
+        let units = tokens * width / 2;
         let dim = CubeDim::new(&x.client, units);
         let count = calculate_cube_count_elemwise(&x.client, units, dim);
         rope_kernel::launch(
@@ -139,10 +154,9 @@ impl<B: RotaryEmbedding> Backward<B, 1> for RotateBackward {
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (cos, sin, head_dim, sign) = ops.state;
-        let grad = grads.consume::<B>(&ops.node);
-        if let [Some(x)] = ops.parents {
-            grads.register::<B>(x.id, B::rotate(grad, cos, sin, head_dim, -sign));
-        }
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            B::rotate(grad, cos, sin, head_dim, -sign)
+        });
     }
 }
 
@@ -170,17 +184,15 @@ impl<B: RotaryEmbedding, C: CheckpointStrategy> RotaryEmbedding for Autodiff<B, 
     }
 }
 
-/// RoPE of `x` `[tokens, heads * head_dim]` with `llama::rope_tables`' f32 `cos` and signed
-/// `sin` `[tokens, 1, head_dim]`: `[tokens, heads * head_dim]`, contiguous, in `x`'s type,
-/// differentiable in `x`.
-pub fn rope(x: Tensor<2>, cos: &Tensor<3>, sin: &Tensor<3>) -> Tensor<2> {
-    let [n, _, hd] = cos.dims();
-    let table = |t: &Tensor<3>| t.clone().reshape([n, hd]).into_dispatch();
-    let head_dim = u32::try_from(hd).expect("a head dimension fits u32");
+/// RoPE of `x` `[tokens, heads * head_dim]` with `llama::rope_tables`' f32 `cos` and `sin`
+/// `[tokens, head_dim / 2]`: `[tokens, heads * head_dim]`, in `x`'s type, differentiable in
+/// `x`.
+pub fn rope(x: Tensor<2>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<2> {
+    let head_dim = u32::try_from(2 * cos.dims()[1]).expect("a head dimension fits u32");
     Tensor::from_dispatch(Dispatch::rotate(
         x.into_dispatch(),
-        table(cos),
-        table(sin),
+        cos.clone().into_dispatch(),
+        sin.clone().into_dispatch(),
         head_dim,
         1.0,
     ))

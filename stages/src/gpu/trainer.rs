@@ -280,18 +280,8 @@ impl BurnTrainer {
         let layers = self.weights.config.num_hidden_layers;
         let plain = self.device.clone().without_autodiff();
         // Attention by the fused kernels (`super::flash`: linear memory in the sequence
-        // length) where nothing sits between the scores and the softmax but the mask: not
-        // with attention dropout or a soft cap (Gemma 2), which keep the materialized
-        // attention.
-        let fused =
-            self.weights.arch.attn_softcap.is_none() && drop.is_none_or(|d| d.attention == 0.0);
-        let inputs_on = |device: &Device| {
-            if fused {
-                Inputs::for_fused(&self.weights, batch, device)
-            } else {
-                Inputs::new(&self.weights, batch, device)
-            }
-        };
+        // length) where they apply.
+        let inputs_on = |device: &Device| Inputs::for_fused(&self.weights, batch, drop, device);
         let mut inputs: Vec<Tensor<2>> = Vec::with_capacity(layers);
         // The forward pass's inputs (the plain path's masks among them) go with it.
         let last = {
