@@ -768,11 +768,12 @@ fn rope_kernel_equals_the_cpu_engines() {
     let x = values(tokens * 3 * width, 5, 2.0);
     let dy = values(tokens * width, 6, 1.0);
     // The middle third of each row: what the kernel sees of a fused projection's output.
-    let mid: Vec<f32> = x
-        .chunks(3 * width)
-        .flat_map(|row| row[width..2 * width].to_vec())
-        .collect();
-    let mut want = mid.clone();
+    let middle = |rows: &[f32]| -> Vec<f32> {
+        rows.chunks(3 * width)
+            .flat_map(|row| row[width..2 * width].to_vec())
+            .collect()
+    };
+    let mut want = middle(&x);
     rope.apply(&mut want, &pos, heads, false);
     let mut want_dx = dy.clone();
     rope.apply(&mut want_dx, &pos, heads, true);
@@ -789,10 +790,7 @@ fn rope_kernel_equals_the_cpu_engines() {
         let g = total(y.clone().cast(FloatDType::F32) * upload(&dy, &[tokens, width], &device))
             .backward();
         let dwide = download(&wide.grad(&g).expect("x is differentiated"));
-        let dx: Vec<f32> = dwide
-            .chunks(3 * width)
-            .flat_map(|row| row[width..2 * width].to_vec())
-            .collect();
+        let dx = middle(&dwide);
         let untouched = dwide.chunks(3 * width).all(|row| {
             row[..width]
                 .iter()

@@ -412,12 +412,6 @@ impl DeviceModel<'_> {
         y + xa.matmul(b.transpose()).mul_scalar(l.scale)
     }
 
-    /// RoPE in the rotate-half layout (`super::rope`: one kernel each way), in `x`'s type,
-    /// with [`rope_tables`]' tables.
-    fn rope(&self, x: Tensor<2>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<2> {
-        super::rope::rope(x, cos, sin)
-    }
-
     /// Token embeddings `[tokens, hidden]` in f32, the residual stream's type (scaled where
     /// the architecture says so).
     pub fn embed(&self, ids: Tensor<1, Int>, not_pad: Option<&Tensor<2>>) -> Tensor<2> {
@@ -458,7 +452,9 @@ impl DeviceModel<'_> {
             .expect("three projections");
         let q = self.head_norm(l, q, h, Extra::QNorm);
         let k = self.head_norm(l, k, hk, Extra::KNorm);
-        let (q, k) = (self.rope(q, rope.0, rope.1), self.rope(k, rope.0, rope.1));
+        // RoPE in the rotate-half layout, one kernel each way, in q's and k's type.
+        let rotate = |x: Tensor<2>| super::rope::rope(x, rope.0, rope.1);
+        let (q, k) = (rotate(q), rotate(k));
         let attn = attend(l, q, k, v);
         let ao = f32(self.proj(l, Proj::O, attn, drop));
         let mut ao = self.post_norm(l, Extra::PostAttnNorm, ao);

@@ -20,13 +20,13 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
+use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, backend_extension};
 use burn::tensor::{DType, Shape, Tensor};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
-use cubecl::ir::{ElemType, FloatKind};
 use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
 use kernels::rope_kernel;
@@ -89,16 +89,6 @@ pub trait RotaryEmbedding: Backend {
     ) -> FloatTensor<Self>;
 }
 
-/// cubecl's element type for a float tensor's dtype (the three flow computes in).
-fn elem_type(dtype: DType) -> ElemType {
-    match dtype {
-        DType::F32 => ElemType::Float(FloatKind::F32),
-        DType::F16 => ElemType::Float(FloatKind::F16),
-        DType::BF16 => ElemType::Float(FloatKind::BF16),
-        other => panic!("RoPE takes f32, f16 or bf16 tensors, not {other:?}"),
-    }
-}
-
 impl RotaryEmbedding for CubeBackend {
     fn rotate(
         x: CubeTensor,
@@ -138,7 +128,7 @@ impl RotaryEmbedding for CubeBackend {
             out.clone().into_tensor_arg(),
             sign,
             head_dim as usize,
-            elem_type(dtype),
+            dtype_to_storage_type(dtype),
         );
         out
     }
