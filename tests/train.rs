@@ -349,9 +349,16 @@ fn wgpu_stages_keep_autotune_choices_in_the_user_cache() {
     assert!(on_wgpu.contains("steps = 2") && on_wgpu.contains("device = \"wgpu\""));
     let p = ws.write("p.toml", &pipeline(&on_wgpu));
     let cache_home = ws.path().join("user-cache");
+    // Mesa's shader cache stays where it is (a user's is not emptied with cubecl's): with
+    // it in the fresh directory too, lavapipe compiled every kernel and autotune candidate
+    // again, and the stage took 232 s instead of 88 s.
+    let mesa_home = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"));
     let out = ws
         .command(&["run", p.to_str().unwrap()])
         .env("XDG_CACHE_HOME", &cache_home)
+        .env("MESA_SHADER_CACHE_DIR", &mesa_home)
         .output()
         .unwrap();
     assert_ok(&out);
