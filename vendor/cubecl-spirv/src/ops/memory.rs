@@ -199,8 +199,12 @@ fn lower_shared_implicit(
     let mut entry_args = vec![];
     for slice in shared_slices {
         set_operation_result_name(ctx, slice.get_operation(), 0, Some(ident("_spirv_shared")));
-        let ty = ty_to_spirv_dialect(ctx, slice.value_ty(ctx).get_type(ctx));
-        let value_ty = ty_to_spirv_dialect(ctx, slice.result_type(ctx));
+        // The variable holds the slice's value type; its address has the slice's pointer
+        // type. 0.11.3 had the two swapped: every shared array was declared as a variable
+        // holding a pointer, which SPIR-V's logical addressing does not allow (lavapipe
+        // crashed in vkCreateComputePipelines; PATCH.md).
+        let value_ty = ty_to_spirv_dialect(ctx, slice.value_ty(ctx).get_type(ctx));
+        let ptr_ty = ty_to_spirv_dialect(ctx, slice.result_type(ctx));
         let name = slice.get_result(ctx).unique_name(ctx);
         shared_size += slice.value_ty(ctx).size(ctx);
         entry_args.push(name.clone());
@@ -209,7 +213,7 @@ fn lower_shared_implicit(
         rewriter.append_op(ctx, &var);
 
         rewriter.set_insertion_point_before_operation(slice.get_operation());
-        let addr = AddressOfOp::new(ctx, ty, name);
+        let addr = AddressOfOp::new(ctx, ptr_ty, name);
         rewriter.append_op(ctx, &addr);
         rewriter.replace_operation(ctx, slice.get_operation(), addr.get_operation());
     }
