@@ -371,6 +371,38 @@ fn wgpu_stages_keep_autotune_choices_in_the_user_cache() {
     );
 }
 
+/// A Vulkan adapter compiles kernels through cubecl's SPIR-V compiler, and every module a
+/// training step builds (matmuls and autotune's candidates, fusion's kernels, flow's RoPE and
+/// fused attention through activation checkpointing, the optimizer) passes Khronos'
+/// validation layer. cubecl-spirv 0.11.3 declared shared memory as variables holding
+/// pointers, which lavapipe crashed on (vendor/cubecl-spirv/PATCH.md); a driver that let
+/// invalid SPIR-V through would be undefined behaviour on a user's GPU.
+#[test]
+fn wgpu_kernels_go_through_spirv_and_pass_vulkans_validation_layer() {
+    let layer = Path::new("/usr/share/vulkan/explicit_layer.d/VkLayer_khronos_validation.json");
+    assert!(
+        layer.exists(),
+        "Khronos' validation layer is not installed (apt-get install vulkan-validationlayers; \
+         .ci/run does)"
+    );
+    let ws = Workspace::new();
+    let checked = full_with("device = \"wgpu\"\nactivation_checkpointing = true\n")
+        .replace("steps = 40", "steps = 2");
+    let p = ws.write("p.toml", &pipeline(&checked));
+    let out = ws
+        .command(&["run", p.to_str().unwrap()])
+        .env("VK_INSTANCE_LAYERS", "VK_LAYER_KHRONOS_validation")
+        .output()
+        .unwrap();
+    let all = format!("{}{}", String::from_utf8_lossy(&out.stderr), logs(&ws));
+    assert_ok(&out);
+    assert!(
+        all.contains("wgpu<spirv>"),
+        "not compiled through SPIR-V:\n{all}"
+    );
+    assert!(!all.contains("Validation Error"), "{all}");
+}
+
 #[test]
 fn a_damaged_checkpoint_is_skipped_for_the_previous_good_one_with_the_same_bits() {
     let (whole, pw) = uninterrupted(&pipeline(FULL));

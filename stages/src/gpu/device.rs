@@ -43,10 +43,17 @@ pub fn select(name: &str) -> Result<Choice, StageError> {
 
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 fn describe(device: &burn::tensor::Device, api: &str) -> (String, bool) {
+    // The runtime says which compiler its kernels go through (`wgpu<spirv>` or
+    // `wgpu<wgsl>`: tensor cores and subgroups only with SPIR-V), so the log tells.
+    let runtime = match device.clone().without_autodiff().as_dispatch() {
+        burn::backend::DispatchDevice::Cube(d) => format!(", {}", d.client().name()),
+        #[allow(unreachable_patterns)]
+        _ => String::new(),
+    };
     match device.identity() {
         Some(id) => (
             format!(
-                "{api}: {}{}",
+                "{api}: {}{}{runtime}",
                 id.name,
                 if id.physical.is_none() {
                     " (software)"
@@ -56,7 +63,7 @@ fn describe(device: &burn::tensor::Device, api: &str) -> (String, bool) {
             ),
             id.physical.is_some(),
         ),
-        None => (api.to_string(), false),
+        None => (format!("{api}{runtime}"), false),
     }
 }
 
