@@ -45,11 +45,7 @@ pub fn select(name: &str) -> Result<Choice, StageError> {
 fn describe(device: &burn::tensor::Device, api: &str) -> (String, bool) {
     // The runtime says which compiler its kernels go through (`wgpu<spirv>` or
     // `wgpu<wgsl>`: tensor cores and subgroups only with SPIR-V), so the log tells.
-    let runtime = match device.clone().without_autodiff().as_dispatch() {
-        burn::backend::DispatchDevice::Cube(d) => format!(", {}", d.client().name()),
-        #[allow(unreachable_patterns)]
-        _ => String::new(),
-    };
+    let runtime = cube_client(device).map_or(String::new(), |c| format!(", {}", c.name()));
     match device.identity() {
         Some(id) => (
             format!(
@@ -176,8 +172,15 @@ fn cuda() -> Result<Choice, StageError> {
 /// driver's budget, not what is free now), or None where the runtime reports no figure.
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub fn memory(device: &burn::tensor::Device) -> Option<u64> {
+    cube_client(device)?.properties().memory.max_memory()
+}
+
+/// The cubecl client behind a burn device (every GPU device this build makes), which
+/// knows the runtime's name and the device's properties.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn cube_client(device: &burn::tensor::Device) -> Option<burn::cubecl::client::Client> {
     match device.clone().without_autodiff().as_dispatch() {
-        burn::backend::DispatchDevice::Cube(d) => d.client().properties().memory.max_memory(),
+        burn::backend::DispatchDevice::Cube(d) => Some(d.client()),
         #[allow(unreachable_patterns)]
         _ => None,
     }
