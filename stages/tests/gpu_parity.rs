@@ -814,3 +814,77 @@ fn rope_kernel_equals_the_cpu_engines() {
         }
     }
 }
+
+#[test]
+fn split_columns_passes_each_piece_its_columns_and_joins_their_gradients() {
+    use flow_stages::gpu::split::split_columns;
+
+    let device = burn_device();
+    let (rows, widths) = (7, [3, 5, 2]);
+    let cols: usize = widths.iter().sum();
+    let y = values(rows * cols, 11, 1.0);
+    let weights: Vec<Vec<f32>> = widths
+        .iter()
+        .zip(12..)
+        .map(|(&w, seed)| values(rows * w, seed, 1.0))
+        .collect();
+    let outer = values(rows * cols, 20, 1.0);
+    // The columns of `rows` from `at`, `width` of them.
+    let columns = |v: &[f32], at: usize, width: usize| -> Vec<f32> {
+        v.chunks(cols)
+            .flat_map(|row| row[at..at + width].to_vec())
+            .collect()
+    };
+    // The loss: each piece against its weights (the first piece twice, so its gradient is a
+    // sum before its step runs), plus `y` itself against `outer` (a gradient of the split
+    // tensor's own, which the joined pieces' gradient is added to).
+    let gradient = |split: bool| -> (Vec<Vec<f32>>, Vec<f32>) {
+        let y = upload(&y, &[rows, cols], &device).require_grad();
+        let pieces: Vec<Tensor<2>> = if split {
+            split_columns(y.clone(), &widths)
+        } else {
+            let mut at = 0;
+            widths
+                .iter()
+                .map(|&w| {
+                    at += w;
+                    y.clone().slice([0..rows, at - w..at])
+                })
+                .collect()
+        };
+        let mut loss = total(y.clone() * upload(&outer, &[rows, cols], &device));
+        for (piece, (w, &width)) in pieces.iter().zip(weights.iter().zip(&widths)) {
+            loss = loss + total(piece.clone() * upload(w, &[rows, width], &device));
+        }
+        loss = loss + total(pieces[0].clone().powi_scalar(2));
+        let g = loss.backward();
+        (
+            pieces.iter().map(download).collect(),
+            download(&y.grad(&g).expect("y is differentiated")),
+        )
+    };
+    let (pieces, dy) = gradient(true);
+    let mut at = 0;
+    for (piece, &width) in pieces.iter().zip(&widths) {
+        assert_eq!(piece, &columns(&y, at, width), "piece at column {at}");
+        at += width;
+    }
+    // The gradient by hand: the weights side by side, plus `outer`, plus 2 y on the first
+    // piece's columns.
+    let want: Vec<f32> = (0..rows * cols)
+        .map(|i| {
+            let (r, c) = (i / cols, i % cols);
+            let (mut piece, mut at) = (0, 0);
+            while c >= at + widths[piece] {
+                at += widths[piece];
+                piece += 1;
+            }
+            let own = weights[piece][r * widths[piece] + c - at];
+            let square = if piece == 0 { 2.0 * y[i] } else { 0.0 };
+            own + outer[i] + square
+        })
+        .collect();
+    assert!(rel_diff(&dy, &want) < 1e-6, "{dy:?} against {want:?}");
+    // And bit for bit what burn's slices give (their backward: zeros, assign, add).
+    assert_eq!(dy, gradient(false).1);
+}

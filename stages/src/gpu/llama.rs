@@ -345,7 +345,8 @@ impl DeviceModel<'_> {
     /// Projections of one input (q, k and v; gate and up) as one matmul against their
     /// weights stacked (cast to the compute type in the same pass), split by columns after,
     /// each piece with its bias and LoRA update: one large matmul where there were two or
-    /// three, and one read of the input.
+    /// three, and one read of the input; the backward joins the pieces' gradients in one
+    /// pass (`super::split`).
     fn projs(
         &self,
         layer: usize,
@@ -364,22 +365,19 @@ impl DeviceModel<'_> {
         };
         let x = self.low(x);
         let y = x.clone().matmul(self.low(w).transpose());
-        let n = y.dims()[0];
-        let mut at = 0;
-        let mut out = Vec::with_capacity(ps.len());
-        for (&p, width) in ps.iter().zip(widths) {
-            let mut y = if ps.len() == 1 {
-                y.clone()
-            } else {
-                y.clone().slice([0..n, at..at + width])
-            };
-            at += width;
-            if let Some(b) = self.extra(layer, Extra::Bias(p)) {
-                y = y + self.low(b.clone());
-            }
-            out.push(self.lora_update(layer, p, x.clone(), y, drop));
-        }
-        out
+        let pieces = match ps.len() {
+            1 => vec![y],
+            _ => super::split::split_columns(y, &widths),
+        };
+        ps.iter()
+            .zip(pieces)
+            .map(|(&p, mut y)| {
+                if let Some(b) = self.extra(layer, Extra::Bias(p)) {
+                    y = y + self.low(b.clone());
+                }
+                self.lora_update(layer, p, x.clone(), y, drop)
+            })
+            .collect()
     }
 
     /// `y` plus the projection's LoRA update of its input `x`, where it has an adapter.

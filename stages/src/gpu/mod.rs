@@ -16,4 +16,6 @@ pub mod precision;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub mod rope;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub mod split;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub mod trainer;
