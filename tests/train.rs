@@ -389,9 +389,22 @@ fn wgpu_kernels_go_through_spirv_and_pass_vulkans_validation_layer() {
     let checked = full_with("device = \"wgpu\"\nactivation_checkpointing = true\n")
         .replace("steps = 40", "steps = 2");
     let p = ws.write("p.toml", &pipeline(&checked));
+    // The layer writes to stdout by default, which a stage process keeps for its events to
+    // flow: its messages go to a file instead, and its start message (info) says it ran.
+    let report = ws.path().join("validation.txt");
+    let settings = ws.write(
+        "layer/vk_layer_settings.txt",
+        &format!(
+            "khronos_validation.report_flags = info,warn,error\n\
+             khronos_validation.debug_action = VK_DBG_LAYER_ACTION_LOG_MSG\n\
+             khronos_validation.log_filename = {}\n",
+            report.display()
+        ),
+    );
     let out = ws
         .command(&["run", p.to_str().unwrap()])
         .env("VK_INSTANCE_LAYERS", "VK_LAYER_KHRONOS_validation")
+        .env("VK_LAYER_SETTINGS_PATH", settings.parent().unwrap())
         .output()
         .unwrap();
     let all = format!("{}{}", String::from_utf8_lossy(&out.stderr), logs(&ws));
@@ -400,7 +413,12 @@ fn wgpu_kernels_go_through_spirv_and_pass_vulkans_validation_layer() {
         all.contains("wgpu<spirv>"),
         "not compiled through SPIR-V:\n{all}"
     );
-    assert!(!all.contains("Validation Error"), "{all}");
+    let validation = std::fs::read_to_string(&report).unwrap_or_default();
+    assert!(
+        validation.contains("Khronos Validation Layer Active"),
+        "the validation layer did not run in the stage:\n{validation}"
+    );
+    assert!(!validation.contains("Validation Error"), "{validation}");
 }
 
 #[test]
